@@ -1,0 +1,18 @@
+"""nsa: Native Sparse Attention (Yuan et al., 2025, arXiv 2502.11089).
+
+Public API:
+    nsa_func, select_blocks  - the functional ops (backend="auto" | "torch" | "triton")
+    NSAConfig, NSAAttention  - the layer and its configuration
+    NSACache                 - the layer's preallocated KV cache
+"""
+
+from .cache import NSACache
+from .config import NSAConfig
+from .layer import NSAAttention
+from .ops import nsa_func, select_blocks
+from .reference import num_cmp_blocks
+
+__version__ = "0.1.0"
+
+__all__ = ["NSAAttention", "NSACache", "NSAConfig", "nsa_func", "num_cmp_blocks", "select_blocks",
+           "__version__"]

@@ -1,0 +1,231 @@
+"""``NSAAttention``: the drop-in attention layer (projections, RoPE, phi, gates, cache)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops, reference
+from .cache import NSACache
+from .config import NSAConfig
+from .rope import apply_rope, rope_cos_sin
+
+
+class Compressor(nn.Module):
+    """phi of SPEC 1: pools a block of l rotated keys (or values) into one token.
+
+    "mean" averages the block. "mlp" adds a learned intra-block position embedding and an
+    MLP over the flattened block on top of that mean; the position embedding and the MLP's
+    last layer start at zero, so at init "mlp" equals "mean" exactly.
+    """
+
+    def __init__(self, kind: str, block: int, head_dim: int, hidden: int | None = None):
+        super().__init__()
+        self.kind = kind
+        if kind == "mlp":
+            hidden = hidden or head_dim
+            self.pos = nn.Parameter(torch.zeros(block, head_dim))
+            self.fc1 = nn.Linear(block * head_dim, hidden)
+            self.fc2 = nn.Linear(hidden, head_dim)
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [B, N, l, H, D] -> [B, N, H, D]."""
+        if self.kind == "mean":
+            return blocks.mean(2)
+        x = blocks + self.pos[:, None, :].to(blocks.dtype)
+        flat = x.movedim(2, 3).flatten(-2)  # [B, N, H, l*D]
+        return x.mean(2) + self.fc2(F.silu(self.fc1(flat)))
+
+
+class NSAAttention(nn.Module):
+    """Native Sparse Attention layer: ``layer(x) -> y`` with x, y ``[B, T, d_model]``.
+
+    ``layer(x_chunk, cache=cache)`` continues a sequence held in ``cache`` (from
+    :meth:`new_cache`): the chunk sits at the positions after the cache's, and the cache
+    advances. One token per call is a decode step; any chunking gives the same outputs as
+    one call over the whole sequence. ``cu_seqlens`` (int32 ``[N+1]``, B == 1) packs several
+    sequences along T for training; positions restart at 0 in each.
+    """
+
+    def __init__(self, config: NSAConfig):
+        super().__init__()
+        self.config = c = config
+        self.n_branches = 1 if c.shared_kv else 3
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.bias)
+        # one fused projection: per branch (cmp, slc, win) k [H*Dk] then v [H*Dv]
+        self.kv_proj = nn.Linear(c.d_model, self.n_branches * c.n_kv_heads * (c.head_dim + c.v_head_dim),
+                                 bias=c.bias)
+        self.phi_k = Compressor(c.compress, c.cmp_block, c.head_dim)
+        self.phi_v = Compressor(c.compress, c.cmp_block, c.v_head_dim)
+        if c.gate_hidden:
+            self.gate = nn.Sequential(nn.Linear(c.d_model, c.gate_hidden), nn.SiLU(),
+                                      nn.Linear(c.gate_hidden, 3 * c.n_heads))
+        else:
+            self.gate = nn.Linear(c.d_model, 3 * c.n_heads)
+        self.o_proj = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, bias=c.bias)
+
+    # ------------------------------------------------------------------ projections
+    def _project(self, x: torch.Tensor, pos: torch.Tensor):
+        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates."""
+        c = self.config
+        B, T, _ = x.shape
+        H, Dk, Dv = c.n_kv_heads, c.head_dim, c.v_head_dim
+        cos, sin = rope_cos_sin(pos, Dk, c.rope_theta)
+        q = apply_rope(self.q_proj(x).view(B, T, c.n_heads, Dk), cos, sin)
+        kv = self.kv_proj(x).split([H * Dk, H * Dv] * self.n_branches, dim=-1)
+        pairs = [(apply_rope(kv[2 * i].view(B, T, H, Dk), cos, sin), kv[2 * i + 1].view(B, T, H, Dv))
+                 for i in range(self.n_branches)]
+        if self.n_branches == 1:
+            pairs = pairs * 3
+        gates = torch.sigmoid(self.gate(x)).view(B, T, c.n_heads, 3)
+        return q, pairs, gates
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        B, T = o.shape[:2]
+        return self.o_proj(o.reshape(B, T, -1))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens=None,
+                return_selection: bool = False):
+        """Returns y ``[B, T, d_model]`` (and the block indices ``[B, T, H, n]`` when
+        ``return_selection``)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [B, T, d_model={self.config.d_model}], got {shape}")
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens cannot be combined with a cache")
+            return self._forward_cached(x, cache, return_selection)
+        c = self.config
+        B, T, _ = x.shape
+        pos = _positions(T, cu_seqlens, x.device)
+        q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, pos)
+        k_cmp = self.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, cu_seqlens))
+        v_cmp = self.phi_v(_blocks(vc, c.cmp_block, c.cmp_stride, cu_seqlens))
+        geom = self._geometry()
+        o = ops.nsa_func(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, cu_seqlens=cu_seqlens,
+                         backend=c.backend, **geom)
+        y = self._out(o)
+        if return_selection:
+            sel = ops.select_blocks(q, k_cmp, cu_seqlens=cu_seqlens, backend=c.backend,
+                                    **{k: v for k, v in geom.items() if k != "window"})
+            return y, sel
+        return y
+
+    def _geometry(self) -> dict:
+        c = self.config
+        return dict(cmp_block=c.cmp_block, cmp_stride=c.cmp_stride, sel_block=c.sel_block,
+                    sel_count=c.sel_count, window=c.window, scale=c.scale)
+
+    # ------------------------------------------------------------------ cache
+    @torch.no_grad()
+    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> NSACache:
+        """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        c = self.config
+        p = self.q_proj.weight
+        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
+        B, H, Dk, Dv = batch_size, c.n_kv_heads, c.head_dim, c.v_head_dim
+        tc = reference.num_cmp_blocks(max_seq_len, c.cmp_block, c.cmp_stride)
+        cache = NSACache(max_seq_len=max_seq_len,
+                         k_slc=torch.zeros(B, max_seq_len, H, Dk, **kw),
+                         v_slc=torch.zeros(B, max_seq_len, H, Dv, **kw),
+                         k_cmp=torch.zeros(B, tc, H, Dk, **kw), v_cmp=torch.zeros(B, tc, H, Dv, **kw))
+        if not c.shared_kv:
+            cache.k_win = torch.zeros(B, c.window, H, Dk, **kw)
+            cache.v_win = torch.zeros(B, c.window, H, Dv, **kw)
+            cache.k_tail = torch.zeros(B, c.cmp_block - 1, H, Dk, **kw)
+            cache.v_tail = torch.zeros(B, c.cmp_block - 1, H, Dv, **kw)
+        return cache
+
+    def _forward_cached(self, x: torch.Tensor, cache: NSACache, return_selection: bool):
+        c = self.config
+        B, C, _ = x.shape
+        s = cache.length
+        if B != cache.batch_size:
+            raise ValueError(f"x has batch {B} but the cache was made for batch {cache.batch_size}")
+        if s + C > cache.max_seq_len:
+            raise ValueError(f"cache is full: it holds {s} of max_seq_len={cache.max_seq_len} "
+                             f"positions and cannot take {C} more; make it with a larger max_seq_len")
+        l, d, w = c.cmp_block, c.cmp_stride, c.window
+        pos = torch.arange(s, s + C, device=x.device)[None]
+        q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, pos)
+        dt = cache.k_slc.dtype
+        cache.k_slc[:, s:s + C] = ks.to(dt)
+        cache.v_slc[:, s:s + C] = vs.to(dt)
+
+        # compression: the last l-1 raw positions plus this chunk hold every new block
+        tail = min(s, l - 1)
+        if cache.shared_kv:
+            raw_k, raw_v = cache.k_slc[:, s - tail:s + C], cache.v_slc[:, s - tail:s + C]
+        else:
+            raw_k = torch.cat([cache.k_tail[:, l - 1 - tail:], kc.to(dt)], 1)
+            raw_v = torch.cat([cache.v_tail[:, l - 1 - tail:], vc.to(dt)], 1)
+        tc0 = reference.num_cmp_blocks(s, l, d)
+        tc1 = reference.num_cmp_blocks(s + C, l, d)
+        if tc1 > tc0:
+            starts = torch.arange(tc0, tc1, device=x.device) * d - (s - tail)
+            idx = starts[:, None] + torch.arange(l, device=x.device)  # [n_new, l]
+            cache.k_cmp[:, tc0:tc1] = self.phi_k(raw_k[:, idx]).to(dt)
+            cache.v_cmp[:, tc0:tc1] = self.phi_v(raw_v[:, idx]).to(dt)
+        if not cache.shared_kv:
+            keep = min(l - 1, s + C)
+            cache.k_tail[:, l - 1 - keep:] = raw_k[:, raw_k.shape[1] - keep:]
+            cache.v_tail[:, l - 1 - keep:] = raw_v[:, raw_v.shape[1] - keep:]
+
+        # window: the last w-1 positions before the chunk, then the chunk
+        kept = min(s, w - 1)
+        if cache.shared_kv:
+            k_w, v_w = cache.k_slc[:, s - kept:s + C], cache.v_slc[:, s - kept:s + C]
+        else:
+            slots = torch.arange(s - kept, s, device=x.device) % w
+            k_w = torch.cat([cache.k_win[:, slots], kw.to(dt)], 1)
+            v_w = torch.cat([cache.v_win[:, slots], vw.to(dt)], 1)
+            new = min(C, w)
+            slots = torch.arange(s + C - new, s + C, device=x.device) % w
+            cache.k_win[:, slots] = kw[:, C - new:].to(dt)
+            cache.v_win[:, slots] = vw[:, C - new:].to(dt)
+
+        k_cmp, v_cmp = cache.k_cmp[:, :tc1], cache.v_cmp[:, :tc1]
+        k_s, v_s = cache.k_slc[:, :s + C], cache.v_slc[:, :s + C]
+        geom = self._geometry()
+        qd = q.to(dt)
+        o = ops.nsa_at(qd, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates.to(dt), q_offset=s,
+                       win_k_offset=s - kept, backend=c.backend, **geom)
+        cache.length = s + C
+        y = self._out(o.to(x.dtype))
+        if return_selection:
+            geom.pop("window")
+            sel = reference.select_blocks_ref(qd, k_cmp, q_offset=s, num_keys=s + C, **geom)
+            return y, sel
+        return y
+
+
+def _positions(T: int, cu_seqlens, device) -> torch.Tensor:
+    """Positions [1, T]: 0..T-1, or restarting at 0 at each sequence of ``cu_seqlens``."""
+    ar = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return ar[None]
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:], ar, right=True)  # sequence of each token
+    return (ar - cu[seq])[None]
+
+
+def _blocks(x: torch.Tensor, l: int, d: int, cu_seqlens) -> torch.Tensor:
+    """Raw compression blocks [B, Tc, l, H, D] (packed per sequence with cu_seqlens)."""
+    if cu_seqlens is None:
+        return reference.cmp_blocks(x, l, d)
+    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    tc = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
+    seq = torch.repeat_interleave(torch.arange(len(tc), device=x.device), tc)  # [sum Tc]
+    first = torch.cumsum(tc, 0) - tc  # index of each sequence's first block
+    starts = cu[seq] + (torch.arange(len(seq), device=x.device) - first[seq]) * d
+    idx = starts[:, None] + torch.arange(l, device=x.device)  # [sum Tc, l]
+    return x[:, idx]

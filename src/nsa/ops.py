@@ -1,0 +1,225 @@
+"""Public functional ops: :func:`nsa_func` and :func:`select_blocks` (SPEC section 8).
+
+Each op validates its inputs, then dispatches on ``backend``:
+
+* ``"torch"``  - the PyTorch reference (:mod:`nsa.reference`), any device, any float dtype.
+* ``"triton"`` - the Triton kernels (:mod:`nsa.triton`); needs CUDA (or TRITON_INTERPRET=1).
+* ``"auto"``   - Triton for CUDA tensors when Triton is importable, PyTorch elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def triton_available() -> tuple[bool, str]:
+    """(usable, reason): whether the Triton backend can run here."""
+    try:
+        from . import triton as _triton_backend  # noqa: F401
+    except ImportError as e:  # triton not installed, or the kernels module not built yet
+        return False, f"the Triton backend cannot be imported ({e})"
+    return True, "ok"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to "torch" or "triton" for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    ok, why = triton_available()
+    if backend == "triton":
+        if not ok:
+            raise ValueError(f"backend='triton' is not available: {why}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (got device {device}); "
+                             "set TRITON_INTERPRET=1 to run the kernels on the CPU for debugging")
+        return "triton"
+    return "triton" if (ok and device.type == "cuda") else "torch"
+
+
+def _check_tensor(name: str, x, rank: int, expect: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expect}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have shape {expect}, got {tuple(x.shape)}")
+
+
+def _check_geometry(cmp_block, cmp_stride, sel_block, sel_count=None, window=None) -> None:
+    for name, v in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride), ("sel_block", sel_block)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if cmp_block % cmp_stride or sel_block % cmp_stride:
+        raise ValueError(f"cmp_stride (d={cmp_stride}) must divide cmp_block (l={cmp_block}) "
+                         f"and sel_block (l'={sel_block})")
+    if sel_count is not None and (not isinstance(sel_count, int) or sel_count < 3):
+        raise ValueError(f"sel_count must be an int >= 3 (block 0 and two local blocks are "
+                         f"forced), got {sel_count!r}")
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window must be a positive int, got {window!r}")
+
+
+def _check_cu_seqlens(cu_seqlens, total: int, batch: int, device) -> None:
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch dimension must be 1 (sequences packed along T), "
+                         f"got B={batch}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={total}, got {c}")
+
+
+def _expected_tc(cu_seqlens, n_keys: int, cmp_block: int, cmp_stride: int) -> int:
+    if cu_seqlens is None:
+        return reference.num_cmp_blocks(n_keys, cmp_block, cmp_stride)
+    c = cu_seqlens.tolist()
+    return sum(reference.num_cmp_blocks(b - a, cmp_block, cmp_stride) for a, b in zip(c[:-1], c[1:]))
+
+
+def _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, n_keys):
+    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
+    _check_tensor("k_cmp", k_cmp, 4, "[B, Tc, H, Dk]")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q must be a floating tensor (fp16/bf16/fp32/fp64), got {q.dtype}")
+    B, T, HQ, Dk = q.shape
+    H = k_cmp.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")
+    tc = _expected_tc(cu_seqlens, n_keys, cmp_block, cmp_stride)
+    if tuple(k_cmp.shape) != (B, tc, H, Dk):
+        raise ValueError(f"k_cmp must have shape [B, Tc, H, Dk] = {[B, tc, H, Dk]} "
+                         f"(Tc = number of complete compression blocks), got {list(k_cmp.shape)}")
+    tensors = [("k_cmp", k_cmp)]
+    if v_cmp is not None:
+        _check_tensor("v_cmp", v_cmp, 4, "[B, Tc, H, Dv]")
+        if tuple(v_cmp.shape[:3]) != (B, tc, H):
+            raise ValueError(f"v_cmp must have shape [B, Tc, H, Dv] = {[B, tc, H, 'Dv']}, "
+                             f"got {list(v_cmp.shape)}")
+        tensors.append(("v_cmp", v_cmp))
+    for name, x in tensors:
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+
+def select_blocks(q, k_cmp, *, cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64,
+                  sel_count: int = 16, scale: float | None = None, cu_seqlens=None,
+                  backend: str = "auto") -> torch.Tensor:
+    """Blocks each query selects (SPEC 3-4).
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` queries (RoPE applied).
+        k_cmp: ``[B, Tc, H, Dk]`` compressed keys, Tc = 0 if T < l else (T - l) // d + 1.
+            With ``cu_seqlens``: each sequence's Tc_i tokens back to back.
+        cmp_block, cmp_stride: l and d of the compression (d divides l and l').
+        sel_block, sel_count: l' and n (n >= 3; forced blocks count towards n).
+        scale: softmax scale, default ``1 / sqrt(Dk)``.
+        cu_seqlens: optional int32 ``[N+1]`` cumulative lengths of sequences packed in T (B == 1).
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        int64 ``[B, T, H, n]``: block indices ascending, padded with -1. Always contains
+        block 0, block t // l' and block t // l' - 1 (when >= 0); the rest are the eligible
+        blocks (j*l' <= t) with the largest group score, ties to the lower index.
+    """
+    _check_geometry(cmp_block, cmp_stride, sel_block, sel_count)
+    _check_qk_cmp(q, k_cmp, None, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
+    _check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], q.device)
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
+              scale=scale, cu_seqlens=cu_seqlens)
+    if resolve_backend(backend, q.device) == "triton":
+        from . import triton as tk
+
+        return tk.select_blocks_triton(q, k_cmp, **kw)
+    return reference.select_blocks_ref(q, k_cmp, **kw)
+
+
+def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: int = 32,
+             cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16, window: int = 512,
+             scale: float | None = None, cu_seqlens=None, backend: str = "auto") -> torch.Tensor:
+    """Native Sparse Attention: three causal branches mixed by gates (SPEC 1-8).
+
+    Args:
+        q: ``[B, T, HQ, Dk]`` queries, RoPE applied. Query t sits at position t (with
+            ``cu_seqlens``, positions restart at 0 in each sequence).
+        k_cmp, v_cmp: ``[B, Tc, H, Dk]``, ``[B, Tc, H, Dv]`` compressed keys/values, one per
+            complete block [i*d, i*d + l); Tc = 0 if T < l else (T - l) // d + 1.
+            Compressed token i is visible to query t iff i*d + l - 1 <= t.
+        k_slc, v_slc: ``[B, T, H, Dk]``, ``[B, T, H, Dv]`` keys/values of the selected branch.
+        k_win, v_win: ``[B, T, H, Dk]``, ``[B, T, H, Dv]`` keys/values of the window branch.
+            The same tensors may be passed to several branches (shared KV).
+        gates: ``[B, T, HQ, 3]`` activated gates (cmp, slc, win), e.g. sigmoid outputs.
+        cmp_block (l=32), cmp_stride (d=16), sel_block (l'=64), sel_count (n=16, >= 3),
+            window (w=512, the query included): the paper's defaults.
+        scale: softmax scale of all branches, default ``1 / sqrt(Dk)``.
+        cu_seqlens: optional int32 ``[N+1]``: N sequences packed along T with B == 1.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+
+    Returns:
+        ``[B, T, HQ, Dv]`` in q's dtype. Rows with no visible key in a branch contribute 0
+        from that branch (never NaN). Differentiable w.r.t. every floating input; the block
+        selection itself is not (gradients reach k_cmp through the cmp branch only).
+    """
+    _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
+    _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
+    B, T, HQ, Dk = q.shape
+    H, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    for name, x, D in (("k_slc", k_slc, Dk), ("v_slc", v_slc, Dv), ("k_win", k_win, Dk),
+                       ("v_win", v_win, Dv)):
+        expect = f"[B, T, H, {'Dk' if D == Dk and name[0] == 'k' else 'Dv'}] = {[B, T, H, D]}"
+        _check_tensor(name, x, 4, expect)
+        if tuple(x.shape) != (B, T, H, D):
+            raise ValueError(f"{name} must have shape {expect}, got {list(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    _check_tensor("gates", gates, 4, f"[B, T, HQ, 3] = {[B, T, HQ, 3]}")
+    if tuple(gates.shape) != (B, T, HQ, 3):
+        raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
+    if not gates.is_floating_point():
+        raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
+    if gates.device != q.device:
+        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
+    _check_cu_seqlens(cu_seqlens, T, B, q.device)
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
+              window=window, scale=scale, cu_seqlens=cu_seqlens)
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    if resolve_backend(backend, q.device) == "triton":
+        from . import triton as tk
+
+        return tk.nsa_triton(*args, **kw)
+    return reference.nsa_ref(*args, **kw)
+
+
+def nsa_at(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_offset: int,
+           win_k_offset: int, backend: str = "auto", **geometry) -> torch.Tensor:
+    """NSA for a chunk of queries that continues a sequence (used by the KV cache).
+
+    The T_q queries sit at positions ``q_offset + i``; k_cmp/k_slc hold positions from 0 and
+    k_win/v_win hold positions from ``win_k_offset``. Inputs are trusted (built by the layer).
+    """
+    kw = dict(geometry, q_offset=q_offset, win_k_offset=win_k_offset)
+    if resolve_backend(backend, q.device) == "triton":
+        from . import triton as tk
+
+        if getattr(tk, "SUPPORTS_OFFSETS", False):
+            return tk.nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+    return reference.nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
