@@ -98,6 +98,7 @@ def _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, n_keys):
     if q.dtype not in _FLOATS:
         raise TypeError(f"q must be a floating tensor (fp16/bf16/fp32/fp64), got {q.dtype}")
     B, T, HQ, Dk = q.shape
+    _check_cu_seqlens(cu_seqlens, T, B, q.device)  # before Tc is computed from it
     H = k_cmp.shape[2]
     if H == 0 or HQ % H:
         raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")

@@ -137,6 +137,8 @@ def compressed_attention_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sc
         p, lse = _cmp_probs(qg[:, c0:c1], k_cmp, t, cmp_block, cmp_stride, sc)
         outs.append(torch.einsum("bhgcs,bshd->bchgd", p, vc))  # [B, C, H, h, Dv]
         lses.append(lse.permute(0, 3, 1, 2))  # [B, C, H, h]
+    if not outs:  # no query (an empty sequence of a cu_seqlens batch)
+        return q.new_zeros(B, 0, HQ, Dv), q.new_zeros(B, 0, HQ, dtype=acc)
     o = torch.cat(outs, 1).reshape(B, Tq, HQ, Dv).to(q.dtype)
     return o, torch.cat(lses, 1).reshape(B, Tq, HQ)
 
