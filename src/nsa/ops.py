@@ -141,6 +141,7 @@ def select_blocks(q, k_cmp, *, cmp_block: int = 32, cmp_stride: int = 16, sel_bl
         blocks (j*l' <= t) with the largest group score, ties to the lower index.
     """
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count)
+    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
     _check_qk_cmp(q, k_cmp, None, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
     _check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], q.device)
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
@@ -179,6 +180,7 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
         selection itself is not (gradients reach k_cmp through the cmp branch only).
     """
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
+    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
     _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
     B, T, HQ, Dk = q.shape
     H, Dv = k_cmp.shape[2], v_cmp.shape[3]

@@ -283,8 +283,10 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
     """All of NSA (SPEC 1-7) with the same signature as :func:`nsa.nsa_func`.
 
     Keys of cmp/slc start at position 0; queries start at ``q_offset``; the window keys
-    start at ``win_k_offset`` (default 0).
+    start at ``win_k_offset`` (default 0). The branches run on q upcast to fp32/fp64 so that
+    their outputs are rounded to q's dtype once, after the gates mix them.
     """
+    out_dtype, q = q.dtype, q.to(_acc_dtype(q))
     o_cmp, _ = compressed_attention_ref(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                         scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
     if cu_seqlens is not None:
@@ -300,7 +302,7 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
     o_win = sliding_window_ref(q, k_win, v_win, window=window, scale=scale, cu_seqlens=cu_seqlens,
                                q_offset=q_offset,
                                k_offset=0 if win_k_offset is None else win_k_offset)
-    return combine_gates(gates, o_cmp, o_slc, o_win)
+    return combine_gates(gates, o_cmp, o_slc, o_win).to(out_dtype)
 
 
 def _varlen(fn, cu_seqlens, args, kinds, kwargs):
