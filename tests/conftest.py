@@ -54,7 +54,7 @@ def rope(x, positions, theta=10000.0):
 
 def loop_cmp_probs(q, k_cmp, l, d, scale=None):
     """p_cmp [B, T, HQ, Tc] by loops (fp64): softmax over visible compressed tokens."""
-    q, k_cmp = q.double(), k_cmp.double()
+    q, k_cmp = q.detach().double(), k_cmp.detach().double()
     B, T, HQ, Dk = q.shape
     Tc, H = k_cmp.shape[1], k_cmp.shape[2]
     h = HQ // H

@@ -73,7 +73,8 @@ class NSAAttention(nn.Module):
         c = self.config
         B, T, _ = x.shape
         H, Dk, Dv = c.n_kv_heads, c.head_dim, c.v_head_dim
-        cos, sin = rope_cos_sin(pos, Dk, c.rope_theta)
+        cos, sin = rope_cos_sin(pos, Dk, c.rope_theta,
+                                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         q = apply_rope(self.q_proj(x).view(B, T, c.n_heads, Dk), cos, sin)
         kv = self.kv_proj(x).split([H * Dk, H * Dv] * self.n_branches, dim=-1)
         pairs = [(apply_rope(kv[2 * i].view(B, T, H, Dk), cos, sin), kv[2 * i + 1].view(B, T, H, Dv))

@@ -1,0 +1,440 @@
+"""Tests of NSAAttention, its KV cache and NSAConfig (SPEC 1, 9, 10)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import causal_attention, dense_nsa, loop_select, num_cmp, rope
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nsa import NSAAttention, NSAConfig
+from nsa.layer import Compressor
+
+
+def make_cfg(**over):
+    kw = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, v_head_dim=6, cmp_block=4,
+              cmp_stride=2, sel_block=8, sel_count=3, window=6, compress="mean", shared_kv=False,
+              backend="torch")
+    kw.update(over)
+    return NSAConfig(**kw)
+
+
+def make_layer(seed=0, randomize=True, dtype=torch.float32, **over):
+    torch.manual_seed(seed)
+    layer = NSAAttention(make_cfg(**over))
+    if randomize:  # every parameter non-trivial (incl. the mlp phi's zero-initialised ones)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn_like(p) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1))
+    return layer.to(dtype)
+
+
+def force_gates(layer, gates):
+    """Make the gate MLP output exactly ``gates`` (0 or 1) for every token and head."""
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        b = torch.tensor([1e4 if g else -1e4 for g in gates], dtype=layer.gate.bias.dtype)
+        layer.gate.bias.view(layer.config.n_heads, 3).copy_(b)
+
+
+# --------------------------------------------------------------------------- independent layer
+
+
+def _proj(layer, x):
+    """q, [(k, v) for cmp, slc, win], gates of the layer in fp64, from its weights."""
+    c = layer.config
+    B, T, _ = x.shape
+    x = x.double()
+    H, Dk, Dv, HQ = c.n_kv_heads, c.head_dim, c.v_head_dim, c.n_heads
+    pos = torch.arange(T)
+    q = rope((x @ layer.q_proj.weight.double().T).view(B, T, HQ, Dk), pos, c.rope_theta)
+    W = layer.kv_proj.weight.double()
+    pairs, r = [], 0
+    for _ in range(1 if c.shared_kv else 3):
+        k = (x @ W[r:r + H * Dk].T).view(B, T, H, Dk)
+        r += H * Dk
+        v = (x @ W[r:r + H * Dv].T).view(B, T, H, Dv)
+        r += H * Dv
+        pairs.append((rope(k, pos, c.rope_theta), v))
+    if c.shared_kv:
+        pairs *= 3
+    g = torch.sigmoid(x @ layer.gate.weight.double().T + layer.gate.bias.double()).view(B, T, HQ, 3)
+    return q, pairs, g
+
+
+def _o(layer, o):
+    B, T = o.shape[:2]
+    return o.reshape(B, T, -1) @ layer.o_proj.weight.double().T
+
+
+def independent_layer(layer, x):
+    """The whole layer (phi = mean) in fp64 with loop selection and dense masks."""
+    c = layer.config
+    q, ((kc, vc), (ks, vs), (kw, vw)), g = _proj(layer, x)
+    l, d = c.cmp_block, c.cmp_stride
+    T = x.shape[1]
+    tc = num_cmp(T, l, d)
+    k_cmp = torch.stack([kc[:, i * d:i * d + l].mean(1) for i in range(tc)], 1) if tc else kc[:, :0]
+    v_cmp = torch.stack([vc[:, i * d:i * d + l].mean(1) for i in range(tc)], 1) if tc else vc[:, :0]
+    idx = loop_select(q, k_cmp, l, d, c.sel_block, c.sel_count)
+    o = dense_nsa(q, k_cmp, v_cmp, ks, vs, kw, vw, g, idx, l, d, c.sel_block, c.window)
+    return _o(layer, o), idx
+
+
+# --------------------------------------------------------------------------- SPEC 10 equivalences
+
+SHARED = [pytest.param(False, id="separate-kv"), pytest.param(True, id="shared-kv")]
+
+
+@pytest.mark.parametrize("shared_kv", SHARED)
+@pytest.mark.parametrize("T", [pytest.param(1, id="T1"), pytest.param(23, id="T23")])
+def test_layer_window_only_is_causal_attention(T, shared_kv):
+    layer = make_layer(window=T + 3, shared_kv=shared_kv)
+    force_gates(layer, (0, 0, 1))
+    x = torch.randn(2, T, 32)
+    q, pairs, _ = _proj(layer, x)
+    want = _o(layer, causal_attention(q, *pairs[2]))
+    assert (layer(x).double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("shared_kv", SHARED)
+@pytest.mark.parametrize("T,n", [pytest.param(24, 3, id="n-lp-eq-T"), pytest.param(21, 4, id="n-lp-gt-T")])
+def test_layer_full_selection_is_causal_attention(T, n, shared_kv):
+    layer = make_layer(sel_count=n, shared_kv=shared_kv, window=2)
+    force_gates(layer, (0, 1, 0))
+    x = torch.randn(2, T, 32)
+    q, pairs, _ = _proj(layer, x)
+    want = _o(layer, causal_attention(q, *pairs[1]))
+    assert (layer(x).double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("shared_kv", SHARED)
+@pytest.mark.parametrize("T", [pytest.param(3, id="T-lt-l"), pytest.param(37, id="T37")])
+def test_layer_equals_independent_fp64_layer(T, shared_kv):
+    layer = make_layer(seed=T, shared_kv=shared_kv)
+    x = torch.randn(1, T, 32) * 2
+    want, idx = independent_layer(layer, x)
+    y, sel = layer(x, return_selection=True)
+    assert (y.double() - want).abs().max().item() <= 1e-5
+    y64, sel64 = layer.double()(x.double(), return_selection=True)
+    assert (y64 - want).abs().max().item() <= 1e-12
+    assert torch.equal(sel64, idx)
+
+
+# --------------------------------------------------------------------------- prefill = chunks = decode
+
+VARIANTS = [pytest.param(phi, shared, id=f"{phi}-{'shared' if shared else 'separate'}")
+            for phi in ("mean", "mlp") for shared in (False, True)]
+
+
+def _chunked(layer, x, sizes, cache=None):
+    cache = cache or layer.new_cache(x.shape[0], x.shape[1])
+    ys, sels, s = [], [], 0
+    for c in sizes:
+        y, sel = layer(x[:, s:s + c], cache=cache, return_selection=True)
+        ys.append(y)
+        sels.append(sel)
+        s += c
+    assert cache.length == s
+    return torch.cat(ys, 1), torch.cat(sels, 1)
+
+
+def _random_sizes(T, rng, hi=9):
+    sizes = []
+    while sum(sizes) < T:
+        sizes.append(min(rng.randint(1, hi), T - sum(sizes)))
+    return sizes
+
+
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_prefill_equals_chunked_prefill_equals_decode(phi, shared_kv):
+    T = 45  # not a multiple of l=4, d=2, l'=8, w=6
+    layer = make_layer(seed=3, compress=phi, shared_kv=shared_kv)
+    x = torch.randn(2, T, 32)
+    with torch.no_grad():
+        y, sel = layer(x, return_selection=True)
+        rng = random.Random(0)
+        for sizes in ([T], [1] * T, _random_sizes(T, rng), _random_sizes(T, rng, 20), [13, 1, 1, 30]):
+            yc, selc = _chunked(layer, x, sizes)
+            assert (yc - y).abs().max().item() <= 1e-5, sizes
+            assert torch.equal(selc, sel), sizes
+    # the computation is not trivially insensitive: another x gives other outputs
+    assert (layer(torch.randn(2, T, 32)) - y).abs().max().item() > 1e-2
+
+
+def test_cache_reset_and_reuse():
+    layer = make_layer(seed=4, compress="mlp")
+    x1, x2 = torch.randn(1, 19, 32), torch.randn(1, 26, 32)
+    cache = layer.new_cache(1, 30)
+    with torch.no_grad():
+        _chunked(layer, x1, [5, 14], cache)
+        cache.reset()
+        y2, _ = _chunked(layer, x2, [1, 7, 18], cache)
+        assert (y2 - layer(x2)).abs().max().item() <= 1e-5
+
+
+def test_cache_contents_follow_spec():
+    layer = make_layer(seed=5, window=5)
+    c = layer.config
+    T = 23
+    x = torch.randn(1, T, 32)
+    cache = layer.new_cache(1, 30)
+    with torch.no_grad():
+        _chunked(layer, x, [3, 1, 9, 10], cache)
+    q, ((kc, vc), (ks, vs), (kw, vw)), _ = _proj(layer, x)
+    l, d, w = c.cmp_block, c.cmp_stride, c.window
+    tc = num_cmp(T, l, d)
+    k_cmp = torch.stack([kc[:, i * d:i * d + l].mean(1) for i in range(tc)], 1)
+    torch.testing.assert_close(cache.k_cmp[:, :tc].double(), k_cmp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.k_slc[:, :T].double(), ks, rtol=0, atol=1e-5)
+    for p in range(T - w, T):  # ring buffer: slot = position % w holds the last w positions
+        torch.testing.assert_close(cache.k_win[:, p % w].double(), kw[:, p], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache.v_win[:, p % w].double(), vw[:, p], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.k_tail.double(), kc[:, T - (l - 1):], rtol=0, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_chunked_decode_equals_full(data):
+    d = data.draw(st.integers(1, 3), label="d")
+    l = d * data.draw(st.integers(1, 3), label="l/d")
+    lp = d * data.draw(st.integers(1, 3), label="l'/d")
+    n = data.draw(st.integers(3, 5), label="n")
+    w = data.draw(st.integers(1, 10), label="w")
+    h = data.draw(st.sampled_from([1, 2, 4]), label="h")
+    T = data.draw(st.integers(1, 30), label="T")
+    phi = data.draw(st.sampled_from(["mean", "mlp"]), label="phi")
+    shared = data.draw(st.booleans(), label="shared_kv")
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    layer = make_layer(seed=seed, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w,
+                       n_heads=2 * h, n_kv_heads=2, compress=phi, shared_kv=shared)
+    x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(seed))
+    sizes = _random_sizes(T, random.Random(seed), hi=7)
+    with torch.no_grad():
+        y, sel = layer(x, return_selection=True)
+        yc, selc = _chunked(layer, x, sizes)
+    assert (yc - y).abs().max().item() <= 1e-5
+    assert torch.equal(selc, sel)
+
+
+# --------------------------------------------------------------------------- varlen, batch
+
+
+def test_layer_cu_seqlens_equals_separate_calls():
+    layer = make_layer(seed=6, compress="mlp")
+    lens = [11, 3, 0, 25]
+    xs = [torch.randn(1, n, 32) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        y, sel = layer(torch.cat(xs, 1), cu_seqlens=cu, return_selection=True)
+        for i, xi in enumerate(xs):
+            if not lens[i]:
+                continue
+            a, b = cu[i].item(), cu[i + 1].item()
+            yi, si = layer(xi, return_selection=True)
+            assert (y[:, a:b] - yi).abs().max().item() <= 1e-5
+            assert torch.equal(sel[:, a:b], si)
+
+
+def test_layer_batch_rows_are_independent():
+    layer = make_layer(seed=7)
+    x = torch.randn(3, 20, 32)
+    with torch.no_grad():
+        y = layer(x)
+        assert (layer(x[1:2]) - y[1:2]).abs().max().item() <= 1e-6
+
+
+# --------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_layer_causality(phi, shared_kv):
+    T = 30
+    layer = make_layer(seed=8, compress=phi, shared_kv=shared_kv).double()
+    x = torch.randn(1, T, 32, dtype=torch.float64)
+    y0 = layer(x)
+    for t in (0, 3, 4, 12, 25):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:]) * 5
+        y1 = layer(x2)
+        assert torch.equal(y1[:, : t + 1], y0[:, : t + 1]), t
+        assert not torch.equal(y1[:, t + 1:], y0[:, t + 1:])
+        xg = x.clone().requires_grad_()
+        layer(xg)[:, t].pow(2).sum().backward()
+        assert torch.equal(xg.grad[:, t + 1:], torch.zeros_like(xg.grad[:, t + 1:])), t
+        assert xg.grad[:, t].abs().sum() > 0
+
+
+def test_layer_no_nan_or_inf_any_length():
+    layer = make_layer(seed=9, compress="mlp", sel_block=4)
+    for T in range(1, 3 * 4 + 1):
+        x = torch.randn(1, T, 32, requires_grad=True)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        assert bool(torch.isfinite(y).all()), T
+        assert bool(torch.isfinite(x.grad).all()), T
+        for name, p in layer.named_parameters():
+            assert bool(torch.isfinite(p.grad).all()), (T, name)
+        layer.zero_grad()
+
+
+# --------------------------------------------------------------------------- phi
+
+
+def test_mlp_phi_equals_mean_at_init():
+    torch.manual_seed(0)
+    blocks = torch.randn(2, 5, 32, 3, 16)
+    mean = Compressor("mean", 32, 16)(blocks)
+    mlp = Compressor("mlp", 32, 16)
+    assert (mlp(blocks) - mean).abs().max().item() <= 1e-6
+    torch.testing.assert_close(mean, blocks.mean(2), rtol=0, atol=1e-6)
+    # a trained (perturbed) mlp no longer equals the mean: the test can fail
+    with torch.no_grad():
+        mlp.fc2.weight.normal_()
+    assert (mlp(blocks) - mean).abs().max().item() > 1e-3
+
+
+def test_mlp_layer_equals_mean_layer_at_init():
+    torch.manual_seed(1)
+    a = NSAAttention(make_cfg(compress="mlp"))
+    b = NSAAttention(make_cfg(compress="mean"))
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("phi_")})
+    x = torch.randn(2, 27, 32)
+    with torch.no_grad():
+        assert (a(x) - b(x)).abs().max().item() <= 1e-6
+
+
+def test_mlp_phi_has_position_embedding_and_gradients():
+    layer = make_layer(seed=2, randomize=False, compress="mlp")
+    x = torch.randn(1, 20, 32)
+    layer(x).pow(2).sum().backward()
+    for name in ("phi_k.pos", "phi_k.fc2.weight", "phi_v.fc2.weight"):
+        assert dict(layer.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("phi,shared_kv", [pytest.param("mean", False, id="mean"),
+                                           pytest.param("mlp", True, id="mlp-shared")])
+def test_gradcheck_layer(phi, shared_kv):
+    layer = make_layer(seed=10, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, v_head_dim=2,
+                       cmp_block=2, cmp_stride=1, sel_block=2, sel_count=3, window=3,
+                       compress=phi, shared_kv=shared_kv).double()
+    x = torch.randn(1, 11, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_cache_full_error():
+    layer = make_layer()
+    cache = layer.new_cache(1, 10)
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 32), cache=cache)
+        with pytest.raises(ValueError, match="cache is full.*max_seq_len=10"):
+            layer(torch.randn(1, 3, 32), cache=cache)
+        assert cache.length == 8  # a refused chunk does not advance the cache
+        layer(torch.randn(1, 2, 32), cache=cache)
+    assert cache.length == 10
+
+
+def test_cache_batch_mismatch_error():
+    layer = make_layer()
+    cache = layer.new_cache(2, 10)
+    with pytest.raises(ValueError, match="batch 3.*batch 2"):
+        layer(torch.randn(3, 4, 32), cache=cache)
+
+
+@pytest.mark.parametrize("args,word", [
+    pytest.param((0, 10), "batch_size", id="batch-zero"),
+    pytest.param((1, 0), "max_seq_len", id="len-zero"),
+    pytest.param((1.5, 10), "batch_size", id="batch-float"),
+])
+def test_new_cache_bad_args(args, word):
+    with pytest.raises(ValueError, match=word):
+        make_layer().new_cache(*args)
+
+
+def test_layer_bad_x_and_cache_with_cu_seqlens():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="d_model=32"):
+        layer(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="d_model"):
+        layer(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(torch.randn(1, 5, 32), cache=layer.new_cache(1, 8),
+              cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("over,word", [
+    pytest.param(dict(d_model=0), "d_model", id="d_model"),
+    pytest.param(dict(n_heads=6, n_kv_heads=4), "n_kv_heads", id="HQ-not-multiple"),
+    pytest.param(dict(head_dim=7, v_head_dim=4), "head_dim", id="odd-head-dim"),
+    pytest.param(dict(cmp_block=5), "cmp_stride", id="d-not-dividing-l"),
+    pytest.param(dict(sel_block=7), "sel_block", id="d-not-dividing-lp"),
+    pytest.param(dict(sel_count=2), "sel_count", id="n-lt-3"),
+    pytest.param(dict(window=0), "window", id="window"),
+    pytest.param(dict(compress="max"), "compress", id="phi"),
+    pytest.param(dict(backend="cuda"), "backend", id="backend"),
+    pytest.param(dict(gate_hidden=-1), "gate_hidden", id="gate_hidden"),
+    pytest.param(dict(rope_theta=0.0), "rope_theta", id="rope_theta"),
+    pytest.param(dict(n_heads=True), "n_heads", id="bool"),
+])
+def test_config_validation(over, word):
+    with pytest.raises(ValueError, match=word):
+        make_cfg(**over)
+
+
+def test_config_defaults_are_the_paper():
+    c = NSAConfig()
+    assert (c.n_heads, c.n_kv_heads, c.head_dim, c.v_head_dim) == (64, 4, 192, 128)
+    assert (c.cmp_block, c.cmp_stride, c.sel_block, c.sel_count, c.window) == (32, 16, 64, 16, 512)
+    assert NSAConfig(v_head_dim=None, head_dim=64).v_head_dim == 64
+    assert NSAConfig().to_dict()["window"] == 512
+
+
+def test_gate_hidden_mlp():
+    layer = make_layer(seed=11, gate_hidden=16)
+    x = torch.randn(1, 17, 32)
+    with torch.no_grad():
+        assert (_chunked(layer, x, [5, 1, 11])[0] - layer(x)).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_layer_low_precision_close_to_fp64(dtype):
+    # gates (1, 0, 1): no selection involved, so near-ties cannot flip between precisions
+    T = 41
+    layer = make_layer(seed=12, window=9, compress="mlp")
+    force_gates(layer, (1, 0, 1))
+    low = layer.to(dtype)
+    ref = make_layer(seed=12, window=9, compress="mlp").double()
+    ref.load_state_dict({k: v.double() for k, v in low.state_dict().items()})
+    x = torch.randn(2, T, 32).to(dtype)
+    with torch.no_grad():
+        y = low(x)
+        want = ref(x.double())
+        err = (y.double() - want).abs().max().item() / want.abs().max().item()
+        # PyTorch's own error: the same projections and a plain causal SDPA layer in `dtype`
+        q, pairs, _ = _proj(ref, x.double())
+        qk = [t.to(dtype) for t in (q, *pairs[2])]
+        h = layer.config.n_heads // layer.config.n_kv_heads
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qk[0].transpose(1, 2), qk[1].repeat_interleave(h, 2).transpose(1, 2),
+            qk[2].repeat_interleave(h, 2).transpose(1, 2), is_causal=True).transpose(1, 2)
+        base = low.o_proj(o.reshape(2, T, -1))
+        base_want = _o(ref, causal_attention(*(t.double() for t in qk)))
+        base_err = (base.double() - base_want).abs().max().item() / base_want.abs().max().item()
+        # decode in low precision stays as close to the fp64 answer
+        yc, _ = _chunked(low, x, [20, 1, 1, 19])
+        err_dec = (yc.double() - want).abs().max().item() / want.abs().max().item()
+    print(f"layer err {err:.3g}, decode err {err_dec:.3g}, plain-attention err {base_err:.3g}")
+    assert err <= 2 * base_err and err_dec <= 2 * base_err
