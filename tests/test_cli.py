@@ -1,0 +1,59 @@
+"""Tests of the ``nsa`` command line (info, demo) through nsa.cli.main."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import nsa
+from nsa import cli
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"nsa {nsa.__version__}"
+    import torch
+
+    assert f"torch {torch.__version__}" in lines[1]
+    assert re.search(r"^backends: torch \(every device\)", out, re.M)
+    if not torch.cuda.is_available():
+        assert "cuda: no device" in lines
+
+
+@pytest.mark.parametrize("s,want", [
+    pytest.param(8192, (511, 1024, 512), id="8k"),
+    pytest.param(16384, (1023, 1024, 512), id="16k"),
+    pytest.param(65536, (4095, 1024, 512), id="64k"),
+    pytest.param(100, (5, 100, 100), id="short"),
+    pytest.param(31, (0, 31, 31), id="no-cmp"),
+])
+def test_tokens_read(s, want):
+    assert cli.tokens_read(s) == want
+
+
+def test_demo(capsys):
+    assert cli.main(["demo", "--seq-len", "300", "--d-model", "128", "--decode-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    # decode equals the full pass
+    diff = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
+    assert diff <= 1e-5
+    # the last decoded query sits at 301; its forced blocks 0, 3, 4 are in every group
+    assert "query at position 301" in out
+    groups = re.findall(r"group (\d+): \[([0-9, ]*)\]", out)
+    assert [int(g) for g, _ in groups] == [0, 1, 2, 3]
+    for _, blocks in groups:
+        b = [int(v) for v in blocks.split(",")]
+        assert {0, 3, 4} <= set(b) and b == sorted(b) and max(b) == 4
+    m = re.search(r"read (\d+) compressed \+ (\d+) selected \+ (\d+) window = (\d+) tokens", out)
+    cmp_, slc, win, total = map(int, m.groups())
+    assert cmp_ == (302 - 32) // 16 + 1 == 17
+    assert win == 302 and slc <= 302 and total == cmp_ + slc + win
+    # paper Table 4 rows: context, full, cmp, slc, win, NSA, ratio
+    rows = {int(r[0]): r for r in re.findall(
+        r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([0-9.]+)x$", out, re.M)}
+    assert rows[8192][1:6] == ("8192", "511", "1024", "512", "2047")
+    assert rows[16384][5] == "2559" and rows[32768][5] == "3583" and rows[65536][5] == "5631"
+    assert float(rows[65536][6]) == pytest.approx(65536 / 5631, abs=0.05)
