@@ -79,8 +79,8 @@ def independent_layer(layer, x):
     tc = num_cmp(T, l, d)
     k_cmp = torch.stack([kc[:, i * d:i * d + l].mean(1) for i in range(tc)], 1) if tc else kc[:, :0]
     v_cmp = torch.stack([vc[:, i * d:i * d + l].mean(1) for i in range(tc)], 1) if tc else vc[:, :0]
-    idx = loop_select(q, k_cmp, l, d, c.sel_block, c.sel_count)
-    o = dense_nsa(q, k_cmp, v_cmp, ks, vs, kw, vw, g, idx, l, d, c.sel_block, c.window)
+    idx = loop_select(q, k_cmp, l, d, c.sel_block, c.sel_count, scale=c.scale)
+    o = dense_nsa(q, k_cmp, v_cmp, ks, vs, kw, vw, g, idx, l, d, c.sel_block, c.window, scale=c.scale)
     return _o(layer, o), idx
 
 
@@ -112,9 +112,10 @@ def test_layer_full_selection_is_causal_attention(T, n, shared_kv):
 
 
 @pytest.mark.parametrize("shared_kv", SHARED)
-@pytest.mark.parametrize("T", [pytest.param(3, id="T-lt-l"), pytest.param(37, id="T37")])
-def test_layer_equals_independent_fp64_layer(T, shared_kv):
-    layer = make_layer(seed=T, shared_kv=shared_kv)
+@pytest.mark.parametrize("T,scale", [pytest.param(3, None, id="T-lt-l"), pytest.param(37, None, id="T37"),
+                                     pytest.param(29, 0.9, id="T29-scale")])
+def test_layer_equals_independent_fp64_layer(T, scale, shared_kv):
+    layer = make_layer(seed=T, shared_kv=shared_kv, scale=scale)
     x = torch.randn(1, T, 32) * 2
     want, idx = independent_layer(layer, x)
     y, sel = layer(x, return_selection=True)

@@ -329,3 +329,39 @@ def test_reference_low_precision_close_to_fp64(dtype):
     base_want = causal_attention(q, k, v)
     base_err = (base.double() - base_want).abs().max().item() / base_want.abs().max().item()
     assert err <= 2 * base_err + 1e-12, (err, base_err)
+
+
+# --------------------------------------------------------------------------- query chunking
+
+
+@pytest.mark.parametrize("elems,T", [pytest.param(1, 70, id="one-query-chunks"),
+                                     pytest.param(3000, 150, id="small-chunks")])
+def test_query_chunking_does_not_change_results(elems, T, monkeypatch):
+    # long enough for several window chunks (chunk <= max(w, 64) queries) at default size too
+    l, d, lp, n, w = 4, 2, 8, 4, 5
+    x = make_inputs(1, T, 4, 2, 8, 6, l, d, seed=21, qscale=2.0)
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w)
+    o0 = R.nsa_ref(*x, **kw)
+    i0 = R.select_blocks_ref(x[0], x[1], cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n)
+    c0, lse0 = R.compressed_attention_ref(x[0], x[1], x[2], cmp_block=l, cmp_stride=d)
+    monkeypatch.setattr(R, "_CHUNK_ELEMS", elems)
+    torch.testing.assert_close(R.nsa_ref(*x, **kw), o0, rtol=1e-13, atol=1e-13)
+    assert torch.equal(R.select_blocks_ref(x[0], x[1], cmp_block=l, cmp_stride=d, sel_block=lp,
+                                           sel_count=n), i0)
+    c1, lse1 = R.compressed_attention_ref(x[0], x[1], x[2], cmp_block=l, cmp_stride=d)
+    torch.testing.assert_close(c1, c0, rtol=1e-13, atol=1e-13)
+    assert torch.equal(torch.isinf(lse1), torch.isinf(lse0))
+    # and both equal the dense formulation
+    torch.testing.assert_close(o0, dense_nsa(*x, i0, l, d, lp, w), rtol=1e-12, atol=1e-12)
+
+
+def test_custom_scale_in_every_branch():
+    l, d, lp, n, w, T, sc = 4, 2, 4, 3, 5, 37, 0.77
+    x = make_inputs(1, T, 4, 2, 8, 6, l, d, seed=22)
+    idx = R.select_blocks_ref(x[0], x[1], cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n,
+                              scale=sc)
+    assert torch.equal(idx, loop_select(x[0], x[1], l, d, lp, n, scale=sc))
+    got = R.nsa_ref(*x, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w, scale=sc)
+    torch.testing.assert_close(got, dense_nsa(*x, idx, l, d, lp, w, scale=sc), rtol=1e-12, atol=1e-12)
+    default = R.nsa_ref(*x, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w)
+    assert (default - got).abs().max() > 1e-3
