@@ -209,9 +209,12 @@ def test_property_chunked_decode_equals_full(data):
     T = data.draw(st.integers(1, 30), label="T")
     phi = data.draw(st.sampled_from(["mean", "mlp"]), label="phi")
     shared = data.draw(st.booleans(), label="shared_kv")
+    bias = data.draw(st.booleans(), label="bias")
+    gate_hidden = data.draw(st.sampled_from([0, 8]), label="gate_hidden")
     seed = data.draw(st.integers(0, 1000), label="seed")
     layer = make_layer(seed=seed, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w,
-                       n_heads=2 * h, n_kv_heads=2, compress=phi, shared_kv=shared)
+                       n_heads=2 * h, n_kv_heads=2, compress=phi, shared_kv=shared, bias=bias,
+                       gate_hidden=gate_hidden)
     x = torch.randn(1, T, 32, generator=torch.Generator().manual_seed(seed))
     sizes = _random_sizes(T, random.Random(seed), hi=7)
     with torch.no_grad():
@@ -439,3 +442,14 @@ def test_layer_low_precision_close_to_fp64(dtype):
         err_dec = (yc.double() - want).abs().max().item() / want.abs().max().item()
     print(f"layer err {err:.3g}, decode err {err_dec:.3g}, plain-attention err {base_err:.3g}")
     assert err <= 2 * base_err and err_dec <= 2 * base_err
+
+
+@pytest.mark.parametrize("cu,exc", [
+    pytest.param([0, 5, 10], TypeError, id="list"),
+    pytest.param(torch.tensor([0, 5, 9], dtype=torch.int32), ValueError, id="short"),
+    pytest.param(torch.tensor([0, 5, 12], dtype=torch.int32), ValueError, id="beyond-T"),
+    pytest.param(torch.tensor([0, 6, 5, 10], dtype=torch.int32), ValueError, id="decreasing"),
+])
+def test_layer_bad_cu_seqlens(cu, exc):
+    with pytest.raises(exc, match="cu_seqlens"):
+        make_layer()(torch.randn(1, 10, 32), cu_seqlens=cu)

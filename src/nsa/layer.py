@@ -102,6 +102,7 @@ class NSAAttention(nn.Module):
             return self._forward_cached(x, cache, return_selection)
         c = self.config
         B, T, _ = x.shape
+        ops._check_cu_seqlens(cu_seqlens, T, B, x.device)  # before it is used to index x
         pos = _positions(T, cu_seqlens, x.device)
         q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, pos)
         k_cmp = self.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, cu_seqlens))
