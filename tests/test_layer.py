@@ -453,3 +453,18 @@ def test_layer_low_precision_close_to_fp64(dtype):
 def test_layer_bad_cu_seqlens(cu, exc):
     with pytest.raises(exc, match="cu_seqlens"):
         make_layer()(torch.randn(1, 10, 32), cu_seqlens=cu)
+
+
+def test_gradcheck_layer_parameters():
+    # gradients reach phi's position embedding and MLP, the gate and the projections correctly
+    layer = make_layer(seed=13, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, v_head_dim=2,
+                       cmp_block=2, cmp_stride=1, sel_block=2, sel_count=3, window=3,
+                       compress="mlp").double()
+    x = torch.randn(1, 9, 8, dtype=torch.float64)
+    names = ["phi_k.pos", "phi_v.fc2.weight", "gate.bias", "kv_proj.weight"]
+    params = {k: v.detach().clone().requires_grad_() for k, v in layer.named_parameters() if k in names}
+
+    def f(*ps):
+        return torch.func.functional_call(layer, dict(zip(params, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, tuple(params.values()), eps=1e-6, atol=1e-7)
