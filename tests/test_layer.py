@@ -14,6 +14,11 @@ from nsa import NSAAttention, NSAConfig
 from nsa.layer import Compressor
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)  # this module's unseeded draws are the same in every run and order
+
+
 def make_cfg(**over):
     kw = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, v_head_dim=6, cmp_block=4,
               cmp_stride=2, sel_block=8, sel_count=3, window=6, compress="mean", shared_kv=False,
@@ -197,7 +202,7 @@ def test_cache_contents_follow_spec():
     torch.testing.assert_close(cache.k_tail.double(), kc[:, T - (l - 1):], rtol=0, atol=1e-5)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_property_chunked_decode_equals_full(data):
     d = data.draw(st.integers(1, 3), label="d")
