@@ -473,3 +473,17 @@ def test_gradcheck_layer_parameters():
         return torch.func.functional_call(layer, dict(zip(params, ps)), (x,))
 
     assert torch.autograd.gradcheck(f, tuple(params.values()), eps=1e-6, atol=1e-7)
+
+
+def test_paper_geometry_decode_equals_full():
+    # the paper's l, d, l', n, w with narrow heads; T > n*l' + w so that selection matters
+    layer = make_layer(seed=14, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512,
+                       compress="mlp")
+    T = 1100
+    x = torch.randn(1, T, 32)
+    with torch.no_grad():
+        y, sel = layer(x, return_selection=True)
+        yc, selc = _chunked(layer, x, [517, 64, 1, 1, 500, 1, 16])
+    assert (yc - y).abs().max().item() <= 1e-5
+    assert torch.equal(selc, sel)
+    assert bool((sel[0, -1] >= 0).all())  # n blocks in use at the end: the selection is sparse

@@ -444,3 +444,32 @@ def test_property_nsa_func_equals_dense(data):
     idx = loop_select(x[0], x[1], l, d, lp, n)
     torch.testing.assert_close(run(x, l, d, lp, n, w), dense_nsa(*x, idx, l, d, lp, w),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_paper_geometry_long_sequence():
+    # l=32, d=16, l'=64, n=16, w=512 at T > n*l' + w so that every branch is sparse
+    l, d, lp, n, w, T, H, h = 32, 16, 64, 16, 512, 1100, 2, 2
+    x = make_inputs(1, T, H * h, H, 16, 8, l, d, seed=77, qscale=4.0)
+    idx = sel(x[0], x[1], l, d, lp, n)
+    torch.testing.assert_close(run(x, l, d, lp, n, w), dense_nsa(*x, idx, l, d, lp, w),
+                               rtol=1e-12, atol=1e-12)
+    # the selection is a top-n of independently computed group scores (Eq. 8-10)
+    q, k_cmp = x[0], x[1]
+    tc, n_sel = k_cmp.shape[1], -(-T // lp)
+    s = torch.einsum("bthd,bihd->bthi", q, k_cmp.repeat_interleave(h, 2)) / 4.0
+    t = torch.arange(T)[:, None]
+    vis = (torch.arange(tc)[None] * d + l - 1 <= t)
+    p = torch.where(vis[None, :, None], s, float("-inf")).softmax(-1).nan_to_num(0.0)
+    i, j = torch.arange(tc)[:, None], torch.arange(n_sel)[None]
+    W = ((torch.minimum(i * d + l, (j + 1) * lp) - torch.maximum(i * d, j * lp)).clamp_min(0) / d)
+    P = torch.einsum("bthi,ij->bthj", p, W.double()).view(1, T, H, h, n_sel).sum(3)
+    for tt in range(0, T, 37):
+        cur = tt // lp
+        forced = {0, cur} | ({cur - 1} if cur else set())
+        for g in range(H):
+            chosen = [v for v in idx[0, tt, g].tolist() if v >= 0]
+            assert forced <= set(chosen) and len(chosen) == min(n, cur + 1)
+            free = [v for v in chosen if v not in forced]
+            left = [v for v in range(cur + 1) if v not in chosen]
+            if free and left:
+                assert min(P[0, tt, g, free]) >= max(P[0, tt, g, left]) - 1e-12, tt
