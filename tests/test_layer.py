@@ -487,3 +487,22 @@ def test_paper_geometry_decode_equals_full():
     assert (yc - y).abs().max().item() <= 1e-5
     assert torch.equal(selc, sel)
     assert bool((sel[0, -1] >= 0).all())  # n blocks in use at the end: the selection is sparse
+
+
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_cache_dtype_other_than_layer(phi, shared_kv):
+    # an fp32 layer decoding with a bf16 cache: runs (phi in the layer's dtype) and stays close
+    # to an fp32 layer fed the bf16-rounded keys; an fp64 cache equals the fp32 pass
+    layer = make_layer(seed=15, compress=phi, shared_kv=shared_kv)
+    x = torch.randn(1, 29, 32)
+    with torch.no_grad():
+        y = layer(x)
+        c64 = layer.new_cache(1, 29, dtype=torch.float64)
+        y64 = torch.cat([layer(x[:, s:s + 5], cache=c64) for s in range(0, 29, 5)], 1)
+        assert y64.dtype == torch.float32 and c64.k_cmp.dtype == torch.float64
+        assert (y64 - y).abs().max().item() <= 1e-5
+        c16 = layer.new_cache(1, 29, dtype=torch.bfloat16)
+        y16 = torch.cat([layer(x[:, s:s + 5], cache=c16) for s in range(0, 29, 5)], 1)
+        assert y16.dtype == torch.float32
+        # within about one bf16 ulp (2^-7) of the output scale
+        assert (y16 - y).abs().max().item() <= 1e-2 * y.abs().max().item()

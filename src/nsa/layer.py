@@ -174,8 +174,9 @@ class NSAAttention(nn.Module):
         if tc1 > tc0:
             starts = torch.arange(tc0, tc1, device=x.device) * d - (s - tail)
             idx = starts[:, None] + torch.arange(l, device=x.device)  # [n_new, l]
-            cache.k_cmp[:, tc0:tc1] = self.phi_k(raw_k[:, idx]).to(dt)
-            cache.v_cmp[:, tc0:tc1] = self.phi_v(raw_v[:, idx]).to(dt)
+            # phi runs in the layer's dtype (the cache may hold another one)
+            cache.k_cmp[:, tc0:tc1] = self.phi_k(raw_k[:, idx].to(kc.dtype)).to(dt)
+            cache.v_cmp[:, tc0:tc1] = self.phi_v(raw_v[:, idx].to(vc.dtype)).to(dt)
         if not cache.shared_kv:
             keep = min(l - 1, s + C)
             cache.k_tail[:, l - 1 - keep:] = raw_k[:, raw_k.shape[1] - keep:]
