@@ -1,0 +1,460 @@
+"""A small LLaMA-style decoder with Native Sparse Attention (and two baselines).
+
+Read top to bottom: the config and its presets, RMSNorm, SwiGLU, the attention choices
+(``"nsa"``: :class:`nsa.NSAAttention`; ``"full"`` and ``"window"``: plain causal softmax
+attention over all keys or over the last ``window`` keys, from the same config), the
+decoder block, the model with its KV cache and :meth:`NSAModel.generate`, and safetensors
+checkpoints.
+
+The three attention kinds share every other weight shape, so one config trains NSA and
+its baselines side by side (``ModelConfig.preset("tiny", attention="window")``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NSAConfig
+from .layer import NSAAttention
+from .rope import apply_rope, rope_cos_sin
+
+ATTENTIONS = ("nsa", "full", "window")
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`NSAModel`.
+
+    Attributes:
+        vocab_size: tokens (256: bytes).
+        d_model, n_layers: width and depth.
+        n_heads, n_kv_heads, head_dim: query heads, key/value heads (GQA), head dim.
+        ffn_hidden: SwiGLU hidden width; 0 picks LLaMA's 8/3 * d_model rounded up to 32.
+        max_seq_len: the longest sequence the model is meant for (the default cache size).
+        attention: "nsa", "full" (causal over every key) or "window" (causal over the last
+            ``window`` keys, NSA's window branch alone).
+        cmp_block, cmp_stride, sel_block, sel_count, window, compress, shared_kv,
+        gate_hidden: NSA geometry (SPEC names l, d, l', n, w, phi); ``window`` is also the
+            window baseline's.
+        rope_theta: RoPE base of every attention kind.
+        backend: NSA kernels: "auto" (Triton on CUDA when present, else PyTorch), "torch",
+            "triton".
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: share the input embedding with the output projection.
+        token_shift: add a learned projection of the previous token's embedding to each
+            token's (RWKV's token shift, modded-nanogpt's "smear"). Keys then know their
+            predecessor, so copying after a match ("induction") needs one attention layer
+            instead of two composed ones: the tiny model learns retrieval in minutes.
+        init_std: std of the normal init of linear and embedding weights.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_hidden: int = 0
+    max_seq_len: int = 1024
+    attention: str = "nsa"
+    cmp_block: int = 16
+    cmp_stride: int = 8
+    sel_block: int = 16
+    sel_count: int = 4
+    window: int = 32
+    compress: str = "mlp"
+    shared_kv: bool = False
+    gate_hidden: int = 0
+    rope_theta: float = 10000.0
+    backend: str = "auto"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    token_shift: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "max_seq_len", "cmp_block", "cmp_stride", "sel_block", "sel_count", "window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.ffn_hidden, int) or self.ffn_hidden < 0:
+            raise ValueError(f"ModelConfig.ffn_hidden must be an int >= 0, got {self.ffn_hidden!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
+                             f"n_kv_heads ({self.n_kv_heads})")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("ModelConfig.norm_eps and ModelConfig.init_std must be > 0")
+        self.nsa_config()  # validates the NSA geometry (its ValueError names the field)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def nsa_config(self) -> NSAConfig:
+        return NSAConfig(d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                         head_dim=self.head_dim, v_head_dim=self.head_dim, cmp_block=self.cmp_block,
+                         cmp_stride=self.cmp_stride, sel_block=self.sel_block,
+                         sel_count=self.sel_count, window=self.window, compress=self.compress,
+                         shared_kv=self.shared_kv, rope_theta=self.rope_theta,
+                         gate_hidden=self.gate_hidden, backend=self.backend)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named preset (see :data:`PRESETS`) with some fields replaced."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"unknown ModelConfig field(s) {bad}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# "tiny" trains on a 2-core CPU in minutes at a few hundred tokens of context: blocks of 16,
+# a window of 32 and 4 selected blocks, so a needle more than 32 tokens back is reachable
+# only through the compressed and selected branches. The GPU presets use the paper's
+# geometry (l=32, d=16, l'=64, n=16, w=512) at 4k-16k tokens.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                        max_seq_len=1024, cmp_block=16, cmp_stride=8, sel_block=16, sel_count=4,
+                        window=32),
+    "small": ModelConfig(d_model=384, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,
+                         max_seq_len=16384, cmp_block=32, cmp_stride=16, sel_block=64,
+                         sel_count=16, window=512),
+    "base": ModelConfig(d_model=768, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
+                        max_seq_len=65536, cmp_block=32, cmp_stride=16, sel_block=64,
+                        sel_count=16, window=512),
+}
+
+
+# --------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 so bf16 activations keep their scale
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@dataclass
+class KVCache:
+    """Cache of one dense attention layer: keys/values of every position so far."""
+    k: torch.Tensor  # [B, max_seq_len, H, D], RoPE applied
+    v: torch.Tensor
+    length: int = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class DenseAttention(nn.Module):
+    """Causal softmax attention with RoPE and GQA: over every earlier key (``window=None``,
+    the "full" baseline) or over keys u in [t - window + 1, t] (the "window" baseline,
+    the same function as NSA's window branch, SPEC 6)."""
+
+    def __init__(self, config: ModelConfig, window: int | None):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.head_dim, self.theta = c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta
+        self.window = window
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+        self.kv_proj = nn.Linear(c.d_model, 2 * c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> KVCache:
+        p = self.q_proj.weight
+        shape = (batch_size, max_seq_len, self.n_kv, self.head_dim)
+        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
+        return KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, HQ, D = self.n_kv, self.n_heads, self.head_dim
+        s = 0 if cache is None else cache.length
+        if cache is not None and s + T > cache.max_seq_len:
+            raise ValueError(f"cache is full: it holds {s} of max_seq_len={cache.max_seq_len} "
+                             f"positions and cannot take {T} more")
+        cos, sin = rope_cos_sin(torch.arange(s, s + T, device=x.device)[None], D, self.theta)
+        q = apply_rope(self.q_proj(x).view(B, T, HQ, D), cos, sin)
+        k, v = self.kv_proj(x).view(B, T, 2, H, D).unbind(2)
+        k = apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[:, s:s + T] = k.to(cache.k.dtype)
+            cache.v[:, s:s + T] = v.to(cache.v.dtype)
+            cache.length = s + T
+            k, v = cache.k[:, :s + T].to(q.dtype), cache.v[:, :s + T].to(q.dtype)
+        o = self._attend(q, k, v, q_offset=s)
+        return self.o_proj(o.reshape(B, T, HQ * D))
+
+    def _attend(self, q, k, v, q_offset: int) -> torch.Tensor:
+        """q [B, Tq, HQ, D] at positions q_offset.., k/v [B, Tk, H, D] at positions 0.."""
+        rep = self.n_heads // self.n_kv
+        q = q.transpose(1, 2)
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)
+        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+        Tq, Tk = q.shape[2], k.shape[2]
+        if self.window is None and q_offset == 0 and Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        # Explicit "may attend" masks: with a cache the queries sit at the bottom right
+        # (is_causal would align them top-left). Every row sees at least its own key, so no
+        # row is empty. The window reads only the keys it can see, chunk by chunk.
+        w = self.window or Tk
+        step = max(w, 256)
+        outs = []
+        for c0 in range(0, Tq, step):
+            c1 = min(Tq, c0 + step)
+            t = torch.arange(c0, c1, device=q.device) + q_offset
+            k0 = max(0, c0 + q_offset - w + 1)
+            u = torch.arange(k0, c1 + q_offset, device=q.device)
+            mask = (u[None, :] <= t[:, None]) & (u[None, :] > t[:, None] - w)
+            outs.append(F.scaled_dot_product_attention(q[:, :, c0:c1], k[:, :, k0:c1 + q_offset],
+                                                       v[:, :, k0:c1 + q_offset], attn_mask=mask))
+        return torch.cat(outs, 2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        if c.attention == "nsa":
+            self.attn = NSAAttention(c.nsa_config())
+        else:
+            self.attn = DenseAttention(c, None if c.attention == "full" else c.window)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mlp = SwiGLU(c.d_model, c.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --------------------------------------------------------------------------- model
+class NSAModel(nn.Module):
+    """Decoder-only language model: ``model(tokens) -> logits`` ``[B, T, vocab_size]``.
+
+    ``model(chunk, cache=cache)`` continues the sequences held by ``cache`` (from
+    :meth:`new_cache`): any split into chunks gives the logits of one full pass.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.shift = nn.Linear(c.d_model, c.d_model, bias=False) if c.token_shift else None
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self._init_weights()
+        if c.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self) -> None:
+        c = self.config
+        # GPT-2 style: N(0, std), the projections into the residual stream scaled down by
+        # depth. The NSA compressor (whose zero init makes "mlp" start as "mean") and the
+        # gate keep the layer's own init.
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Embedding) or (isinstance(m, nn.Linear) and not (
+                    ".phi_" in name or ".gate" in name and "gate_up" not in name)):
+                std = c.init_std / math.sqrt(2 * c.n_layers) if name.endswith(("o_proj", "down")) else c.init_std
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None, *, dtype=None,
+                  device=None) -> "ModelCache":
+        """One preallocated cache per layer for ``batch_size`` sequences."""
+        n = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        layers = [b.attn.new_cache(batch_size, n, dtype=dtype, device=device) for b in self.blocks]
+        return ModelCache(layers, torch.zeros(batch_size, dtype=torch.int64, device=device or self.embed.weight.device))
+
+    def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an integer tensor [B, T], got {shape}")
+        if cache is not None and not isinstance(cache, ModelCache):
+            raise TypeError(f"cache must come from NSAModel.new_cache, got {type(cache).__name__}")
+        x = self.embed(tokens)
+        if self.shift is not None:
+            # previous token's embedding; zero before position 0, the cached token after it
+            prev = torch.cat([self.embed(cache.last[:, None]) if cache is not None and cache.length
+                              else torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+            x = x + self.shift(prev)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.last = tokens[:, -1].clone()
+            cache.length += tokens.shape[1]
+        return self.lm_head(self.norm(x))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None):
+        """Mean cross-entropy of next tokens (targets -100 are ignored); ``weights`` [B, T]
+        weigh positions (a weighted mean)."""
+        logits = self(tokens).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        w = (targets.flatten() != -100).float()
+        if weights is not None:
+            w = w * weights.flatten().float()
+        return (ce * w).sum() / w.sum().clamp_min(1e-8)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
+        """Continue ``prompt`` [B, T] by ``max_new_tokens`` tokens; returns [B, T + new].
+
+        ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature)
+        restricted to the ``top_k`` most likely tokens and to the smallest set whose
+        probability reaches ``top_p``. With ``use_cache`` the prompt is prefilled once and
+        each new token is one decode step; without it every step reruns the whole sequence
+        (the same tokens, much slower: a check of the cache). Generation stops early when
+        every sequence has produced ``stop_token``.
+        """
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be a non-empty integer tensor [B, T], got "
+                             f"{tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        B, T = prompt.shape
+        out = prompt
+        cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        logits = self(prompt, cache=cache)[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+            out = torch.cat([out, nxt[:, None]], 1)
+            if stop_token is not None:
+                done |= nxt == stop_token
+                if bool(done.all()):
+                    break
+            if out.shape[1] == T + max_new_tokens:
+                break
+            logits = (self(nxt[:, None], cache=cache) if use_cache else self(out))[:, -1]
+        return out
+
+
+@dataclass
+class ModelCache:
+    """The model's decoding state: each layer's KV cache and the last token seen."""
+    layers: list
+    last: torch.Tensor  # [B] int64, for the token shift
+    length: int = 0
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V]: argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_model(model: NSAModel, path: str, extra: dict | None = None) -> None:
+    """Weights to ``path`` (safetensors; config and ``extra`` in its metadata), atomically:
+    written to a temporary file, then renamed over ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _state_dict(model).items()}
+    meta = {"config": json.dumps(model.config.to_dict())}
+    if extra:
+        meta["extra"] = json.dumps(extra)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_model(path: str, device=None, **overrides) -> NSAModel:
+    """A model from a safetensors file written by :func:`save_model` (config fields in
+    ``overrides`` replace the saved ones, e.g. ``backend``)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path!r} has no model config in its metadata: not an nsa checkpoint")
+    config = replace(ModelConfig.from_dict(json.loads(meta["config"])), **overrides)
+    model = NSAModel(config)
+    load_weights(model, load_file(path))
+    return model.to(device) if device is not None else model
+
+
+def _state_dict(model: NSAModel) -> dict:
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # the same tensor as embed.weight
+    return sd
+
+
+def load_weights(model: NSAModel, tensors: dict) -> None:
+    if model.config.tie_embeddings:
+        tensors = dict(tensors, **{"lm_head.weight": tensors["embed.weight"]})
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
