@@ -506,3 +506,17 @@ def test_cache_dtype_other_than_layer(phi, shared_kv):
         assert y16.dtype == torch.float32
         # within about one bf16 ulp (2^-7) of the output scale
         assert (y16 - y).abs().max().item() <= 1e-2 * y.abs().max().item()
+
+
+def test_empty_chunk_is_a_no_op():
+    layer = make_layer(seed=16, compress="mlp")
+    x = torch.randn(2, 13, 32)
+    cache = layer.new_cache(2, 13)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer(x[:, :0]).numel() == 0
+        a = layer(x[:, :6], cache=cache)
+        e = layer(x[:, 6:6], cache=cache)
+        assert e.shape == (2, 0, 32) and cache.length == 6
+        b = layer(x[:, 6:], cache=cache)
+    assert (torch.cat([a, b], 1) - y).abs().max().item() <= 1e-5

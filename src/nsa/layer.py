@@ -85,8 +85,8 @@ class NSAAttention(nn.Module):
         return q, pairs, gates
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
-        B, T = o.shape[:2]
-        return self.o_proj(o.reshape(B, T, -1))
+        B, T, HQ, Dv = o.shape
+        return self.o_proj(o.reshape(B, T, HQ * Dv))  # explicit width: T may be 0
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens=None,
