@@ -1,0 +1,25 @@
+"""Triton kernels of NSA (forward); ``import nsa.triton`` raises ImportError without triton.
+
+Public functions, each with the signature of its reference in :mod:`nsa.reference`:
+:func:`compressed_attention_triton`, :func:`select_blocks_triton`,
+:func:`selected_attention_triton`, :func:`sliding_window_triton`, :func:`nsa_triton`.
+They run on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (for debugging and CI).
+"""
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as e:  # pragma: no cover - depends on the install
+    raise ImportError(f"nsa.triton needs the triton package ({e})") from e
+
+from .compressed import compressed_attention_triton
+from .nsa import nsa_triton
+from .select import select_blocks_triton
+from .selected import selected_attention_triton
+from .window import sliding_window_triton
+
+# nsa_triton honours q_offset / win_k_offset (queries continuing a cached sequence)
+SUPPORTS_OFFSETS = True
+
+__all__ = ["compressed_attention_triton", "select_blocks_triton", "selected_attention_triton",
+           "sliding_window_triton", "nsa_triton", "SUPPORTS_OFFSETS"]

@@ -1,0 +1,100 @@
+"""Shared launch helpers of the Triton kernels: tile shapes and per-sequence tables.
+
+Every kernel walks a table of programs. A program owns ``BT`` consecutive query positions of
+one sequence and one key/value head g, and holds the ``h`` query heads of g for each of them:
+its tile has ``BM = BT * HP`` rows, row ``r`` being position ``r // HP`` and head ``r % HP``
+of the group (``HP`` = h rounded up to a power of two; rows with head >= h are padding).
+Batches and ``cu_seqlens`` packs are the same thing to the kernels: a list of sequences,
+each with its start row in the flattened ``[B*T]`` query, key and compressed-key tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..reference import num_cmp_blocks
+
+# SEQ columns (int64): start row / length of the queries, of the slc keys, of the window keys
+# and of the compressed keys of each sequence.
+Q0, QN, KS0, KSN, KW0, KWN, KC0, KCN = range(8)
+SEQ_COLS = 8
+
+
+def interpreting() -> bool:
+    """True when Triton runs on the CPU interpreter (CPU debugging and CI)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def split_dim(D: int) -> tuple[int, int]:
+    """Split a head dim into two power-of-two dot chunks (192 -> 128 + 64, 128 -> 128 + 0).
+
+    Splitting instead of padding to the next power of two saves a third of the QK work at
+    Dk = 192. The second chunk is masked past D and is at least 16 wide (the dot minimum).
+    """
+    b0 = 1 << (int(D).bit_length() - 1)
+    if b0 == D:
+        return max(b0, 16), 0
+    return b0, max(16, next_pow2(D - b0))
+
+
+def seq_table(B: int, Tq: int, Tks: int, Tkw: int, tc: int, cu_seqlens, cmp_block: int,
+              cmp_stride: int, device) -> tuple[torch.Tensor, list[int]]:
+    """(SEQ int64 [N, 8], query lengths): per-sequence start rows and lengths (see SEQ_COLS)."""
+    if cu_seqlens is None:
+        b = torch.arange(B, dtype=torch.int64)
+        cols = [b * Tq, torch.full_like(b, Tq), b * Tks, torch.full_like(b, Tks),
+                b * Tkw, torch.full_like(b, Tkw), b * tc, torch.full_like(b, tc)]
+        lens = [Tq] * B
+    else:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        tcs = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lens]
+        c0 = [0]
+        for x in tcs[:-1]:
+            c0.append(c0[-1] + x)
+        st = torch.tensor(cu[:-1], dtype=torch.int64)
+        ln = torch.tensor(lens, dtype=torch.int64)
+        cols = [st, ln, st, ln, st, ln, torch.tensor(c0, dtype=torch.int64),
+                torch.tensor(tcs, dtype=torch.int64)]
+    return torch.stack(cols, 1).contiguous().to(device), lens
+
+
+def prog_table(lens: list[int], BT: int, device) -> torch.Tensor:
+    """int32 [n_prog, 2]: (sequence, first local position) of each program's BT positions.
+
+    Built with device ops (no Python loop over programs: T = 128k with BT = 1 is 128k rows).
+    """
+    nb = [triton.cdiv(n, BT) for n in lens]
+    total = sum(nb)
+    if total == 0:
+        return torch.zeros(0, 2, dtype=torch.int32, device=device)
+    nbt = torch.tensor(nb, dtype=torch.int64, device=device)
+    seq = torch.repeat_interleave(torch.arange(len(nb), device=device), nbt, output_size=total)
+    first = torch.cumsum(nbt, 0) - nbt  # program index of each sequence's first block
+    t0 = (torch.arange(total, device=device) - first[seq]) * BT
+    return torch.stack([seq, t0], 1).to(torch.int32).contiguous()
+
+
+def rows_for(h: int, target: int) -> tuple[int, int, int]:
+    """(HP, BT, BM): heads padded to a power of two, positions per program, tile rows."""
+    HP = next_pow2(h)
+    BT = max(1, target // HP)
+    return HP, BT, BT * HP
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE dots (tf32 would cost ~3e-4 relative error); 16-bit use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels cast bf16 operands to fp32 before their dots: only under the CPU
+    interpreter, whose bf16 dot returns garbage (seen with triton 3.9)."""
+    return interpreting() and dtype == torch.bfloat16

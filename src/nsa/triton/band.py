@@ -1,0 +1,174 @@
+"""Dense attention over a band of keys, group-centric: the kernel behind the cmp and win branches.
+
+One program holds BT consecutive query positions x the h heads of one GQA group (BM rows), so
+each key/value tile it loads serves all heads of the group. Two modes (constexpr MODE):
+
+* MODE 0, compressed (SPEC 2): keys are the compressed tokens i of the sequence; query t sees
+  i iff i*d + l - 1 <= t. Writes o and the natural-log log-sum-exp (-inf for empty rows).
+* MODE 1, sliding window (SPEC 6): keys at positions u in [t - w + 1, t]; the key rows start
+  at position ``k_offset``. With FUSE_GATES the epilogue also reads o_cmp, o_slc and the gates
+  and writes g0*o_cmp + g1*o_slc + g2*o_win (SPEC 7): one pass less over the outputs.
+
+Arithmetic: fp32 accumulation, scores in base 2 (exp2), Dk split in two power-of-two chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
+              sm_scale, q_offset, k_offset,
+              HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
+              HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+              BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+              WRITE_LSE: tl.constexpr, FUSE_GATES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H = HQ // G
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    if MODE == 0:
+        k_start = tl.load(SEQ + seq * 8 + 6)
+        k_len = tl.load(SEQ + seq * 8 + 7)
+    else:
+        k_start = tl.load(SEQ + seq * 8 + 4)
+        k_len = tl.load(SEQ + seq * 8 + 5)
+
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP  # local query index of each row
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    pos = q_offset + tq  # absolute position of each row
+    head = g * G + hh
+    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK  # [BM] int64 element offsets
+    dk0 = tl.arange(0, BK0)
+    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        q0 = q0.to(tl.float32)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            q1 = q1.to(tl.float32)
+    dv = tl.arange(0, BV)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    t_lo = q_offset + t0  # smallest position of the tile
+    t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1  # largest valid position of the tile
+    if MODE == 0:
+        n_lo = 0
+        n_hi = tl.where(t_hi >= CMP_L - 1, (t_hi - CMP_L + 1) // CMP_D + 1, 0)
+        n_hi = tl.minimum(n_hi, k_len)
+    else:
+        n_lo = tl.maximum(t_lo - WINDOW + 1, k_offset) - k_offset  # key rows
+        n_hi = tl.minimum(t_hi + 1 - k_offset, k_len)
+
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BN):
+        n = n0 + tl.arange(0, BN)
+        n_ok = n < n_hi
+        k_row = ((k_start + n).to(tl.int64) * H + g)  # [BN]
+        k0 = tl.load(K + k_row[:, None] * DK + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            k1 = tl.load(K + k_row[:, None] * DK + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                k1 = k1.to(tl.float32)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if MODE == 0:
+            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
+        else:
+            u = n + k_offset
+            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
+        vis = vis & n_ok[None, :]
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_row[:, None] * DV + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # rows that see no key: exactly 0
+    o_off = ((q_start + tq).to(tl.int64) * HQ + head)[:, None] * DV + dv[None, :]
+    o_mask = row_ok[:, None] & (dv[None, :] < DV)
+    if WRITE_LSE:
+        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + (q_start + tq).to(tl.int64) * HQ + head, lse, mask=row_ok)
+    if FUSE_GATES:
+        g_off = ((q_start + tq).to(tl.int64) * HQ + head) * 3
+        g0 = tl.load(GATES + g_off, mask=row_ok, other=0.0).to(tl.float32)
+        g1 = tl.load(GATES + g_off + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(GATES + g_off + 2, mask=row_ok, other=0.0).to(tl.float32)
+        oc = tl.load(OCMP + o_off, mask=o_mask, other=0.0).to(tl.float32)
+        osl = tl.load(OSLC + o_off, mask=o_mask, other=0.0).to(tl.float32)
+        o = g0[:, None] * oc + g1[:, None] * osl + g2[:, None] * o
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
+
+
+def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
+    """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
+    if interp:
+        # the interpreter pays per op, not per element: big tiles, few programs
+        HP, BT, _ = C.rows_for(h, 64)
+        return dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
+    big = max(Dk, Dv) > 128
+    HP, BT, _ = C.rows_for(h, 64 if big else 128)
+    return dict(HP=HP, BT=BT, BN=64, num_warps=4 if big else 8, num_stages=2 if big else 3)
+
+
+def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens: list[int],
+                   q_offset: int = 0, k_offset: int = 0, cmp_block: int = 1, cmp_stride: int = 1,
+                   window: int = 1, write_lse: bool = False, gates=None, o_cmp=None, o_slc=None):
+    """Launch :func:`_band_fwd`. q [B, T, HQ, Dk], k [B, Tk, H, Dk], v [B, Tk, H, Dv] contiguous.
+
+    Returns (o [B, T, HQ, Dv] in q's dtype, lse [B, T, HQ] fp32 or None).
+    """
+    B, T, HQ, Dk = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    h = HQ // H
+    o = torch.empty(B, T, HQ, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if write_lse else None
+    if B * T == 0:
+        return o, lse
+    cfg = _config(h, Dk, Dv, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    BK0, BK1 = C.split_dim(Dk)
+    fuse = gates is not None
+    dummy = o
+    _band_fwd[(tbl.shape[0], H)](
+        q, k if k.numel() else q, v if v.numel() else o, o, lse if write_lse else dummy,
+        gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy, tbl, seq,
+        float(scale), int(q_offset), int(k_offset),
+        HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
+        HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
+        WRITE_LSE=write_lse, FUSE_GATES=fuse, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o, lse
+
+
+def default_scale(scale, Dk: int) -> float:
+    return 1.0 / math.sqrt(Dk) if scale is None else float(scale)

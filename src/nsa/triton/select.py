@@ -1,0 +1,188 @@
+"""Block scoring and top-n selection (SPEC 3-4) in one Triton pass, fused.
+
+Per program: BT positions x the h heads of one group (BM rows), with the log-sum-exp of the
+compressed branch as input. The program walks the selection blocks in chunks of BJE blocks.
+For a chunk it recomputes the scores of the BC compressed tokens that touch those blocks
+(``i0 = j0*l'/d - (l/d - 1)``, so every block of the chunk is complete inside it), turns
+them into probabilities ``exp(s - lse)``, maps them onto blocks with the Eq. 9 overlap
+weights (one small dot), sums the group's heads (Eq. 10) and merges the chunk's blocks into a
+running top-n kept in registers. No [T, Tc] or [T, n_sel_blocks] matrix is written.
+
+Top-n: each block becomes one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - j)``; scores
+are >= 0, so the float bits order like the floats, and equal scores order the lower j first.
+Forced blocks get score +inf, blocks that are not eligible get key 0. The running top list
+(sorted descending) and the chunk's keys (sorted ascending) merge by one elementwise max
+(the bitonic merge step), then one sort. Reference: :func:`nsa.reference.select_blocks_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from .band import default_scale
+
+
+@triton.jit
+def _sort_rows(x, descending: tl.constexpr, INTERP: tl.constexpr):
+    """Sort a [R, N] tensor along dim 1 (R, N powers of two).
+
+    On GPUs this is tl.sort. Under the CPU interpreter tl.sort's xor reduction runs element
+    by element in Python (minutes per test), so there the same bitonic network runs with
+    each compare-and-swap as a min/max over a size-2 axis of the hypercube view; the result
+    is the same sorted tensor.
+    """
+    if INTERP:
+        log_n: tl.constexpr = tl.standard._log2(x.shape[1])
+        n_dims: tl.constexpr = tl.standard._log2(x.numel)
+        h = tl.reshape(x, [2] * n_dims)
+        for stage in tl.static_range(1, log_n + 1):
+            if stage < log_n:  # alternating directions, by bit `stage` of the position
+                flip = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage - 1) + [2] + [1] * stage)
+            else:
+                flip = descending
+            for i in tl.static_range(stage):
+                j: tl.constexpr = stage - 1 - i
+                lo = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_min, keep_dims=True)
+                hi = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_max, keep_dims=True)
+                right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
+                h = tl.where((flip ^ right) != 0, hi, lo)
+        return tl.reshape(h, x.shape)
+    else:
+        return tl.sort(x, 1, descending=descending)
+
+
+@triton.jit
+def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
+                HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
+                CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
+                HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+                BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
+                MAP_PREC: tl.constexpr, INTERP: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * HP
+    A: tl.constexpr = SEL_L // CMP_D  # compressed-token starts per selection block
+    CM1: tl.constexpr = CMP_L // CMP_D - 1  # compressed tokens reaching into the next block
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H = HQ // G
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    c_start = tl.load(SEQ + seq * 8 + 6)
+    c_len = tl.load(SEQ + seq * 8 + 7)
+
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    pos = q_offset + tq
+    head = g * G + hh
+    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK
+    dk0 = tl.arange(0, BK0)
+    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        q0 = q0.to(tl.float32)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            q1 = q1.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    lse = tl.load(LSE + (q_start + tq).to(tl.int64) * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    # per-position view of the tile: [BT]
+    tp = t0 + tl.arange(0, BT)
+    posp = q_offset + tp
+    cur = posp // SEL_L
+    t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1
+    n_blocks = t_hi // SEL_L + 1  # eligible blocks of the tile's last position
+
+    ci = tl.arange(0, BC)
+    cj = tl.arange(0, BJ)
+    best = tl.zeros([BT, BJ], dtype=tl.int64)  # running top keys, sorted descending
+    for j0 in range(0, n_blocks, BJE):
+        i = j0 * A - CM1 + ci  # compressed tokens of this chunk
+        i_ok = (i >= 0) & (i < c_len)
+        k_row = (c_start + i).to(tl.int64) * H + g
+        k0 = tl.load(KC + k_row[:, None] * DK + dk0[None, :], mask=i_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            k1 = tl.load(KC + k_row[:, None] * DK + dk1[None, :], mask=i_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                k1 = k1.to(tl.float32)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        vis = i_ok[None, :] & ((i[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # [BM, BC]
+        # Eq. 9 weights of this chunk: overlap of [i*d, i*d+l) with [j*l', (j+1)*l'), over d
+        j = j0 + cj
+        lo = tl.maximum(i[:, None] * CMP_D, j[None, :] * SEL_L)
+        hi = tl.minimum(i[:, None] * CMP_D + CMP_L, j[None, :] * SEL_L + SEL_L)
+        w = tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
+        sc = tl.dot(p, w, input_precision=MAP_PREC)  # [BM, BJ]
+        sc = tl.sum(tl.reshape(sc, [BT, HP, BJ]), 1)  # Eq. 10: sum over the group's heads
+        forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
+        sc = tl.where(forced, float("inf"), sc)
+        elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
+        bits = (sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+        key = tl.where(elig, ((bits + 1) << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), 0)
+        key = _sort_rows(key, False, INTERP)  # ascending
+        best = _sort_rows(tl.maximum(best, key), True, INTERP)
+
+    # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
+    BIG: tl.constexpr = 0x7FFFFFFF
+    take = (cj[None, :] < N_SEL) & (best > 0)
+    blk = tl.where(take, BIG - (best & 0xFFFFFFFF), BIG)
+    blk = _sort_rows(blk, False, INTERP)
+    blk = tl.where(blk == BIG, -1, blk)
+    out_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
+    tl.store(OUT + out_off[:, None] + cj[None, :], blk, mask=(tp[:, None] < q_len) & (cj[None, :] < N_SEL))
+
+
+def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
+    a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
+    # the interpreter pays per op, not per element: big tiles, few chunks
+    HP, BT, _ = C.rows_for(h, 256 if interp else 64)
+    BC = max(64, C.next_pow2(a + cm1))
+    BJE = (BC - cm1) // a
+    BJ = max(16, C.next_pow2(BJE), C.next_pow2(n))
+    return dict(HP=HP, BT=BT, BC=BC, BJ=BJ, BJE=BJE, num_warps=4, num_stages=2)
+
+
+def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
+                         scale=None, cu_seqlens=None, q_offset=0, num_keys=None, lse=None):
+    """Top-n block indices [B, T, H, n] int64, ascending, -1 padded (SPEC 3-4); forward only.
+
+    Same contract as :func:`nsa.reference.select_blocks_ref`. ``lse`` ([B, T, HQ] fp32, the
+    compressed branch's log-sum-exp) is computed here when not given. ``num_keys`` is
+    accepted for signature compatibility: eligibility (j*l' <= t) already bounds the blocks.
+    Scores are fp32 (exact overlap weights), so indices equal the reference's away from
+    near-ties.
+    """
+    from .compressed import compressed_attention_triton
+
+    q, k_cmp = q.contiguous(), k_cmp.contiguous()
+    B, T, HQ, Dk = q.shape
+    H = k_cmp.shape[2]
+    out = torch.empty(B, T, H, sel_count, dtype=torch.int64, device=q.device)
+    if B * T == 0:
+        return out
+    if lse is None:
+        # lse only: values are never read, so pass the keys as values (Dv = Dk)
+        _, lse = compressed_attention_triton(q, k_cmp, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                             scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+    seq, lens = C.seq_table(B, T, 0, 0, k_cmp.shape[1], cu_seqlens, cmp_block, cmp_stride, q.device)
+    cfg = _config(HQ // H, sel_count, cmp_block, cmp_stride, sel_block, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    BK0, BK1 = C.split_dim(Dk)
+    _select_fwd[(tbl.shape[0], H)](
+        q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, default_scale(scale, Dk), int(q_offset),
+        HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
+        HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], BJE=cfg["BJE"], BK0=BK0, BK1=BK1,
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), MAP_PREC="ieee" if C.interpreting() else "tf32x3", INTERP=C.interpreting(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out

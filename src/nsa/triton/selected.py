@@ -1,0 +1,149 @@
+"""Branch slc (SPEC 5) in Triton: attention over each query's selected key blocks, group-centric.
+
+As the paper's Figure 3: a program holds the h query heads of one group at BT consecutive
+positions (BM = BT * HP rows) and makes one pass over their selected blocks; each key/value
+block it loads serves every head of the group. h is padded to a power of two HP inside the
+kernel, and BT = 16 / HP positions fill the tensor-core minimum of 16 rows when h < 16, so
+every h from 1 to 64 works. With BT > 1 the program walks the positions' lists in turn and
+skips a block that an earlier position of the tile already selected: such a block is computed
+once for every row that selected it (the local blocks always coincide).
+
+Reference: :func:`nsa.reference.selected_attention_ref` (same signature).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from .band import default_scale
+
+
+@triton.jit
+def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
+                  HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+                  HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
+                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H = HQ // G
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    k_start = tl.load(SEQ + seq * 8 + 2)
+    k_len = tl.load(SEQ + seq * 8 + 3)
+
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    pos = q_offset + tq
+    head = g * G + hh
+    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK
+    dk0 = tl.arange(0, BK0)
+    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        q0 = q0.to(tl.float32)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            q1 = q1.to(tl.float32)
+    dv = tl.arange(0, BV)
+    qk_scale = sm_scale * 1.4426950408889634
+    ar = tl.arange(0, SEL_L)
+
+    if BT > 1:
+        # the tile's block lists [BT, NP] (-1: none), to find blocks shared between positions
+        tp = t0 + tl.arange(0, BT)
+        cs = tl.arange(0, NP)
+        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
+        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
+                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
+        prow = tl.arange(0, BT)
+
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for ps in range(0, BT * N_SEL):
+        p_loc = ps // N_SEL
+        slot = ps % N_SEL
+        p_ok = t0 + p_loc < q_len
+        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                      mask=p_ok, other=-1).to(tl.int32)
+        if BT > 1:
+            # first occurrence in the tile only; rows whose position lists blk take part
+            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
+            has = tl.sum(tl.where(lists == blk, 1, 0), 1)  # [BT]
+            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
+            blk = tl.where(seen == 0, blk, -1)
+        else:
+            sel = row_ok
+        u = blk * SEL_L + ar  # key positions of the block
+        u_ok = (u < k_len) & (u >= 0)
+        k_row = (k_start + u).to(tl.int64) * H + g
+        k0 = tl.load(K + k_row[:, None] * DK + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            k1 = tl.load(K + k_row[:, None] * DK + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                k1 = k1.to(tl.float32)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_row[:, None] * DV + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = ((q_start + tq).to(tl.int64) * HQ + head)[:, None] * DV + dv[None, :]
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
+    HP, BT, _ = C.rows_for(h, 16)
+    if interp:
+        return dict(HP=HP, BT=BT, num_warps=4, num_stages=1)
+    rows = BT * HP
+    return dict(HP=HP, BT=BT, num_warps=1 if rows <= 16 else (2 if rows <= 32 else 4), num_stages=3)
+
+
+def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
+                              cu_seqlens=None, q_offset=0):
+    """Branch slc: o [B, T, HQ, Dv] in q's dtype, forward only.
+
+    q ``[B, T, HQ, Dk]`` at positions ``q_offset + i``; k_slc ``[B, Tk, H, Dk]`` and v_slc
+    ``[B, Tk, H, Dv]`` from position 0; block_indices ``[B, T, H, n]`` (-1 entries ignored).
+    Query t attends to every key u <= t of its group's blocks. Defaults: l' = 64,
+    scale = 1/sqrt(Dk).
+    """
+    q, k_slc, v_slc = q.contiguous(), k_slc.contiguous(), v_slc.contiguous()
+    block_indices = block_indices.contiguous()
+    B, T, HQ, Dk = q.shape
+    H, Dv, n = k_slc.shape[2], v_slc.shape[3], block_indices.shape[-1]
+    o = torch.empty(B, T, HQ, Dv, dtype=q.dtype, device=q.device)
+    if B * T == 0:
+        return o
+    seq, lens = C.seq_table(B, T, k_slc.shape[1], 0, 0, cu_seqlens, 1, 1, q.device)
+    cfg = _config(HQ // H, Dk, Dv, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    BK0, BK1 = C.split_dim(Dk)
+    _selected_fwd[(tbl.shape[0], H)](
+        q, k_slc, v_slc, o, block_indices, tbl, seq, default_scale(scale, Dk), int(q_offset),
+        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, N_SEL=n, NP=max(2, C.next_pow2(n)),
+        HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o
