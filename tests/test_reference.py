@@ -370,3 +370,22 @@ def test_custom_scale_in_every_branch():
     torch.testing.assert_close(got, dense_nsa(*x, idx, l, d, lp, w, scale=sc), rtol=1e-12, atol=1e-12)
     default = R.nsa_ref(*x, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w)
     assert (default - got).abs().max() > 1e-3
+
+
+def test_gradcheck_branches_and_lse():
+    l, d, lp, w = 2, 1, 2, 3
+    x = [a.requires_grad_() for a in make_inputs(1, 9, 2, 1, 3, 2, l, d, seed=23)]
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, _ = x
+
+    def cmp(q, k, v):  # o and the lse of the rows that see a compressed token
+        o, lse = R.compressed_attention_ref(q, k, v, cmp_block=l, cmp_stride=d)
+        return o, lse[:, l - 1:]
+
+    assert torch.autograd.gradcheck(cmp, (q, k_cmp, v_cmp), eps=1e-6, atol=1e-7)
+    idx = R.select_blocks_ref(q, k_cmp, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=3)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: R.selected_attention_ref(q, k, v, idx, sel_block=lp), (q, k_slc, v_slc),
+        eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: R.sliding_window_ref(q, k, v, window=w), (q, k_win, v_win),
+        eps=1e-6, atol=1e-7)
