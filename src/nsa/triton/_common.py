@@ -98,3 +98,12 @@ def upcast(dtype: torch.dtype) -> bool:
     """Whether kernels cast bf16 operands to fp32 before their dots: only under the CPU
     interpreter, whose bf16 dot returns garbage (seen with triton 3.9)."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def autotuned(kernel, key: list[str], warps: list[int], stages: list[int]):
+    """``kernel`` autotuned over num_warps x num_stages on GPUs (first call per key times each);
+    under the interpreter the plain kernel (the launcher passes fixed values there)."""
+    if interpreting():
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+    return triton.autotune(configs=configs, key=key)(kernel)

@@ -129,6 +129,9 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
 
 
+
+_band_fwd_tuned = C.autotuned(_band_fwd, ['HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WINDOW'], [4, 8], [2, 3])
+
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
     if interp:
@@ -159,14 +162,14 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
     BK0, BK1 = C.split_dim(Dk)
     fuse = gates is not None
     dummy = o
-    _band_fwd[(tbl.shape[0], H)](
+    launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
+    _band_fwd_tuned[(tbl.shape[0], H)](
         q, k if k.numel() else q, v if v.numel() else o, o, lse if write_lse else dummy,
         gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy, tbl, seq,
         float(scale), int(q_offset), int(k_offset),
         HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
         HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        WRITE_LSE=write_lse, FUSE_GATES=fuse, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        WRITE_LSE=write_lse, FUSE_GATES=fuse, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
     return o, lse
 
 

@@ -4,15 +4,15 @@ Per program: BT positions x the h heads of one group (BM rows), with the log-sum
 compressed branch as input. The program walks the selection blocks in chunks of BJE blocks.
 For a chunk it recomputes the scores of the BC compressed tokens that touch those blocks
 (``i0 = j0*l'/d - (l/d - 1)``, so every block of the chunk is complete inside it), turns
-them into probabilities ``exp(s - lse)``, maps them onto blocks with the Eq. 9 overlap
-weights (one small dot), sums the group's heads (Eq. 10) and merges the chunk's blocks into a
+them into probabilities ``exp(s - lse)``, sums the group's heads (Eq. 10), maps them onto
+blocks with the Eq. 9 overlap weights (exact fp32 products; W is built from indices) and merges the chunk's blocks into a
 running top-n kept in registers. No [T, Tc] or [T, n_sel_blocks] matrix is written.
 
 Top-n: each block becomes one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - j)``; scores
 are >= 0, so the float bits order like the floats, and equal scores order the lower j first.
 Forced blocks get score +inf, blocks that are not eligible get key 0. The running top list
 (sorted descending) and the chunk's keys (sorted ascending) merge by one elementwise max
-(the bitonic merge step), then one sort. Reference: :func:`nsa.reference.select_blocks_ref`.
+(the bitonic merge step), then one bitonic merge (log2 BJ steps) re-sorts it. Reference: :func:`nsa.reference.select_blocks_ref`.
 """
 
 from __future__ import annotations
@@ -55,12 +55,28 @@ def _sort_rows(x, descending: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _bitonic_merge_rows(x, descending: tl.constexpr):
+    """Sort each row of a [R, N] tensor whose rows are bitonic (log2 N compare-and-swap steps),
+    each step a min/max over a size-2 axis of the hypercube view."""
+    log_n: tl.constexpr = tl.standard._log2(x.shape[1])
+    n_dims: tl.constexpr = tl.standard._log2(x.numel)
+    h = tl.reshape(x, [2] * n_dims)
+    for i in tl.static_range(log_n):
+        j: tl.constexpr = log_n - 1 - i
+        lo = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_min, keep_dims=True)
+        hi = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_max, keep_dims=True)
+        right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
+        h = tl.where((right ^ descending) != 0, hi, lo)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
 def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                 CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
                 HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
                 BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
-                MAP_PREC: tl.constexpr, INTERP: tl.constexpr, UPCAST: tl.constexpr):
+                INTERP: tl.constexpr, UPCAST: tl.constexpr):
     BM: tl.constexpr = BT * HP
     A: tl.constexpr = SEL_L // CMP_D  # compressed-token starts per selection block
     CM1: tl.constexpr = CMP_L // CMP_D - 1  # compressed tokens reaching into the next block
@@ -123,15 +139,16 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
         lo = tl.maximum(i[:, None] * CMP_D, j[None, :] * SEL_L)
         hi = tl.minimum(i[:, None] * CMP_D + CMP_L, j[None, :] * SEL_L + SEL_L)
         w = tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
-        sc = tl.dot(p, w, input_precision=MAP_PREC)  # [BM, BJ]
-        sc = tl.sum(tl.reshape(sc, [BT, HP, BJ]), 1)  # Eq. 10: sum over the group's heads
+        pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
+        sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)  # Eq. 9: [BT, BJ], exact fp32 on CUDA cores
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         sc = tl.where(forced, float("inf"), sc)
         elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
         bits = (sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
         key = tl.where(elig, ((bits + 1) << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), 0)
         key = _sort_rows(key, False, INTERP)  # ascending
-        best = _sort_rows(tl.maximum(best, key), True, INTERP)
+        # max(descending, ascending) holds the top BJ of both as a bitonic sequence: one merge sorts it
+        best = _bitonic_merge_rows(tl.maximum(best, key), True)
 
     # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
     BIG: tl.constexpr = 0x7FFFFFFF
@@ -143,14 +160,17 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
     tl.store(OUT + out_off[:, None] + cj[None, :], blk, mask=(tp[:, None] < q_len) & (cj[None, :] < N_SEL))
 
 
+
+_select_fwd_tuned = C.autotuned(_select_fwd, ['HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8], [1, 2, 3])
+
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
     # the interpreter pays per op, not per element: big tiles, few chunks
-    HP, BT, _ = C.rows_for(h, 256 if interp else 64)
+    HP, BT, _ = C.rows_for(h, 256 if interp else 128)
     BC = max(64, C.next_pow2(a + cm1))
     BJE = (BC - cm1) // a
     BJ = max(16, C.next_pow2(BJE), C.next_pow2(n))
-    return dict(HP=HP, BT=BT, BC=BC, BJ=BJ, BJE=BJE, num_warps=4, num_stages=2)
+    return dict(HP=HP, BT=BT, BC=BC, BJ=BJ, BJE=BJE, num_warps=8, num_stages=2)
 
 
 def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
@@ -179,10 +199,10 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     cfg = _config(HQ // H, sel_count, cmp_block, cmp_stride, sel_block, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
-    _select_fwd[(tbl.shape[0], H)](
+    launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
+    _select_fwd_tuned[(tbl.shape[0], H)](
         q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
         HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], BJE=cfg["BJE"], BK0=BK0, BK1=BK1,
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), MAP_PREC="ieee" if C.interpreting() else "tf32x3", INTERP=C.interpreting(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), INTERP=C.interpreting(), **launch)
     return out

@@ -24,7 +24,7 @@ from .band import default_scale
 @triton.jit
 def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                  SEL_L: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+                  SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BM: tl.constexpr = BT * HP
@@ -56,7 +56,7 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
             q1 = q1.to(tl.float32)
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * 1.4426950408889634
-    ar = tl.arange(0, SEL_L)
+    ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
 
     if BT > 1:
         # the tile's block lists [BT, NP] (-1: none), to find blocks shared between positions
@@ -85,7 +85,7 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
         else:
             sel = row_ok
         u = blk * SEL_L + ar  # key positions of the block
-        u_ok = (u < k_len) & (u >= 0)
+        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
         k_row = (k_start + u).to(tl.int64) * H + g
         k0 = tl.load(K + k_row[:, None] * DK + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
@@ -112,6 +112,9 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
     o_off = ((q_start + tq).to(tl.int64) * HQ + head)[:, None] * DV + dv[None, :]
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
+
+
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT'], [1, 2, 4, 8], [1, 2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
@@ -141,9 +144,10 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
-    _selected_fwd[(tbl.shape[0], H)](
+    launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
+    _selected_fwd_tuned[(tbl.shape[0], H)](
         q, k_slc, v_slc, o, block_indices, tbl, seq, default_scale(scale, Dk), int(q_offset),
-        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, N_SEL=n, NP=max(2, C.next_pow2(n)),
+        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
         HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
     return o

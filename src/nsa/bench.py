@@ -1,0 +1,341 @@
+"""``nsa bench prefill``: forward time of the Triton NSA kernels against full attention.
+
+For each T (default 8k..128k, batch 1) and configuration it times, in one run on one GPU:
+
+* ``nsa``: :func:`nsa.nsa_func` (backend="triton"): k_cmp/v_cmp are inputs (phi is the
+  layer's job), except in the fla configuration where mean pooling is timed too, as fla's
+  ``parallel_nsa`` pools inside;
+* the four kernels alone (per-kernel breakdown: cmp, select, slc, win + gates);
+* PyTorch SDPA full causal attention, flash and cuDNN backends (GQA through enable_gqa, else
+  expanded k/v), and FlexAttention (causal block mask, torch.compile);
+* fla's ``parallel_nsa`` (package fla-core) in its own configuration (l = l' = d = 64, mean
+  compression, shared k/v, n = 16), with window_size=0: its window branch needs the
+  flash_attn package (not installed on the benchmark GPU), so fla does less work than ours
+  (which includes the w = 512 window) in that comparison.
+
+Timing: ``triton.testing.do_bench`` median, after warm-up, on random bf16 inputs.
+FLOP counts (multiply-add = 2 FLOPs; useful work only, masked tiles not counted):
+full causal attention 2*(Dk+Dv)*HQ*T*(T+1)/2; NSA cmp 2*(Dk+Dv)*HQ*sum_t Tc(t) with Tc(t) the
+compressed tokens visible at t, plus the selection pass's score recompute 2*Dk*HQ*sum_t Tc(t);
+slc 2*(Dk+Dv)*HQ*sum_t min(n*l', t+1); win 2*(Dk+Dv)*HQ*sum_t min(w, t+1).
+Peak memory: ``torch.cuda.max_memory_allocated`` during the call, inputs included.
+Writes JSON (+ a PNG plot) with the GPU name, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import traceback
+
+CONFIGS = {
+    # name: HQ, H, Dk, Dv, l, d, l', n, w, shared kv, mean pooling timed
+    "paper": dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, shared=False),
+    "d128": dict(HQ=64, H=4, Dk=128, Dv=128, l=32, d=16, lp=64, n=16, w=512, shared=False),
+    "fla": dict(HQ=64, H=4, Dk=128, Dv=128, l=64, d=64, lp=64, n=16, w=512, shared=True),
+}
+DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
+
+
+def add_arguments(name, parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill"],
+                        help="benchmark to run (prefill: forward of the whole sequence)")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=DEFAULT_T,
+                        help="sequence lengths T (default 8k 16k 32k 64k 128k)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="configurations (default: all)")
+    parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
+                        help="baselines to time (sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel timings")
+    parser.add_argument("--out", default="benchmarks/results/prefill_h100",
+                        help="output path without extension (.json and .png are written)")
+    parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def _tc_visible_sum(T, l, d):
+    """sum over t of the compressed tokens visible at t (i*d + l - 1 <= t)."""
+    total = 0
+    tc = 0 if T < l else (T - l) // d + 1
+    for i in range(tc):
+        total += T - (i * d + l - 1)
+    return total
+
+
+def nsa_flops(T, c) -> dict:
+    HQ, Dk, Dv = c["HQ"], c["Dk"], c["Dv"]
+    sv = _tc_visible_sum(T, c["l"], c["d"])
+    S = c["n"] * c["lp"]
+    slc_keys = sum(min(S, t + 1) for t in range(min(T, S))) + max(0, T - S) * S
+    win_keys = sum(min(c["w"], t + 1) for t in range(min(T, c["w"]))) + max(0, T - c["w"]) * c["w"]
+    f = dict(cmp=2 * (Dk + Dv) * HQ * sv, select=2 * Dk * HQ * sv,
+             slc=2 * (Dk + Dv) * HQ * slc_keys, win=2 * (Dk + Dv) * HQ * win_keys)
+    f["total"] = sum(f.values())
+    return f
+
+
+def full_flops(T, c) -> int:
+    return 2 * (c["Dk"] + c["Dv"]) * c["HQ"] * T * (T + 1) // 2
+
+
+# ------------------------------------------------------------------------------ runners
+def _bench(fn, rep):
+    import torch
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up / compile
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    ms = do_bench(fn, warmup=max(25, rep // 8), rep=rep, return_mode="median")
+    return ms, peak / 2**30
+
+
+def _inputs(T, c, device):
+    import torch
+
+    from .reference import compress_mean
+
+    g = torch.Generator(device=device).manual_seed(T)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q = mk(1, T, c["HQ"], c["Dk"])
+    k, v = mk(1, T, c["H"], c["Dk"]), mk(1, T, c["H"], c["Dv"])
+    if c["shared"]:
+        kw, vw = k, v
+    else:
+        kw, vw = mk(1, T, c["H"], c["Dk"]), mk(1, T, c["H"], c["Dv"])
+    kc, vc = compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"])
+    gates = torch.rand(1, T, c["HQ"], 3, device=device, generator=g).to(torch.bfloat16)
+    return q, kc, vc, k, v, kw, vw, gates
+
+
+def _run_nsa(T, c, x, breakdown, rep):
+    from . import nsa_func
+    from .reference import compress_mean
+    from .triton import band, select, selected
+
+    q, kc, vc, k, v, kw, vw, gates = x
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
+    if c["name"] == "fla":  # fla pools inside parallel_nsa: time the pooling too
+        fn = lambda: nsa_func(q, compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"]),  # noqa: E731
+                              k, v, kw, vw, gates, backend="triton", **geo)
+    else:
+        fn = lambda: nsa_func(q, kc, vc, k, v, kw, vw, gates, backend="triton", **geo)  # noqa: E731
+    out = {}
+    out["nsa"] = _bench(fn, rep)
+    if breakdown:
+        from .triton import _common as C
+
+        sc = 1.0 / math.sqrt(c["Dk"])
+        seq, lens = C.seq_table(1, T, T, T, kc.shape[1], None, c["l"], c["d"], q.device)
+        o_cmp, lse = band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens, cmp_block=c["l"],
+                                         cmp_stride=c["d"], write_lse=True)
+        idx = select.select_blocks_triton(q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                                          sel_count=c["n"], lse=lse)
+        o_slc = selected.selected_attention_triton(q, k, v, idx, sel_block=c["lp"])
+        out["k_cmp"] = _bench(lambda: band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens,
+                                                          cmp_block=c["l"], cmp_stride=c["d"],
+                                                          write_lse=True), rep)
+        out["k_select"] = _bench(lambda: select.select_blocks_triton(
+            q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], lse=lse), rep)
+        out["k_slc"] = _bench(lambda: selected.selected_attention_triton(q, k, v, idx, sel_block=c["lp"]), rep)
+        out["k_win"] = _bench(lambda: band.band_attention(q, kw, vw, mode=1, scale=sc, seq=seq, lens=lens,
+                                                          window=c["w"], gates=gates, o_cmp=o_cmp,
+                                                          o_slc=o_slc), rep)
+    return out
+
+
+def _run_sdpa(x, c, backend, rep):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, _, _, k, v, _, _, _ = x
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+    be = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    try:
+        with sdpa_kernel(be):
+            fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)  # noqa: E731
+            return _bench(fn, rep), "gqa"
+    except Exception:  # backend without GQA (or this head-dim pair): expanded k/v
+        h = c["HQ"] // c["H"]
+        ke, ve = kt.repeat_interleave(h, 1), vt.repeat_interleave(h, 1)
+        with sdpa_kernel(be):
+            fn = lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)  # noqa: E731
+            return _bench(fn, rep), "expanded kv"
+
+
+_FLEX = {}
+
+
+def _run_flex(x, c, rep):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, _, _, k, v, _, _, _ = x
+    T = q.shape[1]
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    bm = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=q.device)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    fn = lambda: _FLEX["fn"](qt, kt, vt, block_mask=bm, enable_gqa=True)  # noqa: E731
+    return _bench(fn, rep)
+
+
+def _run_fla(x, c, rep):
+    import torch
+    from fla.ops.nsa import parallel_nsa
+
+    q, _, _, k, v, _, _, gates = x
+    g = gates.float().sigmoid().to(q.dtype)
+    gc, gs, gw = g[..., 0].contiguous(), g[..., 1].contiguous(), g[..., 2].contiguous()
+    # window_size=0: fla's window branch calls the flash_attn package, absent on the H100 here,
+    # so fla is timed on cmp + select + slc only while ours includes the w = 512 window
+    fn = lambda: parallel_nsa(q, k, v, gc, gs, gw, block_counts=c["n"], block_size=c["lp"],  # noqa: E731
+                              window_size=0)
+    with torch.no_grad():
+        return _bench(fn, rep)
+
+
+def run(name, args) -> int:
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("nsa bench prefill needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    meta = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
+                timing="triton.testing.do_bench median, bf16, batch 1, random inputs")
+    try:
+        import fla
+
+        meta["fla"] = getattr(fla, "__version__", "?")
+    except ImportError:
+        meta["fla"] = None
+    rows = []
+    baselines = [] if args.baselines == ["none"] else args.baselines
+    for cname in args.configs:
+        c = dict(CONFIGS[cname], name=cname)
+        for T in args.seqlens:
+            torch.cuda.empty_cache()
+            x = _inputs(T, c, dev)
+            fl = nsa_flops(T, c)
+            res = dict(config=cname, T=T, **{k: c[k] for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n", "w")},
+                       flops_nsa=fl["total"], flops_full=full_flops(T, c))
+            try:
+                for key, (ms, mem) in _run_nsa(T, c, x, not args.no_breakdown, args.rep).items():
+                    res[f"{key}_ms"], res[f"{key}_peak_gb"] = ms, mem
+            except Exception as e:  # keep going: report what failed
+                traceback.print_exc()
+                res["nsa_error"] = repr(e)[:300]
+            for b in baselines:
+                if b == "fla" and cname != "fla":
+                    continue
+                try:
+                    if b.startswith("sdpa"):
+                        (ms, mem), how = _run_sdpa(x, c, b, args.rep)
+                        res[f"{b}_how"] = how
+                    elif b == "flex":
+                        ms, mem = _run_flex(x, c, args.rep)
+                    elif b == "fla":
+                        ms, mem = _run_fla(x, c, args.rep)
+                    else:
+                        raise ValueError(f"unknown baseline {b}")
+                    res[f"{b}_ms"], res[f"{b}_peak_gb"] = ms, mem
+                except Exception as e:
+                    traceback.print_exc(limit=3)
+                    res[f"{b}_error"] = repr(e)[:300]
+            del x
+            if "nsa_ms" in res:
+                res["nsa_tflops"] = res["flops_nsa"] / res["nsa_ms"] / 1e9
+                for b in baselines:
+                    if f"{b}_ms" in res:
+                        res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
+                        if b != "fla":
+                            res[f"{b}_tflops"] = res["flops_full"] / res[f"{b}_ms"] / 1e9
+            rows.append(res)
+            print(_row_line(res), flush=True)
+    out = dict(meta=meta, configs=CONFIGS, results=rows)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    try:
+        plot(out, args.out + ".png")
+    except Exception:
+        traceback.print_exc()
+    print(markdown_table(out))
+    return 0
+
+
+def _row_line(r) -> str:
+    parts = [f"{r['config']:>5} T={r['T']:>6}"]
+    for k in ("nsa", "k_cmp", "k_select", "k_slc", "k_win", "sdpa_flash", "sdpa_cudnn", "flex", "fla"):
+        if f"{k}_ms" in r:
+            parts.append(f"{k}={r[f'{k}_ms']:.2f}ms")
+        elif f"{k}_error" in r:
+            parts.append(f"{k}=ERR")
+    return " ".join(parts)
+
+
+def markdown_table(out) -> str:
+    lines = ["| config | T | NSA ms | TFLOP/s | peak GiB | cmp / select / slc / win ms | SDPA flash ms | "
+             "SDPA cuDNN ms | Flex ms | fla ms | speedup vs best SDPA | vs fla |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
+    for r in out["results"]:
+        sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
+        sp = f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
+        spf = f"{r['speedup_vs_fla']:.2f}x" if "speedup_vs_fla" in r else "-"
+        br = " / ".join(f(r, k) for k in ("k_cmp", "k_select", "k_slc", "k_win"))
+        lines.append(f"| {r['config']} | {r['T'] // 1024}k | {f(r, 'nsa')} | "
+                     f"{r.get('nsa_tflops', 0):.0f} | {r.get('nsa_peak_gb', 0):.1f} | {br} | {f(r, 'sdpa_flash')} | "
+                     f"{f(r, 'sdpa_cudnn')} | {f(r, 'flex')} | {f(r, 'fla')} | {sp} | {spf} |")
+    return "\n".join(lines)
+
+
+def plot(out, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({r["config"] for r in out["results"]}, key=list(CONFIGS).index)
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+    for ax, cname in zip(axes[0], configs):
+        rs = [r for r in out["results"] if r["config"] == cname]
+        for key, label in (("nsa", "NSA (ours, Triton)"), ("sdpa_flash", "SDPA flash"),
+                           ("sdpa_cudnn", "SDPA cuDNN"), ("flex", "FlexAttention"), ("fla", "fla parallel_nsa")):
+            pts = [(r["T"], r[f"{key}_ms"]) for r in rs if f"{key}_ms" in r]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (batch 1)")
+        ax.set_ylabel("forward ms")
+        ax.set_title(f"{cname}: " + ", ".join(f"{k}={CONFIGS[cname][k]}" for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n")))
+        ax.title.set_fontsize(7)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{out['meta']['gpu']}, torch {out['meta']['torch']}, triton {out['meta']['triton']}, "
+                 f"{out['meta']['date'][:10]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench_prefill")
+    add_arguments("bench", p)
+    return run("bench", p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
