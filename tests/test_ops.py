@@ -351,6 +351,7 @@ BAD = [
     pytest.param(_bad(6, lambda x: x[6][None]), ValueError, ["v_win"], id="v_win-rank"),
     pytest.param(_bad(7, lambda x: x[7][..., :2]), ValueError, ["gates", "[B, T, HQ, 3]"], id="gates-shape"),
     pytest.param(_bad(7, lambda x: x[7].long()), TypeError, ["gates"], id="gates-int"),
+    pytest.param(_bad(7, lambda x: x[7].half()), TypeError, ["gates", "dtype"], id="gates-dtype"),
     pytest.param(_bad(3, lambda x: x[3].float()), TypeError, ["k_slc", "dtype"], id="k_slc-dtype"),
     pytest.param(_bad(1, lambda x: x[1].float()), TypeError, ["k_cmp", "dtype"], id="k_cmp-dtype"),
     pytest.param(_bad(6, lambda x: x[6].half()), TypeError, ["v_win", "dtype"], id="v_win-dtype"),

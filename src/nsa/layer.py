@@ -126,9 +126,9 @@ class NSAAttention(nn.Module):
     @torch.no_grad()
     def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> NSACache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
         c = self.config
         p = self.q_proj.weight

@@ -52,17 +52,21 @@ def _check_tensor(name: str, x, rank: int, expect: str) -> None:
         raise ValueError(f"{name} must have shape {expect}, got {tuple(x.shape)}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_geometry(cmp_block, cmp_stride, sel_block, sel_count=None, window=None) -> None:
     for name, v in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride), ("sel_block", sel_block)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not _is_int(v) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if cmp_block % cmp_stride or sel_block % cmp_stride:
         raise ValueError(f"cmp_stride (d={cmp_stride}) must divide cmp_block (l={cmp_block}) "
                          f"and sel_block (l'={sel_block})")
-    if sel_count is not None and (not isinstance(sel_count, int) or sel_count < 3):
+    if sel_count is not None and (not _is_int(sel_count) or sel_count < 3):
         raise ValueError(f"sel_count must be an int >= 3 (block 0 and two local blocks are "
                          f"forced), got {sel_count!r}")
-    if window is not None and (not isinstance(window, int) or window <= 0):
+    if window is not None and (not _is_int(window) or window <= 0):
         raise ValueError(f"window must be a positive int, got {window!r}")
 
 
@@ -197,8 +201,8 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
     _check_tensor("gates", gates, 4, f"[B, T, HQ, 3] = {[B, T, HQ, 3]}")
     if tuple(gates.shape) != (B, T, HQ, 3):
         raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
-    if not gates.is_floating_point():
-        raise TypeError(f"gates must be a floating tensor, got {gates.dtype}")
+    if gates.dtype != q.dtype:
+        raise TypeError(f"gates must have q's dtype {q.dtype}, got {gates.dtype}")
     if gates.device != q.device:
         raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
     _check_cu_seqlens(cu_seqlens, T, B, q.device)
