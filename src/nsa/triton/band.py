@@ -54,14 +54,17 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
     row_ok = (tq < q_len) & (hh < G)
     pos = q_offset + tq  # absolute position of each row
     head = g * G + hh
-    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK  # [BM] int64 element offsets
+    # 64-bit scalar bases, 32-bit offsets inside the tile (per-element 64-bit addresses spill)
+    row0 = (q_start + t0).to(tl.int64) * HQ  # first (position, head) row of the tile
+    q_row = ((r // HP) * HQ + head) * DK  # [BM] int32, relative to row0
+    Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
-    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    q0 = tl.load(Qb + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         q0 = q0.to(tl.float32)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             q1 = q1.to(tl.float32)
     dv = tl.arange(0, BV)
@@ -80,16 +83,19 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
+    bn = tl.arange(0, BN)
     for n0 in range(n_lo, n_hi, BN):
-        n = n0 + tl.arange(0, BN)
+        n = n0 + bn
         n_ok = n < n_hi
-        k_row = ((k_start + n).to(tl.int64) * H + g)  # [BN]
-        k0 = tl.load(K + k_row[:, None] * DK + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        kv_row = (k_start + n0).to(tl.int64) * H + g
+        Kb = K + kv_row * DK
+        Vb = V + kv_row * DV
+        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             k0 = k0.to(tl.float32)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if BK1 > 0:
-            k1 = tl.load(K + k_row[:, None] * DK + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
                 k1 = k1.to(tl.float32)
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -104,7 +110,7 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_row[:, None] * DV + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -112,21 +118,22 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # rows that see no key: exactly 0
-    o_off = ((q_start + tq).to(tl.int64) * HQ + head)[:, None] * DV + dv[None, :]
+    rel = (r // HP) * HQ + head  # [BM] rows relative to row0
+    o_off = rel[:, None] * DV + dv[None, :]
     o_mask = row_ok[:, None] & (dv[None, :] < DV)
     if WRITE_LSE:
         lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
-        tl.store(LSE + (q_start + tq).to(tl.int64) * HQ + head, lse, mask=row_ok)
+        tl.store(LSE + row0 + rel, lse, mask=row_ok)
     if FUSE_GATES:
-        g_off = ((q_start + tq).to(tl.int64) * HQ + head) * 3
-        g0 = tl.load(GATES + g_off, mask=row_ok, other=0.0).to(tl.float32)
-        g1 = tl.load(GATES + g_off + 1, mask=row_ok, other=0.0).to(tl.float32)
-        g2 = tl.load(GATES + g_off + 2, mask=row_ok, other=0.0).to(tl.float32)
-        oc = tl.load(OCMP + o_off, mask=o_mask, other=0.0).to(tl.float32)
-        osl = tl.load(OSLC + o_off, mask=o_mask, other=0.0).to(tl.float32)
+        Gb = GATES + row0 * 3
+        g0 = tl.load(Gb + rel * 3, mask=row_ok, other=0.0).to(tl.float32)
+        g1 = tl.load(Gb + rel * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(Gb + rel * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        oc = tl.load(OCMP + row0 * DV + o_off, mask=o_mask, other=0.0).to(tl.float32)
+        osl = tl.load(OSLC + row0 * DV + o_off, mask=o_mask, other=0.0).to(tl.float32)
         o = g0[:, None] * oc + g1[:, None] * osl + g2[:, None] * o
-    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(O + row0 * DV + o_off, o.to(O.dtype.element_ty), mask=o_mask)
 
 
 

@@ -43,11 +43,10 @@ def _sort_rows(x, descending: tl.constexpr, INTERP: tl.constexpr):
                 flip = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage - 1) + [2] + [1] * stage)
             else:
                 flip = descending
-            for i in tl.static_range(stage):
-                j: tl.constexpr = stage - 1 - i
-                lo = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_min, keep_dims=True)
-                hi = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_max, keep_dims=True)
-                right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
+            for i in tl.static_range(stage):  # bit stage - 1 - i of the position
+                lo = tl.reduce(h, n_dims - stage + i, tl.standard._elementwise_min, keep_dims=True)
+                hi = tl.reduce(h, n_dims - stage + i, tl.standard._elementwise_max, keep_dims=True)
+                right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - stage + i) + [2] + [1] * (stage - 1 - i))
                 h = tl.where((flip ^ right) != 0, hi, lo)
         return tl.reshape(h, x.shape)
     else:
@@ -61,11 +60,10 @@ def _bitonic_merge_rows(x, descending: tl.constexpr):
     log_n: tl.constexpr = tl.standard._log2(x.shape[1])
     n_dims: tl.constexpr = tl.standard._log2(x.numel)
     h = tl.reshape(x, [2] * n_dims)
-    for i in tl.static_range(log_n):
-        j: tl.constexpr = log_n - 1 - i
-        lo = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_min, keep_dims=True)
-        hi = tl.reduce(h, n_dims - 1 - j, tl.standard._elementwise_max, keep_dims=True)
-        right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - j - 1) + [2] + [1] * j)
+    for i in tl.static_range(log_n):  # bit log_n - 1 - i of the position: axis n_dims - log_n + i
+        lo = tl.reduce(h, n_dims - log_n + i, tl.standard._elementwise_min, keep_dims=True)
+        hi = tl.reduce(h, n_dims - log_n + i, tl.standard._elementwise_max, keep_dims=True)
+        right = tl.reshape(tl.arange(0, 2), [1] * (n_dims - log_n + i) + [2] + [1] * (log_n - 1 - i))
         h = tl.where((right ^ descending) != 0, hi, lo)
     return tl.reshape(h, x.shape)
 
@@ -96,18 +94,21 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
     row_ok = (tq < q_len) & (hh < G)
     pos = q_offset + tq
     head = g * G + hh
-    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK
+    row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
+    rel = (r // HP) * HQ + head
+    q_row = rel * DK
+    Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
-    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    q0 = tl.load(Qb + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         q0 = q0.to(tl.float32)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             q1 = q1.to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    lse = tl.load(LSE + (q_start + tq).to(tl.int64) * HQ + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + row0 + rel, mask=row_ok, other=0.0) * 1.4426950408889634
 
     # per-position view of the tile: [BT]
     tp = t0 + tl.arange(0, BT)
@@ -122,13 +123,13 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
     for j0 in range(0, n_blocks, BJE):
         i = j0 * A - CM1 + ci  # compressed tokens of this chunk
         i_ok = (i >= 0) & (i < c_len)
-        k_row = (c_start + i).to(tl.int64) * H + g
-        k0 = tl.load(KC + k_row[:, None] * DK + dk0[None, :], mask=i_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
+        k0 = tl.load(KCb + ci[:, None] * (H * DK) + dk0[None, :], mask=i_ok[:, None] & (dk0[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             k0 = k0.to(tl.float32)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if BK1 > 0:
-            k1 = tl.load(KC + k_row[:, None] * DK + dk1[None, :], mask=i_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            k1 = tl.load(KCb + ci[:, None] * (H * DK) + dk1[None, :], mask=i_ok[:, None] & (dk1[None, :] < DK), other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
                 k1 = k1.to(tl.float32)
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)

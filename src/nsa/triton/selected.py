@@ -44,14 +44,17 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
     row_ok = (tq < q_len) & (hh < G)
     pos = q_offset + tq
     head = g * G + hh
-    q_row = ((q_start + tq).to(tl.int64) * HQ + head) * DK
+    row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
+    rel = (r // HP) * HQ + head
+    q_row = rel * DK
+    Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
-    q0 = tl.load(Q + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    q0 = tl.load(Qb + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         q0 = q0.to(tl.float32)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Q + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             q1 = q1.to(tl.float32)
     dv = tl.arange(0, BV)
@@ -86,31 +89,34 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
             sel = row_ok
         u = blk * SEL_L + ar  # key positions of the block
         u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
-        k_row = (k_start + u).to(tl.int64) * H + g
-        k0 = tl.load(K + k_row[:, None] * DK + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        # one scalar base per block, small offsets inside it: fewer 64-bit address registers
+        blk_row = tl.maximum(blk, 0).to(tl.int64) * SEL_L
+        kb = K + ((k_start + blk_row) * H + g) * DK
+        vb = V + ((k_start + blk_row) * H + g) * DV
+        kt0 = tl.load(kb + dk0[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk0[:, None] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+            kt0 = kt0.to(tl.float32)
+        s = tl.dot(q0, kt0, input_precision=PREC)
         if BK1 > 0:
-            k1 = tl.load(K + k_row[:, None] * DK + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            kt1 = tl.load(kb + dk1[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk1[:, None] < DK), other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                k1 = k1.to(tl.float32)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+                kt1 = kt1.to(tl.float32)
+            s += tl.dot(q1, kt1, input_precision=PREC)
         vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
         s = tl.where(vis, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_row[:, None] * DV + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = tl.load(vb + ar[:, None] * (H * DV) + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_off = ((q_start + tq).to(tl.int64) * HQ + head)[:, None] * DV + dv[None, :]
-    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    o_off = rel[:, None] * DV + dv[None, :]
+    tl.store(O + row0 * DV + o_off, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
 
