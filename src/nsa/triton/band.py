@@ -26,7 +26,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
+def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
               sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
@@ -137,7 +137,7 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ,
 
 
 
-_band_fwd_tuned = C.autotuned(_band_fwd, ['HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WINDOW'], [4, 8], [2, 3])
+_band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WINDOW'], [4, 8], [2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
@@ -172,7 +172,7 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _band_fwd_tuned[(tbl.shape[0], H)](
         q, k if k.numel() else q, v if v.numel() else o, o, lse if write_lse else dummy,
-        gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy, tbl, seq,
+        gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy, tbl, seq, C.next_pow2(T),
         float(scale), int(q_offset), int(k_offset),
         HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
         HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),

@@ -69,7 +69,7 @@ def _bitonic_merge_rows(x, descending: tl.constexpr):
 
 
 @triton.jit
-def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
+def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                 CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
                 HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
@@ -147,9 +147,13 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
         elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
         bits = (sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
         key = tl.where(elig, ((bits + 1) << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), 0)
-        key = _sort_rows(key, False, INTERP)  # ascending
-        # max(descending, ascending) holds the top BJ of both as a bitonic sequence: one merge sorts it
-        best = _bitonic_merge_rows(tl.maximum(best, key), True)
+        # merge only when some key beats a row's current n-th best (the threshold of I_t)
+        thr = tl.sum(tl.where(cj[None, :] == N_SEL - 1, best, 0), 1)  # [BT]
+        if tl.max(tl.where(key > thr[:, None], 1, 0)) > 0:
+            key = _sort_rows(key, False, INTERP)  # ascending
+            # max(descending, ascending) holds the top BJ of both as a bitonic sequence: one
+            # merge sorts it
+            best = _bitonic_merge_rows(tl.maximum(best, key), True)
 
     # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
     BIG: tl.constexpr = 0x7FFFFFFF
@@ -162,7 +166,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, sm_scale, q_offset,
 
 
 
-_select_fwd_tuned = C.autotuned(_select_fwd, ['HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8], [1, 2, 3])
+_select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8], [1, 2, 3])
 
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
@@ -202,7 +206,7 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     BK0, BK1 = C.split_dim(Dk)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _select_fwd_tuned[(tbl.shape[0], H)](
-        q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, default_scale(scale, Dk), int(q_offset),
+        q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
         HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], BJE=cfg["BJE"], BK0=BK0, BK1=BK1,
         PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), INTERP=C.interpreting(), **launch)

@@ -22,7 +22,7 @@ from .band import default_scale
 
 
 @triton.jit
-def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
+def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
@@ -120,7 +120,7 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, sm_scale, q_offset,
 
 
 
-_selected_fwd_tuned = C.autotuned(_selected_fwd, ['HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT'], [1, 2, 4, 8], [1, 2, 3])
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT'], [2, 4, 8], [1, 2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
@@ -152,7 +152,7 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     BK0, BK1 = C.split_dim(Dk)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _selected_fwd_tuned[(tbl.shape[0], H)](
-        q, k_slc, v_slc, o, block_indices, tbl, seq, default_scale(scale, Dk), int(q_offset),
+        q, k_slc, v_slc, o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
         HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
         PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
