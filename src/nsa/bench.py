@@ -55,6 +55,8 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results/prefill_h100",
                         help="output path without extension (.json and .png are written)")
     parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
+    parser.add_argument("--flex-max-t", type=int, default=32768,
+                        help="time FlexAttention only up to this T (each T recompiles it)")
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -213,7 +215,7 @@ def run(name, args) -> int:
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     meta = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), date=datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
+                python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 timing="triton.testing.do_bench median, bf16, batch 1, random inputs")
     try:
         import fla
@@ -238,7 +240,7 @@ def run(name, args) -> int:
                 traceback.print_exc()
                 res["nsa_error"] = repr(e)[:300]
             for b in baselines:
-                if b == "fla" and cname != "fla":
+                if (b == "fla" and cname != "fla") or (b == "flex" and T > args.flex_max_t):
                     continue
                 try:
                     if b.startswith("sdpa"):
@@ -264,16 +266,21 @@ def run(name, args) -> int:
                             res[f"{b}_tflops"] = res["flops_full"] / res[f"{b}_ms"] / 1e9
             rows.append(res)
             print(_row_line(res), flush=True)
+            _save(dict(meta=meta, configs=CONFIGS, results=rows), args.out)  # partial results survive
     out = dict(meta=meta, configs=CONFIGS, results=rows)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(out, f, indent=1)
+    _save(out, args.out)
     try:
         plot(out, args.out + ".png")
     except Exception:
         traceback.print_exc()
     print(markdown_table(out))
     return 0
+
+
+def _save(out, path) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".json", "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def _row_line(r) -> str:
