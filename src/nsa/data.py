@@ -10,7 +10,8 @@ sentences hides one needle, ``The pass key is 38271. Remember it. 38271 is the p
 and the sequence ends with the question ``What is the pass key? The pass key is 38271.``.
 The answer digits can only be predicted by looking back at the needle, so a model whose
 attention cannot reach it (the window baseline, for a needle more than ``window`` tokens
-back) stays at chance (10% a digit, 10^-digits for the whole key).
+back) stays at chance (about 10% a digit; 1 in 30240 for a whole 5-digit key, whose digits
+are distinct).
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ class PasskeyTask:
         seed: makes every sequence reproducible.
         answer_weight: loss weight of the answer digits relative to other tokens (the
             answer is a handful of tokens in hundreds; weighing it up speeds learning).
+        min_len: when set, each training batch has its own length, drawn from
+            [min_len, seq_len] by the step (multiples of 16): a model trained at one length
+            learns a retrieval tied to it and fails at other lengths.
     """
 
-    def __init__(self, seq_len: int = 512, digits: int = 5, seed: int = 0, answer_weight: float = 1.0):
+    def __init__(self, seq_len: int = 512, digits: int = 5, seed: int = 0, answer_weight: float = 1.0,
+                 min_len: int | None = None):
         if not isinstance(digits, int) or not 1 <= digits <= 32:
             raise ValueError(f"digits must be an int in [1, 32], got {digits!r}")
         self.digits, self.seed, self.answer_weight = digits, seed, float(answer_weight)
@@ -51,6 +56,17 @@ class PasskeyTask:
         if not isinstance(seq_len, int) or seq_len < self.min_len:
             raise ValueError(f"seq_len must be an int >= {self.min_len} (needle and question), got {seq_len!r}")
         self.seq_len = seq_len
+        if min_len is not None and (not isinstance(min_len, int) or not self.min_len <= min_len <= seq_len):
+            raise ValueError(f"min_len must be an int in [{self.min_len}, seq_len={seq_len}], got {min_len!r}")
+        self.min_seq_len = seq_len if min_len is None else min_len
+
+    def length(self, step: int) -> int:
+        """Tokens per sequence of batch ``step``."""
+        if self.min_seq_len == self.seq_len:
+            return self.seq_len
+        lo, hi = -(-self.min_seq_len // 16), self.seq_len // 16
+        n = int(_rng(self.seed, 1 << 40, step).integers(lo, hi + 1)) * 16  # its own stream
+        return min(max(n, self.min_seq_len), self.seq_len)
 
     def example(self, context_len: int, depth: float, rng: np.random.Generator):
         """One sequence of ``context_len`` bytes with the needle's start at fraction ``depth``
@@ -59,7 +75,10 @@ class PasskeyTask:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         if context_len < self.min_len:
             raise ValueError(f"context_len must be >= {self.min_len}, got {context_len}")
-        key = "".join(str(d) for d in rng.integers(0, 10, self.digits))
+        # distinct digits (when there are at most 10): "the digit after 3" is then unique,
+        # so a copy that has matched the key's start can follow it without ambiguity
+        key = "".join(str(d) for d in (rng.permutation(10)[:self.digits] if self.digits <= 10
+                                       else rng.integers(0, 10, self.digits)))
         needle = NEEDLE.format(key=key).encode()
         tail = (QUESTION + key + ".").encode()
         n_hay = context_len - len(needle) - len(tail)
@@ -80,18 +99,20 @@ class PasskeyTask:
         return text[:n].encode()
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu"):
-        """This rank's slice of global batch ``step``: (inputs, targets, weights), each [b, T].
+        """This rank's slice of global batch ``step``: (inputs, targets, weights), each
+        [b, length(step)].
 
         Sequence j of the global batch depends on (seed, step, j) only; rank r takes rows
         r*b .. (r+1)*b - 1 with b = batch_size // world_size. Needle depths are uniform.
         """
         b = _local(batch_size, world_size)
+        n = self.length(step)
         rows, weights = [], []
         for j in range(rank * b, (rank + 1) * b):
             rng = _rng(self.seed, step, j)
-            toks, a, _ = self.example(self.seq_len + 1, float(rng.random()), rng)
+            toks, a, _ = self.example(n + 1, float(rng.random()), rng)
             rows.append(toks)
-            w = np.ones(self.seq_len, dtype=np.float32)
+            w = np.ones(n, dtype=np.float32)
             w[a - 1:a - 1 + self.digits] = self.answer_weight  # targets are shifted by one
             weights.append(w)
         x = torch.from_numpy(np.stack(rows).astype(np.int64))

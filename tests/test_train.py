@@ -1,0 +1,133 @@
+"""nsa train / generate / needle: deterministic data, bit-exact resume, the CLI end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nsa import cli
+from nsa.data import ByteText, PasskeyTask, decode
+from nsa.train import read_log
+
+# a very small model so that each CLI run takes a second or two
+SMALL = ["--preset", "tiny", "--seq-len", "112", "--batch-size", "4", "--warmup", "2",
+         "--set", "d_model=32", "--set", "n_layers=1", "--set", "n_heads=2", "--set", "n_kv_heads=1",
+         "--set", "head_dim=16", "--set", "window=16", "--set", "cmp_block=8", "--set", "cmp_stride=4",
+         "--set", "sel_block=8", "--set", "sel_count=3", "--set", "backend=torch", "--device", "cpu"]
+
+
+def weights(folder):
+    info = json.load(open(os.path.join(folder, "checkpoint.json")))
+    return load_file(os.path.join(folder, info["model"]))
+
+
+def test_passkey_task_is_deterministic_and_well_formed():
+    task = PasskeyTask(200, seed=3, answer_weight=4.0)
+    x1, y1, w1 = task.batch(5, 4)
+    x2, y2, w2 = task.batch(5, 4)
+    assert torch.equal(x1, x2) and torch.equal(w1, w2)
+    assert not torch.equal(x1, task.batch(6, 4)[0])
+    # the slices of two processes make up the global batch
+    assert torch.equal(torch.cat([task.batch(5, 4, r, 2)[0] for r in range(2)]), x1)
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and x1.shape == (4, 200)
+    toks, a, key = task.example(300, 0.5, np.random.default_rng(0))
+    text = decode(toks)
+    assert len(toks) == 300 and text.endswith(f"The pass key is {key}.") and decode(toks[a:a + 5]) == key
+    assert text.count(key) == 3  # needle, its repeat, and the answer
+    assert (w1 == 4.0).sum() == 4 * 5
+    with pytest.raises(ValueError, match="seq_len"):
+        PasskeyTask(20)
+    with pytest.raises(ValueError, match="depth"):
+        task.example(300, 1.5, np.random.default_rng(0))
+
+
+def test_byte_text(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(bytes(range(256)) * 40)
+    data = ByteText(str(p), 32)
+    x, y, w = data.batch(0, 3)
+    assert x.shape == (3, 32) and torch.equal(x[:, 1:], y[:, :-1]) and w.sum() == 96
+    assert torch.equal((x[:, 1:] - x[:, :-1]) % 256, torch.ones(3, 31, dtype=torch.long))
+    with pytest.raises(ValueError, match="too short"):
+        ByteText(str(p), 5000)
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    args = ["train", *SMALL, "--attention", "nsa", "--steps", "6", "--save-every", "3", "--eval-every", "0",
+            "--no-needle"]
+    assert cli.main([*args, "--out", a]) == 0
+    # run b crashes during step 5, after the checkpoint of step 3
+    real = PasskeyTask.batch
+
+    def crash(self, step, *rest, **kw):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(self, step, *rest, **kw)
+
+    monkeypatch.setattr(PasskeyTask, "batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--out", b])
+    monkeypatch.setattr(PasskeyTask, "batch", real)
+    assert json.load(open(os.path.join(b, "checkpoint.json")))["step"] == 3
+    with pytest.raises(ValueError, match="--resume"):
+        cli.main([*args, "--out", b])  # refuses to overwrite a run
+    with pytest.raises(ValueError, match="--lr"):
+        cli.main([*args, "--out", b, "--resume", "--lr", "0.1"])
+    assert cli.main([*args, "--out", b, "--resume"]) == 0
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["loss"] for r in read_log(a)] == [r["loss"] for r in read_log(b)]
+    assert [r["step"] for r in read_log(b)] == [1, 2, 3, 4, 5, 6]
+    # only the latest checkpoint's files remain
+    assert sorted(f for f in os.listdir(b) if f.startswith(("model-", "state-"))) == [
+        "model-0000006.safetensors", "state-0000006.pt"]
+
+
+def test_train_two_kinds_then_needle_and_generate(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert cli.main(["train", *SMALL, "--steps", "3", "--eval-every", "2", "--out", out,
+                     "--contexts", "112,160", "--depths", "0,1", "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "beyond the window" in printed and "nsa" in printed and "window" in printed
+    grid = json.load(open(os.path.join(out, "needle.json")))
+    assert grid["contexts"] == [112, 160] and set(grid["models"]) == {"nsa", "window"}
+    for m in grid["models"].values():
+        assert np.array(m["accuracy"]).shape == (2, 2)
+        assert 0 <= m["beyond_window"] <= 1
+    assert os.path.getsize(os.path.join(out, "needle.png")) > 1000
+    losses = [r["loss"] for r in read_log(os.path.join(out, "nsa"))]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+    assert cli.main(["needle", os.path.join(out, "nsa"), os.path.join(out, "window"), "--contexts", "128",
+                     "--depths", "0.5", "--samples", "2", "--out", str(tmp_path / "n")]) == 0
+    assert json.load(open(str(tmp_path / "n.json")))["contexts"] == [128]
+
+    capsys.readouterr()
+    assert cli.main(["generate", os.path.join(out, "nsa"), "--prompt", "The pass key is",
+                     "--max-new-tokens", "5"]) == 0
+    assert "The pass key is" in capsys.readouterr().out
+    assert cli.main(["generate", os.path.join(out, "window"), "--prompt", "ab", "--max-new-tokens", "4",
+                     "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9"]) == 0
+
+
+def test_train_on_a_text_file(tmp_path, capsys):
+    p = tmp_path / "corpus.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = str(tmp_path / "txt")
+    assert cli.main(["train", *SMALL, "--attention", "full", "--data", str(p), "--steps", "2",
+                     "--eval-every", "1", "--out", out]) == 0
+    assert "val loss" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "needle.json"))  # no needles in a text file
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="attention"):
+        cli.main(["train", "--attention", "dense"])
+    with pytest.raises(ValueError, match="--set"):
+        cli.main(["train", "--set", "nofield=3", "--steps", "1"])
+    with pytest.raises(ValueError, match="--data"):
+        cli.main(["train", "--data", "/nonexistent/file.txt", "--steps", "1"])
