@@ -114,6 +114,19 @@ def test_save_load_roundtrip(tmp_path):
     assert loaded.config == model.config
 
 
+def test_loss_is_weighted_mean_cross_entropy():
+    torch.manual_seed(6)
+    model = NSAModel(small("full"))
+    x = torch.randint(0, 256, (2, 30))
+    y = torch.randint(0, 256, (2, 30))
+    ce = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none").view(2, 30)
+    assert torch.allclose(model.loss(x, y), ce.mean(), atol=1e-6)
+    w = torch.rand(2, 30)
+    assert torch.allclose(model.loss(x, y, w), (ce * w).sum() / w.sum(), atol=1e-6)
+    y[0, :10] = -100  # ignored
+    assert torch.allclose(model.loss(x, y), ce[y != -100].mean(), atol=1e-6)
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(attention="dense")

@@ -129,5 +129,7 @@ def test_bad_arguments():
         cli.main(["train", "--attention", "dense"])
     with pytest.raises(ValueError, match="--set"):
         cli.main(["train", "--set", "nofield=3", "--steps", "1"])
+    with pytest.raises(ValueError, match="window expects a number"):
+        cli.main(["train", "--set", "window=wide", "--steps", "1"])
     with pytest.raises(ValueError, match="--data"):
         cli.main(["train", "--data", "/nonexistent/file.txt", "--steps", "1"])

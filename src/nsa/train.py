@@ -163,10 +163,11 @@ def parse_overrides(items: list[str]) -> dict:
             if v.lower() not in ("1", "0", "true", "false"):
                 raise ValueError(f"--set {k} expects true or false, got {v!r}")
             out[k] = v.lower() in ("1", "true")
-        elif "int" in t:
-            out[k] = int(v)
-        elif "float" in t:
-            out[k] = float(v)
+        elif "int" in t or "float" in t:
+            try:
+                out[k] = int(v) if "int" in t else float(v)
+            except ValueError:
+                raise ValueError(f"--set {k} expects a number, got {v!r}") from None
         else:
             out[k] = v
     return out
@@ -200,17 +201,15 @@ def cmd_train(args) -> int:
     device = _device(args.device, d)
     overrides = parse_overrides(args.set)
     folders = {}
-    try:
-        for kind in kinds:
-            config = ModelConfig.preset(args.preset, attention=kind,
-                                        max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len),
-                                        **overrides)
-            out = os.path.join(args.out, kind) if len(kinds) > 1 else args.out
-            train(config, args, out, device, d)
-            folders[kind] = out
-    finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.barrier()
+    for kind in kinds:
+        config = ModelConfig.preset(args.preset, attention=kind,
+                                    max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len),
+                                    **overrides)
+        out = os.path.join(args.out, kind) if len(kinds) > 1 else args.out
+        train(config, args, out, device, d)
+        folders[kind] = out
+    if d.world > 1:
+        dist.barrier()  # the checkpoints are written before rank 0 reads them
     if d.main and not args.data and not args.no_needle:
         models = {k: load_checkpoint(f, device) for k, f in folders.items()}
         grid = needle_grid(models, args, device)
@@ -562,7 +561,13 @@ def _report(grid: dict, out_stem: str) -> None:
         for i, dep in enumerate(grid["depths"]):
             print(f"  {dep:>5.2f} " + "".join(f"{m['accuracy'][j][i]:>7.2f}" for j in range(len(grid["contexts"]))))
         m["beyond_window"] = beyond_window_accuracy(grid, m)
-    print("\naccuracy on needles beyond the window (whole pass key right):")
+    print("\nmean accuracy over depths (whole pass key right), by context length:")
+    print("  " + " " * 8 + "".join(f"{c:>7}" for c in grid["contexts"]))
+    for name, m in grid["models"].items():
+        m["mean_over_depths"] = [sum(a) / len(a) for a in m["accuracy"]]
+        print(f"  {name:>8}" + "".join(f"{a:>7.2f}" for a in m["mean_over_depths"]))
+    print("accuracy on needles beyond the window (all cells where the needle is > window + 20 "
+          "tokens before the question):")
     for name, m in grid["models"].items():
         print(f"  {name:>8}: {m['beyond_window']:.3f}")
     with open(out_stem + ".json", "w") as f:
