@@ -641,5 +641,8 @@ def cmd_generate(args) -> int:
     x = encode(prompt)[None].to(device)
     y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, use_cache=not args.no_cache, generator=g)
-    print(prompt + "\033[1m" + decode(y[0, x.shape[1]:].tolist()) + "\033[0m")
+    import sys
+
+    on, off = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # bold the new text
+    print(prompt + on + decode(y[0, x.shape[1]:].tolist()) + off)
     return 0
