@@ -8,6 +8,9 @@ every h from 1 to 64 works. With BT > 1 the program walks the positions' lists i
 skips a block that an earlier position of the tile already selected: such a block is computed
 once for every row that selected it (the local blocks always coincide).
 
+Tried and measured slower on the H100 (benchmarks/NOTES.md): two selected blocks per step
+for one-position tiles (a [Dk, 2 l'] key tile): slc 23.5 -> 26.0 ms at 64k (paper config).
+
 Reference: :func:`nsa.reference.selected_attention_ref` (same signature).
 """
 
@@ -22,42 +25,10 @@ from .band import default_scale
 
 
 @triton.jit
-def _attend(q0, q1, kb, vb, u, vis, m_i, l_i, acc, k_len, qk_scale, H, DK: tl.constexpr,
-            DV: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-            PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One online-softmax step over the keys at positions u ([N]; vis [BM, N] says who sees
-    which). Rows are clamped into the sequence instead of masking the loads (the clamped
-    columns are not visible), which keeps the loads unconditional."""
-    uc = tl.minimum(tl.maximum(u, 0), k_len - 1).to(tl.int64)
-    dk0 = tl.arange(0, BK0)
-    kt0 = tl.load(kb + dk0[:, None] + uc[None, :] * (H * DK), mask=dk0[:, None] < DK, other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        kt0 = kt0.to(tl.float32)
-    s = tl.dot(q0, kt0, input_precision=PREC)
-    if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
-        kt1 = tl.load(kb + dk1[:, None] + uc[None, :] * (H * DK), mask=dk1[:, None] < DK, other=0.0)
-        if UPCAST:
-            kt1 = kt1.to(tl.float32)
-        s += tl.dot(q1, kt1, input_precision=PREC)
-    s = tl.where(vis, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    dv = tl.arange(0, BV)
-    v = tl.load(vb + uc[:, None] * (H * DV) + dv[None, :], mask=dv[None, :] < DV, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-                  HP: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
+                  HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
@@ -89,8 +60,6 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             q1 = q1.to(tl.float32)
-    else:
-        q1 = q0  # unused: no second Dk chunk
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * 1.4426950408889634
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
@@ -107,40 +76,46 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
-    kb = K + (k_start.to(tl.int64) * H + g) * DK
-    vb = V + (k_start.to(tl.int64) * H + g) * DV
-    if BT == 1:
-        # one position: KB blocks per step ([Dk, KB*BS] key tile), so each step has KB blocks'
-        # loads in flight and the dots are KB times wider
-        cols = tl.arange(0, KB * BS)
-        crow = cols % BS
-        idx_base = IDX + ((q_start + t0).to(tl.int64) * H + g) * N_SEL
-        for it in range(0, tl.cdiv(N_SEL, KB)):
-            slot = it * KB + cols // BS
-            blk = tl.load(idx_base + slot, mask=(slot < N_SEL) & (t0 + cols * 0 < q_len), other=-1).to(tl.int32)
-            u = blk * SEL_L + crow  # key positions of each column
-            u_ok = (crow < SEL_L) & (blk >= 0) & (u < k_len)
-            vis = row_ok[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
-            m_i, l_i, acc = _attend(q0, q1, kb, vb, u, vis, m_i, l_i, acc, k_len, qk_scale, H, DK, DV,
-                                    BK0, BK1, BV, PREC, UPCAST)
-    else:
-        bcol = tl.arange(0, BS)
-        for ps in range(0, BT * N_SEL):
-            p_loc = ps // N_SEL
-            slot = ps % N_SEL
-            p_ok = t0 + p_loc < q_len
-            blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                          mask=p_ok, other=-1).to(tl.int32)
+    for ps in range(0, BT * N_SEL):
+        p_loc = ps // N_SEL
+        slot = ps % N_SEL
+        p_ok = t0 + p_loc < q_len
+        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                      mask=p_ok, other=-1).to(tl.int32)
+        if BT > 1:
             # first occurrence in the tile only; rows whose position lists blk take part
             seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
             has = tl.sum(tl.where(lists == blk, 1, 0), 1)  # [BT]
             sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
             blk = tl.where(seen == 0, blk, -1)
-            u = blk * SEL_L + bcol
-            u_ok = (bcol < SEL_L) & (blk >= 0) & (u < k_len)
-            vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
-            m_i, l_i, acc = _attend(q0, q1, kb, vb, u, vis, m_i, l_i, acc, k_len, qk_scale, H, DK, DV,
-                                    BK0, BK1, BV, PREC, UPCAST)
+        else:
+            sel = row_ok
+        u = blk * SEL_L + ar  # key positions of the block
+        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+        # one scalar base per block, small offsets inside it: fewer 64-bit address registers
+        blk_row = tl.maximum(blk, 0).to(tl.int64) * SEL_L
+        kb = K + ((k_start + blk_row) * H + g) * DK
+        vb = V + ((k_start + blk_row) * H + g) * DV
+        kt0 = tl.load(kb + dk0[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk0[:, None] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            kt0 = kt0.to(tl.float32)
+        s = tl.dot(q0, kt0, input_precision=PREC)
+        if BK1 > 0:
+            kt1 = tl.load(kb + dk1[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk1[:, None] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                kt1 = kt1.to(tl.float32)
+            s += tl.dot(q1, kt1, input_precision=PREC)
+        vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + ar[:, None] * (H * DV) + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = rel[:, None] * DV + dv[None, :]
@@ -148,14 +123,14 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 
 
 
-_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'KB'], [4, 8], [1, 2, 3])
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT'], [2, 4, 8], [1, 2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
     if interp:
-        return dict(HP=HP, BT=BT, KB=2, num_warps=4, num_stages=1)
-    # KB blocks per step when one position fills the tile; 2 keeps the key tile at 128 columns
-    return dict(HP=HP, BT=BT, KB=2, num_warps=4, num_stages=2)
+        return dict(HP=HP, BT=BT, num_warps=4, num_stages=1)
+    rows = BT * HP
+    return dict(HP=HP, BT=BT, num_warps=1 if rows <= 16 else (2 if rows <= 32 else 4), num_stages=3)
 
 
 def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
@@ -182,6 +157,6 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     _selected_fwd_tuned[(tbl.shape[0], H)](
         q, k_slc, v_slc, o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
-        HP=cfg["HP"], BT=cfg["BT"], KB=cfg["KB"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
+        HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
         PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
     return o
