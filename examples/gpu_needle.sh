@@ -23,10 +23,10 @@ PY
 python3 -m nsa info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/info.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/info.txt"
-# 1. training throughput per backend at this shape (8 steps each)
+# 1. training throughput per backend at one fixed shape (8 steps each)
 for spec in "nsa backend=auto" "nsa backend=torch" "full backend=auto" "window backend=auto"; do
     set -- $spec
-    python3 -m nsa train $COMMON --attention "$1" --set "$2" --steps 8 --warmup 2 --eval-every 0 \
+    python3 -m nsa train $COMMON --min-seq-len "$SEQ" --attention "$1" --set "$2" --steps 8 --warmup 2 --eval-every 0 \
         --no-needle --out "/tmp/tput_$1_$2" >/dev/null 2>"/tmp/err_$1_$2.txt" && tput "/tmp/tput_$1_$2/log.jsonl" "$spec" \
         || { echo "$spec failed:"; tail -3 "/tmp/err_$1_$2.txt"; }
 done

@@ -40,6 +40,15 @@ def test_passkey_task_is_deterministic_and_well_formed():
     assert (w1 == 4.0).sum() == 4 * 5
     with pytest.raises(ValueError, match="seq_len"):
         PasskeyTask(20)
+    # variable lengths: one per step, the same on every process
+    var = PasskeyTask(384, min_len=128)
+    lengths = {var.length(i) for i in range(100)}
+    assert min(lengths) >= 128 and max(lengths) <= 384 and len(lengths) > 5
+    assert all(n % 16 == 0 for n in lengths)
+    assert var.batch(7, 2)[0].shape == (2, var.length(7))
+    assert var.batch(7, 2, 1, 2)[0].shape == (1, var.length(7))
+    with pytest.raises(ValueError, match="min_len"):
+        PasskeyTask(384, min_len=400)
     with pytest.raises(ValueError, match="depth"):
         task.example(300, 1.5, np.random.default_rng(0))
 

@@ -43,7 +43,8 @@ class PasskeyTask:
         answer_weight: loss weight of the answer digits relative to other tokens (the
             answer is a handful of tokens in hundreds; weighing it up speeds learning).
         min_len: when set, each training batch has its own length, drawn from
-            [min_len, seq_len] by the step (multiples of 16): a model trained at one length
+            [min_len, seq_len] by the step (multiples of 16, or of 256 above 1024
+            tokens): a model trained at one length
             learns a retrieval tied to it and fails at other lengths.
     """
 
@@ -64,8 +65,10 @@ class PasskeyTask:
         """Tokens per sequence of batch ``step``."""
         if self.min_seq_len == self.seq_len:
             return self.seq_len
-        lo, hi = -(-self.min_seq_len // 16), self.seq_len // 16
-        n = int(_rng(self.seed, 1 << 40, step).integers(lo, hi + 1)) * 16  # its own stream
+        # few distinct lengths at GPU scale: each new shape costs a compilation/autotuning
+        q = 16 if self.seq_len <= 1024 else 256
+        lo, hi = -(-self.min_seq_len // q), self.seq_len // q
+        n = int(_rng(self.seed, 1 << 40, step).integers(lo, hi + 1)) * q  # its own stream
         return min(max(n, self.min_seq_len), self.seq_len)
 
     def example(self, context_len: int, depth: float, rng: np.random.Generator):
