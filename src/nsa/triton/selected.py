@@ -4,9 +4,10 @@ As the paper's Figure 3: a program holds the h query heads of one group at BT co
 positions (BM = BT * HP rows) and makes one pass over their selected blocks; each key/value
 block it loads serves every head of the group. h is padded to a power of two HP inside the
 kernel, and BT = 16 / HP positions fill the tensor-core minimum of 16 rows when h < 16, so
-every h from 1 to 64 works. With BT > 1 the program walks the positions' lists in turn and
-skips a block that an earlier position of the tile already selected: such a block is computed
-once for every row that selected it (the local blocks always coincide).
+every h from 1 to 64 works. With BT > 1 the program walks the positions' lists in turn; a
+block is attended once, at its first occurrence in the tile, for every row whose position
+selected it (the local blocks always coincide), and its later occurrences load nothing and
+add nothing (masked, not branched: the step still runs).
 
 Tried and measured slower on the H100 (benchmarks/NOTES.md): two selected blocks per step
 for one-position tiles (a [Dk, 2 l'] key tile): slc 23.5 -> 26.0 ms at 64k (paper config).
