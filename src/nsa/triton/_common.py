@@ -14,6 +14,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from ..reference import num_cmp_blocks
 
@@ -21,6 +22,20 @@ from ..reference import num_cmp_blocks
 # and of the compressed keys of each sequence.
 Q0, QN, KS0, KSN, KW0, KWN, KC0, KCN = range(8)
 SEQ_COLS = 8
+
+
+@triton.jit
+def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Tile [len(rows), BK] of columns col0..col0+BK of row-major rows of width D (masked).
+
+    Under UPCAST the tile is fp32: the CPU interpreter's bf16 dot is wrong (triton 3.9).
+    """
+    cols = col0 + tl.arange(0, BK)
+    x = tl.load(base + rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < D),
+                other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 def interpreting() -> bool:

@@ -99,14 +99,10 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     q_row = rel * DK
     Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
-    q0 = tl.load(Qb + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        q0 = q0.to(tl.float32)
+    q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            q1 = q1.to(tl.float32)
+        q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     qk_scale = sm_scale * 1.4426950408889634
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=0.0) * 1.4426950408889634
 

@@ -53,14 +53,10 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     q_row = rel * DK
     Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
-    q0 = tl.load(Qb + q_row[:, None] + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        q0 = q0.to(tl.float32)
+    q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Qb + q_row[:, None] + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            q1 = q1.to(tl.float32)
+        q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * 1.4426950408889634
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
