@@ -6,9 +6,9 @@
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
    o = g0*o_cmp + g1*o_slc + g2*o_win, so no separate combine pass (:mod:`.band`).
 
-Autograd: the forward runs these kernels; the backward recomputes the output through the
-PyTorch reference (:func:`nsa.reference.nsa_ref`) under ``torch.enable_grad`` and
-differentiates that: correct, slow, and memory-hungry at long T (no Triton backward yet).
+Autograd: the forward runs these kernels and keeps o_cmp, its lse, the block indices and
+o_slc; the backward runs the Triton backward kernels of :mod:`.backward` (fp64 inputs
+recompute through the PyTorch reference :func:`nsa.reference.nsa_ref` instead).
 Reference: :func:`nsa.reference.nsa_ref` (same signature).
 """
 
@@ -18,13 +18,14 @@ import torch
 
 from .. import reference
 from . import _common as C
+from .backward import nsa_backward
 from .band import band_attention, default_scale
 from .select import select_blocks_triton
 from .selected import selected_attention_triton
 
 
 def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block, cmp_stride,
-                 sel_block, sel_count, window, scale, cu_seqlens, q_offset, win_k_offset):
+                 sel_block, sel_count, window, scale, cu_seqlens, q_offset, win_k_offset, aux=False):
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     k_slc, v_slc, k_win, v_win = (x.contiguous() for x in (k_slc, v_slc, k_win, v_win))
     gates = gates.contiguous()
@@ -43,21 +44,25 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     o, _ = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
                           k_offset=win_k_offset, window=window, gates=gates, o_cmp=o_cmp,
                           o_slc=o_slc)
-    return o
+    return (o, (o_cmp, lse, idx, o_slc)) if aux else o  # aux: what the Triton backward reuses
 
 
 class _NSAFunction(torch.autograd.Function):
-    """Triton forward; backward through the PyTorch reference (recomputed, see module doc)."""
+    """Triton forward; Triton backward (:func:`.backward.nsa_backward`) for fp32/bf16/fp16,
+    the reference recomputed under autograd for other dtypes (fp64)."""
 
     @staticmethod
     def forward(ctx, kw, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates):
         ctx.kw = kw
-        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-        return _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+        o, aux = _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, aux=True, **kw)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *aux)
+        return o
 
     @staticmethod
     def backward(ctx, grad_o):
-        inputs = ctx.saved_tensors
+        inputs, aux = ctx.saved_tensors[:8], ctx.saved_tensors[8:]
+        if inputs[0].dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return (None, *nsa_backward(grad_o, inputs, aux, ctx.kw))
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
             o = reference.nsa_ref(*leaves, **ctx.kw)
@@ -75,7 +80,7 @@ def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=
     k_slc/v_slc ``[B, Tk, H, D]`` hold keys from position 0 (Tk = q_offset + T); k_win/v_win
     ``[B, Tw, H, D]`` hold keys from position ``win_k_offset`` (default 0). gates
     ``[B, T, HQ, 3]`` activated. Defaults l=32, d=16, l'=64, n=16, w=512,
-    scale = 1/sqrt(Dk). Differentiable: the backward recomputes through the reference.
+    scale = 1/sqrt(Dk). Differentiable (Triton backward kernels).
     """
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
               window=window, scale=scale, cu_seqlens=cu_seqlens, q_offset=int(q_offset),

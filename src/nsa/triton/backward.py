@@ -1,0 +1,453 @@
+"""Backward kernels of NSA in Triton (SPEC 2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
+
+Every kernel is group-centric like its forward: a program holds BT consecutive query positions
+x the h heads of one GQA group (BM = BT * HP rows, see :mod:`._common`) and walks the keys its
+forward walked. Per key tile it recomputes p = exp(s - lse) from the saved log-sum-exp, then
+
+    dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dq += ds k,   dk += ds^T q
+
+with delta = rowsum(do * o) computed once per row in torch. dq rows belong to one program,
+so dq is accumulated in registers and added to an fp32 buffer shared by the three branches;
+dk/dv go to fp32 buffers with ``tl.atomic_add`` (selected blocks are scattered, and band
+tiles of neighbouring query tiles overlap). Everything accumulates in fp32 and is cast to
+the input dtype at the end.
+
+* :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1).
+* :func:`selected_backward` - slc over the block lists; its first pass recomputes the slc
+  log-sum-exp (the slc forward does not write it), the second computes the gradients.
+* :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients (torch ops).
+
+Atomics make the launches non-idempotent: they are never autotuned (an autotuner reruns the
+kernel while timing it). Reference: torch autograd through :mod:`nsa.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, qk_scale, sm_scale,
+                dq0, dq1, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile: rows x keys ``kn`` (offsets inside the tile's K/V bases). Adds dk/dv of the
+    tile atomically, returns the updated dq chunks (unscaled by sm_scale)."""
+    dk0 = tl.arange(0, BK0)
+    dv = tl.arange(0, BV)
+    k0 = tl.load(Kb + kn[:, None] * (H * DK) + dk0[None, :], mask=kn_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        k0 = k0.to(tl.float32)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        k1 = tl.load(Kb + kn[:, None] * (H * DK) + dk1[None, :], mask=kn_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k1 = k1.to(tl.float32)
+        s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    vis = vis & ok[:, None] & kn_ok[None, :]
+    p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # exact probabilities
+    v = tl.load(Vb + kn[:, None] * (H * DV) + dv[None, :], mask=kn_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        v = v.to(tl.float32)
+    gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BV]
+    tl.atomic_add(GVb + kn[:, None] * (H * DV) + dv[None, :], gv,
+                  mask=kn_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])  # d loss / d (scaled score), 0 outside vis
+    dsq = ds.to(q0.dtype)
+    dq0 += tl.dot(dsq, k0, input_precision=PREC)
+    gk0 = tl.dot(tl.trans(dsq), q0, input_precision=PREC) * sm_scale
+    tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk0[None, :], gk0,
+                  mask=kn_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
+    if BK1 > 0:
+        dq1 += tl.dot(dsq, k1, input_precision=PREC)
+        gk1 = tl.dot(tl.trans(dsq), q1, input_precision=PREC) * sm_scale
+        tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk1[None, :], gk1,
+                      mask=kn_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
+    return dq0, dq1
+
+
+@triton.jit
+def _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
+               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
+    """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile."""
+    dk0 = tl.arange(0, BK0)
+    dv = tl.arange(0, BV)
+    Qb = Q + row0 * DK
+    q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        q0 = q0.to(tl.float32)
+    q1 = q0
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            q1 = q1.to(tl.float32)
+    do = tl.load(DO + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + row0 + rel, mask=row_ok, other=float("-inf"))
+    ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
+    lse2 = tl.where(ok, lse * 1.4426950408889634, 0.0)
+    delta = tl.load(DELTA + row0 + rel, mask=ok, other=0.0)
+    return q0, q1, do, lse2, delta, ok
+
+
+@triton.jit
+def _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: tl.constexpr,
+              BK1: tl.constexpr):
+    """dq += sm_scale * acc into the fp32 buffer (the program owns these rows: no atomics)."""
+    dk0 = tl.arange(0, BK0)
+    p0 = GQ + row0 * DK + rel[:, None] * DK + dk0[None, :]
+    m0 = row_ok[:, None] & (dk0[None, :] < DK)
+    tl.store(p0, tl.load(p0, mask=m0, other=0.0) + dq0 * sm_scale, mask=m0)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        p1 = GQ + row0 * DK + rel[:, None] * DK + dk1[None, :]
+        m1 = row_ok[:, None] & (dk1[None, :] < DK)
+        tl.store(p1, tl.load(p1, mask=m1, other=0.0) + dq1 * sm_scale, mask=m1)
+
+
+@triton.jit
+def _band_bwd(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
+              HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
+              HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+              BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    if MODE == 0:
+        k_start = tl.load(SEQ + seq * 8 + 6)
+        k_len = tl.load(SEQ + seq * 8 + 7)
+    else:
+        k_start = tl.load(SEQ + seq * 8 + 4)
+        k_len = tl.load(SEQ + seq * 8 + 5)
+
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    pos = q_offset + tq
+    row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
+    rel = (r // HP) * HQ + g * G + hh
+    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK, DV,
+                                             BK0, BK1, BV, UPCAST)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    t_lo = q_offset + t0
+    t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1
+    if MODE == 0:
+        n_lo = 0
+        n_hi = tl.where(t_hi >= CMP_L - 1, (t_hi - CMP_L + 1) // CMP_D + 1, 0)
+        n_hi = tl.minimum(n_hi, k_len)
+    else:
+        n_lo = tl.maximum(t_lo - WINDOW + 1, k_offset) - k_offset
+        n_hi = tl.minimum(t_hi + 1 - k_offset, k_len)
+
+    dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
+    dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
+    bn = tl.arange(0, BN)
+    for n0 in range(n_lo, n_hi, BN):
+        n = n0 + bn
+        kv_row = (k_start + n0).to(tl.int64) * H + g
+        if MODE == 0:
+            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
+        else:
+            u = n + k_offset
+            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
+        dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
+                               GK + kv_row * DK, GV + kv_row * DV, bn, n < n_hi, vis, qk_scale,
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST)
+    _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+
+
+@triton.jit
+def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
+                  HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                  SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+                  HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
+                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    k_start = tl.load(SEQ + seq * 8 + 2)
+    k_len = tl.load(SEQ + seq * 8 + 3)
+
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    pos = q_offset + tq
+    row0 = (q_start + t0).to(tl.int64) * HQ
+    rel = (r // HP) * HQ + g * G + hh
+    dk0 = tl.arange(0, BK0)
+    ar = tl.arange(0, BS)
+    qk_scale = sm_scale * 1.4426950408889634
+    if BT > 1:
+        # the tile's block lists [BT, NP], to visit each block once (as the forward)
+        tp = t0 + tl.arange(0, BT)
+        cs = tl.arange(0, NP)
+        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
+        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
+                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
+        prow = tl.arange(0, BT)
+
+    # pass 1: the slc log-sum-exp (base 2) of every row, written to LSEBUF for pass 2
+    Qb = Q + row0 * DK
+    q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        q0 = q0.to(tl.float32)
+    q1 = q0
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            q1 = q1.to(tl.float32)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    for ps in range(0, BT * N_SEL):
+        p_loc = ps // N_SEL
+        slot = ps % N_SEL
+        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                      mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
+        if BT > 1:
+            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
+            has = tl.sum(tl.where(lists == blk, 1, 0), 1)
+            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
+            blk = tl.where(seen == 0, blk, -1)
+        else:
+            sel = row_ok
+        u = blk * SEL_L + ar
+        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+        kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
+        k0 = tl.load(kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k0 = k0.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            k1 = tl.load(kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                k1 = k1.to(tl.float32)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSEBUF + row0 + rel, lse, mask=row_ok)
+
+    # pass 2: gradients, block by block in the same order
+    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSEBUF, DELTA, row0, rel, row_ok, DK, DV,
+                                             BK0, BK1, BV, UPCAST)
+    dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
+    dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
+    for ps in range(0, BT * N_SEL):
+        p_loc = ps // N_SEL
+        slot = ps % N_SEL
+        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                      mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
+        if BT > 1:
+            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
+            has = tl.sum(tl.where(lists == blk, 1, 0), 1)
+            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
+            blk = tl.where(seen == 0, blk, -1)
+        else:
+            sel = row_ok
+        u = blk * SEL_L + ar
+        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+        kv_row = (k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g
+        vis = sel[:, None] & (u[None, :] <= pos[:, None])
+        dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
+                               GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST)
+    _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+
+
+# ------------------------------------------------------------------------------ launchers
+def _band_config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
+    if interp:  # the interpreter pays per op: big tiles, few programs
+        HP, BT, _ = C.rows_for(h, 64)
+        return dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
+    big = max(Dk, Dv) > 128
+    HP, BT, _ = C.rows_for(h, 64)
+    return dict(HP=HP, BT=BT, BN=32 if big else 64, num_warps=4 if big else 8, num_stages=1)
+
+
+def _slc_config(h: int, interp: bool) -> dict:
+    HP, BT, _ = C.rows_for(h, 16)  # as the forward: one tile row block per 16 rows
+    return dict(HP=HP, BT=BT, num_warps=4 if (interp or BT * HP > 32) else 2, num_stages=1)
+
+
+def _delta(do, o):
+    """rowsum(do * o) in fp32: [B, T, HQ]."""
+    return (do.float() * o.float()).sum(-1).contiguous()
+
+
+def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
+                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None):
+    """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win).
+
+    q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
+    lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
+    dk fp32, dv fp32); dq is added into ``dq_acc`` when given.
+    """
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
+    B, T, HQ, Dk = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device) if dq_acc is None else dq_acc
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    if B * T == 0 or k.numel() == 0:
+        return dq, dk, dv
+    delta = _delta(do, o)
+    cfg = _band_config(HQ // H, Dk, Dv, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    BK0, BK1 = C.split_dim(Dk)
+    _band_bwd[(tbl.shape[0], H)](
+        q, k, v, do, lse.contiguous(), delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset),
+        int(k_offset), HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
+        WINDOW=window, HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1,
+        BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dv
+
+
+def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
+                      q_offset=0, dq_acc=None):
+    """Gradients of :func:`.selected.selected_attention_triton`.
+
+    q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
+    ``[B, T, H, n]``, o and do ``[B, T, HQ, Dv]``. Returns (dq, dk, dv) in fp32; dq is added
+    into ``dq_acc`` when given.
+    """
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
+    block_indices = block_indices.contiguous()
+    B, T, HQ, Dk = q.shape
+    H, Dv, n = k.shape[2], v.shape[3], block_indices.shape[-1]
+    dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device) if dq_acc is None else dq_acc
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    if B * T == 0:
+        return dq, dk, dv
+    delta = _delta(do, o)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    cfg = _slc_config(HQ // H, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    BK0, BK1 = C.split_dim(Dk)
+    _selected_bwd[(tbl.shape[0], H)](
+        q, k, v, do, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
+        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)),
+        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1,
+        BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------ functions
+def gates_backward(do, gates, o_cmp, o_slc, o_win):
+    """Eq. 5 backward. do ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``, o_* ``[B, T, HQ, Dv]``.
+
+    Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) fp32).
+    """
+    d = do.float()
+    g = gates.float()
+    dg = torch.stack([(d * o.float()).sum(-1) for o in (o_cmp, o_slc, o_win)], -1)
+    return dg.to(gates.dtype), tuple(g[..., i:i + 1] * d for i in range(3))
+
+
+def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
+    B, T = q.shape[:2]
+    return C.seq_table(B, T, k_slc.shape[1], k_win.shape[1], k_cmp.shape[1], cu_seqlens,
+                       cmp_block, cmp_stride, q.device)
+
+
+def compressed_attention_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block=32, cmp_stride=16,
+                                  scale=None, cu_seqlens=None, q_offset=0):
+    """Branch cmp backward: (dq, dk_cmp, dv_cmp) in the inputs' dtypes. Shapes as
+    :func:`nsa.triton.compressed_attention_triton`; o, lse are its outputs, do ``[B, T, HQ, Dv]``."""
+    from .band import default_scale
+    seq, lens = _seq(q, q[:, :0], q[:, :0], k_cmp, cu_seqlens, cmp_block, cmp_stride)
+    dq, dk, dv = band_backward(q, k_cmp, v_cmp, o, lse, do, mode=0,
+                               scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
+                               q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride)
+    return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def sliding_window_backward(q, k_win, v_win, do, *, window=512, scale=None, cu_seqlens=None,
+                            q_offset=0, k_offset=0):
+    """Branch win backward: (dq, dk_win, dv_win) in the inputs' dtypes; recomputes o and lse
+    with the forward kernel. Shapes as :func:`nsa.triton.sliding_window_triton`."""
+    from .band import band_attention, default_scale
+    q, k_win, v_win = q.contiguous(), k_win.contiguous(), v_win.contiguous()
+    seq, lens = _seq(q, q[:, :0], k_win, q[:, :0], cu_seqlens, 1, 1)
+    sc = default_scale(scale, q.shape[-1])
+    o, lse = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
+                            k_offset=k_offset, window=window, write_lse=True)
+    dq, dk, dv = band_backward(q, k_win, v_win, o, lse, do, mode=1, scale=sc, seq=seq, lens=lens,
+                               q_offset=q_offset, k_offset=k_offset, window=window)
+    return dq.to(q.dtype), dk.to(k_win.dtype), dv.to(v_win.dtype)
+
+
+def selected_attention_backward(q, k_slc, v_slc, block_indices, o, do, *, sel_block=64, scale=None,
+                                cu_seqlens=None, q_offset=0):
+    """Branch slc backward: (dq, dk_slc, dv_slc) in the inputs' dtypes. Shapes as
+    :func:`nsa.triton.selected_attention_triton`; o is its output, do ``[B, T, HQ, Dv]``."""
+    from .band import default_scale
+    seq, lens = _seq(q, k_slc, q[:, :0], q[:, :0], cu_seqlens, 1, 1)
+    dq, dk, dv = selected_backward(q, k_slc, v_slc, block_indices, o, do, sel_block=sel_block,
+                                   scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
+                                   q_offset=q_offset)
+    return dq.to(q.dtype), dk.to(k_slc.dtype), dv.to(v_slc.dtype)
+
+
+def nsa_backward(grad_o, inputs, saved, kw):
+    """Backward of :func:`nsa.triton.nsa_triton` through the Triton kernels.
+
+    inputs: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) as in the forward; saved:
+    (o_cmp, lse_cmp, block_indices, o_slc) of the forward; kw: the forward's keywords.
+    o_win (fused into the gate epilogue by the forward) and its lse are recomputed here.
+    Returns the 8 gradients in the inputs' dtypes (None for inputs that need none).
+    """
+    from .band import band_attention, default_scale
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in inputs)
+    o_cmp, lse_cmp, idx, o_slc = saved
+    B, T, HQ, Dk = q.shape
+    sc = default_scale(kw["scale"], Dk)
+    l, d, qo = kw["cmp_block"], kw["cmp_stride"], kw["q_offset"]
+    seq, lens = _seq(q, k_slc, k_win, k_cmp, kw["cu_seqlens"], l, d)
+    o_win, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens,
+                                    q_offset=qo, k_offset=kw["win_k_offset"], window=kw["window"],
+                                    write_lse=True)
+    d_gates, (do_cmp, do_slc, do_win) = gates_backward(grad_o, gates, o_cmp, o_slc, o_win)
+    dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
+    _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
+                                      seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
+                                      dq_acc=dq)
+    _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, do_slc, sel_block=kw["sel_block"],
+                                          scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq)
+    _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, do_win, mode=1, scale=sc,
+                                      seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
+                                      window=kw["window"], dq_acc=dq)
+    grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
+    return tuple(gr.to(x.dtype) if x.requires_grad else None for gr, x in zip(grads, inputs))
