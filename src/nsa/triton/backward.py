@@ -7,13 +7,14 @@ forward walked. Per key tile it recomputes p = exp(s - lse) from the saved log-s
     dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dq += ds k,   dk += ds^T q
 
 with delta = rowsum(do * o) computed once per row in torch. dq rows belong to one program,
-so dq is accumulated in registers and added to an fp32 buffer shared by the three branches;
-dk/dv go to fp32 buffers with ``tl.atomic_add`` (selected blocks are scattered, and band
-tiles of neighbouring query tiles overlap). Everything accumulates in fp32 and is cast to
-the input dtype at the end.
+so dq is accumulated in registers and added to an fp32 buffer shared by the three branches.
+Everything accumulates in fp32 and is cast to the input dtype at the end.
 
-* :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1).
-* :func:`selected_backward` - slc over the block lists; its first pass recomputes the slc
+* :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1): dq
+  query-centric, dk/dv key-centric (flash-attention-2 style, no atomics: a compressed key is
+  seen by every later query tile, atomics would cost O(T * Tc) adds).
+* :func:`selected_backward` - slc over the block lists, dk/dv added with ``tl.atomic_add``
+  into fp32 buffers (selected blocks are scattered); its first pass recomputes the slc
   log-sum-exp (the slc forward does not write it), the second computes the gradients.
 * :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients (torch ops).
 
@@ -36,9 +37,9 @@ LOG2E = 1.4426950408889634
 def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, qk_scale, sm_scale,
                 dq0, dq1, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key tile: rows x keys ``kn`` (offsets inside the tile's K/V bases). Adds dk/dv of the
-    tile atomically, returns the updated dq chunks (unscaled by sm_scale)."""
+                PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr):
+    """One key tile: rows x keys ``kn`` (offsets inside the tile's K/V bases). With KV, adds
+    dk/dv of the tile atomically; returns the updated dq chunks (unscaled by sm_scale)."""
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     k0 = tl.load(Kb + kn[:, None] * (H * DK) + dk0[None, :], mask=kn_ok[:, None] & (dk0[None, :] < DK), other=0.0)
@@ -56,21 +57,24 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
     v = tl.load(Vb + kn[:, None] * (H * DV) + dv[None, :], mask=kn_ok[:, None] & (dv[None, :] < DV), other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         v = v.to(tl.float32)
-    gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BV]
-    tl.atomic_add(GVb + kn[:, None] * (H * DV) + dv[None, :], gv,
-                  mask=kn_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
+    if KV:
+        gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BV]
+        tl.atomic_add(GVb + kn[:, None] * (H * DV) + dv[None, :], gv,
+                      mask=kn_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])  # d loss / d (scaled score), 0 outside vis
     dsq = ds.to(q0.dtype)
     dq0 += tl.dot(dsq, k0, input_precision=PREC)
-    gk0 = tl.dot(tl.trans(dsq), q0, input_precision=PREC) * sm_scale
-    tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk0[None, :], gk0,
-                  mask=kn_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
+    if KV:
+        gk0 = tl.dot(tl.trans(dsq), q0, input_precision=PREC) * sm_scale
+        tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk0[None, :], gk0,
+                      mask=kn_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
     if BK1 > 0:
         dq1 += tl.dot(dsq, k1, input_precision=PREC)
-        gk1 = tl.dot(tl.trans(dsq), q1, input_precision=PREC) * sm_scale
-        tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk1[None, :], gk1,
-                      mask=kn_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
+        if KV:
+            gk1 = tl.dot(tl.trans(dsq), q1, input_precision=PREC) * sm_scale
+            tl.atomic_add(GKb + kn[:, None] * (H * DK) + dk1[None, :], gk1,
+                          mask=kn_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
     return dq0, dq1
 
 
@@ -116,7 +120,7 @@ def _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: 
 
 
 @triton.jit
-def _band_bwd(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
+def _band_bwd_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
@@ -171,8 +175,101 @@ def _band_bwd(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset,
             vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, bn, n < n_hi, vis, qk_scale,
-                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST)
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False)
     _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+
+
+@triton.jit
+def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset, k_offset,
+                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+                   WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                   BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
+    the query tiles that see them, so dk/dv stay in registers (no atomics)."""
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    seq = tl.load(KTBL + pid * 2)
+    n0 = tl.load(KTBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    if MODE == 0:
+        k_start = tl.load(SEQ + seq * 8 + 6)
+        k_len = tl.load(SEQ + seq * 8 + 7)
+    else:
+        k_start = tl.load(SEQ + seq * 8 + 4)
+        k_len = tl.load(SEQ + seq * 8 + 5)
+    bn = tl.arange(0, BN)
+    n = n0 + bn
+    n_ok = n < k_len
+    kv_row = (k_start + n0).to(tl.int64) * H + g
+    dk0 = tl.arange(0, BK0)
+    dv = tl.arange(0, BV)
+    Kb = K + kv_row * DK
+    k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        k0 = k0.to(tl.float32)
+    k1 = k0
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k1 = k1.to(tl.float32)
+    v = tl.load(V + kv_row * DV + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # local query indices that can see a key of the tile
+    n_last = tl.minimum(n0 + BN, k_len) - 1
+    if MODE == 0:
+        tq_lo = tl.maximum(n0 * CMP_D + CMP_L - 1 - q_offset, 0)
+        tq_hi = q_len
+    else:
+        tq_lo = tl.maximum(n0 + k_offset - q_offset, 0)
+        tq_hi = tl.minimum(n_last + k_offset + WINDOW - q_offset, q_len)
+
+    acc_k0 = tl.zeros([BN, BK0], dtype=tl.float32)
+    acc_k1 = tl.zeros([BN, BK1 if BK1 > 0 else 16], dtype=tl.float32)
+    acc_v = tl.zeros([BN, BV], dtype=tl.float32)
+    r = tl.arange(0, BM)
+    hh = r % HP
+    rel = (r // HP) * HQ + g * G + hh
+    for tq0 in range(tq_lo, tq_hi, BT):
+        tq = tq0 + r // HP
+        row_ok = (tq < q_len) & (hh < G)
+        pos = q_offset + tq
+        row0 = (q_start + tq0).to(tl.int64) * HQ
+        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK, DV,
+                                                 BK0, BK1, BV, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if MODE == 0:
+            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
+        else:
+            u = n + k_offset
+            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
+        vis = vis & ok[:, None] & n_ok[None, :]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsq = (p * (dp - delta[:, None])).to(q0.dtype)
+        acc_k0 += tl.dot(tl.trans(dsq), q0, input_precision=PREC)
+        if BK1 > 0:
+            acc_k1 += tl.dot(tl.trans(dsq), q1, input_precision=PREC)
+
+    GKb = GK + kv_row * DK
+    tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
+             mask=n_ok[:, None] & (dk0[None, :] < DK))
+    if BK1 > 0:
+        tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
+                 mask=n_ok[:, None] & (dk1[None, :] < DK))
+    tl.store(GV + kv_row * DV + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
+             mask=n_ok[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -280,7 +377,7 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
-                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST)
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, True)
     _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
 
 
@@ -306,30 +403,39 @@ def _delta(do, o):
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
                   k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None):
-    """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win).
+    """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
+    query-centric and dk/dv key-centric (flash-attention-2), neither with atomics.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
-    dk fp32, dv fp32); dq is added into ``dq_acc`` when given.
+    dk, dv in k's / v's dtype); dq is added into ``dq_acc`` when given.
     """
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[3]
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device) if dq_acc is None else dq_acc
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros_like(k)  # keys no query sees keep 0
+    dv = torch.zeros_like(v)
     if B * T == 0 or k.numel() == 0:
         return dq, dk, dv
     delta = _delta(do, o)
+    lse = lse.contiguous()
     cfg = _band_config(HQ // H, Dk, Dv, C.interpreting())
-    tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
-    _band_bwd[(tbl.shape[0], H)](
-        q, k, v, do, lse.contiguous(), delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset),
-        int(k_offset), HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
-        WINDOW=window, HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1,
-        BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    const = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
+                 WINDOW=window, HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1,
+                 BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
+                 UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    _band_bwd_dq[(tbl.shape[0], H)](
+        q, k, v, do, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
+        **const)
+    klens = seq[:, C.KCN if mode == 0 else C.KWN].tolist()  # keys of each sequence
+    ktbl = C.prog_table(klens, cfg["BN"], q.device)
+    if ktbl.shape[0]:
+        _band_bwd_dkdv[(ktbl.shape[0], H)](
+            q, k, v, do, lse, delta, dk, dv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
+            **const)
     return dq, dk, dv
 
 
