@@ -79,6 +79,42 @@ def test_selected_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
+@pytest.mark.parametrize("dkdv,chunk", [("transposed", 3), ("atomic", None)],
+                         ids=["transposed-chunk3", "atomic"])
+def test_selected_backward_arbitrary_lists(dkdv, chunk):
+    """Unsorted lists with -1 holes and blocks shared between neighbours (the tile dedup of
+    dq), both dk/dv paths, and blocks split into many chunks of the transposed index."""
+    T, lp = 40, 8
+    q, k, v, _, _, do, _ = _inputs(T, 4, 2, 48, 32, 8, 4)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for t in range(T):  # per group: the block holding t, then 3 distinct others or -1, shuffled
+        grp = []
+        for _ in range(2):
+            others = [b for b in torch.randperm(5, generator=g).tolist() if b != t // lp][:3]
+            row = [t // lp] + [b if torch.rand(1, generator=g).item() < 0.7 else -1 for b in others]
+            grp.append([row[i] for i in torch.randperm(4, generator=g).tolist()])
+        rows.append(grp)
+    idx = torch.tensor(rows, device=DEV).view(1, T, 2, 4)
+    o = selected_attention_triton(q, k, v, idx, sel_block=lp)
+    seq, lens = BW._seq(q, k, q[:, :0], q[:, :0], None, 1, 1)
+    got = BW.selected_backward(q, k, v, idx, o, do, sel_block=lp, scale=48 ** -0.5, seq=seq,
+                               lens=lens, dkdv=dkdv, chunk=chunk)
+    ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, sel_block=lp), (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
+def test_transposed_index():
+    """Items cover every (position, group, block) entry once, in chunks, positions ascending."""
+    idx = torch.tensor([[[[0, -1, 2]], [[2, 0, -1]], [[0, 1, 2]]]], device=DEV)  # [1, 3, 1, 3]
+    seq, lens = BW._seq(idx.new_zeros(1, 3, 1, 1), idx.new_zeros(1, 3, 1, 1), idx[:, :0], idx[:, :0],
+                        None, 1, 1)
+    items, qpos = BW.transposed_index(idx, seq, lens, 1, 1, chunk=2)
+    got = {(int(j), tuple(qpos[s:s + c].tolist())) for _, _, j, s, c in items.tolist()}
+    assert got == {(0, (0, 1)), (0, (2,)), (1, (2,)), (2, (0, 1)), (2, (2,))}
+
+
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
 def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, _, _, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)

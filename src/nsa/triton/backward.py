@@ -13,9 +13,10 @@ Everything accumulates in fp32 and is cast to the input dtype at the end.
 * :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1): dq
   query-centric, dk/dv key-centric (flash-attention-2 style, no atomics: a compressed key is
   seen by every later query tile, atomics would cost O(T * Tc) adds).
-* :func:`selected_backward` - slc over the block lists, dk/dv added with ``tl.atomic_add``
-  into fp32 buffers (selected blocks are scattered); its first pass recomputes the slc
-  log-sum-exp (the slc forward does not write it), the second computes the gradients.
+* :func:`selected_backward` - slc. dq query-centric over the block lists (its first pass
+  recomputes the slc log-sum-exp, which the slc forward does not write); dk/dv key-centric
+  over a transposed index (per group and block, the positions that selected it, in chunks),
+  added into fp32 buffers with one ``tl.atomic_add`` per chunk (blocks are scattered).
 * :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients (torch ops).
 
 Atomics make the launches non-idempotent: they are never autotuned (an autotuner reruns the
@@ -277,7 +278,8 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
-                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr):
+    """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -377,8 +379,85 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
-                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, True)
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, KV)
     _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+
+
+@triton.jit
+def _selected_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_scale, q_offset,
+                       HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+                       BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """slc dk/dv through the transposed index: a program owns one selected block j of group g
+    and a chunk of the query positions that selected it (ITEMS row: sequence, g, j, first
+    entry of QPOS, count); dk/dv of the block stay in registers, one atomic add per chunk."""
+    BM: tl.constexpr = BT * HP
+    it = tl.program_id(0).to(tl.int64) * 5
+    seq = tl.load(ITEMS + it)
+    g = tl.load(ITEMS + it + 1)
+    blk = tl.load(ITEMS + it + 2)
+    st = tl.load(ITEMS + it + 3)
+    cnt = tl.load(ITEMS + it + 4)
+    H: tl.constexpr = HQ // G
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    k_start = tl.load(SEQ + seq * 8 + 2)
+    k_len = tl.load(SEQ + seq * 8 + 3)
+    ar = tl.arange(0, BS)
+    u = blk * SEL_L + ar
+    u_ok = (ar < SEL_L) & (u < k_len)
+    kv_row = (k_start + blk * SEL_L) * H + g
+    dk0 = tl.arange(0, BK0)
+    dv = tl.arange(0, BV)
+    Kb = K + kv_row * DK
+    k0 = tl.load(Kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        k0 = k0.to(tl.float32)
+    k1 = k0
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        k1 = tl.load(Kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k1 = k1.to(tl.float32)
+    v = tl.load(V + kv_row * DV + ar[:, None] * (H * DV) + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        v = v.to(tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    acc_k0 = tl.zeros([BS, BK0], dtype=tl.float32)
+    acc_k1 = tl.zeros([BS, BK1 if BK1 > 0 else 16], dtype=tl.float32)
+    acc_v = tl.zeros([BS, BV], dtype=tl.float32)
+    r = tl.arange(0, BM)
+    hh = r % HP
+    for i0 in range(0, cnt, BT):
+        ent = i0 + r // HP
+        in_chunk = ent < cnt
+        tq = tl.load(QPOS + st + ent, mask=in_chunk, other=0)  # local query positions
+        row_ok = in_chunk & (hh < G)
+        pos = q_offset + tq
+        rel = (q_start + tq).to(tl.int64) * HQ + g * G + hh  # scattered rows: 64-bit each
+        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, 0, rel, row_ok, DK, DV,
+                                                 BK0, BK1, BV, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+        if BK1 > 0:
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        vis = ok[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dsq = (p * (dp - delta[:, None])).to(q0.dtype)
+        acc_k0 += tl.dot(tl.trans(dsq), q0, input_precision=PREC)
+        if BK1 > 0:
+            acc_k1 += tl.dot(tl.trans(dsq), q1, input_precision=PREC)
+
+    GKb = GK + kv_row * DK
+    tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
+                  mask=u_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
+    if BK1 > 0:
+        tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk1[None, :], acc_k1 * sm_scale,
+                      mask=u_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
+    tl.atomic_add(GV + kv_row * DV + ar[:, None] * (H * DV) + dv[None, :], acc_v,
+                  mask=u_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
 
 
 # ------------------------------------------------------------------------------ launchers
@@ -439,14 +518,54 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     return dq, dk, dv
 
 
+def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int):
+    """Work items of :func:`_selected_bwd_dkdv` (torch ops on the device, no Python loop).
+
+    block_indices ``[B, T, H, n]`` -> (items int64 ``[n_items, 5]``: sequence, group, block,
+    first entry, count <= chunk; qpos int64 ``[entries]``: local query positions sorted by
+    (sequence, group, block), ascending inside each). A block selected by many queries
+    (block 0, the local blocks) is split into chunks of ``chunk`` positions, so no program
+    walks all T queries.
+    """
+    B, T, _, n = block_indices.shape
+    dev = block_indices.device
+    qn = seq[:, C.QN]
+    seq_of_row = torch.repeat_interleave(torch.arange(seq.shape[0], device=dev), qn,
+                                         output_size=B * T)
+    t_local = torch.arange(B * T, device=dev) - seq[seq_of_row, C.Q0]
+    n_blk = max(1, -(-int(seq[:, C.KSN].max().item()) // sel_block)) if seq.shape[0] else 1
+    flat = block_indices.reshape(B * T, H, n).to(torch.int64)
+    grp = torch.arange(H, device=dev)[None, :, None]
+    key = (seq_of_row[:, None, None] * H + grp) * n_blk + flat
+    valid = flat >= 0
+    rows = torch.arange(B * T, device=dev)[:, None, None].expand_as(flat)[valid]
+    key = key[valid]
+    order = torch.sort(key, stable=True).indices  # stable: positions stay ascending
+    key, qpos = key[order], t_local[rows[order]]
+    uniq, counts = torch.unique_consecutive(key, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    nch = (counts + chunk - 1) // chunk
+    total = int(nch.sum().item())
+    item = torch.repeat_interleave(torch.arange(uniq.numel(), device=dev), nch, output_size=total)
+    c = torch.arange(total, device=dev) - (torch.cumsum(nch, 0) - nch)[item]
+    cnt = torch.clamp(counts[item] - c * chunk, max=chunk)
+    u = uniq[item]
+    items = torch.stack([u // (H * n_blk), (u // n_blk) % H, u % n_blk, starts[item] + c * chunk, cnt], 1)
+    return items.contiguous(), qpos.contiguous()
+
+
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
-                      q_offset=0, dq_acc=None):
+                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
     ``[B, T, H, n]``, o and do ``[B, T, HQ, Dv]``. Returns (dq, dk, dv) in fp32; dq is added
-    into ``dq_acc`` when given.
+    into ``dq_acc`` when given. dkdv: "transposed" (key-centric over :func:`transposed_index`,
+    one atomic add per block and chunk of ``chunk`` positions) or "atomic" (dk/dv added by the
+    query-centric kernel at every selected block: simpler, far more atomic traffic).
     """
+    if dkdv not in ("transposed", "atomic"):
+        raise ValueError(f"dkdv must be 'transposed' or 'atomic', got {dkdv!r}")
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     block_indices = block_indices.contiguous()
     B, T, HQ, Dk = q.shape
@@ -457,16 +576,24 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if B * T == 0:
         return dq, dk, dv
     delta = _delta(do, o)
-    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # written by _selected_bwd
     cfg = _slc_config(HQ // H, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
+    common = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)),
+                  BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
+                  UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _selected_bwd[(tbl.shape[0], H)](
         q, k, v, do, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
-        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)),
-        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1,
-        BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], KV=dkdv == "atomic", **common)
+    if dkdv == "transposed":
+        HP, BT, _ = C.rows_for(HQ // H, 64)
+        chunk = chunk or (64 if C.interpreting() else 256)
+        items, qpos = transposed_index(block_indices, seq, lens, H, sel_block, chunk)
+        if items.shape[0]:
+            _selected_bwd_dkdv[(items.shape[0],)](
+                q, k, v, do, lse, delta, dk, dv, items, qpos, seq, float(scale), int(q_offset),
+                HP=HP, BT=BT, **common)
     return dq, dk, dv
 
 
