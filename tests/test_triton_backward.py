@@ -72,8 +72,9 @@ def test_selected_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     idx = R.select_blocks_ref(q, kc, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n,
                               cu_seqlens=cu_t)
     kw = dict(sel_block=lp, cu_seqlens=cu_t)
-    o = selected_attention_triton(q, k, v, idx, **kw)
-    got = BW.selected_attention_backward(q, k, v, idx, o, do, **kw)
+    o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, **kw)
+    with_lse = T % 2 == 1  # odd T: the forward's lse; even T: the kernel recomputes it
+    got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse if with_lse else None, **kw)
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
     for a, b in zip(got, ref):
         _close(a, b)
@@ -134,6 +135,21 @@ def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
     for a, b in zip(got, ref):
         _close(a, b)
+
+
+def test_selected_forward_lse():
+    """The slc forward's lse (return_lse) equals the reference's log-sum-exp of the slc scores."""
+    q, k, v, kc, _, _, _ = _inputs(37, 4, 2, 48, 32, 8, 4)
+    idx = R.select_blocks_ref(q, kc, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3)
+    o, lse = selected_attention_triton(q, k, v, idx, sel_block=8, return_lse=True)
+    _close(o, selected_attention_triton(q, k, v, idx, sel_block=8), 0)
+    t = torch.arange(37)
+    pos = idx[..., None] * 8 + torch.arange(8)  # [1, T, H, n, 8]
+    ok = (idx[..., None] >= 0) & (pos <= t[None, :, None, None, None])
+    kk = k[0][pos.clamp(0, 36).flatten(-2)[0], torch.arange(2)[None, :, None]]  # [T, H, S, Dk]
+    s = torch.einsum("thgd,thsd->thgs", q[0].view(37, 2, 2, 48).double(), kk.double()) * 48 ** -0.5
+    s = s.masked_fill(~ok.flatten(-2)[0][:, :, None, :], float("-inf"))
+    _close(lse[0], torch.logsumexp(s, -1).reshape(37, 4).float())
 
 
 def test_compressed_backward_T_lt_l():

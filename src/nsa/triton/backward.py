@@ -13,8 +13,8 @@ Everything accumulates in fp32 and is cast to the input dtype at the end.
 * :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1): dq
   query-centric, dk/dv key-centric (flash-attention-2 style, no atomics: a compressed key is
   seen by every later query tile, atomics would cost O(T * Tc) adds).
-* :func:`selected_backward` - slc. dq query-centric over the block lists (its first pass
-  recomputes the slc log-sum-exp, which the slc forward does not write); dk/dv key-centric
+* :func:`selected_backward` - slc. dq query-centric over the block lists (reading the lse of
+  the slc forward, or recomputing it in a first pass when not given); dk/dv key-centric
   over a transposed index (per group and block, the positions that selected it, in chunks),
   added into fp32 buffers with one ``tl.atomic_add`` per chunk (blocks are scattered).
 * :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients (torch ops).
@@ -278,8 +278,10 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
-                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr):
-    """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group)."""
+                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
+                  HAVE_LSE: tl.constexpr):
+    """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group).
+    Without HAVE_LSE a first pass computes the slc lse into LSEBUF."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -310,51 +312,51 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
                         mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
         prow = tl.arange(0, BT)
 
-    # pass 1: the slc log-sum-exp (base 2) of every row, written to LSEBUF for pass 2
-    Qb = Q + row0 * DK
-    q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        q0 = q0.to(tl.float32)
-    q1 = q0
-    if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+    if not HAVE_LSE:  # pass 1: the slc log-sum-exp of every row, written to LSEBUF for pass 2
+        Qb = Q + row0 * DK
+        q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            q1 = q1.to(tl.float32)
-    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    for ps in range(0, BT * N_SEL):
-        p_loc = ps // N_SEL
-        slot = ps % N_SEL
-        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                      mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
-        if BT > 1:
-            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
-            has = tl.sum(tl.where(lists == blk, 1, 0), 1)
-            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
-            blk = tl.where(seen == 0, blk, -1)
-        else:
-            sel = row_ok
-        u = blk * SEL_L + ar
-        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
-        kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
-        k0 = tl.load(kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+            q0 = q0.to(tl.float32)
+        q1 = q0
         if BK1 > 0:
-            k1 = tl.load(kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+            dk1 = BK0 + tl.arange(0, BK1)
+            q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                k1 = k1.to(tl.float32)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
-        vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
-        s = tl.where(vis, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(LSEBUF + row0 + rel, lse, mask=row_ok)
+                q1 = q1.to(tl.float32)
+        m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        for ps in range(0, BT * N_SEL):
+            p_loc = ps // N_SEL
+            slot = ps % N_SEL
+            blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                          mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
+            if BT > 1:
+                seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
+                has = tl.sum(tl.where(lists == blk, 1, 0), 1)
+                sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
+                blk = tl.where(seen == 0, blk, -1)
+            else:
+                sel = row_ok
+            u = blk * SEL_L + ar
+            u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+            kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
+            k0 = tl.load(kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                k0 = k0.to(tl.float32)
+            s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+            if BK1 > 0:
+                k1 = tl.load(kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+                if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+                    k1 = k1.to(tl.float32)
+                s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+            vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m_i = m_new
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSEBUF + row0 + rel, lse, mask=row_ok)
 
     # pass 2: gradients, block by block in the same order
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSEBUF, DELTA, row0, rel, row_ok, DK, DV,
@@ -555,12 +557,13 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
 
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
-                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None):
+                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
     ``[B, T, H, n]``, o and do ``[B, T, HQ, Dv]``. Returns (dq, dk, dv) in fp32; dq is added
-    into ``dq_acc`` when given. dkdv: "transposed" (key-centric over :func:`transposed_index`,
+    into ``dq_acc`` when given. lse ``[B, T, HQ]`` fp32 (the forward's ``return_lse``) saves
+    the kernel's first pass, which recomputes it otherwise. dkdv: "transposed" (key-centric over :func:`transposed_index`,
     one atomic add per block and chunk of ``chunk`` positions) or "atomic" (dk/dv added by the
     query-centric kernel at every selected block: simpler, far more atomic traffic).
     """
@@ -576,7 +579,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if B * T == 0:
         return dq, dk, dv
     delta = _delta(do, o)
-    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # written by _selected_bwd
+    have_lse = lse is not None
+    lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     cfg = _slc_config(HQ // H, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
@@ -585,7 +589,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
                   UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _selected_bwd[(tbl.shape[0], H)](
         q, k, v, do, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
-        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], KV=dkdv == "atomic", **common)
+        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], KV=dkdv == "atomic",
+        HAVE_LSE=have_lse, **common)
     if dkdv == "transposed":
         HP, BT, _ = C.rows_for(HQ // H, 64)
         chunk = chunk or (64 if C.interpreting() else 256)
@@ -643,14 +648,15 @@ def sliding_window_backward(q, k_win, v_win, do, *, window=512, scale=None, cu_s
 
 
 def selected_attention_backward(q, k_slc, v_slc, block_indices, o, do, *, sel_block=64, scale=None,
-                                cu_seqlens=None, q_offset=0):
+                                cu_seqlens=None, q_offset=0, lse=None):
     """Branch slc backward: (dq, dk_slc, dv_slc) in the inputs' dtypes. Shapes as
-    :func:`nsa.triton.selected_attention_triton`; o is its output, do ``[B, T, HQ, Dv]``."""
+    :func:`nsa.triton.selected_attention_triton`; o (and optionally lse, ``return_lse=True``)
+    are its outputs, do ``[B, T, HQ, Dv]``."""
     from .band import default_scale
     seq, lens = _seq(q, k_slc, q[:, :0], q[:, :0], cu_seqlens, 1, 1)
     dq, dk, dv = selected_backward(q, k_slc, v_slc, block_indices, o, do, sel_block=sel_block,
                                    scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
-                                   q_offset=q_offset)
+                                   q_offset=q_offset, lse=lse)
     return dq.to(q.dtype), dk.to(k_slc.dtype), dv.to(v_slc.dtype)
 
 
@@ -664,7 +670,7 @@ def nsa_backward(grad_o, inputs, saved, kw):
     """
     from .band import band_attention, default_scale
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in inputs)
-    o_cmp, lse_cmp, idx, o_slc = saved
+    o_cmp, lse_cmp, idx, o_slc, lse_slc = saved
     B, T, HQ, Dk = q.shape
     sc = default_scale(kw["scale"], Dk)
     l, d, qo = kw["cmp_block"], kw["cmp_stride"], kw["q_offset"]
@@ -678,7 +684,8 @@ def nsa_backward(grad_o, inputs, saved, kw):
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
                                       dq_acc=dq)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, do_slc, sel_block=kw["sel_block"],
-                                          scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq)
+                                          scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
+                                          lse=lse_slc)
     _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, do_win, mode=1, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                       window=kw["window"], dq_acc=dq)

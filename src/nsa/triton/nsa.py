@@ -6,8 +6,8 @@
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
    o = g0*o_cmp + g1*o_slc + g2*o_win, so no separate combine pass (:mod:`.band`).
 
-Autograd: the forward runs these kernels and keeps o_cmp, its lse, the block indices and
-o_slc; the backward runs the Triton backward kernels of :mod:`.backward` (fp64 inputs
+Autograd: the forward runs these kernels and keeps o_cmp, the block indices, o_slc and the
+two lse; the backward runs the Triton backward kernels of :mod:`.backward` (fp64 inputs
 recompute through the PyTorch reference :func:`nsa.reference.nsa_ref` instead).
 Reference: :func:`nsa.reference.nsa_ref` (same signature).
 """
@@ -40,11 +40,12 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]
     o_slc = selected_attention_triton(q, k_slc, v_slc, idx, sel_block=sel_block, scale=sc,
-                                      cu_seqlens=cu_seqlens, q_offset=q_offset)
+                                      cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux)
+    o_slc, lse_slc = o_slc if aux else (o_slc, None)
     o, _ = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
                           k_offset=win_k_offset, window=window, gates=gates, o_cmp=o_cmp,
                           o_slc=o_slc)
-    return (o, (o_cmp, lse, idx, o_slc)) if aux else o  # aux: what the Triton backward reuses
+    return (o, (o_cmp, lse, idx, o_slc, lse_slc)) if aux else o  # aux: what the Triton backward reuses
 
 
 class _NSAFunction(torch.autograd.Function):

@@ -26,11 +26,12 @@ from .band import default_scale
 
 
 @triton.jit
-def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
+def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
-                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  WRITE_LSE: tl.constexpr):
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -117,10 +118,13 @@ def _selected_fwd(Q, K, V, O, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = rel[:, None] * DV + dv[None, :]
     tl.store(O + row0 * DV + o_off, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    if WRITE_LSE:  # natural-log lse for the backward (nsa.triton.backward)
+        lse = (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453
+        tl.store(LSE + row0 + rel, tl.where(l_i > 0, lse, float("-inf")), mask=row_ok)
 
 
 
-_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT'], [2, 4, 8], [1, 2, 3])
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE'], [2, 4, 8], [1, 2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
@@ -131,8 +135,9 @@ def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
 
 
 def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
-                              cu_seqlens=None, q_offset=0):
-    """Branch slc: o [B, T, HQ, Dv] in q's dtype, forward only.
+                              cu_seqlens=None, q_offset=0, return_lse=False):
+    """Branch slc: o [B, T, HQ, Dv] in q's dtype, forward only (with ``return_lse``:
+    (o, lse [B, T, HQ] fp32 natural log), the lse the backward reuses).
 
     q ``[B, T, HQ, Dk]`` at positions ``q_offset + i``; k_slc ``[B, Tk, H, Dk]`` and v_slc
     ``[B, Tk, H, Dv]`` from position 0; block_indices ``[B, T, H, n]`` (-1 entries ignored).
@@ -144,16 +149,17 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     B, T, HQ, Dk = q.shape
     H, Dv, n = k_slc.shape[2], v_slc.shape[3], block_indices.shape[-1]
     o = torch.empty(B, T, HQ, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if return_lse else None
     if B * T == 0:
-        return o
+        return (o, lse) if return_lse else o
     seq, lens = C.seq_table(B, T, k_slc.shape[1], 0, 0, cu_seqlens, 1, 1, q.device)
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _selected_fwd_tuned[(tbl.shape[0], H)](
-        q, k_slc, v_slc, o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
+        q, k_slc, v_slc, o, lse if return_lse else o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
         HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
-    return o
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse, **launch)
+    return (o, lse) if return_lse else o
