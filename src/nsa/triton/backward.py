@@ -6,7 +6,8 @@ forward walked. Per key tile it recomputes p = exp(s - lse) from the saved log-s
 
     dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dq += ds k,   dk += ds^T q
 
-with delta = rowsum(do * o) computed once per row in torch. dq rows belong to one program,
+with delta = rowsum(do * o), computed by the dq kernel (which runs first) and read by the
+dk/dv kernel. dq rows belong to one program,
 so dq is accumulated in registers and added to an fp32 buffer shared by the three branches.
 Everything accumulates in fp32 and is cast to the input dtype at the end.
 
@@ -80,9 +81,12 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
 
 
 @triton.jit
-def _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
-               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr):
-    """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile."""
+def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
+               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
+               MAKE_DELTA: tl.constexpr):
+    """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile.
+    MAKE_DELTA: delta = rowsum(do * o) from O, stored to DELTA (the dq kernels, which run
+    first and own their rows); otherwise read from DELTA (the dk/dv kernels)."""
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     Qb = Q + row0 * DK
@@ -101,7 +105,12 @@ def _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK: tl.constexpr, DV: tl.co
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=float("-inf"))
     ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
     lse2 = tl.where(ok, lse * 1.4426950408889634, 0.0)
-    delta = tl.load(DELTA + row0 + rel, mask=ok, other=0.0)
+    if MAKE_DELTA:
+        o = tl.load(O + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + row0 + rel, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + row0 + rel, mask=ok, other=0.0)
     return q0, q1, do, lse2, delta, ok
 
 
@@ -121,7 +130,7 @@ def _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: 
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
+def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
@@ -149,8 +158,8 @@ def _band_bwd_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offs
     pos = q_offset + tq
     row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
     rel = (r // HP) * HQ + g * G + hh
-    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK, DV,
-                                             BK0, BK1, BV, UPCAST)
+    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
+                                             BK0, BK1, BV, UPCAST, True)
     qk_scale = sm_scale * 1.4426950408889634
 
     t_lo = q_offset + t0
@@ -181,7 +190,7 @@ def _band_bwd_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offs
 
 
 @triton.jit
-def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset, k_offset,
+def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset, k_offset,
                    HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
@@ -244,8 +253,8 @@ def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offse
         row_ok = (tq < q_len) & (hh < G)
         pos = q_offset + tq
         row0 = (q_start + tq0).to(tl.int64) * HQ
-        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, row0, rel, row_ok, DK, DV,
-                                                 BK0, BK1, BV, UPCAST)
+        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
+                                                 BK0, BK1, BV, UPCAST, False)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if BK1 > 0:
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -274,7 +283,7 @@ def _band_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offse
 
 
 @triton.jit
-def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
+def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
@@ -359,8 +368,8 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
         tl.store(LSEBUF + row0 + rel, lse, mask=row_ok)
 
     # pass 2: gradients, block by block in the same order
-    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSEBUF, DELTA, row0, rel, row_ok, DK, DV,
-                                             BK0, BK1, BV, UPCAST)
+    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSEBUF, DELTA, O, row0, rel, row_ok, DK, DV,
+                                             BK0, BK1, BV, UPCAST, True)
     dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
     dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     for ps in range(0, BT * N_SEL):
@@ -386,7 +395,7 @@ def _selected_bwd(Q, K, V, DO, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scal
 
 
 @triton.jit
-def _selected_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_scale, q_offset,
+def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_scale, q_offset,
                        HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                        SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
                        BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
@@ -438,8 +447,8 @@ def _selected_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_sca
         row_ok = in_chunk & (hh < G)
         pos = q_offset + tq
         rel = (q_start + tq).to(tl.int64) * HQ + g * G + hh  # scattered rows: 64-bit each
-        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, 0, rel, row_ok, DK, DV,
-                                                 BK0, BK1, BV, UPCAST)
+        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, 0, rel, row_ok, DK, DV,
+                                                 BK0, BK1, BV, UPCAST, False)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if BK1 > 0:
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -477,11 +486,6 @@ def _slc_config(h: int, interp: bool) -> dict:
     return dict(HP=HP, BT=BT, num_warps=4 if (interp or BT * HP > 32) else 2, num_stages=1)
 
 
-def _delta(do, o):
-    """rowsum(do * o) in fp32: [B, T, HQ]."""
-    return (do.float() * o.float()).sum(-1).contiguous()
-
-
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
                   k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
@@ -499,7 +503,8 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     dv = torch.zeros_like(v)
     if B * T == 0 or k.numel() == 0:
         return dq, dk, dv
-    delta = _delta(do, o)
+    delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
+    o = o.contiguous()
     lse = lse.contiguous()
     cfg = _band_config(HQ // H, Dk, Dv, C.interpreting())
     BK0, BK1 = C.split_dim(Dk)
@@ -509,13 +514,13 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
                  UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
-        q, k, v, do, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
+        q, k, v, do, o, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
         **const)
     klens = seq[:, C.KCN if mode == 0 else C.KWN].tolist()  # keys of each sequence
     ktbl = C.prog_table(klens, cfg["BN"], q.device)
     if ktbl.shape[0]:
         _band_bwd_dkdv[(ktbl.shape[0], H)](
-            q, k, v, do, lse, delta, dk, dv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
+            q, k, v, do, do, lse, delta, dk, dv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
             **const)
     return dq, dk, dv
 
@@ -578,7 +583,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     if B * T == 0:
         return dq, dk, dv
-    delta = _delta(do, o)
+    delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
+    o = o.contiguous()
     have_lse = lse is not None
     lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     cfg = _slc_config(HQ // H, C.interpreting())
@@ -588,7 +594,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
                   UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _selected_bwd[(tbl.shape[0], H)](
-        q, k, v, do, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
+        q, k, v, do, o, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
         N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], KV=dkdv == "atomic",
         HAVE_LSE=have_lse, **common)
     if dkdv == "transposed":
@@ -596,9 +602,11 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
         chunk = chunk or (64 if C.interpreting() else 256)
         items, qpos = transposed_index(block_indices, seq, lens, H, sel_block, chunk)
         if items.shape[0]:
+            # [l', Dk + Dv] fp32 accumulators: more warps than the dq kernel's 16-row tiles
+            warps = dict(num_warps=4 if C.interpreting() or max(Dk, Dv) <= 64 else 8)
             _selected_bwd_dkdv[(items.shape[0],)](
-                q, k, v, do, lse, delta, dk, dv, items, qpos, seq, float(scale), int(q_offset),
-                HP=HP, BT=BT, **common)
+                q, k, v, do, do, lse, delta, dk, dv, items, qpos, seq, float(scale), int(q_offset),
+                HP=HP, BT=BT, **{**common, **warps})
     return dq, dk, dv
 
 
@@ -606,12 +614,13 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
 def gates_backward(do, gates, o_cmp, o_slc, o_win):
     """Eq. 5 backward. do ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``, o_* ``[B, T, HQ, Dv]``.
 
-    Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) fp32).
+    Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) in do's dtype): products in
+    fp32, rounded once.
     """
     d = do.float()
     g = gates.float()
     dg = torch.stack([(d * o.float()).sum(-1) for o in (o_cmp, o_slc, o_win)], -1)
-    return dg.to(gates.dtype), tuple(g[..., i:i + 1] * d for i in range(3))
+    return dg.to(gates.dtype), tuple((g[..., i:i + 1] * d).to(do.dtype) for i in range(3))
 
 
 def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
