@@ -288,3 +288,20 @@ def test_gpu_nsa_backward_bf16(c):
         assert not torch.isnan(a).any()
         rel = lambda x: ((x.double() - e.double()).norm() / e.double().norm()).item()  # noqa: E731
         assert rel(a) <= 2 * rel(b) + 1e-3, (rel(a), rel(b))
+
+
+def test_branch_backward_varlen_empty_sequence():
+    """A zero-length sequence inside cu_seqlens contributes no program and no gradient."""
+    q, k, v, kc, vc, do, cu_t = _inputs(30, 4, 2, 32, 32, 8, 4, cu=[0, 0, 11, 11, 30])
+    kw = dict(window=6, cu_seqlens=cu_t)
+    got = BW.sliding_window_backward(q, k, v, do, **kw)
+    ref = _ref_grads(lambda a, b, c: R.sliding_window_ref(a, b, c, **kw), (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+    idx = R.select_blocks_ref(q, kc, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, cu_seqlens=cu_t)
+    o, lse = selected_attention_triton(q, k, v, idx, sel_block=8, cu_seqlens=cu_t, return_lse=True)
+    got = BW.selected_attention_backward(q, k, v, idx, o, do, sel_block=8, cu_seqlens=cu_t, lse=lse)
+    ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, sel_block=8, cu_seqlens=cu_t),
+                     (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)

@@ -1,15 +1,16 @@
 """Backward kernels of NSA in Triton (SPEC 2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
 
-Every kernel is group-centric like its forward: a program holds BT consecutive query positions
-x the h heads of one GQA group (BM = BT * HP rows, see :mod:`._common`) and walks the keys its
-forward walked. Per key tile it recomputes p = exp(s - lse) from the saved log-sum-exp, then
+Every kernel is group-centric like its forward: a tile holds BT query positions x the h heads
+of one GQA group (BM = BT * HP rows, see :mod:`._common`), so each key tile serves all heads.
+Per (rows, keys) tile p = exp(s - lse) is recomputed from the saved log-sum-exp, then
 
     dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dq += ds k,   dk += ds^T q
 
 with delta = rowsum(do * o), computed by the dq kernel (which runs first) and read by the
-dk/dv kernel. dq rows belong to one program,
-so dq is accumulated in registers and added to an fp32 buffer shared by the three branches.
-Everything accumulates in fp32 and is cast to the input dtype at the end.
+dk/dv kernel. dq rows belong to one program, so dq is accumulated in registers and added to
+an fp32 buffer shared by the three branches. Everything accumulates in fp32 and is cast to
+the input dtype at the end (fp64 inputs are computed in fp32 too: nsa_triton sends them to
+the reference backward).
 
 * :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1): dq
   query-centric, dk/dv key-centric (flash-attention-2 style, no atomics: a compressed key is
@@ -31,8 +32,6 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
