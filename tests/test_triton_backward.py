@@ -305,3 +305,25 @@ def test_branch_backward_varlen_empty_sequence():
                      (q, k, v), do)
     for a, b in zip(got, ref):
         _close(a, b)
+
+
+@pytest.mark.parametrize("compress", ["mean", "mlp"])
+def test_layer_parameter_gradients_triton_equal_torch(compress):
+    """A training step of the layer (RoPE, phi, gates MLP around nsa_func): parameter
+    gradients with backend='triton' equal those with backend='torch'."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+              cmp_stride=4, sel_block=8, sel_count=3, window=8, compress=compress)
+    layers = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        layers.append(nsa.NSAAttention(nsa.NSAConfig(backend=backend, **kw)).to(DEV))
+    x = torch.randn(1, 37, 32, generator=torch.Generator().manual_seed(1)).to(DEV)
+    w = torch.randn(1, 37, 32, generator=torch.Generator().manual_seed(2)).to(DEV)
+    grads = []
+    for layer in layers:
+        (layer(x) * w).sum().backward()
+        grads.append({n: p.grad for n, p in layer.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        _close(grads[0][n], grads[1][n])
