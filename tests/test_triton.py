@@ -232,7 +232,7 @@ def test_nsa_low_precision_error_within_2x_of_torch(dtype):
 
 
 def test_nsa_gradients_match_reference():
-    """backend='triton' stays differentiable (backward recomputes through the reference)."""
+    """backend='triton' is differentiable: its gradients equal the reference's."""
     q, k, v, kc, vc, gates, _ = _inputs(24, 2, 1, 16, 16, 8, 4)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gates)]
     kw = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, window=8)
