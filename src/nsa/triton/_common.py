@@ -25,6 +25,19 @@ SEQ_COLS = 8
 
 
 @triton.jit
+def program_rows(TBL, SEQ, pid, KCOL: tl.constexpr):
+    """(first position t0, query start row, query length, key start row, key length) of
+    program ``pid`` of a program table; ``KCOL`` picks the key columns of SEQ (KS0/KW0/KC0)."""
+    seq = tl.load(TBL + pid * 2)
+    t0 = tl.load(TBL + pid * 2 + 1)
+    q_start = tl.load(SEQ + seq * 8 + 0)  # SEQ_COLS = 8, columns Q0 = 0, QN = 1
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    k_start = tl.load(SEQ + seq * 8 + KCOL)
+    k_len = tl.load(SEQ + seq * 8 + KCOL + 1)
+    return t0, q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
     """Tile [len(rows), BK] of columns col0..col0+BK of row-major rows of width D (masked).
 

@@ -139,16 +139,8 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    seq = tl.load(TBL + pid * 2)
-    t0 = tl.load(TBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    if MODE == 0:
-        k_start = tl.load(SEQ + seq * 8 + 6)
-        k_len = tl.load(SEQ + seq * 8 + 7)
-    else:
-        k_start = tl.load(SEQ + seq * 8 + 4)
-        k_len = tl.load(SEQ + seq * 8 + 5)
+    # MODE 0 (cmp) reads the compressed keys' columns of SEQ, MODE 1 (win) the window keys'
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 6 - 2 * MODE)
 
     r = tl.arange(0, BM)
     tq = t0 + r // HP
@@ -201,16 +193,8 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    seq = tl.load(KTBL + pid * 2)
-    n0 = tl.load(KTBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    if MODE == 0:
-        k_start = tl.load(SEQ + seq * 8 + 6)
-        k_len = tl.load(SEQ + seq * 8 + 7)
-    else:
-        k_start = tl.load(SEQ + seq * 8 + 4)
-        k_len = tl.load(SEQ + seq * 8 + 5)
+    # MODE 0 (cmp) reads the compressed keys' columns of SEQ, MODE 1 (win) the window keys'
+    n0, q_start, q_len, k_start, k_len = C.program_rows(KTBL, SEQ, pid, 6 - 2 * MODE)
     bn = tl.arange(0, BN)
     n = n0 + bn
     n_ok = n < k_len
@@ -294,12 +278,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    seq = tl.load(TBL + pid * 2)
-    t0 = tl.load(TBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    k_start = tl.load(SEQ + seq * 8 + 2)
-    k_len = tl.load(SEQ + seq * 8 + 3)
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
 
     r = tl.arange(0, BM)
     tq = t0 + r // HP

@@ -37,16 +37,8 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H = HQ // G
-    seq = tl.load(TBL + pid * 2)
-    t0 = tl.load(TBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    if MODE == 0:
-        k_start = tl.load(SEQ + seq * 8 + 6)
-        k_len = tl.load(SEQ + seq * 8 + 7)
-    else:
-        k_start = tl.load(SEQ + seq * 8 + 4)
-        k_len = tl.load(SEQ + seq * 8 + 5)
+    # MODE 0 (cmp) reads the compressed keys' columns of SEQ, MODE 1 (win) the window keys'
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 6 - 2 * MODE)
 
     r = tl.arange(0, BM)
     tq = t0 + r // HP  # local query index of each row

@@ -81,12 +81,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H = HQ // G
-    seq = tl.load(TBL + pid * 2)
-    t0 = tl.load(TBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    c_start = tl.load(SEQ + seq * 8 + 6)
-    c_len = tl.load(SEQ + seq * 8 + 7)
+    t0, q_start, q_len, c_start, c_len = C.program_rows(TBL, SEQ, pid, 6)  # compressed keys
 
     r = tl.arange(0, BM)
     tq = t0 + r // HP

@@ -36,12 +36,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H = HQ // G
-    seq = tl.load(TBL + pid * 2)
-    t0 = tl.load(TBL + pid * 2 + 1)
-    q_start = tl.load(SEQ + seq * 8 + 0)
-    q_len = tl.load(SEQ + seq * 8 + 1)
-    k_start = tl.load(SEQ + seq * 8 + 2)
-    k_len = tl.load(SEQ + seq * 8 + 3)
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
 
     r = tl.arange(0, BM)
     tq = t0 + r // HP
