@@ -38,6 +38,25 @@ def program_rows(TBL, SEQ, pid, KCOL: tl.constexpr):
 
 
 @triton.jit
+def tile_rows(t0, g, q_start, q_len, q_offset, HQ: tl.constexpr, G: tl.constexpr,
+              HP: tl.constexpr, BM: tl.constexpr):
+    """Rows of a program's tile: row r is local position t0 + r // HP, head r % HP of group g.
+
+    Returns (tq [BM] local positions, row_ok [BM] (in the sequence and not a padding head),
+    pos [BM] absolute positions, row0 the 64-bit (position, head) row of the tile's first
+    position, rel [BM] int32 rows relative to row0). 64-bit scalar base plus 32-bit offsets:
+    per-element 64-bit addresses spill.
+    """
+    r = tl.arange(0, BM)
+    tq = t0 + r // HP
+    hh = r % HP
+    row_ok = (tq < q_len) & (hh < G)
+    row0 = (q_start + t0).to(tl.int64) * HQ
+    rel = (r // HP) * HQ + g * G + hh
+    return tq, row_ok, q_offset + tq, row0, rel
+
+
+@triton.jit
 def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
     """Tile [len(rows), BK] of columns col0..col0+BK of row-major rows of width D (masked).
 

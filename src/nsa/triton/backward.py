@@ -142,13 +142,7 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
     # MODE 0 (cmp) reads the compressed keys' columns of SEQ, MODE 1 (win) the window keys'
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 6 - 2 * MODE)
 
-    r = tl.arange(0, BM)
-    tq = t0 + r // HP
-    hh = r % HP
-    row_ok = (tq < q_len) & (hh < G)
-    pos = q_offset + tq
-    row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
-    rel = (r // HP) * HQ + g * G + hh
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
                                              BK0, BK1, BV, UPCAST, True)
     qk_scale = sm_scale * 1.4426950408889634
@@ -228,14 +222,8 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     acc_k0 = tl.zeros([BN, BK0], dtype=tl.float32)
     acc_k1 = tl.zeros([BN, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     acc_v = tl.zeros([BN, BV], dtype=tl.float32)
-    r = tl.arange(0, BM)
-    hh = r % HP
-    rel = (r // HP) * HQ + g * G + hh
     for tq0 in range(tq_lo, tq_hi, BT):
-        tq = tq0 + r // HP
-        row_ok = (tq < q_len) & (hh < G)
-        pos = q_offset + tq
-        row0 = (q_start + tq0).to(tl.int64) * HQ
+        tq, row_ok, pos, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
         q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
                                                  BK0, BK1, BV, UPCAST, False)
         s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
@@ -280,13 +268,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
     H: tl.constexpr = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
 
-    r = tl.arange(0, BM)
-    tq = t0 + r // HP
-    hh = r % HP
-    row_ok = (tq < q_len) & (hh < G)
-    pos = q_offset + tq
-    row0 = (q_start + t0).to(tl.int64) * HQ
-    rel = (r // HP) * HQ + g * G + hh
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     dk0 = tl.arange(0, BK0)
     ar = tl.arange(0, BS)
     qk_scale = sm_scale * 1.4426950408889634

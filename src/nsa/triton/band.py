@@ -40,15 +40,8 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
     # MODE 0 (cmp) reads the compressed keys' columns of SEQ, MODE 1 (win) the window keys'
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 6 - 2 * MODE)
 
-    r = tl.arange(0, BM)
-    tq = t0 + r // HP  # local query index of each row
-    hh = r % HP
-    row_ok = (tq < q_len) & (hh < G)
-    pos = q_offset + tq  # absolute position of each row
-    head = g * G + hh
-    # 64-bit scalar bases, 32-bit offsets inside the tile (per-element 64-bit addresses spill)
-    row0 = (q_start + t0).to(tl.int64) * HQ  # first (position, head) row of the tile
-    q_row = ((r // HP) * HQ + head) * DK  # [BM] int32, relative to row0
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+    q_row = rel * DK  # [BM] int32, relative to row0
     Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
     q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
@@ -106,7 +99,6 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # rows that see no key: exactly 0
-    rel = (r // HP) * HQ + head  # [BM] rows relative to row0
     o_off = rel[:, None] * DV + dv[None, :]
     o_mask = row_ok[:, None] & (dv[None, :] < DV)
     if WRITE_LSE:

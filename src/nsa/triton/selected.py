@@ -38,14 +38,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     H = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
 
-    r = tl.arange(0, BM)
-    tq = t0 + r // HP
-    hh = r % HP
-    row_ok = (tq < q_len) & (hh < G)
-    pos = q_offset + tq
-    head = g * G + hh
-    row0 = (q_start + t0).to(tl.int64) * HQ  # 64-bit scalar base, 32-bit offsets in the tile
-    rel = (r // HP) * HQ + head
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
     Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
