@@ -7,6 +7,12 @@ from dataclasses import asdict, dataclass
 COMPRESS = ("mean", "mlp")
 
 
+def check_positive_int(name: str, v) -> None:
+    """ValueError naming ``name`` unless v is a positive int (a bool is not an int here)."""
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 @dataclass
 class NSAConfig:
     """Hyper-parameters of :class:`nsa.NSAAttention`. Defaults are the paper's (section 4.1).
@@ -55,9 +61,7 @@ class NSAConfig:
             self.v_head_dim = self.head_dim
         for name in ("d_model", "n_heads", "n_kv_heads", "head_dim", "v_head_dim", "cmp_block",
                      "cmp_stride", "sel_block", "sel_count", "window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"NSAConfig.{name} must be a positive int, got {v!r}")
+            check_positive_int(f"NSAConfig.{name}", getattr(self, name))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"NSAConfig.n_heads ({self.n_heads}) must be a multiple of "
                              f"n_kv_heads ({self.n_kv_heads})")

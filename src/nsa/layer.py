@@ -8,7 +8,7 @@ from torch import nn
 
 from . import ops, reference
 from .cache import NSACache
-from .config import NSAConfig
+from .config import NSAConfig, check_positive_int
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -126,10 +126,8 @@ class NSAAttention(nn.Module):
     @torch.no_grad()
     def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> NSACache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("max_seq_len", max_seq_len)
         c = self.config
         p = self.q_proj.weight
         kw = dict(dtype=dtype or p.dtype, device=device or p.device)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import NSAConfig
+from .config import NSAConfig, check_positive_int
 from .layer import NSAAttention
 from .rope import apply_rope, rope_cos_sin
 
@@ -83,9 +83,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "max_seq_len", "cmp_block", "cmp_stride", "sel_block", "sel_count", "window"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            check_positive_int(f"ModelConfig.{name}", getattr(self, name))
         if not isinstance(self.ffn_hidden, int) or self.ffn_hidden < 0:
             raise ValueError(f"ModelConfig.ffn_hidden must be an int >= 0, got {self.ffn_hidden!r}")
         if self.attention not in ATTENTIONS:

@@ -14,6 +14,7 @@ import os
 import torch
 
 from . import reference
+from .config import check_positive_int
 
 BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,22 +53,18 @@ def _check_tensor(name: str, x, rank: int, expect: str) -> None:
         raise ValueError(f"{name} must have shape {expect}, got {tuple(x.shape)}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_geometry(cmp_block, cmp_stride, sel_block, sel_count=None, window=None) -> None:
     for name, v in (("cmp_block", cmp_block), ("cmp_stride", cmp_stride), ("sel_block", sel_block)):
-        if not _is_int(v) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int(name, v)
     if cmp_block % cmp_stride or sel_block % cmp_stride:
         raise ValueError(f"cmp_stride (d={cmp_stride}) must divide cmp_block (l={cmp_block}) "
                          f"and sel_block (l'={sel_block})")
-    if sel_count is not None and (not _is_int(sel_count) or sel_count < 3):
+    if sel_count is not None and (isinstance(sel_count, bool) or not isinstance(sel_count, int)
+                                  or sel_count < 3):
         raise ValueError(f"sel_count must be an int >= 3 (block 0 and two local blocks are "
                          f"forced), got {sel_count!r}")
-    if window is not None and (not _is_int(window) or window <= 0):
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    if window is not None:
+        check_positive_int("window", window)
 
 
 def _check_cu_seqlens(cu_seqlens, total: int, batch: int, device) -> None:
