@@ -144,10 +144,10 @@ def test_selected_forward_lse():
     idx = R.select_blocks_ref(q, kc, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3)
     o, lse = selected_attention_triton(q, k, v, idx, sel_block=8, return_lse=True)
     _close(o, selected_attention_triton(q, k, v, idx, sel_block=8), 0)
-    t = torch.arange(37)
-    pos = idx[..., None] * 8 + torch.arange(8)  # [1, T, H, n, 8]
+    t = torch.arange(37, device=DEV)
+    pos = idx[..., None] * 8 + torch.arange(8, device=DEV)  # [1, T, H, n, 8]
     ok = (idx[..., None] >= 0) & (pos <= t[None, :, None, None, None])
-    kk = k[0][pos.clamp(0, 36).flatten(-2)[0], torch.arange(2)[None, :, None]]  # [T, H, S, Dk]
+    kk = k[0][pos.clamp(0, 36).flatten(-2)[0], torch.arange(2, device=DEV)[None, :, None]]  # [T, H, S, Dk]
     s = torch.einsum("thgd,thsd->thgs", q[0].view(37, 2, 2, 48).double(), kk.double()) * 48 ** -0.5
     s = s.masked_fill(~ok.flatten(-2)[0][:, :, None, :], float("-inf"))
     _close(lse[0], torch.logsumexp(s, -1).reshape(37, 4).float())
