@@ -57,3 +57,25 @@ def test_demo(capsys):
     assert rows[8192][1:6] == ("8192", "511", "1024", "512", "2047")
     assert rows[16384][5] == "2559" and rows[32768][5] == "3583" and rows[65536][5] == "5631"
     assert float(rows[65536][6]) == pytest.approx(65536 / 5631, abs=0.05)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("what", ["prefill", "train"])
+def test_bench_needs_a_gpu(what, capsys):
+    assert cli.main(["bench", what, "--seqlens", "64"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_train_speedups_and_table():
+    """Speedups of the train benchmark are the baseline's time over ours, for forward +
+    backward and for the backward alone; the table shows both against the faster SDPA."""
+    from nsa import bench
+
+    r = dict(config="paper", T=8192, nsa_fwd_ms=2.0, nsa_bwd_ms=6.0, nsa_ms=8.0,
+             sdpa_cudnn_fwd_ms=3.0, sdpa_cudnn_bwd_ms=21.0, sdpa_cudnn_ms=24.0,
+             sdpa_flash_fwd_ms=5.0, sdpa_flash_bwd_ms=27.0, sdpa_flash_ms=32.0)
+    bench._finish_train(r, ["sdpa_flash", "sdpa_cudnn"])
+    assert r["speedup_vs_sdpa_cudnn"] == pytest.approx(24.0 / 8.0)
+    assert r["bwd_speedup_vs_sdpa_flash"] == pytest.approx(27.0 / 6.0)
+    table = bench.markdown_table(dict(results=[r]))
+    assert "| paper | 8k | 2.00 / 6.00 | 5.00 / 27.00 | 3.00 / 21.00 | 3.0x | 3.5x |" in table

@@ -1,6 +1,8 @@
-"""``nsa bench prefill``: forward time of the Triton NSA kernels against full attention.
+"""``nsa bench prefill`` / ``nsa bench train``: the Triton NSA kernels against full attention.
 
-For each T (default 8k..128k, batch 1) and configuration it times, in one run on one GPU:
+``prefill`` times the forward; ``train`` times forward + backward (all of q, k_cmp, v_cmp, k, v,
+k_win, v_win and the gates require grad; full attention: q, k, v), and the backward alone as
+the difference. For each T (default 8k..128k, batch 1) and configuration it times, in one run on one GPU:
 
 * ``nsa``: :func:`nsa.nsa_func` (backend="triton"): k_cmp/v_cmp are inputs (phi is the
   layer's job), except in the fla configuration where mean pooling is timed too, as fla's
@@ -43,8 +45,8 @@ DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 
 
 def add_arguments(name, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill"],
-                        help="benchmark to run (prefill: forward of the whole sequence)")
+    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train"],
+                        help="prefill: forward of the whole sequence; train: forward + backward")
     parser.add_argument("--seqlens", type=int, nargs="+", default=DEFAULT_T,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -52,8 +54,9 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
                         help="baselines to time (sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel timings")
-    parser.add_argument("--out", default="benchmarks/results/prefill_h100",
-                        help="output path without extension (.json and .png are written)")
+    parser.add_argument("--out", default=None,
+                        help="output path without extension (.json and .png are written; "
+                             "default benchmarks/results/<what>_h100)")
     parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
     parser.add_argument("--flex-max-t", type=int, default=32768,
                         help="time FlexAttention only up to this T (each T recompiles it)")
@@ -153,8 +156,61 @@ def _run_nsa(T, c, x, breakdown, rep):
     return out
 
 
-def _run_sdpa(x, c, backend, rep):
+def _fwd_bwd(fn, leaves, rep):
+    """(forward ms, forward + backward ms, peak GiB of the latter) of ``fn(*leaves)``."""
     import torch
+
+    fwd, _ = _bench(lambda: fn(*leaves), rep)
+    do = torch.randn_like(fn(*leaves))
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(do)
+
+    both, peak = _bench(step, rep)
+    return fwd, both, peak
+
+
+def _run_train(T, c, x, baselines, rep) -> dict:
+    """Forward and forward + backward of NSA (Triton) and of full attention (SDPA)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import nsa_func
+
+    q, kc, vc, k, v, kw, vw, gates = (t.detach().clone().requires_grad_() for t in x)
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
+    res = {}
+    if c["shared"]:
+        nsa = lambda q, kc, vc, k, v, g: nsa_func(q, kc, vc, k, v, k, v, g, backend="triton", **geo)  # noqa: E731
+        leaves = [q, kc, vc, k, v, gates]
+    else:
+        nsa = lambda *a: nsa_func(*a, backend="triton", **geo)  # noqa: E731
+        leaves = [q, kc, vc, k, v, kw, vw, gates]
+    try:
+        res["nsa"] = _fwd_bwd(nsa, leaves, rep)
+    except Exception as e:
+        traceback.print_exc()
+        res["nsa_error"] = repr(e)[:300]
+    for b in baselines:
+        if not b.startswith("sdpa"):
+            continue
+        be = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[b]
+
+        def full(q, k, v):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True, enable_gqa=True)
+        try:
+            res[b] = _fwd_bwd(full, [q, k, v], rep)
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            res[f"{b}_error"] = repr(e)[:300]
+    return res
+
+
+def _run_sdpa(x, c, backend, rep):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -225,6 +281,8 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
+    out_path = args.out or f"benchmarks/results/{args.what}_h100"
+    meta["timing"] += ", forward + backward" if args.what == "train" else ", forward"
     for cname in args.configs:
         c = dict(CONFIGS[cname], name=cname)
         for T in args.seqlens:
@@ -233,6 +291,20 @@ def run(name, args) -> int:
             fl = nsa_flops(T, c)
             res = dict(config=cname, T=T, **{k: c[k] for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n", "w")},
                        flops_nsa=fl["total"], flops_full=full_flops(T, c))
+            if args.what == "train":
+                for key, val in _run_train(T, c, x, baselines, args.rep).items():
+                    if key.endswith("_error"):
+                        res[key] = val
+                    else:
+                        fwd, both, mem = val
+                        res[f"{key}_fwd_ms"], res[f"{key}_ms"], res[f"{key}_peak_gb"] = fwd, both, mem
+                        res[f"{key}_bwd_ms"] = both - fwd
+                _finish_train(res, baselines)
+                rows.append(res)
+                print(_row_line(res), flush=True)
+                _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
+                del x
+                continue
             try:
                 for key, (ms, mem) in _run_nsa(T, c, x, not args.no_breakdown, args.rep).items():
                     res[f"{key}_ms"], res[f"{key}_peak_gb"] = ms, mem
@@ -266,15 +338,23 @@ def run(name, args) -> int:
                             res[f"{b}_tflops"] = res["flops_full"] / res[f"{b}_ms"] / 1e9
             rows.append(res)
             print(_row_line(res), flush=True)
-            _save(dict(meta=meta, configs=CONFIGS, results=rows), args.out)  # partial results survive
+            _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)  # partial results survive
     out = dict(meta=meta, configs=CONFIGS, results=rows)
-    _save(out, args.out)
+    _save(out, out_path)
     try:
-        plot(out, args.out + ".png")
+        plot(out, out_path + ".png")
     except Exception:
         traceback.print_exc()
     print(markdown_table(out))
     return 0
+
+
+def _finish_train(res, baselines) -> None:
+    """Speedups of forward + backward and of the backward alone (train mode)."""
+    for b in baselines:
+        if "nsa_ms" in res and f"{b}_ms" in res:
+            res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
+            res[f"bwd_speedup_vs_{b}"] = res[f"{b}_bwd_ms"] / res["nsa_bwd_ms"]
 
 
 def _save(out, path) -> None:
@@ -285,7 +365,8 @@ def _save(out, path) -> None:
 
 def _row_line(r) -> str:
     parts = [f"{r['config']:>5} T={r['T']:>6}"]
-    for k in ("nsa", "k_cmp", "k_select", "k_slc", "k_win", "sdpa_flash", "sdpa_cudnn", "flex", "fla"):
+    for k in ("nsa_fwd", "nsa_bwd", "nsa", "k_cmp", "k_select", "k_slc", "k_win", "sdpa_flash_fwd",
+              "sdpa_flash_bwd", "sdpa_flash", "sdpa_cudnn_fwd", "sdpa_cudnn_bwd", "sdpa_cudnn", "flex", "fla"):
         if f"{k}_ms" in r:
             parts.append(f"{k}={r[f'{k}_ms']:.2f}ms")
         elif f"{k}_error" in r:
@@ -294,6 +375,8 @@ def _row_line(r) -> str:
 
 
 def markdown_table(out) -> str:
+    if any("nsa_bwd_ms" in r for r in out["results"]):
+        return _markdown_table_train(out)
     lines = ["| config | T | NSA ms | TFLOP/s | peak GiB | cmp / select / slc / win ms | SDPA flash ms | "
              "SDPA cuDNN ms | Flex ms | fla ms | speedup vs best SDPA | vs fla |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -306,6 +389,20 @@ def markdown_table(out) -> str:
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {f(r, 'nsa')} | "
                      f"{r.get('nsa_tflops', 0):.0f} | {r.get('nsa_peak_gb', 0):.1f} | {br} | {f(r, 'sdpa_flash')} | "
                      f"{f(r, 'sdpa_cudnn')} | {f(r, 'flex')} | {f(r, 'fla')} | {sp} | {spf} |")
+    return "\n".join(lines)
+
+
+def _markdown_table_train(out) -> str:
+    lines = ["| config | T | NSA fwd / bwd ms | SDPA flash fwd / bwd ms | SDPA cuDNN fwd / bwd ms | "
+             "fwd+bwd speedup vs best SDPA | bwd speedup |", "|---|---|---|---|---|---|---|"]
+    fb = lambda r, k: (f"{r[k + '_fwd_ms']:.2f} / {r[k + '_bwd_ms']:.2f}" if k + "_ms" in r else "-")  # noqa: E731
+    for r in out["results"]:
+        best = min((b for b in ("sdpa_flash", "sdpa_cudnn") if f"{b}_ms" in r), key=lambda b: r[f"{b}_ms"],
+                   default=None)
+        sp = f"{r[best + '_ms'] / r['nsa_ms']:.1f}x" if best and "nsa_ms" in r else "-"
+        bsp = f"{r[best + '_bwd_ms'] / r['nsa_bwd_ms']:.1f}x" if best and "nsa_ms" in r else "-"
+        lines.append(f"| {r['config']} | {r['T'] // 1024}k | {fb(r, 'nsa')} | {fb(r, 'sdpa_flash')} | "
+                     f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} |")
     return "\n".join(lines)
 
 
@@ -327,7 +424,7 @@ def plot(out, path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (batch 1)")
-        ax.set_ylabel("forward ms")
+        ax.set_ylabel("forward + backward ms" if "forward + backward" in out["meta"]["timing"] else "forward ms")
         ax.set_title(f"{cname}: " + ", ".join(f"{k}={CONFIGS[cname][k]}" for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n")))
         ax.title.set_fontsize(7)
         ax.grid(True, which="both", alpha=0.3)

@@ -13,7 +13,7 @@ import sys
 import time
 
 MODULE_COMMANDS = {
-    "bench": ("nsa.bench", "benchmarks (nsa bench prefill): NSA kernels against full attention"),
+    "bench": ("nsa.bench", "benchmarks (nsa bench prefill / train): NSA kernels against full attention"),
     "train": ("nsa.train", "train the small NSA language model"),
     "generate": ("nsa.train", "generate text from a checkpoint"),
     "needle": ("nsa.train", "needle-in-a-haystack accuracy heatmap: NSA vs baselines"),
