@@ -142,3 +142,24 @@ def test_bad_arguments():
         cli.main(["train", "--set", "window=wide", "--steps", "1"])
     with pytest.raises(ValueError, match="--data"):
         cli.main(["train", "--data", "/nonexistent/file.txt", "--steps", "1"])
+
+
+def test_init_starts_from_saved_weights_at_another_length(tmp_path):
+    """--init copies a run's weights (per attention kind) into a run with other lengths and a
+    fresh schedule; a different architecture, or --init with --resume, is refused."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    base = SMALL + ["--attention", "nsa,window", "--eval-every", "0", "--no-needle"]
+    assert cli.main(["train", *base, "--steps", "2", "--out", a]) == 0
+    # one step at lr 0 keeps the weights: the new run must hold exactly the saved ones
+    assert cli.main(["train", *[x if x != "112" else "160" for x in base], "--steps", "1", "--lr", "1e-30",
+                     "--warmup", "0", "--init", a, "--out", b]) == 0
+    for kind in ("nsa", "window"):
+        old, new = weights(os.path.join(a, kind)), weights(os.path.join(b, kind))
+        assert old.keys() == new.keys()
+        for k in old:
+            assert torch.allclose(old[k], new[k], rtol=0, atol=1e-20), (kind, k)
+    with pytest.raises(ValueError, match="head_dim"):
+        cli.main(["train", *base, "--set", "head_dim=8", "--steps", "1", "--init", a,
+                  "--out", str(tmp_path / "c")])
+    with pytest.raises(ValueError, match="--init and --resume"):
+        cli.main(["train", *base, "--steps", "3", "--init", a, "--resume", "--out", a])

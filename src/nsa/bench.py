@@ -156,6 +156,12 @@ def _run_nsa(T, c, x, breakdown, rep):
     return out
 
 
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+
 def _fwd_bwd(fn, leaves, rep):
     """(forward ms, forward + backward ms, peak GiB of the latter) of ``fn(*leaves)``."""
     import torch
@@ -175,7 +181,7 @@ def _fwd_bwd(fn, leaves, rep):
 def _run_train(T, c, x, baselines, rep) -> dict:
     """Forward and forward + backward of NSA (Triton) and of full attention (SDPA)."""
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     from . import nsa_func
 
@@ -196,7 +202,7 @@ def _run_train(T, c, x, baselines, rep) -> dict:
     for b in baselines:
         if not b.startswith("sdpa"):
             continue
-        be = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[b]
+        be = _sdpa_backend(b)
 
         def full(q, k, v):
             with sdpa_kernel(be):
@@ -212,11 +218,11 @@ def _run_train(T, c, x, baselines, rep) -> dict:
 
 def _run_sdpa(x, c, backend, rep):
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     q, _, _, k, v, _, _, _ = x
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-    be = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    be = _sdpa_backend(backend)
     try:
         with sdpa_kernel(be):
             fn = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)  # noqa: E731

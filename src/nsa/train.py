@@ -56,6 +56,11 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: end only)")
         p.add_argument("--out", default="runs/tiny", help="output folder (default runs/tiny)")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        p.add_argument("--init", default=None, metavar="CKPT",
+                       help="start from these weights (a checkpoint folder, its KIND subfolder per "
+                            "attention kind when present, or a .safetensors file) with a fresh "
+                            "optimizer and schedule: e.g. continue a short-context run at longer "
+                            "lengths")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -239,6 +244,10 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
     """Train one model; checkpoints go to ``out`` (see :func:`save_checkpoint`)."""
     torch.manual_seed(args.seed)
     model = NSAModel(config).to(device)
+    if args.init and args.resume:
+        raise ValueError("--init and --resume exclude each other (--resume restores its own weights)")
+    if args.init:  # before sharding: FSDP2 turns the parameters into shards
+        init_weights(model, _init_path(args.init, config.attention))
     task = make_task(args, args.seq_len)
     # the optimizer is made after sharding (FSDP2 replaces the parameters by sharded ones)
     wrapped = _wrap(model, args, d, device)
@@ -474,6 +483,27 @@ def resume_checkpoint(out, model, opt, args, d: Dist) -> int:
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
     return int(info["step"])
+
+
+def _init_path(path: str, kind: str) -> str:
+    """--init's checkpoint for one attention kind: PATH/KIND when PATH holds one per kind."""
+    sub = os.path.join(path, kind)
+    return sub if os.path.isdir(sub) else path
+
+
+def init_weights(model: NSAModel, path: str) -> None:
+    """Copy a checkpoint's weights into ``model``, whose architecture must be the same (every
+    config field but max_seq_len and backend, which change no weight)."""
+    saved = load_checkpoint(path)
+    free = {"max_seq_len", "backend"}
+    diff = {k: (v, getattr(model.config, k)) for k, v in saved.config.to_dict().items()
+            if k not in free and getattr(model.config, k) != v}
+    if diff:
+        raise ValueError(f"--init {path!r}: its config differs from this run's in "
+                         + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in diff.items()))
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), saved.parameters(), strict=True):
+            p.copy_(q)
 
 
 def load_checkpoint(path: str, device: str = "cpu", **overrides) -> NSAModel:
