@@ -153,6 +153,21 @@ def test_selected(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
            R.selected_attention_ref(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t))
 
 
+@pytest.mark.parametrize("T,HQ,H,l,d,lp,n", [
+    pytest.param(1100, 2, 1, 32, 16, 64, 16, id="paper-geometry-h2-2chunks"),
+    pytest.param(1300, 8, 1, 32, 16, 64, 16, id="paper-geometry-h8-2chunks"),
+    pytest.param(700, 16, 1, 32, 16, 64, 16, id="paper-geometry-h16"),
+    pytest.param(613, 4, 4, 8, 4, 16, 6, id="mha-3chunks"),
+])
+def test_select_many_chunks(T, HQ, H, l, d, lp, n):
+    """Queries that see more blocks than one chunk of the kernel (15 with these geometries):
+    the running top-n is merged across chunks, for tiles of 1 to 128 positions."""
+    q, _, _, kc, _, _, _ = _inputs(T, HQ, H, 32, 32, l, d, seed=T)
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n)
+    got = nsa.select_blocks(q, kc, backend="triton", **kw)
+    _check_selection(got, R.select_blocks_ref(q, kc, **kw), _scores64(q, kc, l, d, lp))
+
+
 @triton.jit
 def _sort_kernel(X, Y, R: tl.constexpr, N: tl.constexpr, MERGE: tl.constexpr, DESC: tl.constexpr):
     off = tl.arange(0, R)[:, None] * N + tl.arange(0, N)[None, :]
