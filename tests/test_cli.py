@@ -79,3 +79,6 @@ def test_bench_train_speedups_and_table():
     assert r["bwd_speedup_vs_sdpa_flash"] == pytest.approx(27.0 / 6.0)
     table = bench.markdown_table(dict(results=[r]))
     assert "| paper | 8k | 2.00 / 6.00 | 5.00 / 27.00 | 3.00 / 21.00 | 3.0x | 3.5x |" in table
+    pieces = dict(zip(bench.BWD_PIECES, (0.5, 0.25, 2.0, 3.0, 0.75, 1.0)))
+    r.update({f"{k}_ms": v for k, v in pieces.items()})
+    assert "| 3.5x | 0.50 / 0.25 / 2.00 / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))

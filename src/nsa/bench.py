@@ -53,7 +53,8 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                         help="configurations (default: all)")
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
                         help="baselines to time (sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel timings")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the per-kernel timings (prefill) / the backward pieces (train)")
     parser.add_argument("--out", default=None,
                         help="output path without extension (.json and .png are written; "
                              "default benchmarks/results/<what>_h100)")
@@ -178,7 +179,48 @@ def _fwd_bwd(fn, leaves, rep):
     return fwd, both, peak
 
 
-def _run_train(T, c, x, baselines, rep) -> dict:
+def _bwd_breakdown(c, x, rep) -> dict:
+    """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
+    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv, slc dq +
+    dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
+    import torch
+
+    from .triton import backward as BW
+    from .triton.band import band_attention
+    from .triton.nsa import _nsa_forward
+
+    q, kc, vc, k, v, kw, vw, gates = x  # [B, T, heads, D] inputs of _inputs (no grad)
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
+               scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
+    o, (o_cmp, lse_cmp, idx, o_slc, lse_slc) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates, aux=True, **geo)
+    do = torch.randn_like(o)
+    sc = 1.0 / math.sqrt(c["Dk"])
+    seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
+    win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
+    o_win, lse_win = band_attention(q, kw, vw, write_lse=True, **win)
+    _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    pieces = {
+        "bwd_win_recompute": lambda: band_attention(q, kw, vw, write_lse=True, **win),
+        "bwd_gates": lambda: BW.gates_backward(do, gates, o_cmp, o_slc, o_win),
+        "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,
+                                            lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq),
+        "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do_slc, sel_block=c["lp"], scale=sc,
+                                                seq=seq, lens=lens, dq_acc=dq, lse=lse_slc),
+        "bwd_slc_index": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
+        "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do_win, dq_acc=dq, **win),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        try:
+            out[name] = _bench(fn, rep)
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            out[f"{name}_error"] = repr(e)[:300]
+    return out
+
+
+def _run_train(T, c, x, baselines, rep, breakdown=False) -> dict:
     """Forward and forward + backward of NSA (Triton) and of full attention (SDPA)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
@@ -199,6 +241,8 @@ def _run_train(T, c, x, baselines, rep) -> dict:
     except Exception as e:
         traceback.print_exc()
         res["nsa_error"] = repr(e)[:300]
+    if breakdown:
+        res.update(_bwd_breakdown(c, x, rep))
     for b in baselines:
         if not b.startswith("sdpa"):
             continue
@@ -298,9 +342,11 @@ def run(name, args) -> int:
             res = dict(config=cname, T=T, **{k: c[k] for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n", "w")},
                        flops_nsa=fl["total"], flops_full=full_flops(T, c))
             if args.what == "train":
-                for key, val in _run_train(T, c, x, baselines, args.rep).items():
+                for key, val in _run_train(T, c, x, baselines, args.rep, not args.no_breakdown).items():
                     if key.endswith("_error"):
                         res[key] = val
+                    elif key.startswith("bwd_"):
+                        res[f"{key}_ms"] = val[0]
                     else:
                         fwd, both, mem = val
                         res[f"{key}_fwd_ms"], res[f"{key}_ms"], res[f"{key}_peak_gb"] = fwd, both, mem
@@ -372,7 +418,8 @@ def _save(out, path) -> None:
 def _row_line(r) -> str:
     parts = [f"{r['config']:>5} T={r['T']:>6}"]
     for k in ("nsa_fwd", "nsa_bwd", "nsa", "k_cmp", "k_select", "k_slc", "k_win", "sdpa_flash_fwd",
-              "sdpa_flash_bwd", "sdpa_flash", "sdpa_cudnn_fwd", "sdpa_cudnn_bwd", "sdpa_cudnn", "flex", "fla"):
+              "sdpa_flash_bwd", "sdpa_flash", "sdpa_cudnn_fwd", "sdpa_cudnn_bwd", "sdpa_cudnn", "flex", "fla",
+              *BWD_PIECES):
         if f"{k}_ms" in r:
             parts.append(f"{k}={r[f'{k}_ms']:.2f}ms")
         elif f"{k}_error" in r:
@@ -398,17 +445,23 @@ def markdown_table(out) -> str:
     return "\n".join(lines)
 
 
+BWD_PIECES = ("bwd_win_recompute", "bwd_gates", "bwd_cmp", "bwd_slc", "bwd_slc_index", "bwd_win")
+
+
 def _markdown_table_train(out) -> str:
     lines = ["| config | T | NSA fwd / bwd ms | SDPA flash fwd / bwd ms | SDPA cuDNN fwd / bwd ms | "
-             "fwd+bwd speedup vs best SDPA | bwd speedup |", "|---|---|---|---|---|---|---|"]
+             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: win recompute / gates / cmp / slc "
+             "(its index) / win ms |", "|---|---|---|---|---|---|---|---|"]
     fb = lambda r, k: (f"{r[k + '_fwd_ms']:.2f} / {r[k + '_bwd_ms']:.2f}" if k + "_ms" in r else "-")  # noqa: E731
     for r in out["results"]:
         best = min((b for b in ("sdpa_flash", "sdpa_cudnn") if f"{b}_ms" in r), key=lambda b: r[f"{b}_ms"],
                    default=None)
         sp = f"{r[best + '_ms'] / r['nsa_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         bsp = f"{r[best + '_bwd_ms'] / r['nsa_bwd_ms']:.1f}x" if best and "nsa_ms" in r else "-"
+        f = lambda k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
+        br = " / ".join(f(k) for k in BWD_PIECES[:3]) + f" / {f('bwd_slc')} ({f('bwd_slc_index')}) / {f('bwd_win')}"
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {fb(r, 'nsa')} | {fb(r, 'sdpa_flash')} | "
-                     f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} |")
+                     f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} | {br} |")
     return "\n".join(lines)
 
 
