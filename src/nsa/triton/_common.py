@@ -57,6 +57,17 @@ def tile_rows(t0, g, q_start, q_len, q_offset, HQ: tl.constexpr, G: tl.constexpr
 
 
 @triton.jit
+def round_out(x, dtype: tl.constexpr, EMU_RTNE: tl.constexpr):
+    """fp32 ``x`` cast to ``dtype`` rounding to nearest even. EMU_RTNE (bf16 under the CPU
+    interpreter, whose cast truncates) rounds the fp32 bits first, so the cast is exact."""
+    if EMU_RTNE:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
     """Tile [len(rows), BK] of columns col0..col0+BK of row-major rows of width D (masked).
 

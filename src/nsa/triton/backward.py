@@ -19,7 +19,9 @@ the reference backward).
   the slc forward, or recomputing it in a first pass when not given); dk/dv key-centric
   over a transposed index (per group and block, the positions that selected it, in chunks),
   added into fp32 buffers with one ``tl.atomic_add`` per chunk (blocks are scattered).
-* :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients (torch ops).
+* :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients in one pass
+  over the rows (reads do and the three branch outputs once); reference
+  :func:`gates_backward_torch`.
 
 Atomics make the launches non-idempotent: they are never autotuned (an autotuner reruns the
 kernel while timing it). Reference: torch autograd through :mod:`nsa.reference`.
@@ -431,6 +433,30 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
                   mask=u_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
 
 
+@triton.jit
+def _gates_bwd(DO, G, OC, OS, OW, DG, DOC, DOS, DOW, n_rows, DV: tl.constexpr, BR: tl.constexpr,
+               BV: tl.constexpr, EMU_RTNE: tl.constexpr):
+    """Eq. 5 backward for BR rows (one row = one (b, t, head)): dg_i = <do, o_i>, do_i = g_i do."""
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r_ok = r < n_rows
+    c = tl.arange(0, BV)
+    off = r[:, None] * DV + c[None, :]
+    m = r_ok[:, None] & (c[None, :] < DV)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)  # [BR, BV]
+    g0 = tl.load(G + r * 3, mask=r_ok, other=0.0).to(tl.float32)
+    g1 = tl.load(G + r * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)
+    g2 = tl.load(G + r * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)
+    oc = tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DG + r * 3, C.round_out(tl.sum(do * oc, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
+    tl.store(DOC + off, C.round_out(g0[:, None] * do, DOC.dtype.element_ty, EMU_RTNE), mask=m)
+    osl = tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DG + r * 3 + 1, C.round_out(tl.sum(do * osl, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
+    tl.store(DOS + off, C.round_out(g1[:, None] * do, DOS.dtype.element_ty, EMU_RTNE), mask=m)
+    ow = tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DG + r * 3 + 2, C.round_out(tl.sum(do * ow, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
+    tl.store(DOW + off, C.round_out(g2[:, None] * do, DOW.dtype.element_ty, EMU_RTNE), mask=m)
+
+
 # ------------------------------------------------------------------------------ launchers
 def _band_config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     if interp:  # the interpreter pays per op: big tiles, few programs
@@ -572,11 +598,26 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
 
 # ------------------------------------------------------------------------------ functions
 def gates_backward(do, gates, o_cmp, o_slc, o_win):
-    """Eq. 5 backward. do ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``, o_* ``[B, T, HQ, Dv]``.
+    """Eq. 5 backward in one Triton pass. do ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``, o_*
+    ``[B, T, HQ, Dv]``. Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) in do's
+    dtype): products in fp32, rounded once. Reference: :func:`gates_backward_torch`."""
+    do, gates = do.contiguous(), gates.contiguous()
+    o_cmp, o_slc, o_win = o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous()
+    Dv = do.shape[-1]
+    n_rows = do.numel() // Dv if Dv else 0
+    dg = torch.empty_like(gates)
+    dos = tuple(torch.empty_like(do) for _ in range(3))
+    if n_rows == 0:
+        return dg.zero_(), tuple(x.zero_() for x in dos)
+    BV = max(16, C.next_pow2(Dv))
+    BR = max(1, min(64, 4096 // BV))  # rows per program: ~4k elements per tensor
+    _gates_bwd[(triton.cdiv(n_rows, BR),)](do, gates, o_cmp, o_slc, o_win, dg, *dos, n_rows,
+                                           DV=Dv, BR=BR, BV=BV, EMU_RTNE=C.upcast(do.dtype), num_warps=4)
+    return dg, dos
 
-    Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) in do's dtype): products in
-    fp32, rounded once.
-    """
+
+def gates_backward_torch(do, gates, o_cmp, o_slc, o_win):
+    """Reference of :func:`gates_backward` in torch ops (same signature and rounding)."""
     d = do.float()
     g = gates.float()
     dg = torch.stack([(d * o.float()).sum(-1) for o in (o_cmp, o_slc, o_win)], -1)
