@@ -13,6 +13,7 @@ SEQ=${2:-2048}
 STEPS=${3:-2000}
 BATCH=${4:-16}
 mkdir -p "$OUT"
+rm -rf /tmp/tput_* /tmp/needle_run  # runs of an earlier call: train refuses to overwrite them
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 COMMON="--preset $PRESET --seq-len $SEQ --batch-size $BATCH --dtype bfloat16 --save-every 0"
 tput() {  # tokens/s of a training log, its first 2 steps (compilation, autotuning) left out
