@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from .selected import tile_block, tile_lists
 
 
 @triton.jit
@@ -45,21 +46,15 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
     dk/dv of the tile atomically; returns the updated dq chunks (unscaled by sm_scale)."""
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
-    k0 = tl.load(Kb + kn[:, None] * (H * DK) + dk0[None, :], mask=kn_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        k0 = k0.to(tl.float32)
+    k0 = C.load_cols(Kb, kn * (H * DK), kn_ok, 0, BK0, DK, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        k1 = tl.load(Kb + kn[:, None] * (H * DK) + dk1[None, :], mask=kn_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k1 = k1.to(tl.float32)
+        k1 = C.load_cols(Kb, kn * (H * DK), kn_ok, BK0, BK1, DK, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
     vis = vis & ok[:, None] & kn_ok[None, :]
     p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # exact probabilities
-    v = tl.load(Vb + kn[:, None] * (H * DV) + dv[None, :], mask=kn_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        v = v.to(tl.float32)
+    v = C.load_cols(Vb, kn * (H * DV), kn_ok, 0, BV, DV, UPCAST)
     if KV:
         gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BV]
         tl.atomic_add(GVb + kn[:, None] * (H * DV) + dv[None, :], gv,
@@ -82,27 +77,36 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
 
 
 @triton.jit
+def _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale,
+                   BK1: tl.constexpr, PREC: tl.constexpr):
+    """One query tile's share of a key tile's dk/dv (unscaled by sm_scale), kept in registers
+    by the key-centric kernels; ``vis`` [rows, keys] already holds the row and key masks."""
+    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+    if BK1 > 0:
+        s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dsq = (p * (dp - delta[:, None])).to(q0.dtype)
+    acc_k0 += tl.dot(tl.trans(dsq), q0, input_precision=PREC)
+    if BK1 > 0:
+        acc_k1 += tl.dot(tl.trans(dsq), q1, input_precision=PREC)
+    return acc_k0, acc_k1, acc_v
+
+
+@triton.jit
 def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
                BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
                MAKE_DELTA: tl.constexpr):
     """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile.
     MAKE_DELTA: delta = rowsum(do * o) from O, stored to DELTA (the dq kernels, which run
     first and own their rows); otherwise read from DELTA (the dk/dv kernels)."""
-    dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
-    Qb = Q + row0 * DK
-    q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        q0 = q0.to(tl.float32)
+    q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
     q1 = q0
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
-        q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            q1 = q1.to(tl.float32)
-    do = tl.load(DO + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        do = do.to(tl.float32)
+        q1 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, BK0, BK1, DK, UPCAST)
+    do = C.load_cols(DO + row0 * DV, rel * DV, row_ok, 0, BV, DV, UPCAST)
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=float("-inf"))
     ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
     lse2 = tl.where(ok, lse * 1.4426950408889634, 0.0)
@@ -198,18 +202,12 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     Kb = K + kv_row * DK
-    k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        k0 = k0.to(tl.float32)
+    k0 = C.load_cols(Kb, bn * (H * DK), n_ok, 0, BK0, DK, UPCAST)
     k1 = k0
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k1 = k1.to(tl.float32)
-    v = tl.load(V + kv_row * DV + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        v = v.to(tl.float32)
+        k1 = C.load_cols(Kb, bn * (H * DK), n_ok, BK0, BK1, DK, UPCAST)
+    v = C.load_cols(V + kv_row * DV, bn * (H * DV), n_ok, 0, BV, DV, UPCAST)
     qk_scale = sm_scale * 1.4426950408889634
 
     # local query indices that can see a key of the tile
@@ -228,22 +226,14 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
         tq, row_ok, pos, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
         q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
                                                  BK0, BK1, BV, UPCAST, False)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        if BK1 > 0:
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if MODE == 0:
             vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
         else:
             u = n + k_offset
             vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
         vis = vis & ok[:, None] & n_ok[None, :]
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dsq = (p * (dp - delta[:, None])).to(q0.dtype)
-        acc_k0 += tl.dot(tl.trans(dsq), q0, input_precision=PREC)
-        if BK1 > 0:
-            acc_k1 += tl.dot(tl.trans(dsq), q1, input_precision=PREC)
+        acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1,
+                                               acc_v, qk_scale, BK1, PREC)
 
     GKb = GK + kv_row * DK
     tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
@@ -271,55 +261,26 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
-    dk0 = tl.arange(0, BK0)
     ar = tl.arange(0, BS)
     qk_scale = sm_scale * 1.4426950408889634
-    if BT > 1:
-        # the tile's block lists [BT, NP], to visit each block once (as the forward)
-        tp = t0 + tl.arange(0, BT)
-        cs = tl.arange(0, NP)
-        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
-        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
-                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
-        prow = tl.arange(0, BT)
+    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
 
     if not HAVE_LSE:  # pass 1: the slc log-sum-exp of every row, written to LSEBUF for pass 2
-        Qb = Q + row0 * DK
-        q0 = tl.load(Qb + rel[:, None] * DK + dk0[None, :], mask=row_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            q0 = q0.to(tl.float32)
+        q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
         q1 = q0
         if BK1 > 0:
-            dk1 = BK0 + tl.arange(0, BK1)
-            q1 = tl.load(Qb + rel[:, None] * DK + dk1[None, :], mask=row_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                q1 = q1.to(tl.float32)
+            q1 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, BK0, BK1, DK, UPCAST)
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         for ps in range(0, BT * N_SEL):
-            p_loc = ps // N_SEL
-            slot = ps % N_SEL
-            blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                          mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
-            if BT > 1:
-                seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
-                has = tl.sum(tl.where(lists == blk, 1, 0), 1)
-                sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
-                blk = tl.where(seen == 0, blk, -1)
-            else:
-                sel = row_ok
-            u = blk * SEL_L + ar
-            u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+            blk, sel, u, u_ok = tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
+                                           SEL_L, BS, HP, BT)
             kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
-            k0 = tl.load(kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                k0 = k0.to(tl.float32)
-            s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+            s = tl.dot(q0, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)),
+                       input_precision=PREC)
             if BK1 > 0:
-                k1 = tl.load(kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-                if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                    k1 = k1.to(tl.float32)
-                s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+                s += tl.dot(q1, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)),
+                            input_precision=PREC)
             vis = sel[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
             s = tl.where(vis, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -335,19 +296,8 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
     dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
     dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     for ps in range(0, BT * N_SEL):
-        p_loc = ps // N_SEL
-        slot = ps % N_SEL
-        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                      mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
-        if BT > 1:
-            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
-            has = tl.sum(tl.where(lists == blk, 1, 0), 1)
-            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
-            blk = tl.where(seen == 0, blk, -1)
-        else:
-            sel = row_ok
-        u = blk * SEL_L + ar
-        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+        blk, sel, u, u_ok = tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
+                                       SEL_L, BS, HP, BT)
         kv_row = (k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
@@ -383,18 +333,12 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     Kb = K + kv_row * DK
-    k0 = tl.load(Kb + ar[:, None] * (H * DK) + dk0[None, :], mask=u_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        k0 = k0.to(tl.float32)
+    k0 = C.load_cols(Kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)
     k1 = k0
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        k1 = tl.load(Kb + ar[:, None] * (H * DK) + dk1[None, :], mask=u_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k1 = k1.to(tl.float32)
-    v = tl.load(V + kv_row * DV + ar[:, None] * (H * DV) + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        v = v.to(tl.float32)
+        k1 = C.load_cols(Kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)
+    v = C.load_cols(V + kv_row * DV, ar * (H * DV), u_ok, 0, BV, DV, UPCAST)
     qk_scale = sm_scale * 1.4426950408889634
 
     acc_k0 = tl.zeros([BS, BK0], dtype=tl.float32)
@@ -411,17 +355,9 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
         rel = (q_start + tq).to(tl.int64) * HQ + g * G + hh  # scattered rows: 64-bit each
         q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, 0, rel, row_ok, DK, DV,
                                                  BK0, BK1, BV, UPCAST, False)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        if BK1 > 0:
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
         vis = ok[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dsq = (p * (dp - delta[:, None])).to(q0.dtype)
-        acc_k0 += tl.dot(tl.trans(dsq), q0, input_precision=PREC)
-        if BK1 > 0:
-            acc_k1 += tl.dot(tl.trans(dsq), q1, input_precision=PREC)
+        acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1,
+                                               acc_v, qk_scale, BK1, PREC)
 
     GKb = GK + kv_row * DK
     tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,

@@ -26,6 +26,48 @@ from .band import default_scale
 
 
 @triton.jit
+def tile_lists(IDX, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+               BT: tl.constexpr):
+    """The block lists [BT, NP] of a tile's positions (-1: none), to find blocks shared between
+    positions; a constant when the tile holds one position (nothing to share)."""
+    if BT > 1:
+        tp = t0 + tl.arange(0, BT)
+        cs = tl.arange(0, NP)
+        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
+        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
+                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
+    else:
+        lists = tl.full([BT, NP], -1, tl.int32)
+    return lists
+
+
+@triton.jit
+def tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H: tl.constexpr,
+               N_SEL: tl.constexpr, SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr,
+               BT: tl.constexpr):
+    """Step ps of a tile's walk over its positions' lists (position ps // N_SEL, slot
+    ps % N_SEL): (blk, -1 when an earlier position of the tile already listed it or the slot
+    is empty; sel [BT * HP], the rows whose position lists it; u [BS], its key positions;
+    u_ok, the existing ones). A block is attended once, for every row that selected it."""
+    p_loc = ps // N_SEL
+    slot = ps % N_SEL
+    blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                  mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
+    if BT > 1:
+        prow = tl.arange(0, BT)
+        seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
+        has = tl.sum(tl.where(lists == blk, 1, 0), 1)  # [BT]
+        sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BT * HP]) > 0
+        blk = tl.where(seen == 0, blk, -1)
+    else:
+        sel = row_ok
+    ar = tl.arange(0, BS)
+    u = blk * SEL_L + ar
+    u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+    return blk, sel, u, u_ok
+
+
+@triton.jit
 def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
@@ -50,34 +92,14 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     qk_scale = sm_scale * 1.4426950408889634
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
 
-    if BT > 1:
-        # the tile's block lists [BT, NP] (-1: none), to find blocks shared between positions
-        tp = t0 + tl.arange(0, BT)
-        cs = tl.arange(0, NP)
-        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
-        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
-                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
-        prow = tl.arange(0, BT)
+    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
 
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for ps in range(0, BT * N_SEL):
-        p_loc = ps // N_SEL
-        slot = ps % N_SEL
-        p_ok = t0 + p_loc < q_len
-        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                      mask=p_ok, other=-1).to(tl.int32)
-        if BT > 1:
-            # first occurrence in the tile only; rows whose position lists blk take part
-            seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
-            has = tl.sum(tl.where(lists == blk, 1, 0), 1)  # [BT]
-            sel = tl.reshape(tl.broadcast_to(has[:, None], [BT, HP]), [BM]) > 0
-            blk = tl.where(seen == 0, blk, -1)
-        else:
-            sel = row_ok
-        u = blk * SEL_L + ar  # key positions of the block
-        u_ok = (ar < SEL_L) & (u < k_len) & (u >= 0)
+        blk, sel, u, u_ok = tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
+                                       SEL_L, BS, HP, BT)
         # one scalar base per block, small offsets inside it: fewer 64-bit address registers
         blk_row = tl.maximum(blk, 0).to(tl.int64) * SEL_L
         kb = K + ((k_start + blk_row) * H + g) * DK
