@@ -155,3 +155,33 @@ def test_presets_build():
         c = ModelConfig.preset(name)
         assert c.nsa_config().window == c.window
     assert NSAModel(ModelConfig.preset("tiny")).num_params() < 2_000_000
+
+
+def test_needle_selection_example_scores_pick_the_layers_blocks():
+    """examples/needle_selection.py ranks blocks by its own copy of the Eq. 9-10 scores: their
+    top free blocks must be the ones the layer selects (else its ranks say nothing)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "needle_selection.py")
+    spec = importlib.util.spec_from_file_location("needle_selection", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    torch.manual_seed(0)
+    from dataclasses import replace
+
+    cfg = replace(small("nsa"), sel_count=6)  # 3 free blocks next to the 3 forced
+    attn = NSAModel(cfg).blocks[0].attn.double()
+    x = torch.randn(1, 150, 64, dtype=torch.float64)
+    with torch.no_grad():
+        _, sel = attn(x, return_selection=True)  # [1, T, H, n]
+        s = ex.block_scores(attn, x)  # [T, H, n_sel]
+    n_free = cfg.sel_count - 3
+    for t in range(cfg.sel_count * cfg.sel_block, 150):  # more eligible blocks than slots
+        cur = t // cfg.sel_block
+        for g in range(cfg.n_kv_heads):
+            sg = s[t, g, :cur + 1].clone()
+            sg[[0, cur, cur - 1]] = -1
+            free = set(sel[0, t, g].tolist()) - {0, cur, cur - 1}
+            top = set(sg.topk(n_free).indices.tolist())
+            assert free == top, (t, g, free, top)
