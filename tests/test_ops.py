@@ -474,3 +474,77 @@ def test_paper_geometry_long_sequence():
             left = [v for v in range(cur + 1) if v not in chosen]
             if free and left:
                 assert min(P[0, tt, g, free]) >= max(P[0, tt, g, left]) - 1e-12, tt
+
+
+# --------------------------------------------------------------------------- nsa_decode
+def _decode_step(x, lens, w):
+    """nsa_decode's arguments for the last position of each sequence of a full input x, with
+    the window keys in a ring of w rows (position p at row p % w)."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g = x
+    B = q.shape[0]
+    ring_k, ring_v = k_win.new_zeros(B, w, *k_win.shape[2:]), v_win.new_zeros(B, w, *v_win.shape[2:])
+    for b, n in enumerate(lens):
+        p = torch.arange(max(0, n - w), n)
+        ring_k[b, p % w], ring_v[b, p % w] = k_win[b, p], v_win[b, p]
+    last = torch.tensor(lens) - 1
+    ar = torch.arange(B)
+    return (q[ar, last][:, None], k_cmp, v_cmp, k_slc, v_slc, ring_k, ring_v, g[ar, last][:, None])
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_decode_equals_last_row_of_a_full_call(data):
+    """A decode step of each sequence (own length, window in a ring) = the last row of nsa_func."""
+    d = data.draw(st.integers(1, 3), label="d")
+    l = d * data.draw(st.integers(1, 3), label="l/d")
+    lp = d * data.draw(st.integers(1, 3), label="l'/d")
+    n = data.draw(st.integers(3, 6), label="n")
+    w = data.draw(st.integers(1, 12), label="w")
+    h = data.draw(st.sampled_from([1, 2, 3]), label="h")
+    lens = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=3), label="lens")
+    x = make_inputs(len(lens), max(lens), 2 * h, 2, 4, 3, l, d, seed=data.draw(st.integers(0, 2**16)))
+    step = nsa.nsa_decode(*_decode_step(x, lens, w), cache_seqlens=torch.tensor(lens), **geom(l, d, lp, n, w),
+                          backend="torch")
+    for b, t in enumerate(lens):
+        tc = nsa.num_cmp_blocks(t, l, d)
+        xb = [a[b:b + 1, :tc] if i in (1, 2) else a[b:b + 1, :t] for i, a in enumerate(x)]
+        full = nsa.nsa_func(*xb, **geom(l, d, lp, n, w), backend="torch")
+        torch.testing.assert_close(step[b:b + 1], full[:, -1:], rtol=1e-12, atol=1e-12)
+
+
+def _decode_args(lens=(7, 10), w=W):
+    x = make_inputs(len(lens), max(lens), 4, 2, 4, 3, L, D, seed=0)
+    return list(_decode_step(x, list(lens), w)), dict(cache_seqlens=torch.tensor(lens), **geom(L, D, LP, N, w))
+
+
+DECODE_BAD = [
+    pytest.param(lambda a, k: a.__setitem__(0, torch.cat([a[0], a[0]], 1)), ValueError,
+                 ["q", "[B, 1, HQ, Dk]"], id="q-two-tokens"),
+    pytest.param(lambda a, k: k.update(cache_seqlens=torch.tensor([7, 0])), ValueError,
+                 ["cache_seqlens", ">= 1"], id="len-zero"),
+    pytest.param(lambda a, k: k.update(cache_seqlens=torch.tensor([7])), ValueError,
+                 ["cache_seqlens", "[B]"], id="lens-shape"),
+    pytest.param(lambda a, k: k.update(cache_seqlens=torch.tensor([7.0, 10.0])), TypeError,
+                 ["cache_seqlens"], id="lens-float"),
+    pytest.param(lambda a, k: k.update(cache_seqlens=11), ValueError,
+                 ["k_slc", "Tk >= 11"], id="len-beyond-cache"),
+    pytest.param(lambda a, k: a.__setitem__(1, a[1][:, :2]), ValueError, ["k_cmp", "Tc >= 4"], id="k_cmp-short"),
+    pytest.param(lambda a, k: (a.__setitem__(5, a[5][:, :2]), a.__setitem__(6, a[6][:, :2])), ValueError,
+                 ["k_win", "window=4"], id="ring-short"),
+    pytest.param(lambda a, k: a.__setitem__(6, a[6][:, :2]), ValueError, ["v_win", "k_win"], id="ring-v-rows"),
+    pytest.param(lambda a, k: a.__setitem__(6, a[6][..., :2]), ValueError, ["v_win", "Dv"], id="v_win-Dv"),
+    pytest.param(lambda a, k: a.__setitem__(7, a[7][..., :2]), ValueError, ["gates", "[B, 1, HQ, 3]"],
+                 id="gates-shape"),
+    pytest.param(lambda a, k: a.__setitem__(3, a[3].float()), TypeError, ["k_slc", "dtype"], id="k_slc-dtype"),
+    pytest.param(lambda a, k: k.update(backend="gpu"), ValueError, ["backend"], id="backend-unknown"),
+]
+
+
+@pytest.mark.parametrize("mut,exc,words", DECODE_BAD)
+def test_nsa_decode_bad_input(mut, exc, words):
+    a, kw = _decode_args()
+    mut(a, kw)
+    with pytest.raises(exc) as e:
+        nsa.nsa_decode(*a, **kw)
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))

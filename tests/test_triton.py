@@ -315,6 +315,86 @@ def test_import_error_without_triton(monkeypatch):
         nsa.triton = saved["nsa.triton"]
 
 
+# ------------------------------------------------------------------------------ decode
+# one new token per sequence against its cache; lens = cache_seqlens (the new token included)
+DECODE_CASES = [
+    pytest.param(dict(lens=[5, 40], HQ=2, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=3, w=16, ring=True),
+                 id="mha-a-row-without-cmp"),
+    pytest.param(dict(lens=[150], HQ=8, H=2, Dk=192, Dv=128, l=16, d=8, lp=16, n=5, w=32, ring=True),
+                 id="gqa4-192/128"),
+    pytest.param(dict(lens=[100, 77], HQ=16, H=1, Dk=64, Dv=64, l=8, d=4, lp=16, n=4, w=24, ring=False),
+                 id="gqa16-sharedkv"),
+    pytest.param(dict(lens=[1, 33, 97], HQ=4, H=2, Dk=48, Dv=32, l=8, d=8, lp=8, n=6, w=8, ring=True),
+                 id="gqa2-l=d=l'-len1"),
+    pytest.param(dict(lens=[300], HQ=64, H=1, Dk=32, Dv=32, l=8, d=4, lp=16, n=6, w=40, ring=True),
+                 id="gqa64-3splits"),
+]
+
+
+def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
+    """(args of nsa_decode, its kwargs, the expected output: each sequence's last row of one
+    full nsa_ref call, None without ``full``). The window keys go into a ring of w rows
+    (position p at p % w) or, for shared k/v, are k/v themselves."""
+    lens, B, n_max = c["lens"], len(c["lens"]), max(c["lens"])
+    q, k, v, kc, vc, gates, _ = _inputs(n_max, c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"],
+                                        dtype=dtype, seed=seed, B=B)
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
+    if c["ring"]:
+        kw_, vw_ = torch.randn_like(k), torch.randn_like(v)
+        ring_k = torch.zeros(B, c["w"], c["H"], c["Dk"], dtype=dtype, device=DEV)
+        ring_v = torch.zeros(B, c["w"], c["H"], c["Dv"], dtype=dtype, device=DEV)
+        for b, n in enumerate(lens):  # what a cache that wrote positions 0..n-1 holds
+            p = torch.arange(max(0, n - c["w"]), n, device=DEV)
+            ring_k[b, p % c["w"]], ring_v[b, p % c["w"]] = kw_[b, p], vw_[b, p]
+    else:
+        kw_, vw_, ring_k, ring_v = k, v, k, v
+    expect = []
+    for b, n in enumerate(lens if full else []):
+        tc = R.num_cmp_blocks(n, c["l"], c["d"])
+        whole = R.nsa_ref(q[b:b + 1, :n], kc[b:b + 1, :tc], vc[b:b + 1, :tc], k[b:b + 1, :n], v[b:b + 1, :n],
+                         kw_[b:b + 1, :n], vw_[b:b + 1, :n], gates[b:b + 1, :n], **geo)
+        expect.append(whole[:, n - 1:])
+    last = torch.tensor(lens, device=DEV) - 1
+    ar = torch.arange(B, device=DEV)
+    args = (q[ar, last][:, None], kc, vc, k, v, ring_k, ring_v, gates[ar, last][:, None])
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return args, dict(geo, cache_seqlens=seqlens), torch.cat(expect, 0) if full else None
+
+
+@pytest.mark.parametrize("c", DECODE_CASES)
+def test_decode_equals_last_row_of_a_full_pass(c):
+    args, kw, expect = _decode_inputs(c)
+    _close(nsa.nsa_decode(*args, backend="torch", **kw), expect, 1e-5)
+    _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_low_precision_error_within_2x_of_torch(dtype):
+    c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
+    args, kw, _ = _decode_inputs(c, dtype, full=False)
+    exact = R.nsa_decode_ref(*[a.double() for a in args], **kw)
+    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    got = nsa.nsa_decode(*args, backend="triton", **kw)
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    factor = 3 if (not CUDA and dtype == torch.bfloat16) else 2  # see the module doc
+    assert rel(got) <= factor * rel(R.nsa_decode_ref(*args, **kw)) + 1e-3
+
+
+def test_layer_decode_steps_triton():
+    """The layer's decode steps (one token each: nsa_decode on the cache's ring) equal one full call."""
+    torch.manual_seed(1)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=4, window=8, compress="mean",
+                        backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    x = torch.randn(2, 40, 32, device=DEV)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 40)
+        parts = [layer(x[:, :29], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(29, 40)]
+    _close(torch.cat(parts, 1), full, 1e-5)
+
+
 # ------------------------------------------------------------------------------ GPU only
 GPU_CASES = [
     pytest.param(dict(T=4099, HQ=64, H=4, Dk=192, Dv=128), id="paper-4k"),
@@ -359,3 +439,17 @@ def test_gpu_int64_addressing():
                                k_offset=T - 263)
     assert (o[:, -200:].float() - ref.float()).abs().max().item() < 2e-2
     assert not torch.isnan(o[:, rows]).any()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens", [[65536, 40001], [4099]], ids=["paper-64k-B2", "paper-4k"])
+def test_gpu_decode_bf16(lens):
+    """nsa_decode in the paper geometry on the GPU: bf16 error within 2x of the reference's."""
+    c = dict(lens=lens, HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=True)
+    args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False)
+    exact = R.nsa_decode_ref(*[a.double() for a in args], **kw)
+    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    got = nsa.nsa_decode(*args, backend="triton", **kw)
+    assert not torch.isnan(got).any()
+    assert rel(got) <= 2 * rel(R.nsa_decode_ref(*args, **kw)) + 1e-3

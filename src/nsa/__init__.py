@@ -2,6 +2,7 @@
 
 Public API:
     nsa_func, select_blocks  - the functional ops (backend="auto" | "torch" | "triton")
+    nsa_decode               - one decode step of each sequence against its cache (same backends)
     NSAConfig, NSAAttention  - the layer and its configuration
     NSACache                 - the layer's preallocated KV cache
 """
@@ -9,10 +10,10 @@ Public API:
 from .cache import NSACache
 from .config import NSAConfig
 from .layer import NSAAttention
-from .ops import nsa_func, select_blocks
+from .ops import nsa_decode, nsa_func, select_blocks
 from .reference import num_cmp_blocks
 
 __version__ = "0.1.0"
 
-__all__ = ["NSAAttention", "NSACache", "NSAConfig", "nsa_func", "num_cmp_blocks", "select_blocks",
+__all__ = ["NSAAttention", "NSACache", "NSAConfig", "nsa_decode", "nsa_func", "num_cmp_blocks", "select_blocks",
            "__version__"]

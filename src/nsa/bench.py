@@ -1,4 +1,4 @@
-"""``nsa bench prefill`` / ``nsa bench train``: the Triton NSA kernels against full attention.
+"""``nsa bench prefill`` / ``train`` / ``decode``: the Triton NSA kernels against full attention.
 
 ``prefill`` times the forward; ``train`` times forward + backward (all of q, k_cmp, v_cmp, k, v,
 k_win, v_win and the gates require grad; full attention: q, k, v), and the backward alone as
@@ -14,6 +14,12 @@ the difference. For each T (default 8k..128k, batch 1) and configuration it time
   compression, shared k/v, n = 16), with window_size=0: its window branch needs the
   flash_attn package (not installed on the benchmark GPU), so fla does less work than ours
   (which includes the w = 512 window) in that comparison.
+
+``decode`` times one decode step (one new query per sequence against a cache of T keys,
+``--batch`` sequences): :func:`nsa.nsa_decode` (backend="triton"), the same step through the
+prefill kernels (what the layer ran before ``nsa_decode`` existed), and SDPA full attention of
+one query over all T keys; with the keys each reads per step (NSA: Tc + n*l' + w per KV head,
+full: T) and the bytes of K/V behind them.
 
 Timing: ``triton.testing.do_bench`` median, after warm-up, on random bf16 inputs.
 FLOP counts (multiply-add = 2 FLOPs; useful work only, masked tiles not counted):
@@ -45,8 +51,10 @@ DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 
 
 def add_arguments(name, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train"],
-                        help="prefill: forward of the whole sequence; train: forward + backward")
+    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train", "decode"],
+                        help="prefill: forward of the whole sequence; train: forward + backward; "
+                             "decode: one new token against a cache of T keys")
+    parser.add_argument("--batch", type=int, default=1, help="decode: sequences per step (default 1)")
     parser.add_argument("--seqlens", type=int, nargs="+", default=DEFAULT_T,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -311,6 +319,56 @@ def _run_fla(x, c, rep):
         return _bench(fn, rep)
 
 
+def decode_reads(T, c) -> dict:
+    """Keys read per KV head by one decode step at context T (the paper's Table 4 count)."""
+    tc = 0 if T < c["l"] else (T - c["l"]) // c["d"] + 1
+    nsa = tc + min(c["n"] * c["lp"], T) + min(c["w"], T)
+    return dict(keys_nsa=nsa, keys_full=T, bytes_nsa=nsa * (c["Dk"] + c["Dv"]) * 2 * c["H"],
+                bytes_full=T * (c["Dk"] + c["Dv"]) * 2 * c["H"])
+
+
+def _run_decode(T, c, B, baselines, rep, device) -> dict:
+    """One decode step at context T: nsa_decode, the prefill kernels on one query, SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    from .ops import nsa_decode
+    from .reference import compress_mean
+    from .triton import nsa_triton
+
+    g = torch.Generator(device=device).manual_seed(T)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    H, HQ, Dk, Dv, w = c["H"], c["HQ"], c["Dk"], c["Dv"], c["w"]
+    q = mk(B, 1, HQ, Dk)
+    k, v = mk(B, T, H, Dk), mk(B, T, H, Dv)
+    kw, vw = (k, v) if c["shared"] else (mk(B, w, H, Dk), mk(B, w, H, Dv))  # a ring of w rows
+    kc, vc = compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"])
+    gates = torch.rand(B, 1, HQ, 3, device=device, generator=g).to(torch.bfloat16)
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=w)
+    res = {}
+    with torch.no_grad():
+        step = lambda: nsa_decode(q, kc, vc, k, v, kw, vw, gates, cache_seqlens=T, backend="triton", **geo)  # noqa: E731
+        res["nsa"] = _bench(step, rep)
+        # the prefill kernels on one query need the window keys in position order
+        lo = max(0, T - w)
+        rows = torch.arange(lo, T, device=device) % kw.shape[1]
+        kl, vl = kw[:, rows].contiguous(), vw[:, rows].contiguous()
+        old = lambda: nsa_triton(q, kc, vc, k, v, kl, vl, gates, q_offset=T - 1, win_k_offset=lo, **geo)  # noqa: E731
+        res["nsa_prefill_kernels"] = _bench(old, rep)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        for b in baselines:
+            if not b.startswith("sdpa"):
+                continue
+            try:
+                with sdpa_kernel(_sdpa_backend(b)):
+                    full = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)  # noqa: E731
+                    res[b] = _bench(full, rep)
+            except Exception as e:
+                res[f"{b}_error"] = repr(e)[:300]
+    return res
+
+
 def run(name, args) -> int:
     import torch
     import triton
@@ -332,7 +390,11 @@ def run(name, args) -> int:
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
     out_path = args.out or f"benchmarks/results/{args.what}_h100"
-    meta["timing"] += ", forward + backward" if args.what == "train" else ", forward"
+    meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
+        args.what, f", one decode step, batch {args.batch}")
+    if args.what == "decode":
+        meta["timing"] = meta["timing"].replace("batch 1, ", "")
+        return _decode_sweep(args, meta, baselines, out_path, dev)
     for cname in args.configs:
         c = dict(CONFIGS[cname], name=cname)
         for T in args.seqlens:
@@ -401,6 +463,57 @@ def run(name, args) -> int:
     return 0
 
 
+def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
+    import torch
+
+    rows = []
+    for cname in args.configs:
+        c = dict(CONFIGS[cname], name=cname)
+        for T in args.seqlens:
+            torch.cuda.empty_cache()
+            res = dict(config=cname, T=T, batch=args.batch, **decode_reads(T, c))
+            try:
+                for key, val in _run_decode(T, c, args.batch, baselines, args.rep, dev).items():
+                    if key.endswith("_error"):
+                        res[key] = val
+                    else:
+                        res[f"{key}_ms"], res[f"{key}_peak_gb"] = val
+            except Exception as e:  # keep going: report what failed
+                traceback.print_exc()
+                res["nsa_error"] = repr(e)[:300]
+            if "nsa_ms" in res:
+                res["nsa_gbps"] = res["bytes_nsa"] * args.batch / res["nsa_ms"] / 1e6
+                for b in ("nsa_prefill_kernels", *baselines):
+                    if f"{b}_ms" in res:
+                        res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
+            rows.append(res)
+            print(" ".join([f"{cname:>5} T={T:>6} B={args.batch}"] + [
+                f"{k}={res[k + '_ms'] * 1e3:.0f}us" for k in ("nsa", "nsa_prefill_kernels", *baselines)
+                if k + "_ms" in res]), flush=True)
+            _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
+    out = dict(meta=meta, configs=CONFIGS, results=rows)
+    try:
+        plot(out, out_path + ".png", decode=True)
+    except Exception:
+        traceback.print_exc()
+    print(markdown_table_decode(out))
+    return 0
+
+
+def markdown_table_decode(out) -> str:
+    lines = ["| config | T | batch | NSA decode us | prefill kernels on 1 query us | SDPA flash us | "
+             "SDPA cuDNN us | keys read NSA / full | NSA GB/s | vs best SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k: f"{r[k + '_ms'] * 1e3:.0f}" if k + "_ms" in r else "-"  # noqa: E731
+    for r in out["results"]:
+        sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
+        sp = f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
+        lines.append(f"| {r['config']} | {r['T'] // 1024}k | {r['batch']} | {f(r, 'nsa')} | "
+                     f"{f(r, 'nsa_prefill_kernels')} | {f(r, 'sdpa_flash')} | {f(r, 'sdpa_cudnn')} | "
+                     f"{r['keys_nsa']} / {r['keys_full']} | {r.get('nsa_gbps', 0):.0f} | {sp} |")
+    return "\n".join(lines)
+
+
 def _finish_train(res, baselines) -> None:
     """Speedups of forward + backward and of the backward alone (train mode)."""
     for b in baselines:
@@ -465,7 +578,7 @@ def _markdown_table_train(out) -> str:
     return "\n".join(lines)
 
 
-def plot(out, path) -> None:
+def plot(out, path, decode=False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,15 +588,17 @@ def plot(out, path) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
     for ax, cname in zip(axes[0], configs):
         rs = [r for r in out["results"] if r["config"] == cname]
-        for key, label in (("nsa", "NSA (ours, Triton)"), ("sdpa_flash", "SDPA flash"),
-                           ("sdpa_cudnn", "SDPA cuDNN"), ("flex", "FlexAttention"), ("fla", "fla parallel_nsa")):
+        for key, label in (("nsa", "NSA (ours, Triton)"), ("nsa_prefill_kernels", "NSA, prefill kernels"),
+                           ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN"),
+                           ("flex", "FlexAttention"), ("fla", "fla parallel_nsa")):
             pts = [(r["T"], r[f"{key}_ms"]) for r in rs if f"{key}_ms" in r]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("T (batch 1)")
-        ax.set_ylabel("forward + backward ms" if "forward + backward" in out["meta"]["timing"] else "forward ms")
+        ax.set_xlabel("context T (keys in the cache)" if decode else "T (batch 1)")
+        ax.set_ylabel("ms per decode step" if decode else
+                      "forward + backward ms" if "forward + backward" in out["meta"]["timing"] else "forward ms")
         ax.set_title(f"{cname}: " + ", ".join(f"{k}={CONFIGS[cname][k]}" for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n")))
         ax.title.set_fontsize(7)
         ax.grid(True, which="both", alpha=0.3)

@@ -185,9 +185,10 @@ class NSAAttention(nn.Module):
         if cache.shared_kv:
             k_w, v_w = cache.k_slc[:, s - kept:s + C], cache.v_slc[:, s - kept:s + C]
         else:
-            slots = torch.arange(s - kept, s, device=x.device) % w
-            k_w = torch.cat([cache.k_win[:, slots], kw.to(dt)], 1)
-            v_w = torch.cat([cache.v_win[:, slots], vw.to(dt)], 1)
+            if C != 1:  # (a decode step reads the ring instead)
+                slots = torch.arange(s - kept, s, device=x.device) % w
+                k_w = torch.cat([cache.k_win[:, slots], kw.to(dt)], 1)
+                v_w = torch.cat([cache.v_win[:, slots], vw.to(dt)], 1)
             new = min(C, w)
             slots = torch.arange(s + C - new, s + C, device=x.device) % w
             cache.k_win[:, slots] = kw[:, C - new:].to(dt)
@@ -197,8 +198,13 @@ class NSAAttention(nn.Module):
         k_s, v_s = cache.k_slc[:, :s + C], cache.v_slc[:, :s + C]
         geom = self._geometry()
         qd = q.to(dt)
-        o = ops.nsa_at(qd, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates.to(dt), q_offset=s,
-                       win_k_offset=s - kept, backend=c.backend, **geom)
+        if C == 1:  # a decode step: nsa_decode reads the window's ring buffer in place
+            ring_k, ring_v = (k_s, v_s) if cache.shared_kv else (cache.k_win, cache.v_win)
+            o = ops.nsa_decode(qd, k_cmp, v_cmp, k_s, v_s, ring_k, ring_v, gates.to(dt),
+                               cache_seqlens=s + 1, backend=c.backend, **geom)
+        else:
+            o = ops.nsa_at(qd, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates.to(dt), q_offset=s,
+                           win_k_offset=s - kept, backend=c.backend, **geom)
         cache.length = s + C
         y = self._out(o.to(x.dtype))
         if return_selection:

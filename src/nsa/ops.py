@@ -1,4 +1,4 @@
-"""Public functional ops: :func:`nsa_func` and :func:`select_blocks` (SPEC section 8).
+"""Public functional ops: :func:`nsa_func`, :func:`select_blocks` and :func:`nsa_decode` (SPEC section 8).
 
 Each op validates its inputs, then dispatches on ``backend``:
 
@@ -227,3 +227,99 @@ def nsa_at(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_offset: int,
         if getattr(tk, "SUPPORTS_OFFSETS", False):
             return tk.nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
     return reference.nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+
+
+def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
+               cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16,
+               window: int = 512, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """One decode step: the newest token of each sequence attends to that sequence's cache.
+
+    Same result as :func:`nsa_func` on the whole sequence, read at its last position, without
+    recomputing anything before it. Not differentiable (inference).
+
+    Args:
+        q: ``[B, 1, HQ, Dk]`` the new token's queries (RoPE applied); its position in sequence b
+            is ``cache_seqlens[b] - 1``.
+        k_cmp, v_cmp: ``[B, Tc, H, Dk]``, ``[B, Tc, H, Dv]`` compressed keys/values from
+            position 0; row i is block [i*d, i*d + l). The first Tc(n) = (n - l) // d + 1 rows
+            (0 if n < l) of sequence b are read, n = ``cache_seqlens[b]``; Tc >= Tc(max n).
+        k_slc, v_slc: ``[B, Tk, H, Dk]``, ``[B, Tk, H, Dv]`` keys/values of positions 0..n-1
+            (the new token's included); Tk >= max n.
+        k_win, v_win: ``[B, Tw, H, Dk]``, ``[B, Tw, H, Dv]`` window keys/values, position p at
+            row ``p % Tw``: a ring buffer of Tw >= window rows, or the full keys (Tw >= max n,
+            e.g. k_slc/v_slc again for shared k/v).
+        gates: ``[B, 1, HQ, 3]`` activated gates (cmp, slc, win).
+        cache_seqlens: int, or int tensor ``[B]`` (per-sequence lengths, each >= 1) on q's device.
+        cmp_block, cmp_stride, sel_block, sel_count, window, scale: as :func:`nsa_func`.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+
+    Returns:
+        ``[B, 1, HQ, Dv]`` in q's dtype.
+    """
+    _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
+    _check_tensor("q", q, 4, "[B, 1, HQ, Dk]")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q must be a floating tensor (fp16/bf16/fp32/fp64), got {q.dtype}")
+    B, T, HQ, Dk = q.shape
+    if T != 1:
+        raise ValueError(f"q must have shape [B, 1, HQ, Dk] (one new token per sequence), got "
+                         f"{list(q.shape)}; use nsa_func or the layer's cache for a chunk")
+    if isinstance(cache_seqlens, torch.Tensor):
+        if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
+            raise ValueError(f"cache_seqlens must be an int or an int tensor [B] = [{B}], "
+                             f"got shape {list(cache_seqlens.shape)}")
+        if cache_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+        lens = cache_seqlens.tolist()
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lens = [cache_seqlens] * B
+    else:
+        raise TypeError(f"cache_seqlens must be an int or an int tensor [B], got {type(cache_seqlens).__name__}")
+    if B and min(lens) < 1:
+        raise ValueError(f"cache_seqlens must be >= 1 (the new token is in the cache), got {lens}")
+    n_max = max(lens, default=1)
+    _check_tensor("k_cmp", k_cmp, 4, "[B, Tc, H, Dk]")
+    H = k_cmp.shape[2]
+    if H == 0 or HQ % H:
+        raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")
+    Dv = v_cmp.shape[-1] if isinstance(v_cmp, torch.Tensor) else None
+    tc = reference.num_cmp_blocks(n_max, cmp_block, cmp_stride)
+    for name, x, D, rows, need in (
+            ("k_cmp", k_cmp, Dk, "Tc", tc), ("v_cmp", v_cmp, Dv, "Tc", tc),
+            ("k_slc", k_slc, Dk, "Tk", n_max), ("v_slc", v_slc, Dv, "Tk", n_max),
+            ("k_win", k_win, Dk, "Tw", 1), ("v_win", v_win, Dv, "Tw", 1)):
+        expect = f"[B, {rows}, H, {'Dk' if name[0] == 'k' else 'Dv'}] = [{B}, {rows}, {H}, {D}]"
+        _check_tensor(name, x, 4, expect)
+        if x.shape[0] != B or x.shape[2] != H or x.shape[3] != D:
+            raise ValueError(f"{name} must have shape {expect}, got {list(x.shape)}")
+        if x.shape[1] < need:
+            raise ValueError(f"{name} has {x.shape[1]} rows but the longest sequence "
+                             f"(cache_seqlens = {n_max}) needs {rows} >= {need}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    for kn, kx, vn, vx in (("k_cmp", k_cmp, "v_cmp", v_cmp), ("k_slc", k_slc, "v_slc", v_slc),
+                           ("k_win", k_win, "v_win", v_win)):
+        if vx.shape[1] != kx.shape[1]:
+            raise ValueError(f"{vn} has {vx.shape[1]} rows but {kn} has {kx.shape[1]}: they must match")
+    Tw = k_win.shape[1]
+    if Tw < min(window, n_max):
+        raise ValueError(f"k_win/v_win must hold Tw >= window={window} rows (a ring buffer, position "
+                         f"p at row p % Tw) or every position (Tw >= {n_max}), got Tw={Tw}")
+    _check_tensor("gates", gates, 4, f"[B, 1, HQ, 3] = {[B, 1, HQ, 3]}")
+    if tuple(gates.shape) != (B, 1, HQ, 3):
+        raise ValueError(f"gates must have shape [B, 1, HQ, 3] = {[B, 1, HQ, 3]}, got {list(gates.shape)}")
+    if gates.dtype != q.dtype or gates.device != q.device:
+        raise TypeError(f"gates must have q's dtype and device ({q.dtype}, {q.device}), "
+                        f"got {gates.dtype}, {gates.device}")
+    kw = dict(cache_seqlens=cache_seqlens, cmp_block=cmp_block, cmp_stride=cmp_stride,
+              sel_block=sel_block, sel_count=sel_count, window=window, scale=scale)
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
+        from . import triton as tk
+
+        return tk.nsa_decode_triton(*args, **kw)
+    return reference.nsa_decode_ref(*args, **kw)

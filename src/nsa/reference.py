@@ -7,6 +7,7 @@ Every branch is a separate function, testable alone (as fla's ``naive.py``):
 * :func:`selected_attention_ref` - branch slc over given block indices (SPEC 5).
 * :func:`sliding_window_ref` - branch win (SPEC 6).
 * :func:`nsa_ref` - all three branches mixed by the gates (SPEC 7).
+* :func:`nsa_decode_ref` - one decode step per sequence against a cache (:func:`nsa_ref` per row).
 
 All functions are vectorised over positions and blocks. The only Python loops are over
 chunks of queries (to bound memory: a chunk's intermediates stay near ``_CHUNK_ELEMS``
@@ -180,18 +181,24 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
             inf = torch.tensor(float("inf"), dtype=acc, device=q.device)
             score = torch.where(forced[None, :, None], inf,
                                 torch.where(eligible[None, :, None], score, -inf))
-            # stable descending sort: among equal scores the lower index comes first
-            order = torch.sort(score, dim=-1, descending=True, stable=True)
-            k = min(sel_count, n_sel)
-            idx = torch.where(order.values[..., :k] == -inf, n_sel, order.indices[..., :k])
-            idx = idx.sort(-1).values  # ascending, invalid (n_sel) last
-            idx = torch.where(idx == n_sel, -1, idx)
-            if k < sel_count:
-                idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], sel_count - k), -1)], -1)
-            out.append(idx)
+            out.append(top_blocks(score, sel_count))
     if not out:
         return torch.empty(B, 0, H, sel_count, dtype=torch.int64, device=q.device)
     return torch.cat(out, 1).to(torch.int64)
+
+
+def top_blocks(score: torch.Tensor, sel_count: int) -> torch.Tensor:
+    """The ``sel_count`` best blocks of ``score [..., n_sel]`` (forced blocks +inf, ineligible
+    -inf): indices ascending, padded with -1; among equal scores the lower index wins."""
+    n_sel = score.shape[-1]
+    order = torch.sort(score, dim=-1, descending=True, stable=True)
+    k = min(sel_count, n_sel)
+    idx = torch.where(order.values[..., :k] == -math.inf, n_sel, order.indices[..., :k])
+    idx = idx.sort(-1).values  # ascending, invalid (n_sel) last
+    idx = torch.where(idx == n_sel, -1, idx)
+    if k < sel_count:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], sel_count - k), -1)], -1)
+    return idx
 
 
 def selected_attention_ref(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
@@ -303,6 +310,29 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
                                q_offset=q_offset,
                                k_offset=0 if win_k_offset is None else win_k_offset)
     return combine_gates(gates, o_cmp, o_slc, o_win).to(out_dtype)
+
+
+def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
+                   cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None):
+    """One decode step (the contract of :func:`nsa.nsa_decode`): :func:`nsa_ref` for the one
+    query of each sequence, at position ``cache_seqlens[b] - 1``.
+
+    k_cmp/k_slc hold positions from 0 (only the first Tc(n) / n rows are read); the window
+    keys of position p sit at row ``p % Tw`` of k_win/v_win (a ring buffer, or the full keys).
+    """
+    B, Tw = q.shape[0], k_win.shape[1]
+    lens = cache_seqlens.tolist() if isinstance(cache_seqlens, torch.Tensor) else [int(cache_seqlens)] * B
+    outs = []
+    for b, n in enumerate(lens):
+        lo = max(0, n - window)
+        rows = torch.arange(lo, n, device=q.device) % Tw  # the ring's slots, oldest first
+        tc = num_cmp_blocks(n, cmp_block, cmp_stride)
+        outs.append(nsa_ref(q[b:b + 1], k_cmp[b:b + 1, :tc], v_cmp[b:b + 1, :tc], k_slc[b:b + 1, :n],
+                            v_slc[b:b + 1, :n], k_win[b:b + 1, rows], v_win[b:b + 1, rows],
+                            gates[b:b + 1], cmp_block=cmp_block, cmp_stride=cmp_stride,
+                            sel_block=sel_block, sel_count=sel_count, window=window, scale=scale,
+                            q_offset=n - 1, win_k_offset=lo))
+    return torch.cat(outs, 0)
 
 
 def _varlen(fn, cu_seqlens, args, kinds, kwargs):

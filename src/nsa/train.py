@@ -44,7 +44,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                             "(default seq-len / 3; equal to --seq-len for one length)")
         p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences")
         p.add_argument("--steps", type=int, default=None, help="optimizer steps")
-        p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+        p.add_argument("--lr", type=float, default=None,
+                       help="peak learning rate (preset default: " + ", ".join(
+                           f"{k} {v[3]:g}" for k, v in TRAIN_DEFAULTS.items()) + ")")
         p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps (default 30)")
         p.add_argument("--weight-decay", type=float, default=0.0)
         p.add_argument("--answer-weight", type=float, default=5.0,
@@ -59,7 +61,8 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--init", default=None, metavar="CKPT",
                        help="start from these weights (a checkpoint folder, its KIND subfolder per "
                             "attention kind when present, or a .safetensors file) with a fresh "
-                            "optimizer and schedule: e.g. continue a short-context run at longer "
+                            "optimizer and schedule (warm-up to --lr again: pass a lower --lr "
+                            "to keep what was learnt): e.g. continue a short-context run at longer "
                             "lengths")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

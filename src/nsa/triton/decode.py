@@ -1,0 +1,318 @@
+"""One decode step of NSA in Triton (:func:`nsa.nsa_decode`): split over keys, not queries.
+
+A decode step has one query per sequence, so the prefill kernels' grid (query tiles x KV heads)
+would be B * H programs, each reading every compressed token alone: 4 of 132 SMs busy at
+batch 1 in the paper configuration. Here the work of each (sequence, KV head) is split over
+keys, flash-decoding style, and the h query heads of a group share every key they load:
+
+1. cmp: NSPLIT programs per (b, g), each over a slice of the visible compressed tokens: raw
+   scores (log2 units) to a small buffer ``[B, HQ, Tc]`` and a partial softmax (max, sum, PV).
+2. scores: programs over the selection blocks: the lse from the cmp partials, then Eq. 9-10
+   block scores (group sum of exp(s - lse) times the overlap weights), forced blocks +inf,
+   ineligible -inf: ``[B, H, n_sel]``. Top-n in PyTorch (:func:`nsa.reference.top_blocks`):
+   n_sel = T / l' is small for one query.
+3. attend: one program per selected block and per window chunk (l' keys each), each a partial
+   softmax of its branch.
+4. combine: merges the partials of each branch and mixes them with the gates.
+
+Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from . import _common as C
+from .band import default_scale
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _group_q(Q, b, g, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, DK: tl.constexpr,
+             BK0: tl.constexpr, BK1: tl.constexpr, UPCAST: tl.constexpr):
+    """The h = G query heads of group g of sequence b, padded to HP rows: ([HP, BK0], [HP, BK1])."""
+    hh = tl.arange(0, HP)
+    qb = Q + (b * HQ + g * G).to(tl.int64) * DK
+    q0 = C.load_cols(qb, hh * DK, hh < G, 0, BK0, DK, UPCAST)
+    q1 = q0
+    if BK1 > 0:
+        q1 = C.load_cols(qb, hh * DK, hh < G, BK0, BK1, DK, UPCAST)
+    return q0, q1
+
+
+@triton.jit
+def _scores_tile(q0, q1, kb, keys, k_ok, ROW: tl.constexpr, DK: tl.constexpr, BK0: tl.constexpr,
+                 BK1: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """q . k for the key rows ``keys`` (row stride ROW elements) of base kb: [HP, len(keys)]."""
+    dk0 = tl.arange(0, BK0)
+    kt = tl.load(kb + dk0[:, None] + keys[None, :] * ROW, mask=k_ok[None, :] & (dk0[:, None] < DK), other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        kt = kt.to(tl.float32)
+    s = tl.dot(q0, kt, input_precision=PREC)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        kt1 = tl.load(kb + dk1[:, None] + keys[None, :] * ROW, mask=k_ok[None, :] & (dk1[:, None] < DK), other=0.0)
+        if UPCAST:
+            kt1 = kt1.to(tl.float32)
+        s += tl.dot(q1, kt1, input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
+    """Compressed tokens visible to the query at position n - 1: Tc(n), at most TC."""
+    return tl.minimum(tl.where(n >= L_CMP, (n - L_CMP) // D_CMP + 1, 0), TC)
+
+
+@triton.jit
+def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, CH, NSPLIT,
+                HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
+                BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    sp = tl.program_id(0)
+    bh = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    b = bh // H
+    g = bh % H
+    n = tl.load(LENS + b).to(tl.int32)
+    hi = tl.minimum(sp * CH + CH, _visible_cmp(n, TC, L_CMP, D_CMP))
+    q0, q1 = _group_q(Q, b, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    hh = tl.arange(0, HP)
+    rows = (b * HQ + g * G + hh).to(tl.int64)  # [HP] (sequence, head) rows of S and the partials
+    kb = KC + (b.to(tl.int64) * TC * H + g) * DK
+    vb = VC + (b.to(tl.int64) * TC * H + g) * DV
+    dv = tl.arange(0, BV)
+    m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([HP], dtype=tl.float32)
+    acc = tl.zeros([HP, BV], dtype=tl.float32)
+    for i0 in range(sp * CH, hi, BN):
+        ii = i0 + tl.arange(0, BN)
+        ok = ii < hi
+        s = _scores_tile(q0, q1, kb, ii, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
+        tl.store(S + rows[:, None] * TC + ii[None, :], s, mask=(hh[:, None] < G) & ok[None, :])
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + ii[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    h_ok = hh < G
+    tl.store(PM + rows * NSPLIT + sp, m_i, mask=h_ok)
+    tl.store(PL + rows * NSPLIT + sp, l_i, mask=h_ok)
+    tl.store(PACC + (rows * NSPLIT + sp)[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit
+def _decode_scores(S, PM, PL, LENS, SCORE, TC, NSPLIT, N_SEL_MAX,
+                   HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
+                   BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
+                   SEL_L: tl.constexpr, KMAX: tl.constexpr):
+    jb = tl.program_id(0)
+    bh = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    b = bh // H
+    g = bh % H
+    n = tl.load(LENS + b).to(tl.int32)
+    pos = n - 1
+    nvis = _visible_cmp(n, TC, L_CMP, D_CMP)
+    hh = tl.arange(0, HP)
+    h_ok = hh < G
+    rows = (b * HQ + g * G + hh).to(tl.int64)
+    # each head's lse (log2 units) from the cmp partials
+    sps = tl.arange(0, NSP)
+    pmask = h_ok[:, None] & (sps[None, :] < NSPLIT)
+    pm = tl.load(PM + rows[:, None] * NSPLIT + sps[None, :], mask=pmask, other=-1.0e30)
+    pl = tl.load(PL + rows[:, None] * NSPLIT + sps[None, :], mask=pmask, other=0.0)
+    mx = tl.max(pm, 1)
+    tot = tl.sum(pl * tl.exp2(pm - mx[:, None]), 1)
+    lse = mx + tl.log2(tl.where(tot > 0, tot, 1.0))
+    # Eq. 9: block j overlaps compressed tokens i with i*d < (j+1)*l' and i*d + l > j*l'
+    j = jb * BJ + tl.arange(0, BJ)
+    i_lo = tl.where(j * SEL_L >= L_CMP, (j * SEL_L - L_CMP) // D_CMP + 1, 0)
+    score = tl.zeros([BJ], dtype=tl.float32)
+    for k in tl.static_range(KMAX):
+        i = i_lo + k
+        ov = tl.minimum(i * D_CMP + L_CMP, (j + 1) * SEL_L) - tl.maximum(i * D_CMP, j * SEL_L)
+        ok = (i < nvis) & (ov > 0)
+        s = tl.load(S + rows[:, None] * TC + i[None, :], mask=h_ok[:, None] & ok[None, :], other=float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # [HP, BJ]; 0 where masked
+        score += tl.sum(p, 0) * (tl.maximum(ov, 0).to(tl.float32) / D_CMP)
+    cur = pos // SEL_L
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    score = tl.where(forced, float("inf"), tl.where(j * SEL_L <= pos, score, float("-inf")))
+    tl.store(SCORE + (b * H + g).to(tl.int64) * N_SEL_MAX + j, score, mask=j < N_SEL_MAX)
+
+
+@triton.jit
+def _decode_attend(Q, KS, VS, KW, VW, IDX, LENS, PM, PL, PACC, qk_scale, TK, TW,
+                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   N_SEL: tl.constexpr, NW: tl.constexpr, WINDOW: tl.constexpr,
+                   SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
+                   BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys)."""
+    pp = tl.program_id(0)
+    bh = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    b = bh // H
+    g = bh % H
+    pos = tl.load(LENS + b).to(tl.int32) - 1
+    blk = tl.load(IDX + (b * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
+    ar = tl.arange(0, BS)
+    is_slc = (ar * 0 + pp) < N_SEL  # as a vector: the interpreter mishandles scalar & vector masks
+    u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
+    ok_s = is_slc & (ar < SEL_L) & (u_s >= 0) & (u_s <= pos)
+    c = pp - N_SEL
+    u_w = pos - WINDOW + 1 + c * BS + ar
+    ok_w = (~is_slc) & (c * BS + ar < WINDOW) & (u_w >= 0)
+    r_w = tl.where(ok_w, u_w % TW, 0)  # ring-buffer rows
+    q0, q1 = _group_q(Q, b, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    if pp < N_SEL:  # the selected block's keys ...
+        kb = KS + (b.to(tl.int64) * TK * H + g) * DK
+        vb = VS + (b.to(tl.int64) * TK * H + g) * DV
+        keys = tl.where(ok_s, u_s, 0)
+        ok = ok_s
+    else:  # ... or the window chunk's, from the ring
+        kb = KW + (b.to(tl.int64) * TW * H + g) * DK
+        vb = VW + (b.to(tl.int64) * TW * H + g) * DV
+        keys = r_w
+        ok = ok_w
+    s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
+    s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+    m = tl.maximum(tl.max(s, 1), -1.0e30)
+    p = tl.exp2(s - m[:, None])
+    dv = tl.arange(0, BV)
+    dmask = dv[None, :] < DV
+    v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & dmask, other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    hh = tl.arange(0, HP)
+    h_ok = hh < G
+    rows = (b * HQ + g * G + hh).to(tl.int64) * (N_SEL + NW) + pp
+    tl.store(PM + rows, m, mask=h_ok)
+    tl.store(PL + rows, tl.sum(p, 1), mask=h_ok)
+    tl.store(PACC + rows[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & dmask)
+
+
+@triton.jit
+def _merge(PM, PL, PACC, rows, h_ok, lo, hi, NP, DV: tl.constexpr, HP: tl.constexpr, BV: tl.constexpr):
+    """Softmax output of partials lo..hi-1 of each row: [HP, BV] fp32 (0 for a row with none)."""
+    mx = tl.full([HP], -1.0e30, dtype=tl.float32)
+    for p in range(lo, hi):
+        mx = tl.maximum(mx, tl.load(PM + rows * NP + p, mask=h_ok, other=-1.0e30))
+    dv = tl.arange(0, BV)
+    tot = tl.zeros([HP], dtype=tl.float32)
+    acc = tl.zeros([HP, BV], dtype=tl.float32)
+    for p in range(lo, hi):
+        w = tl.exp2(tl.load(PM + rows * NP + p, mask=h_ok, other=-1.0e30) - mx)
+        tot += w * tl.load(PL + rows * NP + p, mask=h_ok, other=0.0)
+        a = tl.load(PACC + (rows * NP + p)[:, None] * DV + dv[None, :], mask=h_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc += w[:, None] * a
+    return acc / tl.where(tot > 0, tot, 1.0)[:, None]
+
+
+@triton.jit
+def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
+                    HQ: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr,
+                    NW: tl.constexpr, HP: tl.constexpr, BV: tl.constexpr):
+    bh = tl.program_id(0)
+    H: tl.constexpr = HQ // G
+    b = bh // H
+    g = bh % H
+    hh = tl.arange(0, HP)
+    h_ok = hh < G
+    rows = (b * HQ + g * G + hh).to(tl.int64)
+    o_cmp = _merge(PM, PL, PACC, rows, h_ok, 0, NSPLIT, NSPLIT, DV, HP, BV)
+    o_slc = _merge(PM2, PL2, PACC2, rows, h_ok, 0, N_SEL, N_SEL + NW, DV, HP, BV)
+    o_win = _merge(PM2, PL2, PACC2, rows, h_ok, N_SEL, N_SEL + NW, N_SEL + NW, DV, HP, BV)
+    g0 = tl.load(GATES + rows * 3, mask=h_ok, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + rows * 3 + 1, mask=h_ok, other=0.0).to(tl.float32)
+    g2 = tl.load(GATES + rows * 3 + 2, mask=h_ok, other=0.0).to(tl.float32)
+    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
+    dv = tl.arange(0, BV)
+    tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=h_ok[:, None] & (dv[None, :] < DV))
+
+
+# 255 registers at 4 warps for Dk + Dv = 320 (spills in attend); 8 warps fit (cuobjdump, sm_90)
+_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN"], [4, 8], [1, 2])
+_decode_attend_tuned = C.autotuned(_decode_attend, ["HQ", "G", "DK", "DV", "BS"], [4, 8], [1, 2])
+
+
+def _n_split(tc: int, bh: int, BN: int, device) -> int:
+    """Splits of the compressed tokens: enough programs to fill the GPU twice, >= BN tokens each."""
+    if C.interpreting() or device.type != "cuda":
+        return max(1, min(triton.cdiv(tc, BN), 3))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(tc, BN), triton.cdiv(2 * sms, max(bh, 1))))
+
+
+def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
+                      cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None):
+    """One decode step, ``[B, 1, HQ, Dv]`` in q's dtype; contract of :func:`nsa.nsa_decode`."""
+    q, k_cmp, v_cmp, gates = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gates.contiguous()
+    k_slc, v_slc, k_win, v_win = (x.contiguous() for x in (k_slc, v_slc, k_win, v_win))
+    B, _, HQ, Dk = q.shape
+    H, Dv, Tc, Tk, Tw = k_cmp.shape[2], v_cmp.shape[3], k_cmp.shape[1], k_slc.shape[1], k_win.shape[1]
+    G = HQ // H
+    dev = q.device
+    if isinstance(cache_seqlens, torch.Tensor):
+        lens = cache_seqlens.to(torch.int32).contiguous()
+        n_max = int(cache_seqlens.max()) if B else 1
+    else:
+        lens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=dev)
+        n_max = int(cache_seqlens)
+    o = torch.empty(B, 1, HQ, Dv, dtype=q.dtype, device=dev)
+    if B == 0:
+        return o
+    interp = C.interpreting()
+    HP = max(16, C.next_pow2(G))  # the tensor-core minimum of rows
+    BK0, BK1 = C.split_dim(Dk)
+    BV = max(16, C.next_pow2(Dv))
+    BN = 16 if interp else 64
+    qk_scale = default_scale(scale, Dk) * LOG2E
+    f32 = dict(dtype=torch.float32, device=dev)
+    common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
+    launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
+
+    # 1. cmp partials and raw scores
+    tc_used = reference.num_cmp_blocks(n_max, cmp_block, cmp_stride)
+    nsplit = _n_split(tc_used, B * H, BN, dev)
+    ch = triton.cdiv(triton.cdiv(max(tc_used, 1), nsplit), BN) * BN
+    s_buf = torch.empty(B, HQ, max(Tc, 1), **f32)
+    pm, pl = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
+    pacc = torch.empty(B, HQ, nsplit, Dv, **f32)
+    _decode_cmp_tuned[(nsplit, B * H)](q, k_cmp, v_cmp, lens, s_buf, pm, pl, pacc, qk_scale, Tc, ch, nsplit,
+                                 DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1,
+                                 BV=BV, BN=BN, **common, **launch)
+    # 2. block scores, then the top n (ties to the lower index, as the reference)
+    n_sel_max = reference.num_sel_blocks(n_max, sel_block)
+    score = torch.empty(B, H, n_sel_max, **f32)
+    BJ = 16 if interp else 64
+    kmax = triton.cdiv(sel_block + cmp_block, cmp_stride) + 1
+    _decode_scores[(triton.cdiv(n_sel_max, BJ), B * H)](
+        s_buf, pm, pl, lens, score, max(Tc, 1), nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
+        NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
+        KMAX=kmax, **launch)
+    idx = reference.top_blocks(score, sel_count).contiguous()  # [B, H, n]
+    # 3. a partial softmax per selected block and per window chunk
+    BS = max(16, C.next_pow2(sel_block))
+    nw = triton.cdiv(window, BS)
+    np2 = sel_count + nw
+    pm2, pl2 = torch.empty(B, HQ, np2, **f32), torch.empty(B, HQ, np2, **f32)
+    pacc2 = torch.empty(B, HQ, np2, Dv, **f32)
+    _decode_attend_tuned[(np2, B * H)](q, k_slc, v_slc, k_win, v_win, idx, lens, pm2, pl2, pacc2, qk_scale,
+                                 Tk, Tw, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window,
+                                 SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV, **common, **launch)
+    # 4. merge and mix
+    _decode_combine[(B * H,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, HQ=HQ, G=G, DV=Dv,
+                              N_SEL=sel_count, NW=nw, HP=HP, BV=BV, **launch)
+    return o
