@@ -322,17 +322,21 @@ def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_
     """
     B, Tw = q.shape[0], k_win.shape[1]
     lens = cache_seqlens.tolist() if isinstance(cache_seqlens, torch.Tensor) else [int(cache_seqlens)] * B
-    outs = []
+    # one call per group of sequences of the same length (the whole batch when all are equal)
+    groups: dict[int, list[int]] = {}
     for b, n in enumerate(lens):
+        groups.setdefault(n, []).append(b)
+    out = q.new_empty(B, 1, q.shape[2], v_slc.shape[3])
+    for n, bs in groups.items():
         lo = max(0, n - window)
         rows = torch.arange(lo, n, device=q.device) % Tw  # the ring's slots, oldest first
         tc = num_cmp_blocks(n, cmp_block, cmp_stride)
-        outs.append(nsa_ref(q[b:b + 1], k_cmp[b:b + 1, :tc], v_cmp[b:b + 1, :tc], k_slc[b:b + 1, :n],
-                            v_slc[b:b + 1, :n], k_win[b:b + 1, rows], v_win[b:b + 1, rows],
-                            gates[b:b + 1], cmp_block=cmp_block, cmp_stride=cmp_stride,
-                            sel_block=sel_block, sel_count=sel_count, window=window, scale=scale,
-                            q_offset=n - 1, win_k_offset=lo))
-    return torch.cat(outs, 0)
+        i = torch.tensor(bs, device=q.device)
+        out[i] = nsa_ref(q[i], k_cmp[i, :tc], v_cmp[i, :tc], k_slc[i, :n], v_slc[i, :n],
+                         k_win[i][:, rows], v_win[i][:, rows], gates[i], cmp_block=cmp_block,
+                         cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
+                         window=window, scale=scale, q_offset=n - 1, win_k_offset=lo)
+    return out
 
 
 def _varlen(fn, cu_seqlens, args, kinds, kwargs):
