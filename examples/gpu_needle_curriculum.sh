@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Length curriculum for the GPU needle (issue 4): train the tiny preset in stages, each stage
+# starting from the weights of the one before (`nsa train --init`), then the needle grid of the
+# last stage's NSA model next to the window-only model of the first stages.
+#   bash examples/gpu_needle_curriculum.sh [STAGE ...]     STAGE = steps:min_len:max_len[:kinds[:lr]]
+# The default stages are the run behind benchmarks/results/needle_gpu_curriculum_h100.json:
+#   2000:256:2048:nsa,window  500:256:8192:nsa,window  1500:2048:16384:nsa  900:4096:16384:nsa
+# (kinds default nsa; lr defaults to the preset's peak, re-warmed at every stage).
+# Writes ${OUT:-runs/curriculum}/sN (one run per stage), stage logs and needle.{json,png}.
+# DTYPE=float32 CONTEXTS=256,512 runs it on a CPU (a smoke test with small stages, e.g.
+# 3:128:256:nsa,window 3:128:512).
+set -euo pipefail
+OUT=${OUT:-runs/curriculum}
+[ $# -eq 0 ] && set -- 2000:256:2048:nsa,window 500:256:8192:nsa,window 1500:2048:16384:nsa 900:4096:16384:nsa
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+mkdir -p "$OUT"
+COMMON=(--preset tiny --batch-size 16 --dtype "${DTYPE:-bfloat16}" --save-every 250 --eval-every 0 --no-needle)
+prev="" window_run=""
+i=0
+for spec in "$@"; do
+    i=$((i + 1))
+    IFS=: read -r steps lo hi kinds lr <<< "$spec"
+    kinds=${kinds:-nsa}
+    run="$OUT/s$i"
+    args=("${COMMON[@]}" --steps "$steps" --min-seq-len "$lo" --seq-len "$hi" --attention "$kinds" --out "$run")
+    [ -n "$prev" ] && args+=(--init "$prev")
+    [ -n "${lr:-}" ] && args+=(--lr "$lr")
+    echo "stage $i: ${args[*]}" | tee -a "$OUT/stages.txt"
+    python3 -m nsa train "${args[@]}" 2>&1 | tr '\r' '\n' | grep -av 'it/s\|s/it\|step/s' > "$OUT/s$i.txt"
+    prev="$run"  # --init finds each kind's subfolder, or the run itself when it trained one kind
+    [[ "$kinds" == *window* ]] && window_run="$run/window"
+done
+last="$prev"; [ -d "$prev/nsa" ] && last="$prev/nsa"
+python3 -m nsa needle "$last" ${window_run:+"$window_run"} --contexts "${CONTEXTS:-2048,4096,8192,16384,32768}" --samples 16 \
+    --out "$OUT/needle" 2>&1 | tr '\r' '\n' | grep -av 'cell' | tee "$OUT/needle.txt"
