@@ -328,6 +328,8 @@ DECODE_CASES = [
                  id="gqa2-l=d=l'-len1"),
     pytest.param(dict(lens=[300], HQ=64, H=1, Dk=32, Dv=32, l=8, d=4, lp=16, n=6, w=40, ring=True),
                  id="gqa64-3splits"),
+    pytest.param(dict(lens=[50, 21], HQ=8, H=4, Dk=32, Dv=16, l=8, d=4, lp=8, n=4, w=12, ring=True, spare=40),
+                 id="gqa2-cache-longer-than-lens"),
 ]
 
 
@@ -356,6 +358,8 @@ def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
         expect.append(whole[:, n - 1:])
     last = torch.tensor(lens, device=DEV) - 1
     ar = torch.arange(B, device=DEV)
+    if c.get("spare"):  # a preallocated cache: rows past the longest sequence hold garbage
+        kc, vc, k, v = (torch.cat([x, 1e3 * torch.randn_like(x[:, :c["spare"]])], 1) for x in (kc, vc, k, v))
     args = (q[ar, last][:, None], kc, vc, k, v, ring_k, ring_v, gates[ar, last][:, None])
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     return args, dict(geo, cache_seqlens=seqlens), torch.cat(expect, 0) if full else None

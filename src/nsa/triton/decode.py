@@ -6,7 +6,7 @@ batch 1 in the paper configuration. Here the work of each (sequence, KV head) is
 keys, flash-decoding style, and the h query heads of a group share every key they load:
 
 1. cmp: NSPLIT programs per (b, g), each over a slice of the visible compressed tokens: raw
-   scores (log2 units) to a small buffer ``[B, HQ, Tc]`` and a partial softmax (max, sum, PV).
+   scores (log2 units) to a small buffer ``[B, HQ, Tc(max n)]`` and a partial softmax (max, sum, PV).
 2. scores: programs over the selection blocks: the lse from the cmp partials, then Eq. 9-10
    block scores (group sum of exp(s - lse) times the overlap weights), forced blocks +inf,
    ineligible -inf: ``[B, H, n_sel]``. Top-n in PyTorch (:func:`nsa.reference.top_blocks`):
@@ -69,7 +69,7 @@ def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
 
 
 @triton.jit
-def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, CH, NSPLIT,
+def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
@@ -94,7 +94,7 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, CH, NSPLIT,
         ii = i0 + tl.arange(0, BN)
         ok = ii < hi
         s = _scores_tile(q0, q1, kb, ii, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
-        tl.store(S + rows[:, None] * TC + ii[None, :], s, mask=(hh[:, None] < G) & ok[None, :])
+        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=(hh[:, None] < G) & ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -112,7 +112,7 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, CH, NSPLIT,
 
 
 @triton.jit
-def _decode_scores(S, PM, PL, LENS, SCORE, TC, NSPLIT, N_SEL_MAX,
+def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
                    SEL_L: tl.constexpr, KMAX: tl.constexpr):
@@ -123,7 +123,7 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TC, NSPLIT, N_SEL_MAX,
     g = bh % H
     n = tl.load(LENS + b).to(tl.int32)
     pos = n - 1
-    nvis = _visible_cmp(n, TC, L_CMP, D_CMP)
+    nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
     hh = tl.arange(0, HP)
     h_ok = hh < G
     rows = (b * HQ + g * G + hh).to(tl.int64)
@@ -143,7 +143,7 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TC, NSPLIT, N_SEL_MAX,
         i = i_lo + k
         ov = tl.minimum(i * D_CMP + L_CMP, (j + 1) * SEL_L) - tl.maximum(i * D_CMP, j * SEL_L)
         ok = (i < nvis) & (ov > 0)
-        s = tl.load(S + rows[:, None] * TC + i[None, :], mask=h_ok[:, None] & ok[None, :], other=float("-inf"))
+        s = tl.load(S + rows[:, None] * TS + i[None, :], mask=h_ok[:, None] & ok[None, :], other=float("-inf"))
         p = tl.exp2(s - lse[:, None])  # [HP, BJ]; 0 where masked
         score += tl.sum(p, 0) * (tl.maximum(ov, 0).to(tl.float32) / D_CMP)
     cur = pos // SEL_L
@@ -287,10 +287,11 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     tc_used = reference.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     nsplit = _n_split(tc_used, B * H, BN, dev)
     ch = triton.cdiv(triton.cdiv(max(tc_used, 1), nsplit), BN) * BN
-    s_buf = torch.empty(B, HQ, max(Tc, 1), **f32)
+    ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
+    s_buf = torch.empty(B, HQ, ts, **f32)
     pm, pl = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
     pacc = torch.empty(B, HQ, nsplit, Dv, **f32)
-    _decode_cmp_tuned[(nsplit, B * H)](q, k_cmp, v_cmp, lens, s_buf, pm, pl, pacc, qk_scale, Tc, ch, nsplit,
+    _decode_cmp_tuned[(nsplit, B * H)](q, k_cmp, v_cmp, lens, s_buf, pm, pl, pacc, qk_scale, Tc, ts, ch, nsplit,
                                  DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1,
                                  BV=BV, BN=BN, **common, **launch)
     # 2. block scores, then the top n (ties to the lower index, as the reference)
@@ -299,7 +300,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     BJ = 16 if interp else 64
     kmax = triton.cdiv(sel_block + cmp_block, cmp_stride) + 1
     _decode_scores[(triton.cdiv(n_sel_max, BJ), B * H)](
-        s_buf, pm, pl, lens, score, max(Tc, 1), nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
+        s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
         KMAX=kmax, **launch)
     idx = reference.top_blocks(score, sel_count).contiguous()  # [B, H, n]
