@@ -27,7 +27,7 @@ def block_scores(attn, x: torch.Tensor) -> torch.Tensor:
     k_cmp = attn.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, None))  # [1, Tc, H, Dk]
     t = torch.arange(x.shape[1])
     p, _ = R._cmp_probs(R._split_heads(q, c.n_kv_heads), k_cmp, t, c.cmp_block, c.cmp_stride,
-                        c.head_dim ** -0.5)  # [1, H, h, T, Tc]
+                        R._scale(c.scale, c.head_dim))  # [1, H, h, T, Tc]
     W = R.overlap_weights(k_cmp.shape[1], R.num_sel_blocks(x.shape[1], c.sel_block), c.cmp_block,
                           c.cmp_stride, c.sel_block, device=x.device, dtype=p.dtype)
     return torch.einsum("bhgcs,sj->bchj", p, W)[0]
