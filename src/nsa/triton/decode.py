@@ -63,6 +63,17 @@ def _scores_tile(q0, q1, kb, keys, k_ok, ROW: tl.constexpr, DK: tl.constexpr, BK
 
 
 @triton.jit
+def _group(bh, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr):
+    """(b, g, rows, h_ok) of program bh = b * H + g: rows [HP] int64 are the group's (sequence,
+    head) rows of the [B, HQ, ...] buffers, h_ok [HP] the heads that exist (not padding)."""
+    H: tl.constexpr = HQ // G
+    b = bh // H
+    g = bh % H
+    hh = tl.arange(0, HP)
+    return b, g, (b * HQ + g * G + hh).to(tl.int64), hh < G
+
+
+@triton.jit
 def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
     """Compressed tokens visible to the query at position n - 1: Tc(n), at most TC."""
     return tl.minimum(tl.where(n >= L_CMP, (n - L_CMP) // D_CMP + 1, 0), TC)
@@ -75,15 +86,11 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr):
     sp = tl.program_id(0)
-    bh = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    b = bh // H
-    g = bh % H
+    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     n = tl.load(LENS + b).to(tl.int32)
     hi = tl.minimum(sp * CH + CH, _visible_cmp(n, TC, L_CMP, D_CMP))
     q0, q1 = _group_q(Q, b, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
-    hh = tl.arange(0, HP)
-    rows = (b * HQ + g * G + hh).to(tl.int64)  # [HP] (sequence, head) rows of S and the partials
     kb = KC + (b.to(tl.int64) * TC * H + g) * DK
     vb = VC + (b.to(tl.int64) * TC * H + g) * DV
     dv = tl.arange(0, BV)
@@ -94,7 +101,7 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
         ii = i0 + tl.arange(0, BN)
         ok = ii < hi
         s = _scores_tile(q0, q1, kb, ii, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
-        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=(hh[:, None] < G) & ok[None, :])
+        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=h_ok[:, None] & ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -105,7 +112,6 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    h_ok = hh < G
     tl.store(PM + rows * NSPLIT + sp, m_i, mask=h_ok)
     tl.store(PL + rows * NSPLIT + sp, l_i, mask=h_ok)
     tl.store(PACC + (rows * NSPLIT + sp)[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & (dv[None, :] < DV))
@@ -117,16 +123,11 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
                    SEL_L: tl.constexpr, KMAX: tl.constexpr):
     jb = tl.program_id(0)
-    bh = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    b = bh // H
-    g = bh % H
+    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     n = tl.load(LENS + b).to(tl.int32)
     pos = n - 1
     nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
-    hh = tl.arange(0, HP)
-    h_ok = hh < G
-    rows = (b * HQ + g * G + hh).to(tl.int64)
     # each head's lse (log2 units) from the cmp partials
     sps = tl.arange(0, NSP)
     pmask = h_ok[:, None] & (sps[None, :] < NSPLIT)
@@ -160,10 +161,8 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, LENS, PM, PL, PACC, qk_scale, TK, TW,
                    BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys)."""
     pp = tl.program_id(0)
-    bh = tl.program_id(1)
     H: tl.constexpr = HQ // G
-    b = bh // H
-    g = bh % H
+    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     pos = tl.load(LENS + b).to(tl.int32) - 1
     blk = tl.load(IDX + (b * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
     ar = tl.arange(0, BS)
@@ -195,9 +194,7 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, LENS, PM, PL, PACC, qk_scale, TK, TW,
     if UPCAST:
         v = v.to(tl.float32)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    hh = tl.arange(0, HP)
-    h_ok = hh < G
-    rows = (b * HQ + g * G + hh).to(tl.int64) * (N_SEL + NW) + pp
+    rows = rows * (N_SEL + NW) + pp
     tl.store(PM + rows, m, mask=h_ok)
     tl.store(PL + rows, tl.sum(p, 1), mask=h_ok)
     tl.store(PACC + rows[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & dmask)
@@ -224,13 +221,7 @@ def _merge(PM, PL, PACC, rows, h_ok, lo, hi, NP, DV: tl.constexpr, HP: tl.conste
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     HQ: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr,
                     NW: tl.constexpr, HP: tl.constexpr, BV: tl.constexpr):
-    bh = tl.program_id(0)
-    H: tl.constexpr = HQ // G
-    b = bh // H
-    g = bh % H
-    hh = tl.arange(0, HP)
-    h_ok = hh < G
-    rows = (b * HQ + g * G + hh).to(tl.int64)
+    _, _, rows, h_ok = _group(tl.program_id(0), HQ, G, HP)
     o_cmp = _merge(PM, PL, PACC, rows, h_ok, 0, NSPLIT, NSPLIT, DV, HP, BV)
     o_slc = _merge(PM2, PL2, PACC2, rows, h_ok, 0, N_SEL, N_SEL + NW, DV, HP, BV)
     o_win = _merge(PM2, PL2, PACC2, rows, h_ok, N_SEL, N_SEL + NW, N_SEL + NW, DV, HP, BV)
