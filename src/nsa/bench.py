@@ -500,17 +500,21 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
     return 0
 
 
+def _vs_best_sdpa(r) -> str:
+    """NSA's speedup over the faster SDPA backend of a result row ("-" when either is missing)."""
+    sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
+    return f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
+
+
 def markdown_table_decode(out) -> str:
     lines = ["| config | T | batch | NSA decode us | prefill kernels on 1 query us | SDPA flash us | "
              "SDPA cuDNN us | keys read NSA / full | NSA GB/s | vs best SDPA |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k + '_ms'] * 1e3:.0f}" if k + "_ms" in r else "-"  # noqa: E731
     for r in out["results"]:
-        sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
-        sp = f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {r['batch']} | {f(r, 'nsa')} | "
                      f"{f(r, 'nsa_prefill_kernels')} | {f(r, 'sdpa_flash')} | {f(r, 'sdpa_cudnn')} | "
-                     f"{r['keys_nsa']} / {r['keys_full']} | {r.get('nsa_gbps', 0):.0f} | {sp} |")
+                     f"{r['keys_nsa']} / {r['keys_full']} | {r.get('nsa_gbps', 0):.0f} | {_vs_best_sdpa(r)} |")
     return "\n".join(lines)
 
 
@@ -548,8 +552,7 @@ def markdown_table(out) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
     for r in out["results"]:
-        sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
-        sp = f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
+        sp = _vs_best_sdpa(r)
         spf = f"{r['speedup_vs_fla']:.2f}x" if "speedup_vs_fla" in r else "-"
         br = " / ".join(f(r, k) for k in ("k_cmp", "k_select", "k_slc", "k_win"))
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {f(r, 'nsa')} | "
