@@ -151,6 +151,17 @@ def make_inputs(B, T, HQ, H, Dk, Dv, l, d, *, dtype=torch.float64, seed=0, gates
     return [x.to(dtype) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g)]
 
 
+def draw_geometry(data, n_max: int = 6):
+    """(l, d, l', n) drawn by hypothesis: d in 1..3, l and l' in d..3d (multiples of d), n in 3..n_max."""
+    from hypothesis import strategies as st
+
+    d = data.draw(st.integers(1, 3), label="d")
+    l = d * data.draw(st.integers(1, 3), label="l/d")
+    lp = d * data.draw(st.integers(1, 3), label="l'/d")
+    n = data.draw(st.integers(3, n_max), label="n")
+    return l, d, lp, n
+
+
 def geom(l, d, lp, n, w):
     return dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w)
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import causal_attention, dense_nsa, loop_select, num_cmp, rope
+from conftest import causal_attention, dense_nsa, draw_geometry, loop_select, num_cmp, rope
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -205,10 +205,7 @@ def test_cache_contents_follow_spec():
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_property_chunked_decode_equals_full(data):
-    d = data.draw(st.integers(1, 3), label="d")
-    l = d * data.draw(st.integers(1, 3), label="l/d")
-    lp = d * data.draw(st.integers(1, 3), label="l'/d")
-    n = data.draw(st.integers(3, 5), label="n")
+    l, d, lp, n = draw_geometry(data, n_max=5)
     w = data.draw(st.integers(1, 10), label="w")
     h = data.draw(st.sampled_from([1, 2, 4]), label="h")
     T = data.draw(st.integers(1, 30), label="T")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import causal_attention, dense_nsa, geom, loop_select, make_inputs
+from conftest import causal_attention, dense_nsa, draw_geometry, geom, loop_select, make_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -238,10 +238,7 @@ def test_selection_not_differentiable_and_grad_reaches_k_cmp_through_cmp_only():
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_property_select_blocks_matches_loop(data):
-    d = data.draw(st.integers(1, 3), label="d")
-    l = d * data.draw(st.integers(1, 3), label="l/d")
-    lp = d * data.draw(st.integers(1, 3), label="l'/d")
-    n = data.draw(st.integers(3, 6), label="n")
+    l, d, lp, n = draw_geometry(data)
     h = data.draw(st.sampled_from([1, 2, 3]), label="h")
     T = data.draw(st.integers(1, 40), label="T")
     seed = data.draw(st.integers(0, 2**16), label="seed")
@@ -433,10 +430,7 @@ def test_non_contiguous_inputs():
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_property_nsa_func_equals_dense(data):
-    d = data.draw(st.integers(1, 3), label="d")
-    l = d * data.draw(st.integers(1, 3), label="l/d")
-    lp = d * data.draw(st.integers(1, 3), label="l'/d")
-    n = data.draw(st.integers(3, 6), label="n")
+    l, d, lp, n = draw_geometry(data)
     w = data.draw(st.integers(1, 12), label="w")
     h = data.draw(st.sampled_from([1, 2, 3, 8]), label="h")
     T = data.draw(st.integers(1, 40), label="T")
@@ -495,10 +489,7 @@ def _decode_step(x, lens, w):
 @given(data=st.data())
 def test_property_decode_equals_last_row_of_a_full_call(data):
     """A decode step of each sequence (own length, window in a ring) = the last row of nsa_func."""
-    d = data.draw(st.integers(1, 3), label="d")
-    l = d * data.draw(st.integers(1, 3), label="l/d")
-    lp = d * data.draw(st.integers(1, 3), label="l'/d")
-    n = data.draw(st.integers(3, 6), label="n")
+    l, d, lp, n = draw_geometry(data)
     w = data.draw(st.integers(1, 12), label="w")
     h = data.draw(st.sampled_from([1, 2, 3]), label="h")
     lens = data.draw(st.lists(st.integers(1, 30), min_size=1, max_size=3), label="lens")

@@ -49,6 +49,18 @@ def _close(a, b, tol=1e-4):
     assert err <= tol * max(1.0, b.double().abs().max().item() if b.numel() else 1.0), err
 
 
+def _check_low_precision(op, ref, args, kw):
+    """op(*args, backend="triton") in the inputs' 16-bit dtype: error against ref in fp64 within 2x of
+    ref's own error in that dtype (3x for bf16 under the interpreter; see the module doc), no NaN."""
+    dtype = args[0].dtype
+    exact = ref(*[a.double() for a in args], **kw)
+    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    got = op(*args, backend="triton", **kw)
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    factor = 3 if (not CUDA and dtype == torch.bfloat16) else 2
+    assert rel(got) <= factor * rel(ref(*args, **kw)) + 1e-3
+
+
 def _inputs(T, HQ, H, Dk, Dv, l=8, d=4, cu=None, dtype=torch.float32, seed=0, B=1):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEV)  # noqa: E731
@@ -257,18 +269,23 @@ def test_nsa_offsets_continue_a_sequence():
     assert nsa.triton.SUPPORTS_OFFSETS
 
 
-def test_layer_chunked_prefill_triton():
-    """The layer's cache path (ops.nsa_at -> nsa_triton with offsets) equals one full call."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed,B,T,sel_count,bounds", [
+    pytest.param(0, 1, 30, 3, (0, 11, 12, 30), id="chunked-prefill"),
+    pytest.param(1, 2, 40, 4, (0, 29, *range(30, 41)), id="decode-steps"),
+])
+def test_layer_cache_triton(seed, B, T, sel_count, bounds):
+    """The layer's cache path equals one full call: chunks run nsa_triton with offsets, one-token
+    steps nsa_decode on the cache's ring."""
+    torch.manual_seed(seed)
     cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
-                        cmp_stride=4, sel_block=8, sel_count=3, window=8, compress="mean",
+                        cmp_stride=4, sel_block=8, sel_count=sel_count, window=8, compress="mean",
                         backend="triton")
     layer = nsa.NSAAttention(cfg).to(DEV)
-    x = torch.randn(1, 30, 32, device=DEV)
+    x = torch.randn(B, T, 32, device=DEV)
     with torch.no_grad():
         full = layer(x)
-        cache = layer.new_cache(1, 30)
-        parts = [layer(x[:, a:b], cache=cache) for a, b in ((0, 11), (11, 12), (12, 30))]
+        cache = layer.new_cache(B, T)
+        parts = [layer(x[:, a:b], cache=cache) for a, b in zip(bounds[:-1], bounds[1:])]
     _close(torch.cat(parts, 1), full, 1e-5)
 
 
@@ -277,13 +294,7 @@ def test_nsa_low_precision_error_within_2x_of_torch(dtype):
     c = dict(T=57, HQ=4, H=2, Dk=32, Dv=32, l=8, d=4, lp=16, n=3, w=12)
     q, k, v, kc, vc, gates, _ = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], 8, 4, dtype=dtype)
     kw = dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_count=3, window=12)
-    args = (q, kc, vc, k, v, k, v, gates)
-    exact = R.nsa_ref(*[a.double() for a in args], **kw)
-    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    got = nsa.nsa_func(*args, backend="triton", **kw)
-    assert got.dtype == dtype and not torch.isnan(got).any()
-    factor = 3 if (not CUDA and dtype == torch.bfloat16) else 2  # see the module doc
-    assert rel(got) <= factor * rel(R.nsa_ref(*args, **kw)) + 1e-3
+    _check_low_precision(nsa.nsa_func, R.nsa_ref, (q, kc, vc, k, v, k, v, gates), kw)
 
 
 def test_nsa_gradients_match_reference():
@@ -376,27 +387,7 @@ def test_decode_equals_last_row_of_a_full_pass(c):
 def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
     args, kw, _ = _decode_inputs(c, dtype, full=False)
-    exact = R.nsa_decode_ref(*[a.double() for a in args], **kw)
-    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    got = nsa.nsa_decode(*args, backend="triton", **kw)
-    assert got.dtype == dtype and not torch.isnan(got).any()
-    factor = 3 if (not CUDA and dtype == torch.bfloat16) else 2  # see the module doc
-    assert rel(got) <= factor * rel(R.nsa_decode_ref(*args, **kw)) + 1e-3
-
-
-def test_layer_decode_steps_triton():
-    """The layer's decode steps (one token each: nsa_decode on the cache's ring) equal one full call."""
-    torch.manual_seed(1)
-    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
-                        cmp_stride=4, sel_block=8, sel_count=4, window=8, compress="mean",
-                        backend="triton")
-    layer = nsa.NSAAttention(cfg).to(DEV)
-    x = torch.randn(2, 40, 32, device=DEV)
-    with torch.no_grad():
-        full = layer(x)
-        cache = layer.new_cache(2, 40)
-        parts = [layer(x[:, :29], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(29, 40)]
-    _close(torch.cat(parts, 1), full, 1e-5)
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
 
 
 # ------------------------------------------------------------------------------ GPU only
@@ -452,8 +443,4 @@ def test_gpu_decode_bf16(lens):
     """nsa_decode in the paper geometry on the GPU: bf16 error within 2x of the reference's."""
     c = dict(lens=lens, HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=True)
     args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False)
-    exact = R.nsa_decode_ref(*[a.double() for a in args], **kw)
-    rel = lambda o: ((o.double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    got = nsa.nsa_decode(*args, backend="triton", **kw)
-    assert not torch.isnan(got).any()
-    assert rel(got) <= 2 * rel(R.nsa_decode_ref(*args, **kw)) + 1e-3
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
