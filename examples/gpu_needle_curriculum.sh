@@ -7,6 +7,7 @@
 #   2000:256:2048:nsa,window  500:256:8192:nsa,window  1500:2048:16384:nsa  900:4096:16384:nsa
 # (kinds default nsa; lr defaults to the preset's peak, re-warmed at every stage).
 # Writes ${OUT:-runs/curriculum}/sN (one run per stage), stage logs and needle.{json,png}.
+# SET="rope_theta=1000000 sel_count=16" overrides model fields in every stage (`nsa train --set`).
 # DTYPE=float32 CONTEXTS=256,512 runs it on a CPU (a smoke test with small stages, e.g.
 # 3:128:256:nsa,window 3:128:512).
 set -euo pipefail
@@ -15,6 +16,7 @@ OUT=${OUT:-runs/curriculum}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$OUT"
 COMMON=(--preset tiny --batch-size 16 --dtype "${DTYPE:-bfloat16}" --save-every 250 --eval-every 0 --no-needle)
+for kv in ${SET:-}; do COMMON+=(--set "$kv"); done
 prev="" window_run=""
 i=0
 for spec in "$@"; do
