@@ -79,6 +79,23 @@ def test_bench_train_speedups_and_table():
     assert r["bwd_speedup_vs_sdpa_flash"] == pytest.approx(27.0 / 6.0)
     table = bench.markdown_table(dict(results=[r]))
     assert "| paper | 8k | 2.00 / 6.00 | 5.00 / 27.00 | 3.00 / 21.00 | 3.0x | 3.5x |" in table
-    pieces = dict(zip(bench.BWD_PIECES, (0.5, 0.25, 2.0, 3.0, 0.75, 1.0)))
+    pieces = dict(zip(bench.BWD_PIECES, (0.5, 0.25, 2.0, 4.5, 3.0, 0.75, 1.0)))
     r.update({f"{k}_ms": v for k, v in pieces.items()})
-    assert "| 3.5x | 0.50 / 0.25 / 2.00 / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))
+    assert "| 3.5x | 0.50 / 0.25 / 2.00 (4.50) / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))
+
+
+def test_bench_decode_table():
+    """The decode table: eager and CUDA-graph times, and NSA's speedups over the faster SDPA."""
+    from nsa import bench
+
+    r = dict(config="paper", T=65536, batch=16, keys_nsa=5631, keys_full=65536, nsa_ms=0.5,
+             nsa_graph_ms=0.1, sdpa_cudnn_ms=0.7, sdpa_cudnn_graph_ms=0.6, nsa_graph_gbps=1234.0)
+    assert ("| paper | 64k | 16 | 500 / 100 | - | - | 700 / 600 | 5631 / 65536 | 1234 | 1.4x / 6.0x |"
+            in bench.markdown_table_decode(dict(results=[r])))
+
+
+def test_gpu_tag():
+    from nsa.bench import gpu_tag
+
+    assert [gpu_tag(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB")] == \
+        ["h200", "h100", "a100"]

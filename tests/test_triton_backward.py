@@ -127,12 +127,15 @@ def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
+@pytest.mark.parametrize("q_chunk", [pytest.param(None, id="auto"), pytest.param(1, id="split")])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
-def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
+def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
+    """q_chunk=1 (rounded up to one tile of positions): every dk/dv program takes one query
+    tile and adds its share atomically (what long sequences do on GPUs)."""
     q, _, _, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     kw = dict(cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
     o, lse = compressed_attention_triton(q, kc, vc, **kw)
-    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, **kw)
+    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk, **kw)
     ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
     for a, b in zip(got, ref):
         _close(a, b)
@@ -182,10 +185,11 @@ def test_branch_backward_offsets():
         _close(a, b)
     kw = dict(cmp_block=8, cmp_stride=4, q_offset=off)
     o, lse = compressed_attention_triton(qs, kc, vc, **kw)
-    got = BW.compressed_attention_backward(qs, kc, vc, o, lse, dos, **kw)
     ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (qs, kc, vc), dos)
-    for a, b in zip(got, ref):
-        _close(a, b)
+    for q_chunk in (None, 1):
+        got = BW.compressed_attention_backward(qs, kc, vc, o, lse, dos, q_chunk=q_chunk, **kw)
+        for a, b in zip(got, ref):
+            _close(a, b)
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 4, 8), (2, 37, 3, 48), (1, 3, 2, 192), (1, 0, 2, 16)],

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import traceback
 
@@ -189,7 +190,8 @@ def _fwd_bwd(fn, leaves, rep):
 
 def _bwd_breakdown(c, x, rep) -> dict:
     """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
-    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv, slc dq +
+    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv (and with
+    dk/dv unsplit over query chunks, not part of the backward), slc dq +
     dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
     import torch
 
@@ -213,6 +215,10 @@ def _bwd_breakdown(c, x, rep) -> dict:
         "bwd_gates": lambda: BW.gates_backward(do, gates, o_cmp, o_slc, o_win),
         "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,
                                             lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq),
+        # the same without splitting dk/dv over query chunks (what the split buys)
+        "bwd_cmp_unsplit": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
+                                                    seq=seq, lens=lens, cmp_block=c["l"], cmp_stride=c["d"],
+                                                    dq_acc=dq, q_chunk=0),
         "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do_slc, sel_block=c["lp"], scale=sc,
                                                 seq=seq, lens=lens, dq_acc=dq, lse=lse_slc),
         "bwd_slc_index": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
@@ -350,6 +356,11 @@ def _run_decode(T, c, B, baselines, rep, device) -> dict:
     with torch.no_grad():
         step = lambda: nsa_decode(q, kc, vc, k, v, kw, vw, gates, cache_seqlens=T, backend="triton", **geo)  # noqa: E731
         res["nsa"] = _bench(step, rep)
+        try:
+            res["nsa_graph"] = _bench(_graphed(step), rep)  # GPU time alone: no launch overhead
+        except Exception as e:
+            traceback.print_exc(limit=3)
+            res["nsa_graph_error"] = repr(e)[:300]
         # the prefill kernels on one query need the window keys in position order
         lo = max(0, T - w)
         rows = torch.arange(lo, T, device=device) % kw.shape[1]
@@ -364,9 +375,29 @@ def _run_decode(T, c, B, baselines, rep, device) -> dict:
                 with sdpa_kernel(_sdpa_backend(b)):
                     full = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)  # noqa: E731
                     res[b] = _bench(full, rep)
+                    res[f"{b}_graph"] = _bench(_graphed(full), rep)
             except Exception as e:
                 res[f"{b}_error"] = repr(e)[:300]
     return res
+
+
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (after one eager call: compiled and autotuned); returns
+    its replay."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def gpu_tag(name: str) -> str:
+    """Short GPU name for result files: "NVIDIA H200" -> "h200"."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"\W+", "_", name).strip("_")).lower()
 
 
 def run(name, args) -> int:
@@ -389,7 +420,7 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
-    out_path = args.out or f"benchmarks/results/{args.what}_h100"
+    out_path = args.out or f"benchmarks/results/{args.what}_{gpu_tag(props.name)}"
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
     if args.what == "decode":
@@ -481,14 +512,17 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
             except Exception as e:  # keep going: report what failed
                 traceback.print_exc()
                 res["nsa_error"] = repr(e)[:300]
-            if "nsa_ms" in res:
-                res["nsa_gbps"] = res["bytes_nsa"] * args.batch / res["nsa_ms"] / 1e6
-                for b in ("nsa_prefill_kernels", *baselines):
-                    if f"{b}_ms" in res:
-                        res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
+            for sfx in ("", "_graph"):
+                if f"nsa{sfx}_ms" not in res:
+                    continue
+                res[f"nsa{sfx}_gbps"] = res["bytes_nsa"] * args.batch / res[f"nsa{sfx}_ms"] / 1e6
+                for b in ("nsa_prefill_kernels" if not sfx else None, *baselines):
+                    if b and f"{b}{sfx}_ms" in res:
+                        res[f"speedup{sfx}_vs_{b}"] = res[f"{b}{sfx}_ms"] / res[f"nsa{sfx}_ms"]
             rows.append(res)
             print(" ".join([f"{cname:>5} T={T:>6} B={args.batch}"] + [
-                f"{k}={res[k + '_ms'] * 1e3:.0f}us" for k in ("nsa", "nsa_prefill_kernels", *baselines)
+                f"{k}={res[k + '_ms'] * 1e3:.0f}us" for k in ("nsa", "nsa_graph", "nsa_prefill_kernels", *baselines,
+                                                               *[b + "_graph" for b in baselines])
                 if k + "_ms" in res]), flush=True)
             _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
     out = dict(meta=meta, configs=CONFIGS, results=rows)
@@ -500,21 +534,25 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
     return 0
 
 
-def _vs_best_sdpa(r) -> str:
-    """NSA's speedup over the faster SDPA backend of a result row ("-" when either is missing)."""
-    sd = [r[k] for k in ("sdpa_flash_ms", "sdpa_cudnn_ms") if k in r]
-    return f"{min(sd) / r['nsa_ms']:.1f}x" if sd and "nsa_ms" in r else "-"
+def _vs_best_sdpa(r, suffix="") -> str:
+    """NSA's speedup over the faster SDPA backend of a result row ("-" when either is missing);
+    suffix "_graph" compares the CUDA-graph timings (decode)."""
+    sd = [r[k] for k in (f"sdpa_flash{suffix}_ms", f"sdpa_cudnn{suffix}_ms") if k in r]
+    return f"{min(sd) / r[f'nsa{suffix}_ms']:.1f}x" if sd and f"nsa{suffix}_ms" in r else "-"
 
 
 def markdown_table_decode(out) -> str:
-    lines = ["| config | T | batch | NSA decode us | prefill kernels on 1 query us | SDPA flash us | "
-             "SDPA cuDNN us | keys read NSA / full | NSA GB/s | vs best SDPA |",
+    lines = ["| config | T | batch | NSA decode us (eager / graph) | prefill kernels on 1 query us | "
+             "SDPA flash us (eager / graph) | SDPA cuDNN us (eager / graph) | keys read NSA / full | "
+             "NSA GB/s (graph) | vs best SDPA (eager / graph) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k + '_ms'] * 1e3:.0f}" if k + "_ms" in r else "-"  # noqa: E731
+    fg = lambda r, k: f"{f(r, k)} / {f(r, k + '_graph')}" if k + "_ms" in r else "-"  # noqa: E731
     for r in out["results"]:
-        lines.append(f"| {r['config']} | {r['T'] // 1024}k | {r['batch']} | {f(r, 'nsa')} | "
-                     f"{f(r, 'nsa_prefill_kernels')} | {f(r, 'sdpa_flash')} | {f(r, 'sdpa_cudnn')} | "
-                     f"{r['keys_nsa']} / {r['keys_full']} | {r.get('nsa_gbps', 0):.0f} | {_vs_best_sdpa(r)} |")
+        lines.append(f"| {r['config']} | {r['T'] // 1024}k | {r['batch']} | {fg(r, 'nsa')} | "
+                     f"{f(r, 'nsa_prefill_kernels')} | {fg(r, 'sdpa_flash')} | {fg(r, 'sdpa_cudnn')} | "
+                     f"{r['keys_nsa']} / {r['keys_full']} | {r.get('nsa_graph_gbps', 0):.0f} | "
+                     f"{_vs_best_sdpa(r)} / {_vs_best_sdpa(r, '_graph')} |")
     return "\n".join(lines)
 
 
@@ -561,13 +599,14 @@ def markdown_table(out) -> str:
     return "\n".join(lines)
 
 
-BWD_PIECES = ("bwd_win_recompute", "bwd_gates", "bwd_cmp", "bwd_slc", "bwd_slc_index", "bwd_win")
+BWD_PIECES = ("bwd_win_recompute", "bwd_gates", "bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index",
+              "bwd_win")
 
 
 def _markdown_table_train(out) -> str:
     lines = ["| config | T | NSA fwd / bwd ms | SDPA flash fwd / bwd ms | SDPA cuDNN fwd / bwd ms | "
-             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: win recompute / gates / cmp / slc "
-             "(its index) / win ms |", "|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: win recompute / gates / cmp (unsplit) / "
+             "slc (its index) / win ms |", "|---|---|---|---|---|---|---|---|"]
     fb = lambda r, k: (f"{r[k + '_fwd_ms']:.2f} / {r[k + '_bwd_ms']:.2f}" if k + "_ms" in r else "-")  # noqa: E731
     for r in out["results"]:
         best = min((b for b in ("sdpa_flash", "sdpa_cudnn") if f"{b}_ms" in r), key=lambda b: r[f"{b}_ms"],
@@ -575,7 +614,8 @@ def _markdown_table_train(out) -> str:
         sp = f"{r[best + '_ms'] / r['nsa_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         bsp = f"{r[best + '_bwd_ms'] / r['nsa_bwd_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         f = lambda k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
-        br = " / ".join(f(k) for k in BWD_PIECES[:3]) + f" / {f('bwd_slc')} ({f('bwd_slc_index')}) / {f('bwd_win')}"
+        br = (" / ".join(f(k) for k in BWD_PIECES[:3]) + f" ({f('bwd_cmp_unsplit')}) / {f('bwd_slc')} "
+              f"({f('bwd_slc_index')}) / {f('bwd_win')}")
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {fb(r, 'nsa')} | {fb(r, 'sdpa_flash')} | "
                      f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} | {br} |")
     return "\n".join(lines)
@@ -591,7 +631,9 @@ def plot(out, path, decode=False) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
     for ax, cname in zip(axes[0], configs):
         rs = [r for r in out["results"] if r["config"] == cname]
-        for key, label in (("nsa", "NSA (ours, Triton)"), ("nsa_prefill_kernels", "NSA, prefill kernels"),
+        for key, label in (("nsa", "NSA (ours, Triton)"), ("nsa_graph", "NSA, CUDA graph"),
+                           ("nsa_prefill_kernels", "NSA, prefill kernels"),
+                           ("sdpa_cudnn_graph", "SDPA cuDNN, CUDA graph"),
                            ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN"),
                            ("flex", "FlexAttention"), ("fla", "fla parallel_nsa")):
             pts = [(r["T"], r[f"{key}_ms"]) for r in rs if f"{key}_ms" in r]

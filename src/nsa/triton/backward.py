@@ -186,9 +186,12 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
                    MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr):
     """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
-    the query tiles that see them, so dk/dv stay in registers (no atomics)."""
+    the query tiles that see them, so dk/dv stay in registers. QCH = 0: one program walks every
+    such tile and stores dk/dv. QCH > 0 (cmp at long T, where the first key tiles are seen by
+    every query and one program would walk them all): program_id(2) takes the query positions
+    [c * QCH, (c + 1) * QCH) only, and adds its share into fp32 GK/GV atomically."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -218,6 +221,10 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     else:
         tq_lo = tl.maximum(n0 + k_offset - q_offset, 0)
         tq_hi = tl.minimum(n_last + k_offset + WINDOW - q_offset, q_len)
+    if QCH > 0:  # this program's chunk; tiles stay BT-aligned inside it, so none crosses its end
+        c0 = tl.program_id(2) * QCH
+        tq_lo = c0 + (tl.maximum(tq_lo - c0, 0) // BT) * BT
+        tq_hi = tl.minimum(tq_hi, c0 + QCH)
 
     acc_k0 = tl.zeros([BN, BK0], dtype=tl.float32)
     acc_k1 = tl.zeros([BN, BK1 if BK1 > 0 else 16], dtype=tl.float32)
@@ -236,13 +243,24 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
                                                acc_v, qk_scale, BK1, PREC)
 
     GKb = GK + kv_row * DK
-    tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
-             mask=n_ok[:, None] & (dk0[None, :] < DK))
-    if BK1 > 0:
-        tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
-                 mask=n_ok[:, None] & (dk1[None, :] < DK))
-    tl.store(GV + kv_row * DV + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
-             mask=n_ok[:, None] & (dv[None, :] < DV))
+    GVb = GV + kv_row * DV
+    if QCH > 0:
+        if tq_lo < tq_hi:  # chunks before the keys' first query add nothing
+            tl.atomic_add(GKb + bn[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
+                          mask=n_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
+            if BK1 > 0:
+                tl.atomic_add(GKb + bn[:, None] * (H * DK) + dk1[None, :], acc_k1 * sm_scale,
+                              mask=n_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
+            tl.atomic_add(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v,
+                          mask=n_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
+    else:
+        tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
+                 mask=n_ok[:, None] & (dk0[None, :] < DK))
+        if BK1 > 0:
+            tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
+                     mask=n_ok[:, None] & (dk1[None, :] < DK))
+        tl.store(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
+                 mask=n_ok[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -409,9 +427,12 @@ def _slc_config(h: int, interp: bool) -> dict:
 
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
-                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None):
+                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
-    query-centric and dk/dv key-centric (flash-attention-2), neither with atomics.
+    query-centric and dk/dv key-centric (flash-attention-2). q_chunk (cmp only; None picks it
+    from the GPU's size, 0 turns it off): query positions per dk/dv program, whose shares are
+    added atomically, so that the first compressed keys (seen by every query) are not one
+    program's walk over all T queries.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
@@ -440,11 +461,35 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         **const)
     klens = seq[:, C.KCN if mode == 0 else C.KWN].tolist()  # keys of each sequence
     ktbl = C.prog_table(klens, cfg["BN"], q.device)
-    if ktbl.shape[0]:
-        _band_bwd_dkdv[(ktbl.shape[0], H)](
-            q, k, v, do, do, lse, delta, dk, dv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
-            **const)
+    if not ktbl.shape[0]:
+        return dq, dk, dv
+    qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg["BT"], q.device) if mode == 0 else 0
+    if qch:
+        gk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        gv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    else:
+        gk, gv = dk, dv
+    _band_bwd_dkdv[(ktbl.shape[0], H, triton.cdiv(max(lens), qch) if qch else 1)](
+        q, k, v, do, do, lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
+        QCH=qch, **const)
+    if qch:
+        dk.copy_(gk)
+        dv.copy_(gv)
     return dq, dk, dv
+
+
+def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
+    """Query positions per cmp dk/dv program (0: no split): enough chunks that the key
+    programs fill the GPU about four times, each chunk >= 512 positions (BT-aligned)."""
+    if q_chunk is not None:
+        if q_chunk < 0:
+            raise ValueError(f"q_chunk must be >= 0, got {q_chunk}")
+        return 0 if q_chunk == 0 else triton.cdiv(q_chunk, BT) * BT
+    if C.interpreting() or device.type != "cuda":
+        return 0
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n = min(triton.cdiv(4 * sms, n_kprog), t_max // 512)
+    return triton.cdiv(triton.cdiv(t_max, n), BT) * BT if n > 1 else 0
 
 
 def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int):
@@ -567,14 +612,16 @@ def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
 
 
 def compressed_attention_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block=32, cmp_stride=16,
-                                  scale=None, cu_seqlens=None, q_offset=0):
+                                  scale=None, cu_seqlens=None, q_offset=0, q_chunk=None):
     """Branch cmp backward: (dq, dk_cmp, dv_cmp) in the inputs' dtypes. Shapes as
-    :func:`nsa.triton.compressed_attention_triton`; o, lse are its outputs, do ``[B, T, HQ, Dv]``."""
+    :func:`nsa.triton.compressed_attention_triton`; o, lse are its outputs, do ``[B, T, HQ, Dv]``;
+    q_chunk as :func:`band_backward`."""
     from .band import default_scale
     seq, lens = _seq(q, q[:, :0], q[:, :0], k_cmp, cu_seqlens, cmp_block, cmp_stride)
     dq, dk, dv = band_backward(q, k_cmp, v_cmp, o, lse, do, mode=0,
                                scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
-                               q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride)
+                               q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                               q_chunk=q_chunk)
     return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
