@@ -620,6 +620,11 @@ def beyond_window_accuracy(grid: dict, m: dict) -> float:
     return sum(accs) / len(accs) if accs else float("nan")
 
 
+def _short(n: int) -> str:
+    """Tick label of a context length: 16384 -> "16k", 384 -> "384" (long labels overlap)."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def plot_heatmap(grid: dict, path: str) -> None:
     """One panel per model: context length (x) by needle depth (y), accuracy as colour."""
     import matplotlib
@@ -633,7 +638,7 @@ def plot_heatmap(grid: dict, path: str) -> None:
     for k, (ax, name) in enumerate(zip(axes[0], names)):
         a = np.array(grid["models"][name]["accuracy"]).T  # [depth, context]
         im = ax.imshow(a, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(grid["contexts"])), [str(c) for c in grid["contexts"]])
+        ax.set_xticks(range(len(grid["contexts"])), [_short(c) for c in grid["contexts"]])
         ax.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
         for (i, j), v in np.ndenumerate(a):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
