@@ -528,6 +528,11 @@ DECODE_BAD = [
                  id="gates-shape"),
     pytest.param(lambda a, k: a.__setitem__(3, a[3].float()), TypeError, ["k_slc", "dtype"], id="k_slc-dtype"),
     pytest.param(lambda a, k: k.update(backend="gpu"), ValueError, ["backend"], id="backend-unknown"),
+    pytest.param(lambda a, k: k.update(cache_seqlens=10, max_seqlen=9), ValueError, ["max_seqlen=9", "10"],
+                 id="max_seqlen-below"),
+    pytest.param(lambda a, k: k.update(max_seqlen=0), ValueError, ["max_seqlen"], id="max_seqlen-zero"),
+    pytest.param(lambda a, k: k.update(max_seqlen=30), ValueError, ["k_cmp", "max_seqlen = 30"],
+                 id="max_seqlen-beyond-cache"),
 ]
 
 

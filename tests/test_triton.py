@@ -378,9 +378,14 @@ def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
 
 @pytest.mark.parametrize("c", DECODE_CASES)
 def test_decode_equals_last_row_of_a_full_pass(c):
+    """Also with max_seqlen = the cache's capacity (grids sized by it, no host sync): the
+    programs past each sequence's length must add nothing."""
     args, kw, expect = _decode_inputs(c)
     _close(nsa.nsa_decode(*args, backend="torch", **kw), expect, 1e-5)
     _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+    cap = args[3].shape[1]
+    cap = max(n for n in range(1, cap + 1) if R.num_cmp_blocks(n, c["l"], c["d"]) <= args[1].shape[1])
+    _close(nsa.nsa_decode(*args, backend="triton", max_seqlen=cap, **kw), expect)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -444,3 +449,24 @@ def test_gpu_decode_bf16(lens):
     c = dict(lens=lens, HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=True)
     args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False)
     _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph_with_new_lengths():
+    """A step captured once with a tensor cache_seqlens and max_seqlen, replayed after new
+    lengths are written into that tensor, equals the eager step at those lengths."""
+    c = dict(lens=[3000, 1234], HQ=16, H=2, Dk=128, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=False)
+    args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False)
+    lens = kw.pop("cache_seqlens")
+    step = lambda: nsa.nsa_decode(*args, cache_seqlens=lens, max_seqlen=3000, **kw)  # noqa: E731
+    step()  # compile and autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for new in ([3000, 1234], [2999, 77], [1, 3000]):
+        lens.copy_(torch.tensor(new, dtype=lens.dtype))
+        graph.replay()
+        eager = nsa.nsa_decode(*args, cache_seqlens=torch.tensor(new, device=DEV), max_seqlen=3000, **kw)
+        _close(out, eager, 0)  # same grids, no atomics: bit for bit

@@ -231,7 +231,8 @@ def nsa_at(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_offset: int,
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16,
-               window: int = 512, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+               window: int = 512, scale: float | None = None, max_seqlen: int | None = None,
+               backend: str = "auto") -> torch.Tensor:
     """One decode step: the newest token of each sequence attends to that sequence's cache.
 
     Same result as :func:`nsa_func` on the whole sequence, read at its last position, without
@@ -251,6 +252,11 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         gates: ``[B, 1, HQ, 3]`` activated gates (cmp, slc, win).
         cache_seqlens: int, or int tensor ``[B]`` (per-sequence lengths, each >= 1) on q's device.
         cmp_block, cmp_stride, sel_block, sel_count, window, scale: as :func:`nsa_func`.
+        max_seqlen: an upper bound of ``cache_seqlens`` (e.g. the cache's capacity). With a
+            tensor ``cache_seqlens`` it spares the Triton path its host sync (reading the
+            lengths back), so the step can be captured in a CUDA graph; the lengths are then
+            not checked (each must be in [1, max_seqlen]), and the buffers must hold the rows
+            that ``max_seqlen`` needs. Default: read from ``cache_seqlens``.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
 
     Returns:
@@ -272,14 +278,18 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
             raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
-        lens = cache_seqlens.tolist()
+        lens = cache_seqlens.tolist() if max_seqlen is None else []  # the only host sync
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         lens = [cache_seqlens] * B
     else:
         raise TypeError(f"cache_seqlens must be an int or an int tensor [B], got {type(cache_seqlens).__name__}")
-    if B and min(lens) < 1:
+    if B and lens and min(lens) < 1:
         raise ValueError(f"cache_seqlens must be >= 1 (the new token is in the cache), got {lens}")
-    n_max = max(lens, default=1)
+    if max_seqlen is not None:
+        check_positive_int("max_seqlen", max_seqlen)
+        if lens and max(lens) > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is below cache_seqlens {max(lens)}")
+    n_max = max_seqlen if max_seqlen is not None else max(lens, default=1)
     _check_tensor("k_cmp", k_cmp, 4, "[B, Tc, H, Dk]")
     H = k_cmp.shape[2]
     if H == 0 or HQ % H:
@@ -296,7 +306,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
             raise ValueError(f"{name} must have shape {expect}, got {list(x.shape)}")
         if x.shape[1] < need:
             raise ValueError(f"{name} has {x.shape[1]} rows but the longest sequence "
-                             f"(cache_seqlens = {n_max}) needs {rows} >= {need}")
+                             f"({'cache_seqlens' if max_seqlen is None else 'max_seqlen'} = {n_max}) "
+                             f"needs {rows} >= {need}")
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
         if x.device != q.device:
@@ -316,7 +327,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         raise TypeError(f"gates must have q's dtype and device ({q.dtype}, {q.device}), "
                         f"got {gates.dtype}, {gates.device}")
     kw = dict(cache_seqlens=cache_seqlens, cmp_block=cmp_block, cmp_stride=cmp_stride,
-              sel_block=sel_block, sel_count=sel_count, window=window, scale=scale)
+              sel_block=sel_block, sel_count=sel_count, window=window, scale=scale, max_seqlen=n_max)
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
         from . import triton as tk

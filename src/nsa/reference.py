@@ -313,9 +313,11 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
 
 
 def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
-                   cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None):
+                   cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None,
+                   max_seqlen=None):
     """One decode step (the contract of :func:`nsa.nsa_decode`): :func:`nsa_ref` for the one
-    query of each sequence, at position ``cache_seqlens[b] - 1``.
+    query of each sequence, at position ``cache_seqlens[b] - 1``. ``max_seqlen`` changes
+    nothing here (the lengths are read back: this path is not for CUDA graphs).
 
     k_cmp/k_slc hold positions from 0 (only the first Tc(n) / n rows are read); the window
     keys of position p sit at row ``p % Tw`` of k_win/v_win (a ring buffer, or the full keys).

@@ -247,8 +247,11 @@ def _n_split(tc: int, bh: int, BN: int, device) -> int:
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
-                      cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None):
-    """One decode step, ``[B, 1, HQ, Dv]`` in q's dtype; contract of :func:`nsa.nsa_decode`."""
+                      cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None,
+                      max_seqlen=None):
+    """One decode step, ``[B, 1, HQ, Dv]`` in q's dtype; contract of :func:`nsa.nsa_decode`.
+    Grids and buffers are sized by ``max_seqlen`` when given (no host sync: capturable in a
+    CUDA graph); programs past a sequence's own length find nothing to read."""
     q, k_cmp, v_cmp, gates = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gates.contiguous()
     k_slc, v_slc, k_win, v_win = (x.contiguous() for x in (k_slc, v_slc, k_win, v_win))
     B, _, HQ, Dk = q.shape
@@ -257,7 +260,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     dev = q.device
     if isinstance(cache_seqlens, torch.Tensor):
         lens = cache_seqlens.to(torch.int32).contiguous()
-        n_max = int(cache_seqlens.max()) if B else 1
+        n_max = max_seqlen if max_seqlen is not None else (int(cache_seqlens.max()) if B else 1)
     else:
         lens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=dev)
         n_max = int(cache_seqlens)
