@@ -4,18 +4,18 @@
 # last stage's NSA model next to the window-only model of the first stages.
 #   bash examples/gpu_needle_curriculum.sh [STAGE ...]     STAGE = steps:min_len:max_len[:kinds[:lr]]
 # The defaults are the run behind benchmarks/results/needle_gpu_h200.json (100% at 2k-8k, 99% at 16k):
-#   SET="rope_theta=1000000"  1500:256:2048:nsa,window  1000:2048:16384:nsa  800:8192:8192:nsa:1e-3
+#   1500:256:2048:nsa,window  1000:2048:16384:nsa  800:8192:8192:nsa:1e-3  (the tiny preset, whose
+#   RoPE base is 1e6 since; that run passed --set rope_theta=1000000 to the 1e4 preset of then)
 # (kinds default nsa; lr defaults to the preset's peak, re-warmed at every stage: the last stage
-# continues at 1e-3). The H100 run of needle_gpu_curriculum_h100.json used the preset's rope_theta
-# 1e4 and 2000:256:2048:nsa,window 500:256:8192:nsa,window 1500:2048:16384:nsa 900:4096:16384:nsa.
+# continues at 1e-3). The H100 run of needle_gpu_curriculum_h100.json used rope_theta
+# 1e4 (SET=rope_theta=10000 now) and 2000:256:2048:nsa,window 500:256:8192:nsa,window 1500:2048:16384:nsa 900:4096:16384:nsa.
 # Writes ${OUT:-runs/curriculum}/sN (one run per stage), stage logs and needle.{json,png}.
-# SET="FIELD=VALUE ..." overrides model fields in every stage (`nsa train --set`; SET="" for none).
+# SET="FIELD=VALUE ..." overrides model fields in every stage (`nsa train --set`).
 # DTYPE=float32 CONTEXTS=256,512 runs it on a CPU (a smoke test with small stages, e.g.
 # 3:128:256:nsa,window 3:128:512).
 set -euo pipefail
 OUT=${OUT:-runs/curriculum}
 [ $# -eq 0 ] && set -- 1500:256:2048:nsa,window 1000:2048:16384:nsa 800:8192:8192:nsa:1e-3
-SET=${SET-rope_theta=1000000}
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$OUT"
 COMMON=(--preset tiny --batch-size 16 --dtype "${DTYPE:-bfloat16}" --save-every 250 --eval-every 0 --no-needle)

@@ -54,7 +54,7 @@ def test_window_baseline_equals_nsa_window_branch():
     layer = NSAModel(small("window")).blocks[0].attn
     x = torch.randn(1, 50, 64)
     B, T = 1, 50
-    cos, sin = rope_cos_sin(torch.arange(T)[None], 16)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], 16, layer.theta)
     q = apply_rope(layer.q_proj(x).view(B, T, 4, 16), cos, sin)
     k, v = layer.kv_proj(x).view(B, T, 2, 2, 16).unbind(2)
     o = sliding_window_ref(q, apply_rope(k, cos, sin), v, window=8)
