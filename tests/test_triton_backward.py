@@ -129,18 +129,22 @@ def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
+def _check_compressed_backward(q, kc, vc, do, q_chunk, **kw):
+    """The cmp backward (after the Triton forward) against autograd through the reference."""
+    o, lse = compressed_attention_triton(q, kc, vc, **kw)
+    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk, **kw)
+    ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
 @pytest.mark.parametrize("q_chunk", [pytest.param(None, id="auto"), pytest.param(1, id="split")])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
 def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
     """q_chunk=1 (rounded up to one tile of positions): every dk/dv program takes one query
     tile and adds its share atomically (what long sequences do on GPUs)."""
     q, _, _, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
-    kw = dict(cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
-    o, lse = compressed_attention_triton(q, kc, vc, **kw)
-    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk, **kw)
-    ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
-    for a, b in zip(got, ref):
-        _close(a, b)
+    _check_compressed_backward(q, kc, vc, do, q_chunk, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -156,15 +160,9 @@ def test_property_compressed_backward_any_chunk(data):
     off = data.draw(st.integers(0, 20), label="q_offset")
     q_chunk = data.draw(st.integers(0, T + 4), label="q_chunk")
     Dk = data.draw(st.sampled_from([32, 48]), label="Dk")
-    q, k, v, _, _, do, _ = _inputs(off + T, h * H, H, Dk, 32, l, d, seed=data.draw(st.integers(0, 99)))
-    kc, vc = R.compress_mean(k, l, d), R.compress_mean(v, l, d)
-    qs, dos = q[:, off:], do[:, off:]
-    kw = dict(cmp_block=l, cmp_stride=d, q_offset=off)
-    o, lse = compressed_attention_triton(qs, kc, vc, **kw)
-    got = BW.compressed_attention_backward(qs, kc, vc, o, lse, dos, q_chunk=q_chunk, **kw)
-    ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (qs, kc, vc), dos)
-    for a, b in zip(got, ref):
-        _close(a, b)
+    q, _, _, kc, vc, do, _ = _inputs(off + T, h * H, H, Dk, 32, l, d, seed=data.draw(st.integers(0, 99)))
+    _check_compressed_backward(q[:, off:], kc, vc, do[:, off:], q_chunk, cmp_block=l, cmp_stride=d,
+                               q_offset=off)
 
 
 def test_selected_forward_lse():
@@ -209,13 +207,8 @@ def test_branch_backward_offsets():
     ref = _ref_grads(lambda a, b, c: R.sliding_window_ref(a, b, c, **kw), (qs, k[:, k0:], v[:, k0:]), dos)
     for a, b in zip(got, ref):
         _close(a, b)
-    kw = dict(cmp_block=8, cmp_stride=4, q_offset=off)
-    o, lse = compressed_attention_triton(qs, kc, vc, **kw)
-    ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (qs, kc, vc), dos)
     for q_chunk in (None, 1):
-        got = BW.compressed_attention_backward(qs, kc, vc, o, lse, dos, q_chunk=q_chunk, **kw)
-        for a, b in zip(got, ref):
-            _close(a, b)
+        _check_compressed_backward(qs, kc, vc, dos, q_chunk, cmp_block=8, cmp_stride=4, q_offset=off)
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 4, 8), (2, 37, 3, 48), (1, 3, 2, 192), (1, 0, 2, 16)],

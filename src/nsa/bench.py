@@ -516,8 +516,8 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
                 if f"nsa{sfx}_ms" not in res:
                     continue
                 res[f"nsa{sfx}_gbps"] = res["bytes_nsa"] * args.batch / res[f"nsa{sfx}_ms"] / 1e6
-                for b in ("nsa_prefill_kernels" if not sfx else None, *baselines):
-                    if b and f"{b}{sfx}_ms" in res:
+                for b in (*baselines,) if sfx else ("nsa_prefill_kernels", *baselines):
+                    if f"{b}{sfx}_ms" in res:
                         res[f"speedup{sfx}_vs_{b}"] = res[f"{b}{sfx}_ms"] / res[f"nsa{sfx}_ms"]
             rows.append(res)
             print(" ".join([f"{cname:>5} T={T:>6} B={args.batch}"] + [

@@ -283,7 +283,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         lens = [cache_seqlens] * B
     else:
         raise TypeError(f"cache_seqlens must be an int or an int tensor [B], got {type(cache_seqlens).__name__}")
-    if B and lens and min(lens) < 1:
+    if lens and min(lens) < 1:
         raise ValueError(f"cache_seqlens must be >= 1 (the new token is in the cache), got {lens}")
     if max_seqlen is not None:
         check_positive_int("max_seqlen", max_seqlen)
