@@ -114,6 +114,7 @@ CASES = [
     pytest.param(70, 6, 2, 32, 32, 8, 8, 8, 5, 13, None, id="gqa3-l=d=l'"),
     pytest.param(80, 4, 2, 32, 48, 8, 4, 16, 4, 16, [0, 13, 14, 50, 80], id="varlen"),
     pytest.param(6, 2, 1, 32, 32, 8, 4, 16, 3, 4, None, id="T-lt-l"),
+    pytest.param(90, 16, 1, 40, 24, 8, 4, 8, 4, 12, [0, 7, 8, 90], id="gqa16-varlen-lp8-oddD"),
 ]
 
 
@@ -218,16 +219,20 @@ def test_sort_networks(R, N, desc, network):
     assert torch.equal(y, top.sort(-1, descending=desc).values)
 
 
-def test_selected_arbitrary_lists():
-    """Unsorted lists with -1 holes and blocks shared between neighbours (the tile dedup)."""
-    q, k, v, *_ = _inputs(40, 2, 1, 32, 32)
+@pytest.mark.parametrize("HQ", [pytest.param(2, id="h2-tiles-of-8-positions"),
+                                pytest.param(16, id="h16-one-position-clamped-rows")])
+def test_selected_arbitrary_lists(HQ):
+    """Unsorted lists with -1 holes, blocks shared between neighbours (the tile dedup of h < 16)
+    and a partial last block (the clamped rows of one-position tiles)."""
+    T = 43  # blocks 0..5 of 8 keys, the last one partial
+    q, k, v, *_ = _inputs(T, HQ, 1, 32, 24)
     g = torch.Generator().manual_seed(3)
     rows = []
-    for t in range(40):  # the block holding t, then 3 distinct others or -1, shuffled
-        others = [b for b in torch.randperm(5, generator=g).tolist() if b != t // 8][:3]
+    for t in range(T):  # the block holding t, then 3 distinct others or -1, shuffled
+        others = [b for b in torch.randperm(6, generator=g).tolist() if b != t // 8][:3]
         row = [t // 8] + [b if torch.rand(1, generator=g).item() < 0.7 else -1 for b in others]
         rows.append([row[i] for i in torch.randperm(4, generator=g).tolist()])
-    idx = torch.tensor(rows, device=DEV).view(1, 40, 1, 4)
+    idx = torch.tensor(rows, device=DEV).view(1, T, 1, 4)
     _close(selected_attention_triton(q, k, v, idx, sel_block=8),
            R.selected_attention_ref(q, k, v, idx, sel_block=8))
 

@@ -9,8 +9,13 @@ block is attended once, at its first occurrence in the tile, for every row whose
 selected it (the local blocks always coincide), and its later occurrences load nothing and
 add nothing (masked, not branched: the step still runs).
 
-Tried and measured slower on the H100 (benchmarks/NOTES.md): two selected blocks per step
-for one-position tiles (a [Dk, 2 l'] key tile): slc 23.5 -> 26.0 ms at 64k (paper config).
+Tried and measured (benchmarks/NOTES.md): two selected blocks per step for one-position tiles
+(a [Dk, 2 l'] key tile): slower on the H100, slc 23.5 -> 26.0 ms at 64k (paper config). Four
+positions per tile at h = 16 (64 rows, repeated blocks skipped by a branch) on the H200: 1.5x
+slower with the benchmark's random inputs, 1.6x faster when every 64 positions share one list;
+a trained model's lists are 50-70% distinct over 4 positions, so one position per tile stays.
+With one position per tile, the slc branch's time hardly depends on how the lists overlap
+(random vs shared lists: 20.9 vs 20.4 ms at 64k), so it is not bound by L2 bandwidth.
 
 Reference: :func:`nsa.reference.selected_attention_ref` (same signature).
 """
@@ -28,16 +33,13 @@ from .band import default_scale
 @triton.jit
 def tile_lists(IDX, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                BT: tl.constexpr):
-    """The block lists [BT, NP] of a tile's positions (-1: none), to find blocks shared between
-    positions; a constant when the tile holds one position (nothing to share)."""
-    if BT > 1:
-        tp = t0 + tl.arange(0, BT)
-        cs = tl.arange(0, NP)
-        idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
-        lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
-                        mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
-    else:
-        lists = tl.full([BT, NP], -1, tl.int32)
+    """The block lists [BT, NP] of a tile's positions (-1: none): with BT > 1 to find blocks
+    shared between positions, with BT = 1 so that no K/V address waits on a load in the loop."""
+    tp = t0 + tl.arange(0, BT)
+    cs = tl.arange(0, NP)
+    idx_off = ((q_start + tp).to(tl.int64) * H + g) * N_SEL
+    lists = tl.load(IDX + idx_off[:, None] + cs[None, :],
+                    mask=(tp[:, None] < q_len) & (cs[None, :] < N_SEL), other=-1).to(tl.int32)
     return lists
 
 
@@ -51,8 +53,12 @@ def tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H: tl.const
     u_ok, the existing ones). A block is attended once, for every row that selected it."""
     p_loc = ps // N_SEL
     slot = ps % N_SEL
-    blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
-                  mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
+    if BT == 1:  # from registers: no K/V address waits on a load (with BT > 1 the load measured faster)
+        cs = tl.arange(0, lists.shape[1])
+        blk = tl.sum(tl.sum(tl.where((tl.arange(0, BT)[:, None] == p_loc) & (cs[None, :] == slot), lists, 0), 1), 0)
+    else:
+        blk = tl.load(IDX + ((q_start + t0 + p_loc).to(tl.int64) * H + g) * N_SEL + slot,
+                      mask=t0 + p_loc < q_len, other=-1).to(tl.int32)
     if BT > 1:
         prow = tl.arange(0, BT)
         seen = tl.sum(tl.where((lists == blk) & (prow[:, None] < p_loc), 1, 0))
@@ -68,12 +74,22 @@ def tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H: tl.const
 
 
 @triton.jit
+def _load(ptr, mask, FULL: tl.constexpr):
+    """A tile load, without a mask when FULL (every address valid)."""
+    if FULL:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  WRITE_LSE: tl.constexpr):
+                  WRITE_LSE: tl.constexpr, CLAMP: tl.constexpr, K0_FULL: tl.constexpr,
+                  V_FULL: tl.constexpr):
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -104,12 +120,19 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         blk_row = tl.maximum(blk, 0).to(tl.int64) * SEL_L
         kb = K + ((k_start + blk_row) * H + g) * DK
         vb = V + ((k_start + blk_row) * H + g) * DV
-        kt0 = tl.load(kb + dk0[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk0[:, None] < DK), other=0.0)
+        kr = ar  # K/V rows of the block
+        if CLAMP:  # rows clamped into the sequence instead of masked (vis masks their scores):
+            # unmasked loads, measured 5-10% faster on the H200 with one position per tile
+            kr = tl.minimum(ar, tl.maximum(k_len - 1 - blk_row, 0).to(tl.int32))
+        kt0 = _load(kb + dk0[:, None] + kr[None, :] * (H * DK), u_ok[None, :] & (dk0[:, None] < DK), K0_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             kt0 = kt0.to(tl.float32)
         s = tl.dot(q0, kt0, input_precision=PREC)
         if BK1 > 0:
-            kt1 = tl.load(kb + dk1[:, None] + ar[None, :] * (H * DK), mask=u_ok[None, :] & (dk1[:, None] < DK), other=0.0)
+            k1_ok = dk1[:, None] < DK
+            if not CLAMP:  # repeats of a block inside the tile (blk = -1) load nothing
+                k1_ok = k1_ok & u_ok[None, :]
+            kt1 = tl.load(kb + dk1[:, None] + kr[None, :] * (H * DK), mask=k1_ok, other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
                 kt1 = kt1.to(tl.float32)
             s += tl.dot(q1, kt1, input_precision=PREC)
@@ -119,7 +142,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + ar[:, None] * (H * DV) + dv[None, :], mask=u_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _load(vb + kr[:, None] * (H * DV) + dv[None, :], u_ok[:, None] & (dv[None, :] < DV), V_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -134,7 +157,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 
 
 
-_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE'], [2, 4, 8], [1, 2, 3])
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE', 'CLAMP'], [2, 4, 8], [1, 2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
@@ -166,10 +189,15 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
+    BV = max(16, C.next_pow2(Dv))
+    # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
+    # a block's repeats must load nothing
+    clamp = cfg["BT"] == 1 and k_slc.shape[1] > 0
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _selected_fwd_tuned[(tbl.shape[0], H)](
         q, k_slc, v_slc, o, lse if return_lse else o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
-        HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse, **launch)
+        HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=BV,
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse,
+        CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk, V_FULL=clamp and BV == Dv, **launch)
     return (o, lse) if return_lse else o
