@@ -23,6 +23,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
@@ -235,6 +237,29 @@ def test_selected_arbitrary_lists(HQ):
     idx = torch.tensor(rows, device=DEV).view(1, T, 1, 4)
     _close(selected_attention_triton(q, k, v, idx, sel_block=8),
            R.selected_attention_ref(q, k, v, idx, sel_block=8))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_selected_any_lists(data):
+    """slc for any group size (tiles of several positions or one, clamped rows), l' not a power
+    of two, query offset and block lists: distinct blocks in any order, -1 holes, blocks wholly
+    in the future (no visible key: 0, never NaN), rows of holes only."""
+    H = data.draw(st.sampled_from([1, 2]), label="H")
+    h = data.draw(st.sampled_from([1, 2, 3, 4, 16, 32]), label="h")
+    lp = data.draw(st.sampled_from([8, 16, 24]), label="l'")
+    T = data.draw(st.integers(1, 50), label="T")
+    off = data.draw(st.integers(0, 30), label="q_offset")
+    n = data.draw(st.integers(1, 5), label="n")
+    Dk, Dv = data.draw(st.sampled_from([(16, 16), (40, 24), (64, 32)]), label="Dk, Dv")
+    q, k, v, *_ = _inputs(off + T, h * H, H, Dk, Dv, seed=data.draw(st.integers(0, 99), label="seed"))
+    g = torch.Generator().manual_seed(T * 131 + off)
+    n_blk = -(-(off + T) // lp)
+    idx = torch.stack([torch.randperm(max(n_blk, n), generator=g)[:n] for _ in range(T * H)])
+    idx = torch.where((idx >= n_blk) | (torch.rand(idx.shape, generator=g) < 0.25), -1, idx)
+    idx = idx.view(1, T, H, n).to(DEV)
+    _close(selected_attention_triton(q[:, off:], k, v, idx, sel_block=lp, q_offset=off),
+           R.selected_attention_ref(q[:, off:], k, v, idx, sel_block=lp, q_offset=off))
 
 
 NSA_CASES = [
