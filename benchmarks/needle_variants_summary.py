@@ -4,8 +4,8 @@
 ``DIR/needle_NAME.json`` written by ``nsa needle`` and writes PATH.json (each run's grid, its
 mean over depths and the number of needles it missed at 4k-16k) and PATH.png (one line per run,
 the window-only baseline dashed). The recipes (commands) of the runs go in ``--meta``: a JSON
-object whose "runs" maps NAME to a description; its other keys (device, versions, date) are
-copied.
+object whose "runs" maps NAME (and KIND-only for a baseline panel, e.g. window-only) to a
+description; its other keys (device, versions, date) are copied.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def summarize(folder: str, meta: dict) -> dict:
             acc = m["accuracy"]  # [contexts][depths]
             missed = sum(round((1 - a) * d["samples"]) for c, row in zip(d["contexts"], acc)
                          if 4096 <= c <= 16384 for a in row)
-            runs[key] = {"recipe": meta.get("runs", {}).get(name, ""), "kind": kind, "contexts": d["contexts"],
+            recipe = meta.get("runs", {}).get(key, "")  # NAME, or KIND-only for a baseline panel
+            runs[key] = {"recipe": recipe, "kind": kind, "contexts": d["contexts"],
                          "depths": d["depths"], "samples": d["samples"], "accuracy": acc,
                          "mean_over_depths": [sum(r) / len(r) for r in acc], "missed_4k_16k": missed}
     return {**{k: v for k, v in meta.items() if k != "runs"}, "runs": runs}
