@@ -53,6 +53,30 @@ def test_passkey_task_is_deterministic_and_well_formed():
         task.example(300, 1.5, np.random.default_rng(0))
 
 
+def _needle_distance(x):
+    """Bytes from each row's needle to the end of the row."""
+    return np.array([len(r) - bytes(r.astype(np.uint8)).find(b"The pass key is") for r in x.numpy()])
+
+
+@pytest.mark.parametrize("near", [pytest.param(0.25, id="quarter"), pytest.param(1.0, id="all")])
+def test_passkey_near_needles(near):
+    base, task = PasskeyTask(4096, seed=2), PasskeyTask(4096, seed=2, near=near, near_span=300)
+    n = 64
+    x0, x = base.batch(1, n)[0], task.batch(1, n)[0]
+    d0, d = _needle_distance(x0), _needle_distance(x)
+    # a needle moved near the question ends within near_span (+ the question and the needle's
+    # snap back to a sentence start) of the end; the other rows are the same as without the option
+    close = d <= 300 + 105 + 40
+    moved = ~(x == x0).all(dim=1).numpy()
+    assert (moved <= close).all() and abs(close.mean() - near) < 0.2
+    assert (d0 > 450).mean() > 0.85  # uniform depths put few needles there
+    assert torch.equal(PasskeyTask(4096, seed=2, near=0.0).batch(1, n)[0], x0)
+    with pytest.raises(ValueError, match="near"):
+        PasskeyTask(4096, near=1.5)
+    with pytest.raises(ValueError, match="--near-needles"):
+        cli.main(["train", "--near-needles", "-0.1", "--steps", "1"])
+
+
 def test_byte_text(tmp_path):
     p = tmp_path / "t.txt"
     p.write_bytes(bytes(range(256)) * 40)

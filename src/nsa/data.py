@@ -46,10 +46,16 @@ class PasskeyTask:
             [min_len, seq_len] by the step (multiples of 16, or of 256 above 1024
             tokens): a model trained at one length
             learns a retrieval tied to it and fails at other lengths.
+        near: fraction of training sequences whose needle starts within ``near_span``
+            bytes of the question (uniformly there) instead of at a uniform depth. At 16k
+            tokens a uniform depth puts 3% of needles in the last 512 bytes, and that is
+            where a long-context model copies a digit off by one (benchmarks/NOTES.md).
+            0 (default) keeps the batches of runs made before this option bit for bit.
+        near_span: see ``near``.
     """
 
     def __init__(self, seq_len: int = 512, digits: int = 5, seed: int = 0, answer_weight: float = 1.0,
-                 min_len: int | None = None):
+                 min_len: int | None = None, near: float = 0.0, near_span: int = 512):
         if not isinstance(digits, int) or not 1 <= digits <= 32:
             raise ValueError(f"digits must be an int in [1, 32], got {digits!r}")
         self.digits, self.seed, self.answer_weight = digits, seed, float(answer_weight)
@@ -60,6 +66,11 @@ class PasskeyTask:
         if min_len is not None and (not isinstance(min_len, int) or not self.min_len <= min_len <= seq_len):
             raise ValueError(f"min_len must be an int in [{self.min_len}, seq_len={seq_len}], got {min_len!r}")
         self.min_seq_len = seq_len if min_len is None else min_len
+        if not isinstance(near, (int, float)) or not 0.0 <= near <= 1.0:
+            raise ValueError(f"near must be a fraction in [0, 1], got {near!r}")
+        if not isinstance(near_span, int) or near_span < 1:
+            raise ValueError(f"near_span must be a positive int, got {near_span!r}")
+        self.near, self.near_span = float(near), near_span
 
     def length(self, step: int) -> int:
         """Tokens per sequence of batch ``step``."""
@@ -106,14 +117,21 @@ class PasskeyTask:
         [b, length(step)].
 
         Sequence j of the global batch depends on (seed, step, j) only; rank r takes rows
-        r*b .. (r+1)*b - 1 with b = batch_size // world_size. Needle depths are uniform.
+        r*b .. (r+1)*b - 1 with b = batch_size // world_size. Needle depths are uniform,
+        except for a fraction ``near`` of sequences, whose needle is near the question.
         """
         b = _local(batch_size, world_size)
         n = self.length(step)
         rows, weights = [], []
         for j in range(rank * b, (rank + 1) * b):
             rng = _rng(self.seed, step, j)
-            toks, a, _ = self.example(n + 1, float(rng.random()), rng)
+            depth = float(rng.random())
+            if self.near > 0:  # its own stream: near=0 draws exactly what it always drew
+                pick = _rng(self.seed, step, j, 1 << 41).random(2)
+                if pick[0] < self.near:
+                    n_hay = n + 2 - self.min_len  # haystack bytes: min_len - 1 are needle and tail
+                    depth = max(0.0, 1.0 - pick[1] * min(self.near_span, n_hay) / n_hay)
+            toks, a, _ = self.example(n + 1, depth, rng)
             rows.append(toks)
             w = np.ones(n, dtype=np.float32)
             w[a - 1:a - 1 + self.digits] = self.answer_weight  # targets are shifted by one

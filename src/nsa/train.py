@@ -52,6 +52,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--answer-weight", type=float, default=5.0,
                        help="loss weight of the pass key's digits in the answer (default 5)")
         p.add_argument("--digits", type=int, default=None, help="pass key length (task default)")
+        p.add_argument("--near-needles", type=float, default=0.0, metavar="FRACTION",
+                       help="passkey task: fraction of sequences whose needle is within 512 bytes "
+                            "of the question (default 0: uniform depths)")
         p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="override a ModelConfig field, e.g. --set window=64 (repeatable)")
         p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (0: never)")
@@ -187,6 +190,9 @@ def make_task(args, seq_len: int):
             raise ValueError(f"--data {args.data!r} is not a file")
         return ByteText(args.data, seq_len, seed=args.seed)
     kw = {} if args.digits is None else {"digits": args.digits}
+    kw["near"] = getattr(args, "near_needles", 0.0)
+    if not 0.0 <= kw["near"] <= 1.0:
+        raise ValueError(f"--near-needles must be a fraction in [0, 1], got {kw['near']}")
     task = PasskeyTask(seq_len, seed=args.seed, answer_weight=args.answer_weight, **kw)
     lo = args.min_seq_len if args.min_seq_len is not None else max(task.min_len, seq_len // 3)
     return PasskeyTask(seq_len, seed=args.seed, answer_weight=args.answer_weight, min_len=lo, **kw)
@@ -460,8 +466,10 @@ def resume_checkpoint(out, model, opt, args, d: Dist) -> int:
 
     saved = torch.load(os.path.join(out, info["state"]), map_location="cpu", weights_only=False)
     for key in ("seq_len", "min_seq_len", "batch_size", "seed", "lr", "steps", "warmup", "data",
-                "answer_weight", "digits"):
-        old, new = saved["args"].get(key), getattr(args, key, None)
+                "answer_weight", "digits", "near_needles"):
+        # options added later: a run saved before them ran with their default
+        old = saved["args"].get(key, {"near_needles": 0.0}.get(key))
+        new = getattr(args, key, None)
         if key != "steps" and old != new:
             raise ValueError(f"--resume: --{key.replace('_', '-')} was {old!r} in the saved run, "
                              f"now {new!r}; resuming would not continue the same run")
