@@ -171,6 +171,58 @@ def test_prefill_equals_chunked_prefill_equals_decode(phi, shared_kv):
     assert (layer(torch.randn(2, T, 32)) - y).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_decode_step_with_device_lengths_equals_full(phi, shared_kv):
+    """decode_step (lengths as a tensor, fixed shapes: what a CUDA graph replays) after a prefill,
+    with sequences of different lengths in one batch, equals the full layer on each sequence."""
+    layer = make_layer(seed=6, compress=phi, shared_kv=shared_kv)
+    lens, T = [5, 2, 11], 33  # prefill lengths (each row its own), then decode to T
+    x = torch.randn(3, T, 32)
+    with torch.no_grad():
+        full = layer(x)
+        caches = [layer.new_cache(1, T) for _ in lens]
+        for b, n in enumerate(lens):  # each row prefilled alone, then the rows' buffers stacked
+            layer(x[b:b + 1, :n], cache=caches[b])
+        cache = layer.new_cache(3, T)
+        for name in ("k_slc", "v_slc", "k_cmp", "v_cmp", "k_win", "v_win", "k_tail", "v_tail"):
+            if getattr(cache, name) is not None:
+                getattr(cache, name).copy_(torch.cat([getattr(cc, name) for cc in caches]))
+        seqlens = torch.tensor(lens)
+        for _ in range(T - max(lens)):  # every row decodes as many tokens, from its own position
+            s = seqlens.clone()
+            y = layer.decode_step(x[torch.arange(3), s][:, None], cache, seqlens)  # [3, 1, d]
+            err = (y[:, 0] - full[torch.arange(3), s]).abs().max().item()
+            assert err <= 1e-5, s.tolist()
+            seqlens += 1
+    assert (layer(torch.randn(3, T, 32)) - full).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("shared_kv", SHARED)
+def test_decode_step_cache_shorter_than_a_block(shared_kv):
+    layer = make_layer(seed=7, shared_kv=shared_kv)  # l = 4
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(1, 3)
+        layer(x[:, :1], cache=cache)
+        for t in (1, 2):
+            y = layer.decode_step(x[:, t:t + 1], cache, torch.tensor([t]))
+            assert (y[0, 0] - full[0, t]).abs().max().item() <= 1e-5
+
+
+def test_decode_step_bad_args():
+    layer = make_layer()
+    cache = layer.new_cache(2, 10)
+    with pytest.raises(ValueError, match="seqlens"):
+        layer.decode_step(torch.randn(2, 1, 32), cache, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="seqlens"):
+        layer.decode_step(torch.randn(2, 1, 32), cache, 3)
+    with pytest.raises(ValueError, match=r"\[B, 1, d_model"):
+        layer.decode_step(torch.randn(2, 2, 32), cache, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="batch"):
+        layer.decode_step(torch.randn(3, 1, 32), cache, torch.tensor([1, 2, 3]))
+
+
 def test_cache_reset_and_reuse():
     layer = make_layer(seed=4, compress="mlp")
     x1, x2 = torch.randn(1, 19, 32), torch.randn(1, 26, 32)

@@ -145,6 +145,8 @@ def test_train_two_kinds_then_needle_and_generate(tmp_path, capsys):
     assert "The pass key is" in capsys.readouterr().out
     assert cli.main(["generate", os.path.join(out, "window"), "--prompt", "ab", "--max-new-tokens", "4",
                      "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9"]) == 0
+    with pytest.raises(ValueError, match="cuda_graph"):  # the CPU has no CUDA graphs
+        cli.main(["generate", os.path.join(out, "nsa"), "--prompt", "ab", "--cuda-graph", "--device", "cpu"])
 
 
 def test_train_on_a_text_file(tmp_path, capsys):

@@ -213,6 +213,69 @@ class NSAAttention(nn.Module):
             return y, sel
         return y
 
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, cache: NSACache, seqlens: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, with the lengths on the device: fixed shapes and no
+        host sync, so the step can be captured in a CUDA graph and replayed.
+
+        Args:
+            x: ``[B, 1, d_model]`` the new tokens' inputs.
+            cache: this layer's cache (:meth:`new_cache`), filled up to ``seqlens``.
+            seqlens: int tensor ``[B]`` on x's device: the positions each sequence holds
+                before this token (each in [0, max_seq_len - 1], not checked: reading them
+                would sync). The cache's ``length`` is neither read nor updated: the caller
+                advances ``seqlens`` (and ``cache.length`` when it goes back to chunked calls).
+
+        Returns ``[B, 1, d_model]``, equal to ``self(x, cache=cache)`` at those lengths.
+        """
+        c = self.config
+        B = x.shape[0]
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != c.d_model:
+            raise ValueError(f"x must have shape [B, 1, d_model={c.d_model}], got {list(x.shape)}")
+        if B != cache.batch_size:
+            raise ValueError(f"x has batch {B} but the cache was made for batch {cache.batch_size}")
+        if (not isinstance(seqlens, torch.Tensor) or seqlens.shape != (B,)
+                or seqlens.dtype not in (torch.int32, torch.int64) or seqlens.device != x.device):
+            raise ValueError(f"seqlens must be an int32/int64 tensor [B] = [{B}] on {x.device}, got "
+                             f"{seqlens.dtype if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}"
+                             f"{list(seqlens.shape) if isinstance(seqlens, torch.Tensor) else ''}")
+        l, d, w = c.cmp_block, c.cmp_stride, c.window
+        s = seqlens.long()  # [B] this token's position
+        rows = torch.arange(B, device=x.device)
+        q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, s[:, None])
+        dt = cache.k_slc.dtype
+        cache.k_slc[rows, s] = ks[:, 0].to(dt)
+        cache.v_slc[rows, s] = vs[:, 0].to(dt)
+
+        # compression: the block ending at s is due when s + 1 >= l and (s + 1 - l) % d == 0;
+        # it is computed every step and written only when due (a data-dependent branch would sync)
+        if cache.shared_kv:
+            at = (s[:, None] - (l - 1) + torch.arange(l, device=x.device)).clamp_min(0)  # [B, l]
+            raw_k, raw_v = cache.k_slc[rows[:, None], at], cache.v_slc[rows[:, None], at]
+        else:
+            raw_k = torch.cat([cache.k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
+            raw_v = torch.cat([cache.v_tail, vc.to(dt)], 1)
+            cache.k_tail.copy_(raw_k[:, 1:])
+            cache.v_tail.copy_(raw_v[:, 1:])
+        if cache.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
+            due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
+            slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, cache.k_cmp.shape[1] - 1)
+            for buf, phi, raw, like in ((cache.k_cmp, self.phi_k, raw_k, kc), (cache.v_cmp, self.phi_v, raw_v, vc)):
+                new = phi(raw[:, None].to(like.dtype))[:, 0].to(dt)  # [B, H, D]
+                buf[rows, slot] = torch.where(due, new, buf[rows, slot])
+
+        if cache.shared_kv:
+            ring_k, ring_v = cache.k_slc, cache.v_slc
+        else:
+            ring_k, ring_v = cache.k_win, cache.v_win
+            cache.k_win[rows, s % w] = kw[:, 0].to(dt)
+            cache.v_win[rows, s % w] = vw[:, 0].to(dt)
+        geom = self._geometry()
+        o = ops.nsa_decode(q.to(dt), cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, ring_k, ring_v,
+                           gates.to(dt), cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
+                           backend=c.backend, **geom)
+        return self._out(o.to(x.dtype))
+
 
 def _positions(T: int, cu_seqlens, device) -> torch.Tensor:
     """Positions [1, T]: 0..T-1, or restarting at 0 at each sequence of ``cu_seqlens``."""

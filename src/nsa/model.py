@@ -269,8 +269,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
         self.mlp = SwiGLU(c.d_model, c.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache=None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn_norm(x)
+        # seqlens: a decode step with the lengths on the device (NSAAttention.decode_step)
+        x = x + (self.attn(h, cache=cache) if seqlens is None else self.attn.decode_step(h, cache, seqlens))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -338,6 +340,26 @@ class NSAModel(nn.Module):
             cache.length += tokens.shape[1]
         return self.lm_head(self.norm(x))
 
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: "ModelCache", seqlens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab_size]`` of one new token per sequence (``tokens`` ``[B, 1]``) at
+        positions ``seqlens`` (int tensor ``[B]`` on the device, advanced by one in place).
+
+        Fixed shapes and no host sync (see :meth:`nsa.NSAAttention.decode_step`): what
+        :meth:`generate` captures in a CUDA graph. Needs ``attention="nsa"`` and a cache that
+        holds at least one token (``cache.length`` is left as it is).
+        """
+        if self.config.attention != "nsa":
+            raise ValueError(f"decode_step needs attention='nsa', this model has {self.config.attention!r}")
+        x = self.embed(tokens)
+        if self.shift is not None:
+            x = x + self.shift(self.embed(cache.last[:, None]))
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, cache=layer_cache, seqlens=seqlens)
+        cache.last.copy_(tokens[:, -1])
+        seqlens.add_(1)
+        return self.lm_head(self.norm(x))[:, -1]
+
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None):
         """Mean cross-entropy of next tokens (targets -100 are ignored); ``weights`` [B, T]
         weigh positions (a weighted mean)."""
@@ -351,7 +373,8 @@ class NSAModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, stop_token: int | None = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Continue ``prompt`` [B, T] by ``max_new_tokens`` tokens; returns [B, T + new].
 
         ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature)
@@ -360,6 +383,11 @@ class NSAModel(nn.Module):
         each new token is one decode step; without it every step reruns the whole sequence
         (the same tokens, much slower: a check of the cache). Generation stops early when
         every sequence has produced ``stop_token``.
+
+        ``cuda_graph=True`` (CUDA, ``attention="nsa"``, ``use_cache``): the decode step is
+        captured once in a CUDA graph (:meth:`decode_step`) and replayed for every token, so
+        a step costs its GPU time instead of ~25 launches a layer from Python. The same tokens
+        as without it, up to the last bits of the logits.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a non-empty integer tensor [B, T], got "
@@ -372,10 +400,21 @@ class NSAModel(nn.Module):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if cuda_graph:
+            if not (use_cache and prompt.is_cuda and self.config.attention == "nsa"):
+                raise ValueError("cuda_graph=True needs use_cache=True, a CUDA prompt and attention='nsa', got "
+                                 f"use_cache={use_cache}, device {prompt.device}, attention={self.config.attention!r}")
+            from .ops import resolve_backend
+
+            if (resolve_backend(self.config.backend, prompt.device) != "triton"
+                    or self.embed.weight.dtype == torch.float64):
+                raise ValueError("cuda_graph=True needs the Triton decode (backend 'auto' or 'triton', "
+                                 "not float64): the PyTorch one reads the lengths back to the host")
         B, T = prompt.shape
         out = prompt
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         logits = self(prompt, cache=cache)[:, -1]
+        step = _GraphedStep(self, cache, T) if cuda_graph and max_new_tokens > 1 else None
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
@@ -386,8 +425,49 @@ class NSAModel(nn.Module):
                     break
             if out.shape[1] == T + max_new_tokens:
                 break
-            logits = (self(nxt[:, None], cache=cache) if use_cache else self(out))[:, -1]
+            if step is not None:
+                logits = step(nxt)
+            else:
+                logits = (self(nxt[:, None], cache=cache) if use_cache else self(out))[:, -1]
+        if step is not None:
+            step.finish()
         return out
+
+
+class _GraphedStep:
+    """NSAModel.decode_step captured in a CUDA graph: static token and length buffers, the
+    first call run eagerly on a side stream (it compiles and autotunes the kernels, which a
+    capture must not do) and the graph captured after it."""
+
+    def __init__(self, model: NSAModel, cache: "ModelCache", length: int):
+        self.model, self.cache = model, cache
+        B, dev = cache.last.shape[0], cache.last.device
+        self.tok = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+        self.seqlens = torch.full((B,), length, dtype=torch.int64, device=dev)
+        self.graph, self.logits, self.steps = None, None, 0
+
+    def __call__(self, nxt: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(nxt[:, None])
+        self.steps += 1
+        if self.graph is None and self.steps == 1:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.model.decode_step(self.tok, self.cache, self.seqlens)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:  # capture records the step without running it
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.model.decode_step(self.tok, self.cache, self.seqlens)
+        self.graph.replay()
+        return self.logits
+
+    def finish(self) -> None:
+        """Bring the cache's host-side length up to date for later chunked calls."""
+        self.cache.length += self.steps
+        for layer in self.cache.layers:
+            layer.length += self.steps
 
 
 @dataclass

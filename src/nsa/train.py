@@ -83,6 +83,8 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--top-p", type=float, default=None)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="replay the decode step as a CUDA graph (CUDA, NSA models)")
         p.add_argument("--device", default=None)
     elif name == "needle":
         p.add_argument("checkpoints", nargs="+", help="checkpoint folders or .safetensors files, "
@@ -686,7 +688,8 @@ def cmd_generate(args) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     x = encode(prompt)[None].to(device)
     y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, use_cache=not args.no_cache, generator=g)
+                       top_p=args.top_p, use_cache=not args.no_cache, generator=g,
+                       cuda_graph=args.cuda_graph)
     import sys
 
     on, off = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # bold the new text
