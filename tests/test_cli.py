@@ -60,7 +60,7 @@ def test_demo(capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
-@pytest.mark.parametrize("what", ["prefill", "train"])
+@pytest.mark.parametrize("what", ["prefill", "train", "generate"])
 def test_bench_needs_a_gpu(what, capsys):
     assert cli.main(["bench", what, "--seqlens", "64"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -99,3 +99,29 @@ def test_gpu_tag():
 
     assert [gpu_tag(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB")] == \
         ["h200", "h100", "a100"]
+
+
+def test_bench_generate_step_time_and_table(monkeypatch):
+    """Decode-step time from two generate lengths (prefill and one-time cost cancel out), and
+    the table that puts NSA eager / graphed next to full attention."""
+    import torch
+
+    from nsa import bench
+
+    prefill, once, step = 40.0, 25.0, 0.5  # a fake model whose generate takes exactly this long
+    clock = {"t": 0.0}
+
+    class Fake:
+        def generate(self, prompt, n, cuda_graph=False):
+            clock["t"] += (prefill + (once if n > 1 else 0.0) + (n - 1) * step) / 1e3
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(__import__("time"), "perf_counter", lambda: clock["t"])
+    got = bench._generate_ms(Fake(), None, 64, True)
+    assert got == pytest.approx((prefill, once, step))
+    rows = [dict(preset="small", attention="nsa", graph=False, T=4096, batch=2, step_ms=2.0, prefill_ms=30.0),
+            dict(preset="small", attention="nsa", graph=True, T=4096, batch=2, step_ms=0.25, once_ms=12.0,
+                 tokens_per_s=8000.0),
+            dict(preset="small", attention="full", graph=False, T=4096, batch=2, step_ms=1.0, prefill_ms=20.0)]
+    assert ("| small | 4096 | 2 | 2.000 | 0.250 | 1.000 | 8000 | 12.0 | 30.0 / 20.0 |"
+            in bench.markdown_table_generate(dict(results=rows)))

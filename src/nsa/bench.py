@@ -1,4 +1,4 @@
-"""``nsa bench prefill`` / ``train`` / ``decode``: the Triton NSA kernels against full attention.
+"""``nsa bench prefill`` / ``train`` / ``decode`` / ``generate``: NSA against full attention.
 
 ``prefill`` times the forward; ``train`` times forward + backward (all of q, k_cmp, v_cmp, k, v,
 k_win, v_win and the gates require grad; full attention: q, k, v), and the backward alone as
@@ -20,6 +20,13 @@ the difference. For each T (default 8k..128k, batch 1) and configuration it time
 prefill kernels (what the layer ran before ``nsa_decode`` existed), and SDPA full attention of
 one query over all T keys; with the keys each reads per step (NSA: Tc + n*l' + w per KV head,
 full: T) and the bytes of K/V behind them.
+
+``generate`` times :meth:`nsa.model.NSAModel.generate` of a model preset (random bf16 weights,
+``--batch`` prompts of T random tokens): NSA decoding eager and with ``cuda_graph=True``, and the
+same preset with full attention (SDPA over the cache) eager. Each call's time is
+prefill + a one-time cost + N decode steps; two values of N (``--new-tokens`` and half of it)
+give the decode step's time and the one-time cost (the graph's first eager step and capture),
+and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one warm-up call.
 
 Timing: ``triton.testing.do_bench`` median, after warm-up, on random bf16 inputs.
 FLOP counts (multiply-add = 2 FLOPs; useful work only, masked tiles not counted):
@@ -49,15 +56,19 @@ CONFIGS = {
     "fla": dict(HQ=64, H=4, Dk=128, Dv=128, l=64, d=64, lp=64, n=16, w=512, shared=True),
 }
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
+GENERATE_T = [1024, 4096, 16384]
 
 
 def add_arguments(name, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train", "decode"],
+    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train", "decode", "generate"],
                         help="prefill: forward of the whole sequence; train: forward + backward; "
-                             "decode: one new token against a cache of T keys")
-    parser.add_argument("--batch", type=int, default=1, help="decode: sequences per step (default 1)")
-    parser.add_argument("--seqlens", type=int, nargs="+", default=DEFAULT_T,
-                        help="sequence lengths T (default 8k 16k 32k 64k 128k)")
+                             "decode: one new token against a cache of T keys; generate: a model's "
+                             "tokens/s after a prompt of T tokens, eager and as a CUDA graph")
+    parser.add_argument("--batch", type=int, default=1, help="decode, generate: sequences per step (default 1)")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=None,
+                        help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k)")
+    parser.add_argument("--preset", default="small", help="generate: model preset (default small)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations (default: all)")
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
@@ -405,7 +416,7 @@ def run(name, args) -> int:
     import triton
 
     if not torch.cuda.is_available():
-        print("nsa bench prefill needs a CUDA GPU", file=sys.stderr)
+        print(f"nsa bench {args.what} needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -423,6 +434,12 @@ def run(name, args) -> int:
     out_path = args.out or f"benchmarks/results/{args.what}_{gpu_tag(props.name)}"
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
+    if args.what == "generate":
+        args.seqlens = args.seqlens or GENERATE_T
+        meta["timing"] = (f"wall clock, median of 3 generate calls, bf16 weights, batch {args.batch}, "
+                          f"preset {args.preset}, random weights and prompts")
+        return _generate_sweep(args, meta, out_path, dev)
+    args.seqlens = args.seqlens or DEFAULT_T
     if args.what == "decode":
         meta["timing"] = meta["timing"].replace("batch 1, ", "")
         return _decode_sweep(args, meta, baselines, out_path, dev)
@@ -532,6 +549,109 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
         traceback.print_exc()
     print(markdown_table_decode(out))
     return 0
+
+
+def _generate_ms(model, prompt, new: int, graph: bool) -> tuple[float, float, float]:
+    """(prefill ms, one-time ms, ms per decode step) of model.generate, from calls with 1,
+    new // 2 + 1 and new + 1 new tokens (the first new token needs no decode step)."""
+    import statistics
+    import time
+
+    import torch
+
+    def call(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(prompt, n, cuda_graph=graph and n > 1)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    call(new + 1)  # warm-up: compiles and autotunes
+    half = new // 2
+    t1, th, tn = (statistics.median(call(n) for _ in range(3)) for n in (1, half + 1, new + 1))
+    step = (tn - th) / (new - half)
+    return t1, tn - t1 - new * step, step
+
+
+def _generate_sweep(args, meta, out_path, dev) -> int:
+    import torch
+
+    from .model import ModelConfig, NSAModel
+
+    rows = []
+    for attention in ("nsa", "full"):
+        cfg = ModelConfig.preset(args.preset, attention=attention,
+                                 max_seq_len=max(args.seqlens) + args.new_tokens + 1)
+        torch.manual_seed(0)
+        model = NSAModel(cfg).to(dev, torch.bfloat16).eval()
+        for T in args.seqlens:
+            prompt = torch.randint(0, cfg.vocab_size, (args.batch, T), device=dev)
+            for graph in (False, True) if attention == "nsa" else (False,):
+                res = dict(preset=args.preset, attention=attention, graph=graph, T=T, batch=args.batch,
+                           new_tokens=args.new_tokens)
+                try:
+                    res["prefill_ms"], res["once_ms"], res["step_ms"] = _generate_ms(model, prompt, args.new_tokens, graph)
+                    res["tokens_per_s"] = args.batch * 1e3 / res["step_ms"]
+                except Exception as e:  # keep going: report what failed
+                    traceback.print_exc()
+                    res["error"] = repr(e)[:300]
+                rows.append(res)
+                print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
+                _save(dict(meta=meta, results=rows), out_path)
+        del model
+        torch.cuda.empty_cache()
+    out = dict(meta=meta, results=rows)
+    try:
+        plot_generate(out, out_path + ".png")
+    except Exception:
+        traceback.print_exc()
+    print(markdown_table_generate(out))
+    return 0
+
+
+def markdown_table_generate(out) -> str:
+    """One row per prompt length: ms per decode step and tokens/s of NSA eager, NSA as a CUDA graph
+    and full attention eager, and the graph's one-time cost."""
+    lines = ["| preset | T | batch | NSA eager ms/step | NSA graph ms/step | full eager ms/step | "
+             "tokens/s NSA graph | graph one-time ms | prefill ms NSA / full |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["T"], r["attention"], r["graph"]): r for r in out["results"] if "step_ms" in r}
+    f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if r else "-"  # noqa: E731
+    for T in sorted({r["T"] for r in out["results"]}):
+        ne, ng, fe = by.get((T, "nsa", False)), by.get((T, "nsa", True)), by.get((T, "full", False))
+        any_r = ne or ng or fe
+        if any_r is None:
+            continue
+        lines.append(f"| {any_r['preset']} | {T} | {any_r['batch']} | {f(ne, 'step_ms')} | {f(ng, 'step_ms')} | "
+                     f"{f(fe, 'step_ms')} | {f(ng, 'tokens_per_s', '{:.0f}')} | {f(ng, 'once_ms', '{:.1f}')} | "
+                     f"{f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def plot_generate(out, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for attention, graph, label in (("nsa", False, "NSA eager"), ("nsa", True, "NSA, CUDA graph"),
+                                    ("full", False, "full attention eager")):
+        pts = sorted((r["T"], r["step_ms"]) for r in out["results"]
+                     if r["attention"] == attention and r["graph"] == graph and "step_ms" in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens T")
+    ax.set_ylabel("ms per generated token (decode step)")
+    ax.set_title(f"generate, {out['meta']['timing']}", fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{out['meta']['gpu']}, torch {out['meta']['torch']}, triton {out['meta']['triton']}, "
+                 f"{out['meta']['date'][:10]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _vs_best_sdpa(r, suffix="") -> str:
