@@ -10,6 +10,7 @@
 # continues at 1e-3). The H100 run of needle_gpu_curriculum_h100.json used rope_theta
 # 1e4 (SET=rope_theta=10000 now) and 2000:256:2048:nsa,window 500:256:8192:nsa,window 1500:2048:16384:nsa 900:4096:16384:nsa.
 # Writes ${OUT:-runs/curriculum}/sN (one run per stage), stage logs and needle.{json,png}.
+# SEED=N trains another draw (weights and data; default 0).
 # SET="FIELD=VALUE ..." overrides model fields in every stage (`nsa train --set`). The best recipe
 # measured: SET="n_heads=8 n_kv_heads=1" (all query heads share one selection; 479 of 480 needles
 # at 4k-16k, 0.99 at 32k: benchmarks/results/needle_gpu_heads_h200.json).
@@ -20,7 +21,8 @@ OUT=${OUT:-runs/curriculum}
 [ $# -eq 0 ] && set -- 1500:256:2048:nsa,window 1000:2048:16384:nsa 800:8192:8192:nsa:1e-3
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$OUT"
-COMMON=(--preset tiny --batch-size 16 --dtype "${DTYPE:-bfloat16}" --save-every 250 --eval-every 0 --no-needle)
+COMMON=(--preset tiny --batch-size 16 --dtype "${DTYPE:-bfloat16}" --save-every 250 --eval-every 0 --no-needle
+        --seed "${SEED:-0}")
 for kv in ${SET:-}; do COMMON+=(--set "$kv"); done
 prev="" window_run=""
 i=0
