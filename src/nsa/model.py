@@ -386,7 +386,7 @@ class NSAModel(nn.Module):
 
         ``cuda_graph=True`` (CUDA, ``attention="nsa"``, ``use_cache``): the decode step is
         captured once in a CUDA graph (:meth:`decode_step`) and replayed for every token, so
-        a step costs its GPU time instead of ~25 launches a layer from Python. The same tokens
+        a step costs its GPU time instead of dozens of launches a layer from Python. The same tokens
         as without it, up to the last bits of the logits.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
