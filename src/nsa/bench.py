@@ -501,14 +501,7 @@ def run(name, args) -> int:
             rows.append(res)
             print(_row_line(res), flush=True)
             _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)  # partial results survive
-    out = dict(meta=meta, configs=CONFIGS, results=rows)
-    _save(out, out_path)
-    try:
-        plot(out, out_path + ".png")
-    except Exception:
-        traceback.print_exc()
-    print(markdown_table(out))
-    return 0
+    return _write_results(dict(meta=meta, configs=CONFIGS, results=rows), out_path, plot, markdown_table)
 
 
 def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
@@ -542,13 +535,8 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
                                                                *[b + "_graph" for b in baselines])
                 if k + "_ms" in res]), flush=True)
             _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
-    out = dict(meta=meta, configs=CONFIGS, results=rows)
-    try:
-        plot(out, out_path + ".png", decode=True)
-    except Exception:
-        traceback.print_exc()
-    print(markdown_table_decode(out))
-    return 0
+    return _write_results(dict(meta=meta, configs=CONFIGS, results=rows), out_path,
+                   lambda out, path: plot(out, path, decode=True), markdown_table_decode)
 
 
 def _generate_ms(model, prompt, new: int, graph: bool) -> tuple[float, float, float]:
@@ -600,12 +588,17 @@ def _generate_sweep(args, meta, out_path, dev) -> int:
                 _save(dict(meta=meta, results=rows), out_path)
         del model
         torch.cuda.empty_cache()
-    out = dict(meta=meta, results=rows)
+    return _write_results(dict(meta=meta, results=rows), out_path, plot_generate, markdown_table_generate)
+
+
+def _write_results(out, out_path, plot_fn, table_fn) -> int:
+    """Save the JSON, draw the PNG (a plotting error does not lose the numbers), print the table."""
+    _save(out, out_path)
     try:
-        plot_generate(out, out_path + ".png")
+        plot_fn(out, out_path + ".png")
     except Exception:
         traceback.print_exc()
-    print(markdown_table_generate(out))
+    print(table_fn(out))
     return 0
 
 
@@ -648,10 +641,7 @@ def plot_generate(out, path) -> None:
     ax.set_title(f"generate, {out['meta']['timing']}", fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{out['meta']['gpu']}, torch {out['meta']['torch']}, triton {out['meta']['triton']}, "
-                 f"{out['meta']['date'][:10]}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, out["meta"], path)
 
 
 def _vs_best_sdpa(r, suffix="") -> str:
@@ -768,8 +758,11 @@ def plot(out, path, decode=False) -> None:
         ax.title.set_fontsize(7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{out['meta']['gpu']}, torch {out['meta']['torch']}, triton {out['meta']['triton']}, "
-                 f"{out['meta']['date'][:10]}", fontsize=8)
+    _save_figure(fig, out["meta"], path)
+
+
+def _save_figure(fig, meta, path) -> None:
+    fig.suptitle(f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date'][:10]}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
