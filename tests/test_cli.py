@@ -122,6 +122,7 @@ def test_bench_generate_step_time_and_table(monkeypatch):
     rows = [dict(preset="small", attention="nsa", graph=False, T=4096, batch=2, step_ms=2.0, prefill_ms=30.0),
             dict(preset="small", attention="nsa", graph=True, T=4096, batch=2, step_ms=0.25, once_ms=12.0,
                  tokens_per_s=8000.0),
-            dict(preset="small", attention="full", graph=False, T=4096, batch=2, step_ms=1.0, prefill_ms=20.0)]
-    assert ("| small | 4096 | 2 | 2.000 | 0.250 | 1.000 | 8000 | 12.0 | 30.0 / 20.0 |"
+            dict(preset="small", attention="full", graph=False, T=4096, batch=2, step_ms=1.0, prefill_ms=20.0),
+            dict(preset="small", attention="full", graph=True, T=4096, batch=2, step_ms=0.75)]
+    assert ("| small | 4096 | 2 | 2.000 / 0.250 | 1.000 / 0.750 | 8000 | 3.0x | 12.0 | 30.0 / 20.0 |"
             in bench.markdown_table_generate(dict(results=rows)))

@@ -86,12 +86,14 @@ def test_greedy_generate_with_cache_equals_without_and_full_argmax(attention):
         assert torch.equal(model(a[:, :-1])[:, 19:].argmax(-1), a[:, 20:])
 
 
-@pytest.mark.parametrize("shared_kv", [pytest.param(False, id="separate-kv"), pytest.param(True, id="shared-kv")])
-def test_decode_step_equals_cached_forward(shared_kv):
+@pytest.mark.parametrize("attention,shared_kv", [
+    pytest.param("nsa", False, id="nsa-separate-kv"), pytest.param("nsa", True, id="nsa-shared-kv"),
+    pytest.param("full", False, id="full"), pytest.param("window", False, id="window")])
+def test_decode_step_equals_cached_forward(attention, shared_kv):
     """The fixed-shape step that generate(cuda_graph=True) captures gives the logits of the
     chunked cache path, token by token, across compression-block and window boundaries."""
     torch.manual_seed(5)
-    model = NSAModel(small("nsa", shared_kv=shared_kv)).eval()
+    model = NSAModel(small(attention, shared_kv=shared_kv)).eval()
     x = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         full = model(x)
@@ -102,24 +104,24 @@ def test_decode_step_equals_cached_forward(shared_kv):
             logits = model.decode_step(x[:, t:t + 1], cache, seqlens)
             assert (logits - full[:, t]).abs().max() < 1e-5, t
         assert seqlens.tolist() == [40, 40] and torch.equal(cache.last, x[:, -1])
-    with pytest.raises(ValueError, match="attention='nsa'"):
-        NSAModel(small("full")).decode_step(x[:, :1], cache, seqlens)
 
 
-def test_generate_cuda_graph_needs_cuda_and_nsa():
+def test_generate_cuda_graph_needs_cuda():
     model = NSAModel(small("nsa")).eval()
     with pytest.raises(ValueError, match="cuda_graph"):
         model.generate(torch.randint(0, 256, (1, 5)), 4, cuda_graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("shared_kv", [pytest.param(False, id="separate-kv"), pytest.param(True, id="shared-kv")])
-def test_gpu_generate_cuda_graph_equals_eager(shared_kv):
+@pytest.mark.parametrize("attention,shared_kv", [
+    pytest.param("nsa", False, id="nsa-separate-kv"), pytest.param("nsa", True, id="nsa-shared-kv"),
+    pytest.param("full", False, id="full"), pytest.param("window", False, id="window")])
+def test_gpu_generate_cuda_graph_equals_eager(attention, shared_kv):
     torch.manual_seed(6)
     with pytest.raises(ValueError, match="Triton decode"):
         NSAModel(small("nsa")).cuda().generate(torch.zeros(1, 3, dtype=torch.long, device="cuda"), 2,
                                                cuda_graph=True)  # small() uses the torch backend
-    model = NSAModel(small("nsa", backend="triton", shared_kv=shared_kv)).cuda().eval()
+    model = NSAModel(small(attention, backend="triton", shared_kv=shared_kv)).cuda().eval()
     prompt = torch.randint(0, 256, (3, 21), device="cuda")
     eager = model.generate(prompt, 40)
     graphed = model.generate(prompt, 40, cuda_graph=True)

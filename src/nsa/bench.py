@@ -22,8 +22,9 @@ one query over all T keys; with the keys each reads per step (NSA: Tc + n*l' + w
 full: T) and the bytes of K/V behind them.
 
 ``generate`` times :meth:`nsa.model.NSAModel.generate` of a model preset (random bf16 weights,
-``--batch`` prompts of T random tokens): NSA decoding eager and with ``cuda_graph=True``, and the
-same preset with full attention (SDPA over the cache) eager. Each call's time is
+``--batch`` prompts of T random tokens), eager and with ``cuda_graph=True``: NSA decoding and the
+same preset with full attention (SDPA over the cache; as a graph over the whole preallocated
+cache under a mask, as gpt-fast does). Each call's time is
 prefill + a one-time cost + N decode steps; two values of N (``--new-tokens`` and half of it)
 give the decode step's time and the one-time cost (the graph's first eager step and capture),
 and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one warm-up call.
@@ -574,7 +575,7 @@ def _generate_sweep(args, meta, out_path, dev) -> int:
         model = NSAModel(cfg).to(dev, torch.bfloat16).eval()
         for T in args.seqlens:
             prompt = torch.randint(0, cfg.vocab_size, (args.batch, T), device=dev)
-            for graph in (False, True) if attention == "nsa" else (False,):
+            for graph in (False, True):
                 res = dict(preset=args.preset, attention=attention, graph=graph, T=T, batch=args.batch,
                            new_tokens=args.new_tokens)
                 try:
@@ -603,21 +604,22 @@ def _write_results(out, out_path, plot_fn, table_fn) -> int:
 
 
 def markdown_table_generate(out) -> str:
-    """One row per prompt length: ms per decode step and tokens/s of NSA eager, NSA as a CUDA graph
-    and full attention eager, and the graph's one-time cost."""
-    lines = ["| preset | T | batch | NSA eager ms/step | NSA graph ms/step | full eager ms/step | "
-             "tokens/s NSA graph | graph one-time ms | prefill ms NSA / full |",
+    """One row per prompt length: ms per decode step of NSA and full attention, eager and as a
+    CUDA graph, NSA's graphed tokens/s and speedup, the graph's one-time cost, the prefill."""
+    lines = ["| preset | T | batch | NSA ms/step eager / graph | full ms/step eager / graph | "
+             "tokens/s NSA graph | NSA vs full (graphs) | NSA graph one-time ms | prefill ms NSA / full |",
              "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["T"], r["attention"], r["graph"]): r for r in out["results"] if "step_ms" in r}
     f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if r else "-"  # noqa: E731
     for T in sorted({r["T"] for r in out["results"]}):
-        ne, ng, fe = by.get((T, "nsa", False)), by.get((T, "nsa", True)), by.get((T, "full", False))
-        any_r = ne or ng or fe
+        ne, ng, fe, fg = (by.get((T, a, g)) for a in ("nsa", "full") for g in (False, True))
+        any_r = ne or ng or fe or fg
         if any_r is None:
             continue
-        lines.append(f"| {any_r['preset']} | {T} | {any_r['batch']} | {f(ne, 'step_ms')} | {f(ng, 'step_ms')} | "
-                     f"{f(fe, 'step_ms')} | {f(ng, 'tokens_per_s', '{:.0f}')} | {f(ng, 'once_ms', '{:.1f}')} | "
-                     f"{f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
+        vs = f"{fg['step_ms'] / ng['step_ms']:.1f}x" if ng and fg else "-"
+        lines.append(f"| {any_r['preset']} | {T} | {any_r['batch']} | {f(ne, 'step_ms')} / {f(ng, 'step_ms')} | "
+                     f"{f(fe, 'step_ms')} / {f(fg, 'step_ms')} | {f(ng, 'tokens_per_s', '{:.0f}')} | {vs} | "
+                     f"{f(ng, 'once_ms', '{:.1f}')} | {f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
     return "\n".join(lines)
 
 
@@ -629,7 +631,8 @@ def plot_generate(out, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for attention, graph, label in (("nsa", False, "NSA eager"), ("nsa", True, "NSA, CUDA graph"),
-                                    ("full", False, "full attention eager")):
+                                    ("full", False, "full attention eager"),
+                                    ("full", True, "full attention, CUDA graph")):
         pts = sorted((r["T"], r["step_ms"]) for r in out["results"]
                      if r["attention"] == attention and r["graph"] == graph and "step_ms" in r)
         if pts:

@@ -229,6 +229,28 @@ class DenseAttention(nn.Module):
         o = self._attend(q, k, v, q_offset=s)
         return self.o_proj(o.reshape(B, T, HQ * D))
 
+    @torch.no_grad()
+    def decode_step(self, x: torch.Tensor, cache: KVCache, seqlens: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence at positions ``seqlens`` (int tensor [B] on the device),
+        fixed shapes and no host sync, as :meth:`nsa.NSAAttention.decode_step`: the query
+        attends over the whole preallocated cache with a "may attend" mask built on the
+        device (keys at positions <= its own, and within the window), as gpt-fast does."""
+        B = x.shape[0]
+        H, HQ, D = self.n_kv, self.n_heads, self.head_dim
+        s = seqlens.long()
+        cos, sin = rope_cos_sin(s[:, None], D, self.theta)
+        q = apply_rope(self.q_proj(x).view(B, 1, HQ, D), cos, sin)
+        k, v = self.kv_proj(x).view(B, 1, 2, H, D).unbind(2)
+        rows = torch.arange(B, device=x.device)
+        cache.k[rows, s] = apply_rope(k, cos, sin)[:, 0].to(cache.k.dtype)
+        cache.v[rows, s] = v[:, 0].to(cache.v.dtype)
+        u = torch.arange(cache.max_seq_len, device=x.device)[None]  # [1, max]
+        ok = (u <= s[:, None]) & (u > s[:, None] - (self.window or cache.max_seq_len))  # [B, max]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k.to(q.dtype).transpose(1, 2),
+                                           cache.v.to(q.dtype).transpose(1, 2), attn_mask=ok[:, None, None, :],
+                                           enable_gqa=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, 1, HQ * D))
+
     def _attend(self, q, k, v, q_offset: int) -> torch.Tensor:
         """q [B, Tq, HQ, D] at positions q_offset.., k/v [B, Tk, H, D] at positions 0.."""
         rep = self.n_heads // self.n_kv
@@ -345,12 +367,10 @@ class NSAModel(nn.Module):
         """Logits ``[B, vocab_size]`` of one new token per sequence (``tokens`` ``[B, 1]``) at
         positions ``seqlens`` (int tensor ``[B]`` on the device, advanced by one in place).
 
-        Fixed shapes and no host sync (see :meth:`nsa.NSAAttention.decode_step`): what
-        :meth:`generate` captures in a CUDA graph. Needs ``attention="nsa"`` and a cache that
-        holds at least one token (``cache.length`` is left as it is).
+        Fixed shapes and no host sync (see :meth:`nsa.NSAAttention.decode_step` and
+        :meth:`DenseAttention.decode_step`): what :meth:`generate` captures in a CUDA graph.
+        Needs a cache that holds at least one token (``cache.length`` is left as it is).
         """
-        if self.config.attention != "nsa":
-            raise ValueError(f"decode_step needs attention='nsa', this model has {self.config.attention!r}")
         x = self.embed(tokens)
         if self.shift is not None:
             x = x + self.shift(self.embed(cache.last[:, None]))
@@ -384,10 +404,11 @@ class NSAModel(nn.Module):
         (the same tokens, much slower: a check of the cache). Generation stops early when
         every sequence has produced ``stop_token``.
 
-        ``cuda_graph=True`` (CUDA, ``attention="nsa"``, ``use_cache``): the decode step is
+        ``cuda_graph=True`` (CUDA, ``use_cache``; NSA on the Triton backend): the decode step is
         captured once in a CUDA graph (:meth:`decode_step`) and replayed for every token, so
         a step costs its GPU time instead of dozens of launches a layer from Python. The same tokens
-        as without it, up to the last bits of the logits.
+        as without it, up to the last bits of the logits. The full and window baselines attend
+        over the whole preallocated cache under a mask in that mode.
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a non-empty integer tensor [B, T], got "
@@ -401,13 +422,13 @@ class NSAModel(nn.Module):
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if cuda_graph:
-            if not (use_cache and prompt.is_cuda and self.config.attention == "nsa"):
-                raise ValueError("cuda_graph=True needs use_cache=True, a CUDA prompt and attention='nsa', got "
-                                 f"use_cache={use_cache}, device {prompt.device}, attention={self.config.attention!r}")
+            if not (use_cache and prompt.is_cuda):
+                raise ValueError("cuda_graph=True needs use_cache=True and a CUDA prompt, got "
+                                 f"use_cache={use_cache}, device {prompt.device}")
             from .ops import resolve_backend
 
-            if (resolve_backend(self.config.backend, prompt.device) != "triton"
-                    or self.embed.weight.dtype == torch.float64):
+            if self.config.attention == "nsa" and (resolve_backend(self.config.backend, prompt.device) != "triton"
+                                                   or self.embed.weight.dtype == torch.float64):
                 raise ValueError("cuda_graph=True needs the Triton decode (backend 'auto' or 'triton', "
                                  "not float64): the PyTorch one reads the lengths back to the host")
         B, T = prompt.shape
