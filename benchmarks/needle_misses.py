@@ -11,14 +11,12 @@ Runs anywhere (``--device cpu`` and the reference backend by default).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import numpy as np
 import torch
 
-from nsa.data import PasskeyTask, _rng
-from nsa.model import load_model
+from nsa.data import PasskeyTask
+from nsa.train import load_checkpoint, needle_example
 
 
 def main() -> None:
@@ -37,11 +35,7 @@ def main() -> None:
     if a.depth not in depths:
         raise ValueError(f"--depth {a.depth} is not one of --depths {depths}")
     di = depths.index(a.depth)
-    path = a.checkpoint
-    if os.path.isdir(path):
-        with open(os.path.join(path, "checkpoint.json")) as f:
-            path = os.path.join(path, json.load(f)["model"])
-    model = load_model(path, device=a.device, backend=a.backend).eval()
+    model = load_checkpoint(a.checkpoint, a.device, backend=a.backend)
     c = model.config
     if c.attention != "nsa":
         raise ValueError(f"{a.checkpoint!r} has attention={c.attention!r}: no selection to show")
@@ -55,8 +49,7 @@ def main() -> None:
     task = PasskeyTask(a.context)
     misses = 0
     for j in range(a.samples):
-        # the rng ids of nsa.train.needle_accuracy: (seed 1234, context, depth index, sample)
-        toks, ans, key = task.example(a.context, a.depth, _rng(1234, a.context, di, j))
+        toks, ans, key = needle_example(task, a.context, di, a.depth, j)  # as nsa needle draws them
         x = torch.from_numpy(toks.astype(np.int64))[None].to(a.device)
         with torch.no_grad():
             pred = model(x[:, :ans + task.digits - 1])[0, ans - 1:].argmax(-1).tolist()

@@ -104,6 +104,8 @@ def test_decode_step_equals_cached_forward(attention, shared_kv):
             logits = model.decode_step(x[:, t:t + 1], cache, seqlens)
             assert (logits - full[:, t]).abs().max() < 1e-5, t
         assert seqlens.tolist() == [40, 40] and torch.equal(cache.last, x[:, -1])
+        with pytest.raises(ValueError, match="seqlens"):  # every attention kind checks its arguments
+            model.decode_step(x[:, :1], cache, seqlens.float())
 
 
 def test_generate_cuda_graph_needs_cuda():

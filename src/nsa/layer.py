@@ -230,15 +230,7 @@ class NSAAttention(nn.Module):
         """
         c = self.config
         B = x.shape[0]
-        if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != c.d_model:
-            raise ValueError(f"x must have shape [B, 1, d_model={c.d_model}], got {list(x.shape)}")
-        if B != cache.batch_size:
-            raise ValueError(f"x has batch {B} but the cache was made for batch {cache.batch_size}")
-        if (not isinstance(seqlens, torch.Tensor) or seqlens.shape != (B,)
-                or seqlens.dtype not in (torch.int32, torch.int64) or seqlens.device != x.device):
-            raise ValueError(f"seqlens must be an int32/int64 tensor [B] = [{B}] on {x.device}, got "
-                             f"{seqlens.dtype if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}"
-                             f"{list(seqlens.shape) if isinstance(seqlens, torch.Tensor) else ''}")
+        check_decode_step(x, c.d_model, cache.batch_size, seqlens)
         l, d, w = c.cmp_block, c.cmp_stride, c.window
         s = seqlens.long()  # [B] this token's position
         rows = torch.arange(B, device=x.device)
@@ -275,6 +267,21 @@ class NSAAttention(nn.Module):
                            gates.to(dt), cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
                            backend=c.backend, **geom)
         return self._out(o.to(x.dtype))
+
+
+def check_decode_step(x: torch.Tensor, d_model: int, cache_batch: int, seqlens) -> None:
+    """The arguments of a layer's ``decode_step``: x [B, 1, d_model], the cache's batch B and
+    seqlens an int tensor [B] on x's device (shapes and types only: values would sync)."""
+    B = x.shape[0]
+    if x.dim() != 3 or x.shape[1] != 1 or x.shape[2] != d_model:
+        raise ValueError(f"x must have shape [B, 1, d_model={d_model}], got {list(x.shape)}")
+    if B != cache_batch:
+        raise ValueError(f"x has batch {B} but the cache was made for batch {cache_batch}")
+    if (not isinstance(seqlens, torch.Tensor) or seqlens.shape != (B,)
+            or seqlens.dtype not in (torch.int32, torch.int64) or seqlens.device != x.device):
+        raise ValueError(f"seqlens must be an int32/int64 tensor [B] = [{B}] on {x.device}, got "
+                         f"{seqlens.dtype if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__}"
+                         f"{list(seqlens.shape) if isinstance(seqlens, torch.Tensor) else ''}")
 
 
 def _positions(T: int, cu_seqlens, device) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NSAConfig, check_positive_int
-from .layer import NSAAttention
+from .layer import NSAAttention, check_decode_step
 from .rope import apply_rope, rope_cos_sin
 
 ATTENTIONS = ("nsa", "full", "window")
@@ -237,6 +237,7 @@ class DenseAttention(nn.Module):
         device (keys at positions <= its own, and within the window), as gpt-fast does."""
         B = x.shape[0]
         H, HQ, D = self.n_kv, self.n_heads, self.head_dim
+        check_decode_step(x, self.q_proj.in_features, cache.k.shape[0], seqlens)
         s = seqlens.long()
         cos, sin = rope_cos_sin(s[:, None], D, self.theta)
         q = apply_rope(self.q_proj(x).view(B, 1, HQ, D), cos, sin)
@@ -293,7 +294,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache=None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
-        # seqlens: a decode step with the lengths on the device (NSAAttention.decode_step)
+        # seqlens: a decode step with the lengths on the device (the attention's decode_step)
         x = x + (self.attn(h, cache=cache) if seqlens is None else self.attn.decode_step(h, cache, seqlens))
         return x + self.mlp(self.mlp_norm(x))
 

@@ -84,7 +84,8 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
         p.add_argument("--cuda-graph", action="store_true",
-                       help="replay the decode step as a CUDA graph (CUDA, NSA models)")
+                       help="replay the decode step as a CUDA graph (CUDA; NSA on the Triton "
+                            "backend, or a baseline)")
         p.add_argument("--device", default=None)
     elif name == "needle":
         p.add_argument("checkpoints", nargs="+", help="checkpoint folders or .safetensors files, "
@@ -460,6 +461,10 @@ def _read_pointer(out: str) -> dict | None:
         return json.load(f)
 
 
+# options added after runs were saved: such a run ran with the default
+_ADDED_LATER = {"near_needles": 0.0}
+
+
 def resume_checkpoint(out, model, opt, args, d: Dist) -> int:
     info = _read_pointer(out)
     if info is None:
@@ -469,8 +474,7 @@ def resume_checkpoint(out, model, opt, args, d: Dist) -> int:
     saved = torch.load(os.path.join(out, info["state"]), map_location="cpu", weights_only=False)
     for key in ("seq_len", "min_seq_len", "batch_size", "seed", "lr", "steps", "warmup", "data",
                 "answer_weight", "digits", "near_needles"):
-        # options added later: a run saved before them ran with their default
-        old = saved["args"].get(key, {"near_needles": 0.0}.get(key))
+        old = saved["args"].get(key, _ADDED_LATER.get(key))
         new = getattr(args, key, None)
         if key != "steps" and old != new:
             raise ValueError(f"--resume: --{key.replace('_', '-')} was {old!r} in the saved run, "
@@ -530,6 +534,18 @@ def load_checkpoint(path: str, device: str = "cpu", **overrides) -> NSAModel:
 
 
 # --------------------------------------------------------------------------- needle
+NEEDLE_SEED = 1234  # the needle grid's samples: the same in every run
+
+
+def needle_example(task: PasskeyTask, context_len: int, depth_index: int, depth: float, sample: int,
+                   seed: int = NEEDLE_SEED):
+    """Sample ``sample`` of the grid cell (context_len, depths[depth_index] = depth):
+    (tokens, answer_start, key) of :meth:`PasskeyTask.example`."""
+    from .data import _rng
+
+    return task.example(context_len, float(depth), _rng(seed, context_len, depth_index, sample))
+
+
 @torch.no_grad()
 def needle_accuracy(model, task: PasskeyTask, context_len: int, depths, *, samples: int, seed: int,
                     device, batch: int = 16) -> list[float]:
@@ -541,11 +557,9 @@ def needle_accuracy(model, task: PasskeyTask, context_len: int, depths, *, sampl
     """
     import numpy as np
 
-    from .data import _rng
-
     out = []
     for i, depth in enumerate(depths):
-        rows = [task.example(context_len, float(depth), _rng(seed, context_len, i, j)) for j in range(samples)]
+        rows = [needle_example(task, context_len, i, depth, j, seed) for j in range(samples)]
         a = rows[0][1]
         toks = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64)).to(device)
         hits = 0
@@ -575,7 +589,7 @@ def needle_grid(models: dict, args, device) -> dict:
             model.eval()
             acc = []
             for ctx in contexts:
-                acc.append(needle_accuracy(model, task, ctx, depths, samples=args.samples, seed=1234,
+                acc.append(needle_accuracy(model, task, ctx, depths, samples=args.samples, seed=NEEDLE_SEED,
                                            device=device, batch=args.eval_batch))
                 bar.update(1)
             c = model.config
