@@ -10,9 +10,10 @@ from nsa.rope import apply_rope, rope_cos_sin
 
 
 def small(attention, **kw):
-    return ModelConfig.preset("tiny", attention=attention, backend="torch", d_model=64, n_heads=4,
-                              n_kv_heads=2, head_dim=16, window=8, cmp_block=8, cmp_stride=4,
-                              sel_block=8, sel_count=3, **kw)
+    kw = {"backend": "torch", **kw}  # callers may pick another backend
+    return ModelConfig.preset("tiny", attention=attention, d_model=64, n_heads=4, n_kv_heads=2,
+                              head_dim=16, window=8, cmp_block=8, cmp_stride=4, sel_block=8,
+                              sel_count=3, **kw)
 
 
 def plain_attention(layer: DenseAttention, x, window=None):
