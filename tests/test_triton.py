@@ -178,7 +178,7 @@ def test_selected(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
 def test_select_many_chunks(T, HQ, H, l, d, lp, n, tiles, monkeypatch):
     """Queries that see more blocks than one chunk of the kernel (15 with these geometries):
     the running top-n is merged across chunks, with the interpreter's tiles (up to 256
-    positions) and with the GPU's (8 positions x 16 rows, small groups padded)."""
+    positions) and with the GPU's (128 rows of the group's heads: 8 to 128 positions)."""
     if tiles == "gpu":
         config = S._config
         monkeypatch.setattr(S, "_config", lambda *a: config(*a[:-1], False))
@@ -186,6 +186,53 @@ def test_select_many_chunks(T, HQ, H, l, d, lp, n, tiles, monkeypatch):
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n)
     got = nsa.select_blocks(q, kc, backend="triton", **kw)
     _check_selection(got, R.select_blocks_ref(q, kc, **kw), _scores64(q, kc, l, d, lp))
+
+
+# Compiles _select_fwd for sm_90 (no GPU needed) in a clean process (no interpreter) and prints
+# the TTIR's dots.
+_SELECT_TTIR_DOTS = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nsa.triton import select as S
+HP, BT, G = (int(a) for a in sys.argv[1:4])
+cfg = S._config(G, 16, 32, 16, 64, False)
+const = dict(HQ=G, G=G, DK=128, CMP_L=32, CMP_D=16, SEL_L=64, N_SEL=16, HP=HP, BT=BT, BC=cfg["BC"],
+             BJ=cfg["BJ"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False)
+sig = dict(Q="*bf16", KC="*bf16", LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32",
+           sm_scale="fp32", q_offset="i32", **{k: "constexpr" for k in const})
+names = S._select_fwd.arg_names
+src = ASTSource(fn=S._select_fwd, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+print("\n".join(line for line in k.asm["ttir"].splitlines() if "tt.dot" in line))
+"""
+
+
+@pytest.mark.parametrize("HP,BT,G", [
+    pytest.param(1, 128, 1, id="h1-128-positions"),
+    pytest.param(2, 64, 2, id="h2-64-positions"),
+    pytest.param(8, 16, 8, id="h8-16-positions"),
+    pytest.param(16, 8, 16, id="h16-8-positions"),
+])
+def test_select_eq9_mapping_not_tf32(HP, BT, G):
+    """The GPU tiles (the launcher's, checked here) compile without a tf32 fp32 dot. From 16
+    positions per tile, triton's combine pass rewrote the Eq. 9 mapping sum(pg[:, :, None] * w,
+    1) into a tf32 dot (triton <= 3.6, triton-lang/triton#9831): 0.3-2% of rows took a wrong
+    block on the H100/H200, while the interpreter, which runs no compiler pass, was exact.
+    Compile-only (sm_90 target, no GPU needed); with triton 3.6 this fails on the unfixed kernel."""
+    import subprocess
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton without its NVIDIA backend")
+    cfg = S._config(G, 16, 32, 16, 64, False)
+    assert (cfg["HP"], cfg["BT"]) == (HP, BT)  # the launcher's GPU tiles for this group size
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SELECT_TTIR_DOTS, str(HP), str(BT), str(G)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    f32 = [d for d in res.stdout.splitlines() if "xf32> * tensor<" in d and "xbf16>" not in d]
+    assert len(f32) == (BT >= 16), res.stdout  # the mapping is an explicit dot from 16 positions
+    assert not any("tf32" in d for d in f32), f32
 
 
 @triton.jit

@@ -125,7 +125,15 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         hi = tl.minimum(i[:, None] * CMP_D + CMP_L, j[None, :] * SEL_L + SEL_L)
         w = tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
         pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
-        sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)  # Eq. 9: [BT, BJ], exact fp32 on CUDA cores
+        # Eq. 9: [BT, BJ] in fp32 with exact products. From 16 rows on, triton's combine pass turns
+        # sum(pg[:, :, None] * w[None], 1) into a dot of its own, with tf32 operands up to triton
+        # 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows took another
+        # block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16 rows (tl.dot's
+        # minimum) the pattern does not match and the broadcast product stays.
+        if BT >= 16:
+            sc = tl.dot(pg, w, input_precision="ieee")
+        else:
+            sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         sc = tl.where(forced, float("inf"), sc)
         elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
@@ -154,16 +162,11 @@ _select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L'
 
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
-    if interp:  # the interpreter pays per op, not per element: big tiles, few chunks
-        HP, BT, _ = C.rows_for(h, 256)
-    else:
-        # At most 8 positions per tile: with 16 or more (h < 16 at 128 rows) the H100 (triton
-        # 3.6) took a wrong block for 0.3-1% of (t, group) rows once a query saw more than one
-        # chunk, while h = 16 (8 positions x 16 heads) matched the fp64 reference everywhere and
-        # the CPU interpreter was exact at any size (benchmarks/NOTES.md). Smaller groups are
-        # padded to 16 rows per position (masked heads) to run as that validated shape.
-        HP = max(16, C.next_pow2(h))
-        BT = max(1, 128 // HP)
+    # 128 rows of the group's own heads, no padded heads: small groups get more positions per
+    # tile (h = 1: 128), so the QK recompute does no masked work. (Tiles of 16+ positions used to
+    # pick wrong blocks on GPUs: the tf32 Eq. 9 mapping, see _select_fwd.)
+    # The interpreter pays per op, not per element: big tiles, few chunks.
+    HP, BT, _ = C.rows_for(h, 256 if interp else 128)
     BC = max(64, C.next_pow2(a + cm1))
     BJE = (BC - cm1) // a
     BJ = max(16, C.next_pow2(BJE), C.next_pow2(n))
