@@ -189,3 +189,22 @@ def test_init_starts_from_saved_weights_at_another_length(tmp_path):
                   "--out", str(tmp_path / "c")])
     with pytest.raises(ValueError, match="--init and --resume"):
         cli.main(["train", *base, "--steps", "3", "--init", a, "--resume", "--out", a])
+
+
+GPU_MODEL = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                         "needle_gpu_h8kv1_s3_model.safetensors")
+
+
+def test_gpu_trained_model_retrieves_on_the_cpu_reference():
+    """The README's 100% model was trained on an H200 with the Triton kernels in bf16; the PyTorch
+    reference in fp32 must read the same semantics into its weights: teacher-forced and through
+    the KV cache (greedy decode), every depth of the needle grid at 2k."""
+    from nsa.train import NEEDLE_SEED, load_checkpoint, needle_accuracy, needle_example
+
+    model = load_checkpoint(GPU_MODEL, "cpu", backend="torch")
+    task = PasskeyTask(2048)
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert needle_accuracy(model, task, 2048, depths, samples=2, seed=NEEDLE_SEED, device="cpu") == [1.0] * 5
+    tokens, a, key = needle_example(task, 2048, 2, 0.5, 0)
+    prompt = torch.from_numpy(tokens[:a].astype(np.int64))[None]
+    assert decode(model.generate(prompt, task.digits)[0, a:].tolist()) == key
