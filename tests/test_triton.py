@@ -173,12 +173,14 @@ def test_selected(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     pytest.param(1300, 8, 1, 32, 16, 64, 16, id="paper-geometry-h8-2chunks"),
     pytest.param(700, 16, 1, 32, 16, 64, 16, id="paper-geometry-h16"),
     pytest.param(520, 4, 4, 8, 4, 16, 6, id="mha-3chunks"),
+    pytest.param(700, 8, 2, 8, 8, 8, 5, id="fla-geometry-2chunks"),  # l = d = l': Eq. 9 is the identity
 ])
 @pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
 def test_select_many_chunks(T, HQ, H, l, d, lp, n, tiles, monkeypatch):
-    """Queries that see more blocks than one chunk of the kernel (15 with these geometries):
-    the running top-n is merged across chunks, with the interpreter's tiles (up to 256
-    positions) and with the GPU's (128 rows of the group's heads: 8 to 128 positions)."""
+    """Queries that see more blocks than one chunk of the kernel (15 blocks with the paper
+    geometry, 64 with l = d = l'): the running top-n is merged across chunks, with the
+    interpreter's tiles (up to 256 positions) and with the GPU's (128 rows of the group's
+    heads: 8 to 128 positions)."""
     if tiles == "gpu":
         config = S._config
         monkeypatch.setattr(S, "_config", lambda *a: config(*a[:-1], False))
