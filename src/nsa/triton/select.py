@@ -130,9 +130,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         # 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows took another
         # block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16 rows (tl.dot's
         # minimum) the pattern does not match and the broadcast product stays.
-        if A == 1 and CM1 == 0 and BC == BJ:  # l = l' = d (fla's geometry): token i is block i
-            sc = pg
-        elif BT >= 16:
+        if BT >= 16:
             sc = tl.dot(pg, w, input_precision="ieee")
         else:
             sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
