@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from nsa.data import PasskeyTask
+from nsa.data import PasskeyTask, decode
 from nsa.train import load_checkpoint, needle_example
 
 
@@ -53,7 +53,7 @@ def main() -> None:
         x = torch.from_numpy(toks.astype(np.int64))[None].to(a.device)
         with torch.no_grad():
             pred = model(x[:, :ans + task.digits - 1])[0, ans - 1:].argmax(-1).tolist()
-        got = "".join(chr(t) for t in pred)
+        got = decode(pred)
         if got == key and not a.all:
             continue
         misses += got != key

@@ -239,16 +239,21 @@ class NSAAttention(nn.Module):
         cache.k_slc[rows, s] = ks[:, 0].to(dt)
         cache.v_slc[rows, s] = vs[:, 0].to(dt)
 
-        # compression: the block ending at s is due when s + 1 >= l and (s + 1 - l) % d == 0;
-        # it is computed every step and written only when due (a data-dependent branch would sync)
-        if cache.shared_kv:
+        # the raw block ending at s and the window's keys; compression: that block is due when
+        # s + 1 >= l and (s + 1 - l) % d == 0; it is computed every step and written only when
+        # due (a data-dependent branch would sync)
+        if cache.shared_kv:  # both read the selection's keys
             at = (s[:, None] - (l - 1) + torch.arange(l, device=x.device)).clamp_min(0)  # [B, l]
             raw_k, raw_v = cache.k_slc[rows[:, None], at], cache.v_slc[rows[:, None], at]
+            ring_k, ring_v = cache.k_slc, cache.v_slc
         else:
             raw_k = torch.cat([cache.k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
             raw_v = torch.cat([cache.v_tail, vc.to(dt)], 1)
             cache.k_tail.copy_(raw_k[:, 1:])
             cache.v_tail.copy_(raw_v[:, 1:])
+            ring_k, ring_v = cache.k_win, cache.v_win
+            ring_k[rows, s % w] = kw[:, 0].to(dt)
+            ring_v[rows, s % w] = vw[:, 0].to(dt)
         if cache.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
             due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
             slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, cache.k_cmp.shape[1] - 1)
@@ -256,12 +261,6 @@ class NSAAttention(nn.Module):
                 new = phi(raw[:, None].to(like.dtype))[:, 0].to(dt)  # [B, H, D]
                 buf[rows, slot] = torch.where(due, new, buf[rows, slot])
 
-        if cache.shared_kv:
-            ring_k, ring_v = cache.k_slc, cache.v_slc
-        else:
-            ring_k, ring_v = cache.k_win, cache.v_win
-            cache.k_win[rows, s % w] = kw[:, 0].to(dt)
-            cache.v_win[rows, s % w] = vw[:, 0].to(dt)
         geom = self._geometry()
         o = ops.nsa_decode(q.to(dt), cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, ring_k, ring_v,
                            gates.to(dt), cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
