@@ -120,7 +120,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
+# the band kernels (cmp, win) run key tiles that every row sees without masks: these cases
+# have such tiles (windows and compressed streams longer than a few 32-key tiles)
+BAND_CASES = CASES + [
+    pytest.param(400, 4, 2, 32, 32, 8, 4, 16, 4, 100, None, id="long-unmasked-tiles"),
+    pytest.param(300, 2, 1, 48, 32, 8, 2, 16, 4, 70, [0, 130, 131, 300], id="varlen-unmasked-tiles"),
+]
+
+
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
 def test_compressed(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, kc, vc, _, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     o, lse = compressed_attention_triton(q, kc, vc, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
@@ -132,7 +140,7 @@ def test_compressed(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     assert (o[~fin.unsqueeze(-1).expand_as(o)] == 0).all()  # empty rows: exactly 0
 
 
-@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
 def test_window(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, _, _, _, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     _close(sliding_window_triton(q, k, v, window=w, cu_seqlens=cu_t),
@@ -200,7 +208,7 @@ from nsa.triton import select as S
 HP, BT, G = (int(a) for a in sys.argv[1:4])
 cfg = S._config(G, 16, 32, 16, 64, False)
 const = dict(HQ=G, G=G, DK=128, CMP_L=32, CMP_D=16, SEL_L=64, N_SEL=16, HP=HP, BT=BT, BC=cfg["BC"],
-             BJ=cfg["BJ"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False)
+             BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False)
 sig = dict(Q="*bf16", KC="*bf16", LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32",
            sm_scale="fp32", q_offset="i32", **{k: "constexpr" for k in const})
 names = S._select_fwd.arg_names
@@ -334,6 +342,17 @@ def test_nsa_func(c, shared):
               cu_seqlens=cu_t)
     args = (q, kc, vc, k, v, kw_, vw_, gates)
     _close(nsa.nsa_func(*args, backend="triton", **kw), R.nsa_ref(*args, **kw))
+
+
+def test_launch_tables_follow_the_packing():
+    """The launchers cache their per-sequence tables (building one copies host -> device and
+    waits for the stream): two packings of the same total length, one after the other, must
+    each get their own table and the reference's output."""
+    for cu in ([0, 30, 64], [0, 9, 64], [0, 9, 10, 64]):
+        q, k, v, kc, vc, gates, cu_t = _inputs(64, 4, 2, 32, 32, 8, 4, cu)
+        kw = dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_count=3, window=12, cu_seqlens=cu_t)
+        _close(nsa.nsa_func(q, kc, vc, k, v, k, v, gates, backend="triton", **kw),
+               R.nsa_ref(q, kc, vc, k, v, k, v, gates, **kw))
 
 
 def test_nsa_offsets_continue_a_sequence():

@@ -10,6 +10,7 @@ each with its start row in the flattened ``[B*T]`` query, key and compressed-key
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -104,31 +105,52 @@ def split_dim(D: int) -> tuple[int, int]:
 
 def seq_table(B: int, Tq: int, Tks: int, Tkw: int, tc: int, cu_seqlens, cmp_block: int,
               cmp_stride: int, device) -> tuple[torch.Tensor, list[int]]:
-    """(SEQ int64 [N, 8], query lengths): per-sequence start rows and lengths (see SEQ_COLS)."""
+    """(SEQ int64 [N, 8], query lengths): per-sequence start rows and lengths (see SEQ_COLS).
+
+    Cached per shape (and per ``cu_seqlens`` content): building the table copies host ->
+    device, which waits for the stream, so building it on every launch stalled the GPU queue
+    between kernels and could not be captured in a CUDA graph.
+    """
     if cu_seqlens is None:
-        b = torch.arange(B, dtype=torch.int64)
-        cols = [b * Tq, torch.full_like(b, Tq), b * Tks, torch.full_like(b, Tks),
-                b * Tkw, torch.full_like(b, Tkw), b * tc, torch.full_like(b, tc)]
-        lens = [Tq] * B
+        seq, lens = _dense_seq_table(B, Tq, Tks, Tkw, tc, torch.device(device))
     else:
-        cu = [int(x) for x in cu_seqlens.tolist()]
-        lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
-        tcs = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lens]
-        c0 = [0]
-        for x in tcs[:-1]:
-            c0.append(c0[-1] + x)
-        st = torch.tensor(cu[:-1], dtype=torch.int64)
-        ln = torch.tensor(lens, dtype=torch.int64)
-        cols = [st, ln, st, ln, st, ln, torch.tensor(c0, dtype=torch.int64),
-                torch.tensor(tcs, dtype=torch.int64)]
-    return torch.stack(cols, 1).contiguous().to(device), lens
+        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        seq, lens = _packed_seq_table(cu, cmp_block, cmp_stride, torch.device(device))
+    return seq, list(lens)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_seq_table(B, Tq, Tks, Tkw, tc, device):
+    b = torch.arange(B, dtype=torch.int64)
+    cols = [b * Tq, torch.full_like(b, Tq), b * Tks, torch.full_like(b, Tks),
+            b * Tkw, torch.full_like(b, Tkw), b * tc, torch.full_like(b, tc)]
+    return torch.stack(cols, 1).contiguous().to(device), (Tq,) * B
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_seq_table(cu, cmp_block, cmp_stride, device):
+    lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    tcs = [num_cmp_blocks(n, cmp_block, cmp_stride) for n in lens]
+    c0 = [0]
+    for x in tcs[:-1]:
+        c0.append(c0[-1] + x)
+    st = torch.tensor(cu[:-1], dtype=torch.int64)
+    ln = torch.tensor(lens, dtype=torch.int64)
+    cols = [st, ln, st, ln, st, ln, torch.tensor(c0, dtype=torch.int64), torch.tensor(tcs, dtype=torch.int64)]
+    return torch.stack(cols, 1).contiguous().to(device), tuple(lens)
 
 
 def prog_table(lens: list[int], BT: int, device) -> torch.Tensor:
     """int32 [n_prog, 2]: (sequence, first local position) of each program's BT positions.
 
-    Built with device ops (no Python loop over programs: T = 128k with BT = 1 is 128k rows).
+    Built with device ops (no Python loop over programs: T = 128k with BT = 1 is 128k rows),
+    cached per (lengths, BT) like :func:`seq_table`.
     """
+    return _prog_table(tuple(lens), BT, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _prog_table(lens, BT, device):
     nb = [triton.cdiv(n, BT) for n in lens]
     total = sum(nb)
     if total == 0:

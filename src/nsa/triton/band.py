@@ -9,6 +9,11 @@ each key/value tile it loads serves all heads of the group. Two modes (constexpr
   at position ``k_offset``. With FUSE_GATES the epilogue also reads o_cmp, o_slc and the gates
   and writes g0*o_cmp + g1*o_slc + g2*o_win (SPEC 7): one pass less over the outputs.
 
+Key tiles that every valid row of the program sees (all compressed tiles but the last; the
+window's middle) run without the visibility mask and the key-row load masks (:func:`_band_step`
+with MASKED false): on the H200 cmp at 64k went from 15.1 to 12.7 ms (paper) and 14.8 to 10.2 ms
+(Dk = Dv = 128), win from 4.75 to 4.33 ms.
+
 Arithmetic: fp32 accumulation, scores in base 2 (exp2), Dk split in two power-of-two chunks.
 """
 
@@ -23,6 +28,62 @@ import triton.language as tl
 from . import _common as C
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale, k_offset,
+               DK: tl.constexpr, DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr,
+               CMP_D: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr, BK0: tl.constexpr,
+               BK1: tl.constexpr, BV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """One BN-key tile of the online softmax. Without MASKED every key of the tile exists and
+    every row sees it: no visibility mask and no load masks on the key rows."""
+    bn = tl.arange(0, BN)
+    dk0 = tl.arange(0, BK0)
+    dv = tl.arange(0, BV)
+    n = n0 + bn
+    n_ok = n < n_hi
+    kv_row = (k_start + n0).to(tl.int64) * H + g
+    Kb = K + kv_row * DK
+    Vb = V + kv_row * DV
+    if MASKED:
+        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
+    else:
+        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=dk0[None, :] < DK, other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        k0 = k0.to(tl.float32)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+    if BK1 > 0:
+        dk1 = BK0 + tl.arange(0, BK1)
+        if MASKED:
+            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
+        else:
+            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=dk1[None, :] < DK, other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k1 = k1.to(tl.float32)
+        s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if MASKED:
+        if MODE == 0:
+            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
+        else:
+            u = n + k_offset
+            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
+        vis = vis & n_ok[None, :]
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    else:
+        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=dv[None, :] < DV, other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -43,59 +104,47 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK  # [BM] int32, relative to row0
     Qb = Q + row0 * DK
-    dk0 = tl.arange(0, BK0)
     q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
+    q1 = q0
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * 1.4426950408889634
 
     t_lo = q_offset + t0  # smallest position of the tile
     t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1  # largest valid position of the tile
+    # key rows [n_lo, n_hi) reach some row; [n_a, n_b) (whole BN tiles from n_lo) reach every
+    # valid row and exist, so they run without masks (rows past the sequence or padding heads
+    # compute garbage that is never stored)
     if MODE == 0:
         n_lo = 0
         n_hi = tl.where(t_hi >= CMP_L - 1, (t_hi - CMP_L + 1) // CMP_D + 1, 0)
         n_hi = tl.minimum(n_hi, k_len)
+        n_all = tl.where(t_lo >= CMP_L - 1, (t_lo - CMP_L + 1) // CMP_D + 1, 0)  # seen by every row
+        n_a = n_lo
     else:
         n_lo = tl.maximum(t_lo - WINDOW + 1, k_offset) - k_offset  # key rows
         n_hi = tl.minimum(t_hi + 1 - k_offset, k_len)
+        n_all = tl.minimum(t_lo + 1 - k_offset, k_len)
+        first = tl.maximum(t_hi - WINDOW + 1 - k_offset, n_lo)  # first key row every row sees
+        n_a = n_lo + tl.cdiv(first - n_lo, BN) * BN
+    n_b = n_a + tl.maximum(tl.minimum(n_all, n_hi) - n_a, 0) // BN * BN
 
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give p = 0
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
-    bn = tl.arange(0, BN)
-    for n0 in range(n_lo, n_hi, BN):
-        n = n0 + bn
-        n_ok = n < n_hi
-        kv_row = (k_start + n0).to(tl.int64) * H + g
-        Kb = K + kv_row * DK
-        Vb = V + kv_row * DV
-        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        if BK1 > 0:
-            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                k1 = k1.to(tl.float32)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
-        if MODE == 0:
-            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
-        else:
-            u = n + k_offset
-            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
-        vis = vis & n_ok[None, :]
-        s = tl.where(vis, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    for n0 in range(n_lo, n_a, BN):  # window head: rows see different first keys
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+                                   k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
+                                   True, PREC, UPCAST)
+    for n0 in range(n_a, n_b, BN):
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+                                   k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
+                                   False, PREC, UPCAST)
+    for n0 in range(n_b, n_hi, BN):  # tail: the causal edge
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+                                   k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
+                                   True, PREC, UPCAST)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # rows that see no key: exactly 0
