@@ -67,6 +67,12 @@ CASES = [
     pytest.param(29, 16, 1, 48, 32, 8, 4, 8, 3, 8, None, id="gqa16-48/32"),
     pytest.param(50, 4, 2, 32, 32, 8, 4, 16, 3, 10, [0, 13, 14, 50], id="varlen"),
 ]
+# longer cases for the band backward kernels (cmp, win): several key tiles per query tile and
+# several query tiles per key tile, which the short cases above barely reach
+BAND_CASES = CASES + [
+    pytest.param(300, 4, 2, 32, 32, 8, 2, 16, 3, 70, None, id="long-unmasked-tiles"),
+    pytest.param(260, 2, 1, 48, 32, 4, 2, 16, 3, 60, [0, 120, 121, 260], id="varlen-unmasked-tiles"),
+]
 
 
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
@@ -119,7 +125,7 @@ def test_transposed_index():
     assert got == {(0, (0, 1)), (0, (2,)), (1, (2,)), (2, (0, 1)), (2, (2,))}
 
 
-@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
 def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, _, _, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     kw = dict(window=w, cu_seqlens=cu_t)
@@ -139,7 +145,7 @@ def _check_compressed_backward(q, kc, vc, do, q_chunk, **kw):
 
 
 @pytest.mark.parametrize("q_chunk", [pytest.param(None, id="auto"), pytest.param(1, id="split")])
-@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
 def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
     """q_chunk=1 (rounded up to one tile of positions): every dk/dv program takes one query
     tile and adds its share atomically (what long sequences do on GPUs)."""
