@@ -137,7 +137,7 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
         acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
                                    k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
                                    True, PREC, UPCAST)
-    for n0 in range(n_a, n_b, BN):
+    for n0 in range(n_a, n_b, BN):  # every row sees every key: no masks
         acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
                                    k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
                                    False, PREC, UPCAST)
