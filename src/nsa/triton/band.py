@@ -31,6 +31,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _key_rows(base, bn, cols, n_ok, stride, D: tl.constexpr, MASKED: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Tile [BN, len(cols)] of the key/value rows bn (row stride ``stride``), columns past D masked;
+    the rows masked by n_ok only when MASKED."""
+    mask = cols[None, :] < D
+    if MASKED:
+        mask = mask & n_ok[:, None]
+    x = tl.load(base + bn[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale, k_offset,
                DK: tl.constexpr, DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr,
                CMP_D: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr, BK0: tl.constexpr,
@@ -46,21 +60,10 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_sca
     kv_row = (k_start + n0).to(tl.int64) * H + g
     Kb = K + kv_row * DK
     Vb = V + kv_row * DV
-    if MASKED:
-        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=n_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-    else:
-        k0 = tl.load(Kb + bn[:, None] * (H * DK) + dk0[None, :], mask=dk0[None, :] < DK, other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        k0 = k0.to(tl.float32)
+    k0 = _key_rows(Kb, bn, dk0, n_ok, H * DK, DK, MASKED, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
-        if MASKED:
-            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=n_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-        else:
-            k1 = tl.load(Kb + bn[:, None] * (H * DK) + dk1[None, :], mask=dk1[None, :] < DK, other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k1 = k1.to(tl.float32)
+        k1 = _key_rows(Kb, bn, BK0 + tl.arange(0, BK1), n_ok, H * DK, DK, MASKED, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
     if MASKED:
         if MODE == 0:
@@ -76,12 +79,7 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_sca
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)
-    else:
-        v = tl.load(Vb + bn[:, None] * (H * DV) + dv[None, :], mask=dv[None, :] < DV, other=0.0)
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        v = v.to(tl.float32)
+    v = _key_rows(Vb, bn, dv, n_ok, H * DV, DV, MASKED, UPCAST)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
 
