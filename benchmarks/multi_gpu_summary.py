@@ -22,7 +22,7 @@ def tokens_per_s(rows: list[dict]) -> float:
 
 
 def summarize(runs: str, nproc: int, meta: dict, command: str) -> dict:
-    from nsa.train import read_log
+    from nsa.apps.train import read_log
 
     logs = {m: read_log(os.path.join(runs, m)) for m in MODES}
     res = {"nproc": nproc, "steps": len(logs["one"]), "command": command, **meta,

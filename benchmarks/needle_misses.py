@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 import torch
 
-from nsa.data import PasskeyTask, decode
-from nsa.train import load_checkpoint, needle_example
+from nsa.apps.data import PasskeyTask, decode
+from nsa.apps.train import load_checkpoint, needle_example
 
 
 def main() -> None:

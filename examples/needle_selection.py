@@ -14,10 +14,11 @@ import argparse
 import numpy as np
 import torch
 
+from nsa import geometry as G
 from nsa import reference as R
-from nsa.data import PasskeyTask
+from nsa.apps.data import PasskeyTask
 from nsa.layer import _blocks, _positions
-from nsa.train import load_checkpoint
+from nsa.apps.train import load_checkpoint
 
 
 def block_scores(attn, x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def block_scores(attn, x: torch.Tensor) -> torch.Tensor:
     t = torch.arange(x.shape[1])
     p, _ = R._cmp_probs(R._split_heads(q, c.n_kv_heads), k_cmp, t, c.cmp_block, c.cmp_stride,
                         R._scale(c.scale, c.head_dim))  # [1, H, h, T, Tc]
-    W = R.overlap_weights(k_cmp.shape[1], R.num_sel_blocks(x.shape[1], c.sel_block), c.cmp_block,
+    W = G.overlap_weights(k_cmp.shape[1], G.num_sel_blocks(x.shape[1], c.sel_block), c.cmp_block,
                           c.cmp_stride, c.sel_block, device=x.device, dtype=p.dtype)
     return torch.einsum("bhgcs,sj->bchj", p, W)[0]
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-from nsa.data import PasskeyTask, decode, encode
+from nsa.apps.data import PasskeyTask, decode, encode
 from nsa.model import ModelConfig, NSAModel
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 40

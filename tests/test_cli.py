@@ -7,7 +7,7 @@ import re
 import pytest
 
 import nsa
-from nsa import cli
+from nsa.apps import cli
 
 
 def test_info(capsys):
@@ -30,8 +30,14 @@ def test_info(capsys):
     pytest.param(100, (5, 100, 100), id="short"),
     pytest.param(31, (0, 31, 31), id="no-cmp"),
 ])
-def test_tokens_read(s, want):
-    assert cli.tokens_read(s) == want
+def test_decode_reads(s, want):
+    assert nsa.geometry.decode_reads(s) == want
+
+
+@pytest.mark.parametrize("T,l,d", [(0, 32, 16), (31, 32, 16), (32, 32, 16), (1000, 32, 16), (4099, 64, 64), (77, 8, 4)])
+def test_visible_cmp_pairs_equal_brute_force(T, l, d):
+    want = sum(1 for t in range(T) for i in range(nsa.geometry.num_cmp_blocks(T, l, d)) if i * d + l - 1 <= t)
+    assert nsa.geometry.visible_cmp_pairs(T, l, d) == want
 
 
 def test_demo(capsys):
@@ -69,7 +75,7 @@ def test_bench_needs_a_gpu(what, capsys):
 def test_bench_train_speedups_and_table():
     """Speedups of the train benchmark are the baseline's time over ours, for forward +
     backward and for the backward alone; the table shows both against the faster SDPA."""
-    from nsa import bench
+    from nsa.apps import bench
 
     r = dict(config="paper", T=8192, nsa_fwd_ms=2.0, nsa_bwd_ms=6.0, nsa_ms=8.0,
              sdpa_cudnn_fwd_ms=3.0, sdpa_cudnn_bwd_ms=21.0, sdpa_cudnn_ms=24.0,
@@ -86,7 +92,7 @@ def test_bench_train_speedups_and_table():
 
 def test_bench_decode_table():
     """The decode table: eager and CUDA-graph times, and NSA's speedups over the faster SDPA."""
-    from nsa import bench
+    from nsa.apps import bench
 
     r = dict(config="paper", T=65536, batch=16, keys_nsa=5631, keys_full=65536, nsa_ms=0.5,
              nsa_graph_ms=0.1, sdpa_cudnn_ms=0.7, sdpa_cudnn_graph_ms=0.6, nsa_graph_gbps=1234.0)
@@ -95,7 +101,7 @@ def test_bench_decode_table():
 
 
 def test_gpu_tag():
-    from nsa.bench import gpu_tag
+    from nsa.apps.bench import gpu_tag
 
     assert [gpu_tag(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB")] == \
         ["h200", "h100", "a100"]
@@ -106,7 +112,7 @@ def test_bench_generate_step_time_and_table(monkeypatch):
     the table that puts NSA eager / graphed next to full attention."""
     import torch
 
-    from nsa import bench
+    from nsa.apps import bench
 
     prefill, once, step = 40.0, 25.0, 0.5  # a fake model whose generate takes exactly this long
     clock = {"t": 0.0}

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nsa import cli
-from nsa.train import read_log
+from nsa.apps import cli
+from nsa.apps.train import read_log
 
 from test_train import SMALL
 

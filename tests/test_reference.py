@@ -9,6 +9,7 @@ import torch
 from conftest import (causal_attention, dense_nsa, loop_cmp_probs, loop_select,
                       loop_selected_attention, make_inputs, mean_compress, num_cmp)
 
+from nsa import geometry as G
 from nsa import reference as R
 
 
@@ -38,12 +39,12 @@ def brute_overlap(n_cmp, n_sel, l, d, lp):
 ])
 def test_overlap_weights_equal_brute_force(l, d, lp):
     n_cmp, n_sel = 13, 7
-    W = R.overlap_weights(n_cmp, n_sel, l, d, lp, dtype=torch.float64)
+    W = G.overlap_weights(n_cmp, n_sel, l, d, lp, dtype=torch.float64)
     torch.testing.assert_close(W, brute_overlap(n_cmp, n_sel, l, d, lp), rtol=0, atol=0)
 
 
 def test_overlap_weights_paper_multiplicities():
-    W = R.overlap_weights(20, 4, 32, 16, 64, dtype=torch.float64)
+    W = G.overlap_weights(20, 4, 32, 16, 64, dtype=torch.float64)
     # selection block 1 = keys [64, 128): compressed blocks 3..7 with weights 1,2,2,2,1
     assert W[:, 1].tolist() == [0, 0, 0, 1, 2, 2, 2, 1] + [0] * 12
     # every interior selection block gets l'/d * l/d = 8 in total
@@ -63,7 +64,7 @@ def test_overlap_weights_paper_multiplicities():
 ])
 def test_compress_mean_and_blocks(T, l, d):
     x = torch.randn(2, T, 3, 5, dtype=torch.float64)
-    assert R.num_cmp_blocks(T, l, d) == num_cmp(T, l, d)
+    assert G.num_cmp_blocks(T, l, d) == num_cmp(T, l, d)
     got = R.compress_mean(x, l, d)
     torch.testing.assert_close(got, mean_compress(x, l, d), rtol=1e-14, atol=1e-14)
     blocks = R.cmp_blocks(x, l, d)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nsa import cli
-from nsa.data import ByteText, PasskeyTask, decode
-from nsa.train import read_log
+from nsa.apps import cli
+from nsa.apps.data import ByteText, PasskeyTask, decode
+from nsa.apps.train import read_log
 
 # a very small model so that each CLI run takes a second or two
 SMALL = ["--preset", "tiny", "--seq-len", "112", "--batch-size", "4", "--warmup", "2",
@@ -199,7 +199,7 @@ def test_gpu_trained_model_retrieves_on_the_cpu_reference():
     """The README's 100% model was trained on an H200 with the Triton kernels in bf16; the PyTorch
     reference in fp32 must read the same semantics into its weights: teacher-forced and through
     the KV cache (greedy decode), every depth of the needle grid at 2k."""
-    from nsa.train import NEEDLE_SEED, load_checkpoint, needle_accuracy, needle_example
+    from nsa.apps.train import NEEDLE_SEED, load_checkpoint, needle_accuracy, needle_example
 
     model = load_checkpoint(GPU_MODEL, "cpu", backend="torch")
     task = PasskeyTask(2048)

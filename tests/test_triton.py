@@ -35,6 +35,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import nsa  # noqa: E402
+from nsa import geometry as G  # noqa: E402
 from nsa import reference as R  # noqa: E402
 from nsa.triton import (compressed_attention_triton, nsa_triton, select_blocks_triton,  # noqa: E402
                         selected_attention_triton, sliding_window_triton)
@@ -84,7 +85,7 @@ def _scores64(q, kc, l, d, lp, q_offset=0):
     H = kc.shape[2]
     t = torch.arange(T, device=q.device) + q_offset
     p, _ = R._cmp_probs(R._split_heads(q, H).double(), kc.double(), t, l, d, Dk ** -0.5)
-    W = R.overlap_weights(kc.shape[1], R.num_sel_blocks(q_offset + T, lp), l, d, lp,
+    W = G.overlap_weights(kc.shape[1], G.num_sel_blocks(q_offset + T, lp), l, d, lp,
                           device=q.device, dtype=torch.float64)
     return torch.einsum("bhgcs,sj->bchj", p, W)
 
@@ -157,9 +158,9 @@ def test_select(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         scores = _scores64(q, kc, l, d, lp)
     else:  # per sequence, padded to the longest sequence's block count
         parts, c0 = [], 0
-        nmax = R.num_sel_blocks(max(b - a for a, b in zip(cu[:-1], cu[1:])), lp)
+        nmax = G.num_sel_blocks(max(b - a for a, b in zip(cu[:-1], cu[1:])), lp)
         for a, b in zip(cu[:-1], cu[1:]):
-            tc = R.num_cmp_blocks(b - a, l, d)
+            tc = G.num_cmp_blocks(b - a, l, d)
             s = _scores64(q[:, a:b], kc[:, c0:c0 + tc], l, d, lp)
             parts.append(torch.nn.functional.pad(s, (0, nmax - s.shape[-1])))
             c0 += tc
@@ -365,7 +366,6 @@ def test_nsa_offsets_continue_a_sequence():
     got = nsa_triton(q[:, off:], kc, vc, k, v, k[:, w0:], v[:, w0:], gates[:, off:], q_offset=off,
                      win_k_offset=w0, **kw)
     _close(got, full[:, off:])
-    assert nsa.triton.SUPPORTS_OFFSETS
 
 
 @pytest.mark.parametrize("seed,B,T,sel_count,bounds", [
@@ -462,7 +462,7 @@ def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
         kw_, vw_, ring_k, ring_v = k, v, k, v
     expect = []
     for b, n in enumerate(lens if full else []):
-        tc = R.num_cmp_blocks(n, c["l"], c["d"])
+        tc = G.num_cmp_blocks(n, c["l"], c["d"])
         whole = R.nsa_ref(q[b:b + 1, :n], kc[b:b + 1, :tc], vc[b:b + 1, :tc], k[b:b + 1, :n], v[b:b + 1, :n],
                          kw_[b:b + 1, :n], vw_[b:b + 1, :n], gates[b:b + 1, :n], **geo)
         expect.append(whole[:, n - 1:])
@@ -483,7 +483,7 @@ def test_decode_equals_last_row_of_a_full_pass(c):
     _close(nsa.nsa_decode(*args, backend="torch", **kw), expect, 1e-5)
     _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
     cap = args[3].shape[1]
-    cap = max(n for n in range(1, cap + 1) if R.num_cmp_blocks(n, c["l"], c["d"]) <= args[1].shape[1])
+    cap = max(n for n in range(1, cap + 1) if G.num_cmp_blocks(n, c["l"], c["d"]) <= args[1].shape[1])
     _close(nsa.nsa_decode(*args, backend="triton", max_seqlen=cap, **kw), expect)
 
 

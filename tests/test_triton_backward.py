@@ -200,7 +200,7 @@ def test_branch_backward_offsets():
     q, k, v, kc, vc, do, _ = _inputs(T, 4, 2, 32, 32, 8, 4)
     qs, dos = q[:, off:], do[:, off:]
     idx = R.select_blocks_ref(qs, kc, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3,
-                              q_offset=off, num_keys=T)
+                              q_offset=off)
     o = selected_attention_triton(qs, k, v, idx, sel_block=8, q_offset=off)
     got = BW.selected_attention_backward(qs, k, v, idx, o, dos, sel_block=8, q_offset=off)
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, sel_block=8, q_offset=off),

@@ -10,8 +10,9 @@ Public API:
 from .cache import NSACache
 from .config import NSAConfig
 from .layer import NSAAttention
+from . import geometry
 from .ops import nsa_decode, nsa_func, select_blocks
-from .reference import num_cmp_blocks
+from .geometry import num_cmp_blocks
 
 __version__ = "0.1.0"
 

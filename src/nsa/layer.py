@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
+from . import geometry, ops, reference
 from .cache import NSACache
 from .config import NSAConfig, check_positive_int
 from .rope import apply_rope, rope_cos_sin
@@ -132,7 +132,7 @@ class NSAAttention(nn.Module):
         p = self.q_proj.weight
         kw = dict(dtype=dtype or p.dtype, device=device or p.device)
         B, H, Dk, Dv = batch_size, c.n_kv_heads, c.head_dim, c.v_head_dim
-        tc = reference.num_cmp_blocks(max_seq_len, c.cmp_block, c.cmp_stride)
+        tc = geometry.num_cmp_blocks(max_seq_len, c.cmp_block, c.cmp_stride)
         cache = NSACache(max_seq_len=max_seq_len,
                          k_slc=torch.zeros(B, max_seq_len, H, Dk, **kw),
                          v_slc=torch.zeros(B, max_seq_len, H, Dv, **kw),
@@ -167,8 +167,8 @@ class NSAAttention(nn.Module):
         else:
             raw_k = torch.cat([cache.k_tail[:, l - 1 - tail:], kc.to(dt)], 1)
             raw_v = torch.cat([cache.v_tail[:, l - 1 - tail:], vc.to(dt)], 1)
-        tc0 = reference.num_cmp_blocks(s, l, d)
-        tc1 = reference.num_cmp_blocks(s + C, l, d)
+        tc0 = geometry.num_cmp_blocks(s, l, d)
+        tc1 = geometry.num_cmp_blocks(s + C, l, d)
         if tc1 > tc0:
             starts = torch.arange(tc0, tc1, device=x.device) * d - (s - tail)
             idx = starts[:, None] + torch.arange(l, device=x.device)  # [n_new, l]
@@ -209,7 +209,7 @@ class NSAAttention(nn.Module):
         y = self._out(o.to(x.dtype))
         if return_selection:
             geom.pop("window")
-            sel = reference.select_blocks_ref(qd, k_cmp, q_offset=s, num_keys=s + C, **geom)
+            sel = reference.select_blocks_ref(qd, k_cmp, q_offset=s, **geom)
             return y, sel
         return y
 

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import reference
+from . import geometry, reference
 from .config import check_positive_int
 
 BACKENDS = ("auto", "torch", "triton")
@@ -88,9 +88,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, batch: int, device) -> None:
 
 def _expected_tc(cu_seqlens, n_keys: int, cmp_block: int, cmp_stride: int) -> int:
     if cu_seqlens is None:
-        return reference.num_cmp_blocks(n_keys, cmp_block, cmp_stride)
+        return geometry.num_cmp_blocks(n_keys, cmp_block, cmp_stride)
     c = cu_seqlens.tolist()
-    return sum(reference.num_cmp_blocks(b - a, cmp_block, cmp_stride) for a, b in zip(c[:-1], c[1:]))
+    return sum(geometry.num_cmp_blocks(b - a, cmp_block, cmp_stride) for a, b in zip(c[:-1], c[1:]))
 
 
 def _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, n_keys):
@@ -224,8 +224,7 @@ def nsa_at(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_offset: int,
     if resolve_backend(backend, q.device) == "triton":
         from . import triton as tk
 
-        if getattr(tk, "SUPPORTS_OFFSETS", False):
-            return tk.nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+        return tk.nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
     return reference.nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
 
 
@@ -295,7 +294,7 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
     if H == 0 or HQ % H:
         raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")
     Dv = v_cmp.shape[-1] if isinstance(v_cmp, torch.Tensor) else None
-    tc = reference.num_cmp_blocks(n_max, cmp_block, cmp_stride)
+    tc = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     for name, x, D, rows, need in (
             ("k_cmp", k_cmp, Dk, "Tc", tc), ("v_cmp", v_cmp, Dv, "Tc", tc),
             ("k_slc", k_slc, Dk, "Tk", n_max), ("v_slc", v_slc, Dv, "Tk", n_max),

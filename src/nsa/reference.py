@@ -1,4 +1,4 @@
-"""PyTorch reference of Native Sparse Attention (the contract: ../shared/SPEC.md).
+"""PyTorch reference of Native Sparse Attention (the contract: docs/semantics.md).
 
 Every branch is a separate function, testable alone (as fla's ``naive.py``):
 
@@ -24,28 +24,11 @@ import math
 
 import torch
 
+from .geometry import (cmp_visible, eligible_blocks, forced_blocks, num_cmp_blocks, num_sel_blocks,
+                       overlap_weights, top_blocks)
+
 # Elements of one chunk's largest intermediate (scores or gathered keys): 2^25 fp32 = 128 MiB.
 _CHUNK_ELEMS = 1 << 25
-
-
-def num_cmp_blocks(seq_len: int, cmp_block: int, cmp_stride: int) -> int:
-    """Tc: number of compression blocks of a sequence of ``seq_len`` keys (SPEC 1)."""
-    return 0 if seq_len < cmp_block else (seq_len - cmp_block) // cmp_stride + 1
-
-
-def num_sel_blocks(seq_len: int, sel_block: int) -> int:
-    """Number of selection blocks covering ``seq_len`` keys (the last one may be cut)."""
-    return -(-seq_len // sel_block)
-
-
-def overlap_weights(n_cmp: int, n_sel: int, cmp_block: int, cmp_stride: int, sel_block: int,
-                    *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Eq. 9 mapping W [n_cmp, n_sel]: |[i*d, i*d+l) & [j*l', (j+1)*l')| / d."""
-    i = torch.arange(n_cmp, device=device)[:, None]
-    j = torch.arange(n_sel, device=device)[None, :]
-    lo = torch.maximum(i * cmp_stride, j * sel_block)
-    hi = torch.minimum(i * cmp_stride + cmp_block, (j + 1) * sel_block)
-    return ((hi - lo).clamp_min(0).to(dtype)) / cmp_stride
 
 
 def compress_mean(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
@@ -102,9 +85,7 @@ def _cmp_probs(qc: torch.Tensor, k_cmp: torch.Tensor, t: torch.Tensor, cmp_block
     qc [B, C, H, h, Dk] (acc dtype), k_cmp [B, Tc, H, Dk], t [C] absolute positions.
     Returns p [B, H, h, C, Tc] and lse [B, H, h, C].
     """
-    tc = k_cmp.shape[1]
-    ends = torch.arange(tc, device=qc.device) * cmp_stride + cmp_block - 1
-    visible = ends[None, :] <= t[:, None]  # [C, Tc]: block complete at t
+    visible = cmp_visible(t, k_cmp.shape[1], cmp_block, cmp_stride)  # [C, Tc]: block complete at t
     s = torch.einsum("bchgd,bshd->bhgcs", qc, k_cmp.to(qc.dtype)) * scale
     return _masked_softmax(s, visible)
 
@@ -145,14 +126,13 @@ def compressed_attention_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sc
 
 
 def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
-                      scale=None, cu_seqlens=None, q_offset=0, num_keys=None):
+                      scale=None, cu_seqlens=None, q_offset=0):
     """Top-n selection (SPEC 3-4): block indices [B, T, H, n] int64, ascending, -1 padded.
 
     Scores are the compressed-attention probabilities mapped by the Eq. 9 overlap weights
     and summed over the h heads of each group. Block 0 and the blocks holding t and t - l'
     (when they exist) are always selected; the rest are eligible blocks (j*l' <= t) by
-    descending score, ties to the lower index. ``num_keys`` (default ``q_offset + T``) sets
-    how many selection blocks exist.
+    descending score, ties to the lower index.
     """
     if cu_seqlens is not None:
         return _varlen(select_blocks_ref, cu_seqlens, (q, k_cmp), "tc",
@@ -160,13 +140,11 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
                             sel_count=sel_count, scale=scale))
     B, Tq, HQ, Dk = q.shape
     H, tc = k_cmp.shape[2], k_cmp.shape[1]
-    n_keys = q_offset + Tq if num_keys is None else num_keys
-    n_sel = num_sel_blocks(n_keys, sel_block)
+    n_sel = num_sel_blocks(q_offset + Tq, sel_block)
     sc = _scale(scale, Dk)
     acc = _acc_dtype(q)
     qg = _split_heads(q, H).to(acc)
     W = overlap_weights(tc, n_sel, cmp_block, cmp_stride, sel_block, device=q.device, dtype=acc)
-    j = torch.arange(n_sel, device=q.device)
     out = []
     step = _chunk_size(Tq, HQ * max(tc, n_sel, 1))
     with torch.no_grad():  # selection is not differentiable (SPEC 4)
@@ -175,9 +153,8 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
             t = torch.arange(c0, c1, device=q.device) + q_offset
             p, _ = _cmp_probs(qg[:, c0:c1], k_cmp.detach(), t, cmp_block, cmp_stride, sc)
             score = torch.einsum("bhgcs,sj->bchj", p, W)  # [B, C, H, n_sel]: Eq. 9 + Eq. 10
-            cur = (t // sel_block)[:, None]
-            forced = (j[None] == 0) | (j[None] == cur) | (j[None] == cur - 1)  # [C, n_sel]
-            eligible = (j[None] * sel_block) <= t[:, None]
+            forced = forced_blocks(t, n_sel, sel_block)  # [C, n_sel]
+            eligible = eligible_blocks(t, n_sel, sel_block)
             inf = torch.tensor(float("inf"), dtype=acc, device=q.device)
             score = torch.where(forced[None, :, None], inf,
                                 torch.where(eligible[None, :, None], score, -inf))
@@ -185,20 +162,6 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
     if not out:
         return torch.empty(B, 0, H, sel_count, dtype=torch.int64, device=q.device)
     return torch.cat(out, 1).to(torch.int64)
-
-
-def top_blocks(score: torch.Tensor, sel_count: int) -> torch.Tensor:
-    """The ``sel_count`` best blocks of ``score [..., n_sel]`` (forced blocks +inf, ineligible
-    -inf): indices ascending, padded with -1; among equal scores the lower index wins."""
-    n_sel = score.shape[-1]
-    order = torch.sort(score, dim=-1, descending=True, stable=True)
-    k = min(sel_count, n_sel)
-    idx = torch.where(order.values[..., :k] == -math.inf, n_sel, order.indices[..., :k])
-    idx = idx.sort(-1).values  # ascending, invalid (n_sel) last
-    idx = torch.where(idx == n_sel, -1, idx)
-    if k < sel_count:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], sel_count - k), -1)], -1)
-    return idx
 
 
 def selected_attention_ref(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
@@ -296,14 +259,8 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
     out_dtype, q = q.dtype, q.to(_acc_dtype(q))
     o_cmp, _ = compressed_attention_ref(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                         scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
-    if cu_seqlens is not None:
-        idx = select_blocks_ref(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                sel_block=sel_block, sel_count=sel_count, scale=scale,
-                                cu_seqlens=cu_seqlens)
-    else:
-        idx = select_blocks_ref(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                sel_block=sel_block, sel_count=sel_count, scale=scale,
-                                q_offset=q_offset, num_keys=k_slc.shape[1])
+    idx = select_blocks_ref(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                            sel_count=sel_count, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
     o_slc = selected_attention_ref(q, k_slc, v_slc, idx, sel_block=sel_block, scale=scale,
                                    cu_seqlens=cu_seqlens, q_offset=q_offset)
     o_win = sliding_window_ref(q, k_win, v_win, window=window, scale=scale, cu_seqlens=cu_seqlens,

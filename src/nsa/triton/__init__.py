@@ -20,8 +20,5 @@ from .select import select_blocks_triton
 from .selected import selected_attention_triton
 from .window import sliding_window_triton
 
-# nsa_triton honours q_offset / win_k_offset (queries continuing a cached sequence)
-SUPPORTS_OFFSETS = True
-
 __all__ = ["compressed_attention_triton", "nsa_decode_triton", "select_blocks_triton", "selected_attention_triton",
-           "sliding_window_triton", "nsa_triton", "SUPPORTS_OFFSETS"]
+           "sliding_window_triton", "nsa_triton"]

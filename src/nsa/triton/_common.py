@@ -17,12 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import num_cmp_blocks
+from ..geometry import num_cmp_blocks
 
 # SEQ columns (int64): start row / length of the queries, of the slc keys, of the window keys
 # and of the compressed keys of each sequence.
 Q0, QN, KS0, KSN, KW0, KWN, KC0, KCN = range(8)
 SEQ_COLS = 8
+
+# log2(e): the kernels compute softmax with exp2, so scores and lse are scaled by it
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

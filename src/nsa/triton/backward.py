@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import LOG2E
 from .selected import tile_block, tile_lists
 
 
@@ -109,7 +110,7 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
     do = C.load_cols(DO + row0 * DV, rel * DV, row_ok, 0, BV, DV, UPCAST)
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=float("-inf"))
     ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
-    lse2 = tl.where(ok, lse * 1.4426950408889634, 0.0)
+    lse2 = tl.where(ok, lse * LOG2E, 0.0)
     if MAKE_DELTA:
         o = tl.load(O + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -151,7 +152,7 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
                                              BK0, BK1, BV, UPCAST, True)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     t_lo = q_offset + t0
     t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1
@@ -211,7 +212,7 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
         dk1 = BK0 + tl.arange(0, BK1)
         k1 = C.load_cols(Kb, bn * (H * DK), n_ok, BK0, BK1, DK, UPCAST)
     v = C.load_cols(V + kv_row * DV, bn * (H * DV), n_ok, 0, BV, DV, UPCAST)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     # local query indices that can see a key of the tile
     n_last = tl.minimum(n0 + BN, k_len) - 1
@@ -280,7 +281,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     ar = tl.arange(0, BS)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
 
     if not HAVE_LSE:  # pass 1: the slc log-sum-exp of every row, written to LSEBUF for pass 2
@@ -357,7 +358,7 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
         dk1 = BK0 + tl.arange(0, BK1)
         k1 = C.load_cols(Kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)
     v = C.load_cols(V + kv_row * DV, ar * (H * DV), u_ok, 0, BV, DV, UPCAST)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     acc_k0 = tl.zeros([BS, BK0], dtype=tl.float32)
     acc_k1 = tl.zeros([BS, BK1 if BK1 > 0 else 16], dtype=tl.float32)

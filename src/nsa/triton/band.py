@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import LOG2E
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
     if BK1 > 0:
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     dv = tl.arange(0, BV)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     t_lo = q_offset + t0  # smallest position of the tile
     t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1  # largest valid position of the tile

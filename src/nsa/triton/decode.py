@@ -9,7 +9,7 @@ keys, flash-decoding style, and the h query heads of a group share every key the
    scores (log2 units) to a small buffer ``[B, HQ, Tc(max n)]`` and a partial softmax (max, sum, PV).
 2. scores: programs over the selection blocks: the lse from the cmp partials, then Eq. 9-10
    block scores (group sum of exp(s - lse) times the overlap weights), forced blocks +inf,
-   ineligible -inf: ``[B, H, n_sel]``. Top-n in PyTorch (:func:`nsa.reference.top_blocks`):
+   ineligible -inf: ``[B, H, n_sel]``. Top-n in PyTorch (:func:`nsa.geometry.top_blocks`):
    n_sel = T / l' is small for one query.
 3. attend: one program per selected block and per window chunk (l' keys each), each a partial
    softmax of its branch.
@@ -26,9 +26,9 @@ import triton.language as tl
 
 from .. import reference
 from . import _common as C
+from ._common import LOG2E
 from .band import default_scale
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -272,13 +272,13 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     BK0, BK1 = C.split_dim(Dk)
     BV = max(16, C.next_pow2(Dv))
     BN = 16 if interp else 64
-    qk_scale = default_scale(scale, Dk) * LOG2E
+    qk_scale = default_scale(scale, Dk) * LOG2E.value
     f32 = dict(dtype=torch.float32, device=dev)
     common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
 
     # 1. cmp partials and raw scores
-    tc_used = reference.num_cmp_blocks(n_max, cmp_block, cmp_stride)
+    tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     nsplit = _n_split(tc_used, B * H, BN, dev)
     ch = triton.cdiv(triton.cdiv(max(tc_used, 1), nsplit), BN) * BN
     ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
@@ -289,7 +289,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
                                  DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1,
                                  BV=BV, BN=BN, **common, **launch)
     # 2. block scores, then the top n (ties to the lower index, as the reference)
-    n_sel_max = reference.num_sel_blocks(n_max, sel_block)
+    n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(B, H, n_sel_max, **f32)
     BJ = 16 if interp else 64
     kmax = triton.cdiv(sel_block + cmp_block, cmp_stride) + 1
@@ -297,7 +297,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
         KMAX=kmax, **launch)
-    idx = reference.top_blocks(score, sel_count).contiguous()  # [B, H, n]
+    idx = geometry.top_blocks(score, sel_count).contiguous()  # [B, H, n]
     # 3. a partial softmax per selected block and per window chunk
     BS = max(16, C.next_pow2(sel_block))
     nw = triton.cdiv(window, BS)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import LOG2E
 from .band import default_scale
 
 
@@ -141,8 +142,8 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
-    qk_scale = sm_scale * 1.4426950408889634
-    lse = tl.load(LSE + row0 + rel, mask=row_ok, other=0.0) * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
+    lse = tl.load(LSE + row0 + rel, mask=row_ok, other=0.0) * LOG2E
 
     # per-position view of the tile: [BT]
     tp = t0 + tl.arange(0, BT)
@@ -224,12 +225,11 @@ def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, int
 
 
 def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
-                         scale=None, cu_seqlens=None, q_offset=0, num_keys=None, lse=None):
+                         scale=None, cu_seqlens=None, q_offset=0, lse=None):
     """Top-n block indices [B, T, H, n] int64, ascending, -1 padded (SPEC 3-4); forward only.
 
     Same contract as :func:`nsa.reference.select_blocks_ref`. ``lse`` ([B, T, HQ] fp32, the
-    compressed branch's log-sum-exp) is computed here when not given. ``num_keys`` is
-    accepted for signature compatibility: eligibility (j*l' <= t) already bounds the blocks.
+    compressed branch's log-sum-exp) is computed here when not given.
     Scores are fp32 (exact overlap weights), so indices equal the reference's away from
     near-ties.
     """

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
+from ._common import LOG2E
 from .band import default_scale
 
 
@@ -105,7 +106,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         dk1 = BK0 + tl.arange(0, BK1)
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     dv = tl.arange(0, BV)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
 
     lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)

@@ -12,11 +12,13 @@ import platform
 import sys
 import time
 
+from ..geometry import decode_reads
+
 MODULE_COMMANDS = {
-    "bench": ("nsa.bench", "benchmarks (nsa bench prefill / train): NSA kernels against full attention"),
-    "train": ("nsa.train", "train the small NSA language model"),
-    "generate": ("nsa.train", "generate text from a checkpoint"),
-    "needle": ("nsa.train", "needle-in-a-haystack accuracy heatmap: NSA vs baselines"),
+    "bench": ("nsa.apps.bench", "benchmarks (nsa bench prefill / train): NSA kernels against full attention"),
+    "train": ("nsa.apps.train", "train the small NSA language model"),
+    "generate": ("nsa.apps.train", "generate text from a checkpoint"),
+    "needle": ("nsa.apps.train", "needle-in-a-haystack accuracy heatmap: NSA vs baselines"),
 }
 
 
@@ -24,8 +26,8 @@ def cmd_info(args) -> int:
     import numpy
     import torch
 
-    from . import __version__
-    from .ops import triton_available
+    from .. import __version__
+    from ..ops import triton_available
 
     print(f"nsa {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()}), torch {torch.__version__}, "
@@ -48,17 +50,10 @@ def cmd_info(args) -> int:
     return 0
 
 
-def tokens_read(s: int, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512):
-    """Tokens a decode step reads at context s, per branch (paper Table 4, SPEC 9)."""
-    from .reference import num_cmp_blocks
-
-    return num_cmp_blocks(s, cmp_block, cmp_stride), min(sel_count * sel_block, s), min(window, s)
-
-
 def cmd_demo(args) -> int:
     import torch
 
-    from . import NSAAttention, NSAConfig
+    from .. import NSAAttention, NSAConfig
 
     torch.manual_seed(args.seed)
     cfg = NSAConfig(d_model=args.d_model, backend="torch")  # paper attention geometry
@@ -93,7 +88,7 @@ def cmd_demo(args) -> int:
         b = [int(j) for j in blocks[g] if j >= 0]
         print(f"  group {g}: {b}")
     # tokens this step read: visible compressed tokens, keys of the selected blocks, window
-    n_cmp, _, n_win = tokens_read(t + 1, **geo)
+    n_cmp, _, n_win = decode_reads(t + 1, **geo)
     n_slc = [sum(min(cfg.sel_block, t + 1 - j * cfg.sel_block) for j in blocks[g].tolist() if j >= 0)
              for g in range(cfg.n_kv_heads)]
     print(f"this step read {n_cmp} compressed + {n_slc[0]} selected + {n_win} window = "
@@ -102,7 +97,7 @@ def cmd_demo(args) -> int:
     print("\ntokens read per decode step (paper Table 4; Tc(s) = (s - l) // d + 1):")
     print(f"{'context':>8} {'full':>7} {'cmp':>6} {'slc':>6} {'win':>6} {'NSA':>6} {'ratio':>6}")
     for s in (8192, 16384, 32768, 65536):
-        c, sl, w = tokens_read(s, **geo)
+        c, sl, w = decode_reads(s, **geo)
         print(f"{s:>8} {s:>7} {c:>6} {sl:>6} {w:>6} {c + sl + w:>6} {s / (c + sl + w):>5.1f}x")
     return 0
 

@@ -50,6 +50,9 @@ import re
 import sys
 import traceback
 
+from .. import geometry
+from ..geometry import visible_cmp_pairs
+
 CONFIGS = {
     # name: HQ, H, Dk, Dv, l, d, l', n, w, shared kv, mean pooling timed
     "paper": dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, shared=False),
@@ -85,18 +88,9 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------ FLOPs
-def _tc_visible_sum(T, l, d):
-    """sum over t of the compressed tokens visible at t (i*d + l - 1 <= t)."""
-    total = 0
-    tc = 0 if T < l else (T - l) // d + 1
-    for i in range(tc):
-        total += T - (i * d + l - 1)
-    return total
-
-
 def nsa_flops(T, c) -> dict:
     HQ, Dk, Dv = c["HQ"], c["Dk"], c["Dv"]
-    sv = _tc_visible_sum(T, c["l"], c["d"])
+    sv = visible_cmp_pairs(T, c["l"], c["d"])
     S = c["n"] * c["lp"]
     slc_keys = sum(min(S, t + 1) for t in range(min(T, S))) + max(0, T - S) * S
     win_keys = sum(min(c["w"], t + 1) for t in range(min(T, c["w"]))) + max(0, T - c["w"]) * c["w"]
@@ -127,7 +121,7 @@ def _bench(fn, rep):
 def _inputs(T, c, device):
     import torch
 
-    from .reference import compress_mean
+    from ..reference import compress_mean
 
     g = torch.Generator(device=device).manual_seed(T)
     mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
@@ -143,9 +137,9 @@ def _inputs(T, c, device):
 
 
 def _run_nsa(T, c, x, breakdown, rep):
-    from . import nsa_func
-    from .reference import compress_mean
-    from .triton import band, select, selected
+    from .. import nsa_func
+    from ..reference import compress_mean
+    from ..triton import band, select, selected
 
     q, kc, vc, k, v, kw, vw, gates = x
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
@@ -157,7 +151,7 @@ def _run_nsa(T, c, x, breakdown, rep):
     out = {}
     out["nsa"] = _bench(fn, rep)
     if breakdown:
-        from .triton import _common as C
+        from ..triton import _common as C
 
         sc = 1.0 / math.sqrt(c["Dk"])
         seq, lens = C.seq_table(1, T, T, T, kc.shape[1], None, c["l"], c["d"], q.device)
@@ -207,9 +201,9 @@ def _bwd_breakdown(c, x, rep) -> dict:
     dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
     import torch
 
-    from .triton import backward as BW
-    from .triton.band import band_attention
-    from .triton.nsa import _nsa_forward
+    from ..triton import backward as BW
+    from ..triton.band import band_attention
+    from ..triton.nsa import _nsa_forward
 
     q, kc, vc, k, v, kw, vw, gates = x  # [B, T, heads, D] inputs of _inputs (no grad)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
@@ -251,7 +245,7 @@ def _run_train(T, c, x, baselines, rep, breakdown=False) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
-    from . import nsa_func
+    from .. import nsa_func
 
     q, kc, vc, k, v, kw, vw, gates = (t.detach().clone().requires_grad_() for t in x)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
@@ -339,8 +333,8 @@ def _run_fla(x, c, rep):
 
 def decode_reads(T, c) -> dict:
     """Keys read per KV head by one decode step at context T (the paper's Table 4 count)."""
-    tc = 0 if T < c["l"] else (T - c["l"]) // c["d"] + 1
-    nsa = tc + min(c["n"] * c["lp"], T) + min(c["w"], T)
+    nsa = sum(geometry.decode_reads(T, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                                    sel_count=c["n"], window=c["w"]))
     return dict(keys_nsa=nsa, keys_full=T, bytes_nsa=nsa * (c["Dk"] + c["Dv"]) * 2 * c["H"],
                 bytes_full=T * (c["Dk"] + c["Dv"]) * 2 * c["H"])
 
@@ -351,9 +345,9 @@ def _run_decode(T, c, B, baselines, rep, device) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
-    from .ops import nsa_decode
-    from .reference import compress_mean
-    from .triton import nsa_triton
+    from ..ops import nsa_decode
+    from ..reference import compress_mean
+    from ..triton import nsa_triton
 
     g = torch.Generator(device=device).manual_seed(T)
     mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
@@ -565,7 +559,7 @@ def _generate_ms(model, prompt, new: int, graph: bool) -> tuple[float, float, fl
 def _generate_sweep(args, meta, out_path, dev) -> int:
     import torch
 
-    from .model import ModelConfig, NSAModel
+    from ..model import ModelConfig, NSAModel
 
     rows = []
     for attention in ("nsa", "full"):

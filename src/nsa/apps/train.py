@@ -13,6 +13,7 @@ equals a one-process run's up to fp32 reduction order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .data import ByteText, PasskeyTask, decode, encode
-from .model import ATTENTIONS, ModelConfig, NSAModel, PRESETS, load_model, load_weights
+from ..model import ATTENTIONS, ModelConfig, NSAModel, PRESETS, load_model, load_weights
 
 # defaults of the main command, per preset: (seq_len, batch_size, steps, lr)
 TRAIN_DEFAULTS = {"tiny": (384, 16, 500, 4e-3), "small": (2048, 8, 1000, 2e-3), "base": (8192, 16, 4000, 6e-4)}
@@ -94,7 +95,7 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default=None)
         _needle_grid_args(p)
     else:
-        raise ValueError(f"nsa.train has no command {name!r}")
+        raise ValueError(f"nsa.apps.train has no command {name!r}")
 
 
 def _needle_grid_args(p):
@@ -112,7 +113,7 @@ def run(name: str, args) -> int:
         return cmd_generate(args)
     if name == "needle":
         return cmd_needle(args)
-    raise ValueError(f"nsa.train has no command {name!r}")
+    raise ValueError(f"nsa.apps.train has no command {name!r}")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -283,7 +284,7 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
               f"{d.world} process{'es' if d.world > 1 else ''}, {device}) for {args.steps} steps "
               f"of {args.batch_size} x {f'{lo}..' if lo != args.seq_len else ''}{args.seq_len} tokens -> {out}")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16"
-                else _nullcontext())
+                else contextlib.nullcontext())
     if args.dtype == "bfloat16" and not device.startswith("cuda"):
         raise ValueError("--dtype bfloat16 needs --device cuda")
     bar = _progress(start, args.steps, d.main, config.attention)
@@ -356,14 +357,6 @@ def _all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _progress(start, total, enabled, desc):
