@@ -89,11 +89,12 @@ def test_selected_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
-@pytest.mark.parametrize("dkdv,chunk", [("transposed", 3), ("atomic", None)],
-                         ids=["transposed-chunk3", "atomic"])
-def test_selected_backward_arbitrary_lists(dkdv, chunk):
+@pytest.mark.parametrize("dkdv,chunk,det", [("transposed", 3, False), ("transposed", 3, True), ("atomic", None, False)],
+                         ids=["transposed-chunk3", "transposed-chunk3-deterministic", "atomic"])
+def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
     """Unsorted lists with -1 holes and blocks shared between neighbours (the tile dedup of
-    dq), both dk/dv paths, and blocks split into many chunks of the transposed index."""
+    dq), both dk/dv paths, and blocks split into many chunks of the transposed index (with
+    deterministic=True, the chunks' shares summed in order by _segment_sum)."""
     T, lp = 40, 8
     q, k, v, _, _, do, _ = _inputs(T, 4, 2, 48, 32, 8, 4)
     g = torch.Generator().manual_seed(3)
@@ -109,7 +110,7 @@ def test_selected_backward_arbitrary_lists(dkdv, chunk):
     o = selected_attention_triton(q, k, v, idx, sel_block=lp)
     seq, lens = BW._seq(q, k, q[:, :0], q[:, :0], None, 1, 1)
     got = BW.selected_backward(q, k, v, idx, o, do, sel_block=lp, scale=48 ** -0.5, seq=seq,
-                               lens=lens, dkdv=dkdv, chunk=chunk)
+                               lens=lens, dkdv=dkdv, chunk=chunk, deterministic=det)
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, sel_block=lp), (q, k, v), do)
     for a, b in zip(got, ref):
         _close(a, b)
@@ -120,9 +121,11 @@ def test_transposed_index():
     idx = torch.tensor([[[[0, -1, 2]], [[2, 0, -1]], [[0, 1, 2]]]], device=DEV)  # [1, 3, 1, 3]
     seq, lens = BW._seq(idx.new_zeros(1, 3, 1, 1), idx.new_zeros(1, 3, 1, 1), idx[:, :0], idx[:, :0],
                         None, 1, 1)
-    items, qpos = BW.transposed_index(idx, seq, lens, 1, 1, chunk=2)
+    items, qpos, segs = BW.transposed_index(idx, seq, lens, 1, 1, chunk=2)
     got = {(int(j), tuple(qpos[s:s + c].tolist())) for _, _, j, s, c in items.tolist()}
     assert got == {(0, (0, 1)), (0, (2,)), (1, (2,)), (2, (0, 1)), (2, (2,))}
+    # segments: each block's items, consecutive
+    assert [(items[f, 2].item(), c) for f, c in segs.tolist()] == [(0, 2), (1, 1), (2, 2)]
 
 
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
@@ -135,22 +138,25 @@ def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
-def _check_compressed_backward(q, kc, vc, do, q_chunk, **kw):
+def _check_compressed_backward(q, kc, vc, do, q_chunk, deterministic=False, **kw):
     """The cmp backward (after the Triton forward) against autograd through the reference."""
     o, lse = compressed_attention_triton(q, kc, vc, **kw)
-    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk, **kw)
+    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk,
+                                           deterministic=deterministic, **kw)
     ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
     for a, b in zip(got, ref):
         _close(a, b)
 
 
-@pytest.mark.parametrize("q_chunk", [pytest.param(None, id="auto"), pytest.param(1, id="split")])
+@pytest.mark.parametrize("q_chunk,det", [pytest.param(None, False, id="auto"), pytest.param(1, False, id="split"),
+                                         pytest.param(1, True, id="split-deterministic")])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
-def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
+def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk, det):
     """q_chunk=1 (rounded up to one tile of positions): every dk/dv program takes one query
-    tile and adds its share atomically (what long sequences do on GPUs)."""
+    tile and adds its share atomically (what long sequences do on GPUs), or with
+    deterministic=True stores it into its chunk's buffer, summed in chunk order."""
     q, _, _, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
-    _check_compressed_backward(q, kc, vc, do, q_chunk, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
+    _check_compressed_backward(q, kc, vc, do, q_chunk, det, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

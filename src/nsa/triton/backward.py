@@ -183,16 +183,19 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
 
 @triton.jit
 def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset, k_offset,
-                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   part_k, part_v, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr,
+                   PARTIAL: tl.constexpr):
     """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
     the query tiles that see them, so dk/dv stay in registers. QCH = 0: one program walks every
     such tile and stores dk/dv. QCH > 0 (cmp at long T, where the first key tiles are seen by
     every query and one program would walk them all): program_id(2) takes the query positions
-    [c * QCH, (c + 1) * QCH) only, and adds its share into fp32 GK/GV atomically."""
+    [c * QCH, (c + 1) * QCH) only, and adds its share into fp32 GK/GV atomically; with PARTIAL
+    (deterministic) it stores the share into chunk c's slice of GK/GV instead (part_k / part_v
+    elements apart), which the launcher sums in a fixed order."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -245,7 +248,10 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
 
     GKb = GK + kv_row * DK
     GVb = GV + kv_row * DV
-    if QCH > 0:
+    if PARTIAL:  # chunk c's own slice, written once (zeros from chunks before the keys' queries)
+        GKb += tl.program_id(2).to(tl.int64) * part_k
+        GVb += tl.program_id(2).to(tl.int64) * part_v
+    if QCH > 0 and not PARTIAL:
         if tq_lo < tq_hi:  # chunks before the keys' first query add nothing
             tl.atomic_add(GKb + bn[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
                           mask=n_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
@@ -330,7 +336,7 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
                        HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                        SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
                        BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+                       PREC: tl.constexpr, UPCAST: tl.constexpr, PARTIAL: tl.constexpr):
     """slc dk/dv through the transposed index: a program owns one selected block j of group g
     and a chunk of the query positions that selected it (ITEMS row: sequence, g, j, first
     entry of QPOS, count); dk/dv of the block stay in registers, one atomic add per chunk."""
@@ -378,14 +384,46 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
         acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1,
                                                acc_v, qk_scale, BK1, PREC)
 
-    GKb = GK + kv_row * DK
-    tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
-                  mask=u_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
-    if BK1 > 0:
-        tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk1[None, :], acc_k1 * sm_scale,
-                      mask=u_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
-    tl.atomic_add(GV + kv_row * DV + ar[:, None] * (H * DV) + dv[None, :], acc_v,
-                  mask=u_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
+    if PARTIAL:  # deterministic: this item's share into its own rows GK/GV [n_items, BS, D]
+        pi = tl.program_id(0).to(tl.int64) * BS
+        tl.store(GK + (pi + ar[:, None]) * DK + dk0[None, :], acc_k0 * sm_scale, mask=dk0[None, :] < DK)
+        if BK1 > 0:
+            tl.store(GK + (pi + ar[:, None]) * DK + dk1[None, :], acc_k1 * sm_scale, mask=dk1[None, :] < DK)
+        tl.store(GV + (pi + ar[:, None]) * DV + dv[None, :], acc_v, mask=dv[None, :] < DV)
+    else:
+        GKb = GK + kv_row * DK
+        tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
+                      mask=u_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
+        if BK1 > 0:
+            tl.atomic_add(GKb + ar[:, None] * (H * DK) + dk1[None, :], acc_k1 * sm_scale,
+                          mask=u_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
+        tl.atomic_add(GV + kv_row * DV + ar[:, None] * (H * DV) + dv[None, :], acc_v,
+                      mask=u_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
+def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, SEL_L: tl.constexpr,
+                 BS: tl.constexpr, BD: tl.constexpr):
+    """Deterministic slc dk (or dv): one program per (block of a group, BD columns) sums the
+    shares of the block's work items in their order (SEGS row: first item, count) and stores
+    them into the block's key rows of OUT."""
+    sg = tl.program_id(0).to(tl.int64) * 2
+    first = tl.load(SEGS + sg)
+    cnt = tl.load(SEGS + sg + 1)
+    seq = tl.load(ITEMS + first * 5)
+    g = tl.load(ITEMS + first * 5 + 1)
+    blk = tl.load(ITEMS + first * 5 + 2)
+    k_start = tl.load(SEQ + seq * 8 + 2)
+    k_len = tl.load(SEQ + seq * 8 + 3)
+    ar = tl.arange(0, BS)
+    col = tl.program_id(1) * BD + tl.arange(0, BD)
+    col_ok = col[None, :] < D
+    acc = tl.zeros([BS, BD], dtype=tl.float32)
+    for i in range(first, first + cnt):
+        acc += tl.load(PART + (i * BS + ar[:, None]) * D + col[None, :], mask=col_ok, other=0.0)
+    u_ok = (ar < SEL_L) & (blk * SEL_L + ar < k_len)
+    row = (k_start + blk * SEL_L) * H + g
+    tl.store(OUT + (row + ar[:, None] * H) * D + col[None, :], acc, mask=u_ok[:, None] & col_ok)
 
 
 @triton.jit
@@ -413,27 +451,48 @@ def _gates_bwd(DO, G, OC, OS, OW, DG, DOC, DOS, DOW, n_rows, DV: tl.constexpr, B
 
 
 # ------------------------------------------------------------------------------ launchers
-def _band_config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
+def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool) -> tuple[dict, dict]:
+    """Tiles of the band backward: (dq kernel, dk/dv kernel), each HP, BT (query positions a
+    tile), BN (keys a tile), num_warps, num_stages. The two kernels hold different
+    accumulators (dq [BT*HP, Dk] against dk/dv [BN, Dk + Dv]), so they get their own tiles:
+    dq 64 rows x 32 keys, 3 stages; dk/dv 32 keys walking 128-row query tiles (half the q/do
+    reloads of 64-row tiles), 2 stages; the window's dk/dv (MODE 1, whose masks take more
+    registers) at Dk + Dv > 256 walks 64-row tiles. Timed on an H200 at the paper geometry
+    (64k: cmp dq 26.4 -> 18.7 ms, dk/dv 70.4 -> 52.9 ms); spill-free with triton 3.6 for sm_90,
+    which tests/test_spills.py checks."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
-        return dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
-    big = max(Dk, Dv) > 128
+        cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
+        return cfg, cfg
     HP, BT, _ = C.rows_for(h, 64)
-    return dict(HP=HP, BT=BT, BN=32 if big else 64, num_warps=4 if big else 8, num_stages=1)
+    cfg_q = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=3)
+    HP, BT, _ = C.rows_for(h, 64 if mode == 1 and Dk + Dv > 256 else 128)
+    cfg_kv = dict(HP=HP, BT=BT, BN=32, num_warps=8, num_stages=2)
+    return cfg_q, cfg_kv
 
 
-def _slc_config(h: int, interp: bool) -> dict:
+def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
+    """Tiles of the slc backward: (dq kernel: HP, BT, num_warps, num_stages; dk/dv kernel over
+    the transposed index: HP, BT, num_warps, num_stages and ``chunk``, the query positions of
+    one work item). dq: 16 rows a tile as the forward, 2 stages; dk/dv: 128-row query tiles
+    (H200, paper geometry at 64k: dq 37.5 -> 24.8 ms, dk/dv 33.0 -> 23.5 ms; spill-free)."""
     HP, BT, _ = C.rows_for(h, 16)  # as the forward: one tile row block per 16 rows
-    return dict(HP=HP, BT=BT, num_warps=4 if (interp or BT * HP > 32) else 2, num_stages=1)
+    cfg_q = dict(HP=HP, BT=BT, num_warps=4, num_stages=1 if interp else 2)
+    HP, BT, _ = C.rows_for(h, 64 if interp else 128)
+    # [l', Dk + Dv] fp32 accumulators: more warps than the dq kernel's 16-row tiles
+    cfg_kv = dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1, chunk=64 if interp else 256)
+    return cfg_q, cfg_kv
 
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
-                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None):
+                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
+                  deterministic=False):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
     query-centric and dk/dv key-centric (flash-attention-2). q_chunk (cmp only; None picks it
     from the GPU's size, 0 turns it off): query positions per dk/dv program, whose shares are
     added atomically, so that the first compressed keys (seen by every query) are not one
-    program's walk over all T queries.
+    program's walk over all T queries. deterministic: the shares go to one fp32 buffer per
+    chunk instead, summed in chunk order (bitwise the same gradients on every run).
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
@@ -450,32 +509,33 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
     o = o.contiguous()
     lse = lse.contiguous()
-    cfg = _band_config(HQ // H, Dk, Dv, C.interpreting())
+    cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, C.interpreting())
     BK0, BK1 = C.split_dim(Dk)
     const = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
-                 WINDOW=window, HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1,
-                 BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
-                 UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    tbl = C.prog_table(lens, cfg["BT"], q.device)
+                 WINDOW=window, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
+                 PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
+    tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
         q, k, v, do, o, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
-        **const)
+        **const, **cfg_q)
     klens = seq[:, C.KCN if mode == 0 else C.KWN].tolist()  # keys of each sequence
-    ktbl = C.prog_table(klens, cfg["BN"], q.device)
+    ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
     if not ktbl.shape[0]:
         return dq, dk, dv
-    qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg["BT"], q.device) if mode == 0 else 0
-    if qch:
-        gk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        gv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
+    n_ch = triton.cdiv(max(lens), qch) if qch else 1
+    partial = bool(qch) and deterministic
+    if qch:  # fp32 shares: one buffer (atomics), or one per chunk (deterministic)
+        gk = torch.zeros((n_ch, *k.shape) if partial else k.shape, dtype=torch.float32, device=q.device)
+        gv = torch.zeros((n_ch, *v.shape) if partial else v.shape, dtype=torch.float32, device=q.device)
     else:
         gk, gv = dk, dv
-    _band_bwd_dkdv[(ktbl.shape[0], H, triton.cdiv(max(lens), qch) if qch else 1)](
+    _band_bwd_dkdv[(ktbl.shape[0], H, n_ch)](
         q, k, v, do, do, lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
-        QCH=qch, **const)
+        k.numel(), v.numel(), QCH=qch, PARTIAL=partial, **const, **cfg_kv)
     if qch:
-        dk.copy_(gk)
-        dv.copy_(gv)
+        dk.copy_(gk.sum(0) if partial else gk)
+        dv.copy_(gv.sum(0) if partial else gv)
     return dq, dk, dv
 
 
@@ -498,9 +558,10 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
 
     block_indices ``[B, T, H, n]`` -> (items int64 ``[n_items, 5]``: sequence, group, block,
     first entry, count <= chunk; qpos int64 ``[entries]``: local query positions sorted by
-    (sequence, group, block), ascending inside each). A block selected by many queries
-    (block 0, the local blocks) is split into chunks of ``chunk`` positions, so no program
-    walks all T queries.
+    (sequence, group, block), ascending inside each; segs int64 ``[n_blocks, 2]``: first item
+    and item count of each selected (sequence, group, block)). A block selected by many
+    queries (block 0, the local blocks) is split into chunks of ``chunk`` positions, so no
+    program walks all T queries.
     """
     B, T, _, n = block_indices.shape
     dev = block_indices.device
@@ -526,11 +587,13 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
     cnt = torch.clamp(counts[item] - c * chunk, max=chunk)
     u = uniq[item]
     items = torch.stack([u // (H * n_blk), (u // n_blk) % H, u % n_blk, starts[item] + c * chunk, cnt], 1)
-    return items.contiguous(), qpos.contiguous()
+    segs = torch.stack([torch.cumsum(nch, 0) - nch, nch], 1)
+    return items.contiguous(), qpos.contiguous(), segs.contiguous()
 
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
-                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None):
+                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None,
+                      deterministic=False):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
@@ -539,7 +602,12 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     the kernel's first pass, which recomputes it otherwise. dkdv: "transposed" (key-centric over :func:`transposed_index`,
     one atomic add per block and chunk of ``chunk`` positions) or "atomic" (dk/dv added by the
     query-centric kernel at every selected block: simpler, far more atomic traffic).
+    deterministic ("transposed" only): each work item stores its share into a buffer of its
+    own and :func:`_segment_sum` adds a block's shares in item order (bitwise the same
+    gradients on every run, at the cost of that buffer: n_items x l' x (Dk + Dv) fp32).
     """
+    if deterministic and dkdv != "transposed":
+        raise ValueError("deterministic=True needs dkdv='transposed'")
     if dkdv not in ("transposed", "atomic"):
         raise ValueError(f"dkdv must be 'transposed' or 'atomic', got {dkdv!r}")
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
@@ -555,26 +623,34 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     o = o.contiguous()
     have_lse = lse is not None
     lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    cfg = _slc_config(HQ // H, C.interpreting())
-    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    cfg_q, cfg_kv = _slc_configs(HQ // H, Dk, Dv, C.interpreting())
+    tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
     common = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)),
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
-                  UPCAST=C.upcast(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  UPCAST=C.upcast(q.dtype))
     _selected_bwd[(tbl.shape[0], H)](
         q, k, v, do, o, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
-        N_SEL=n, NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=cfg["BT"], KV=dkdv == "atomic",
-        HAVE_LSE=have_lse, **common)
+        N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic", HAVE_LSE=have_lse, **common, **cfg_q)
     if dkdv == "transposed":
-        HP, BT, _ = C.rows_for(HQ // H, 64)
-        chunk = chunk or (64 if C.interpreting() else 256)
-        items, qpos = transposed_index(block_indices, seq, lens, H, sel_block, chunk)
+        cfg_kv = dict(cfg_kv)
+        chunk = chunk or cfg_kv["chunk"]
+        del cfg_kv["chunk"]
+        items, qpos, segs = transposed_index(block_indices, seq, lens, H, sel_block, chunk)
         if items.shape[0]:
-            # [l', Dk + Dv] fp32 accumulators: more warps than the dq kernel's 16-row tiles
-            warps = dict(num_warps=4 if C.interpreting() or max(Dk, Dv) <= 64 else 8)
+            BS = common["BS"]
+            gk, gv = dk, dv
+            if deterministic:
+                gk = torch.empty(items.shape[0], BS, Dk, dtype=torch.float32, device=q.device)
+                gv = torch.empty(items.shape[0], BS, Dv, dtype=torch.float32, device=q.device)
             _selected_bwd_dkdv[(items.shape[0],)](
-                q, k, v, do, do, lse, delta, dk, dv, items, qpos, seq, float(scale), int(q_offset),
-                HP=HP, BT=BT, **{**common, **warps})
+                q, k, v, do, do, lse, delta, gk, gv, items, qpos, seq, float(scale), int(q_offset),
+                PARTIAL=deterministic, **common, **cfg_kv)
+            if deterministic:
+                for part, out, D in ((gk, dk, Dk), (gv, dv, Dv)):
+                    BD = min(64, max(16, C.next_pow2(D)))
+                    _segment_sum[(segs.shape[0], triton.cdiv(D, BD))](
+                        part, out, segs, items, seq, H=H, D=D, SEL_L=sel_block, BS=BS, BD=BD, num_warps=4)
     return dq, dk, dv
 
 
@@ -613,16 +689,17 @@ def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
 
 
 def compressed_attention_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block=32, cmp_stride=16,
-                                  scale=None, cu_seqlens=None, q_offset=0, q_chunk=None):
+                                  scale=None, cu_seqlens=None, q_offset=0, q_chunk=None,
+                                  deterministic=False):
     """Branch cmp backward: (dq, dk_cmp, dv_cmp) in the inputs' dtypes. Shapes as
     :func:`nsa.triton.compressed_attention_triton`; o, lse are its outputs, do ``[B, T, HQ, Dv]``;
-    q_chunk as :func:`band_backward`."""
+    q_chunk and deterministic as :func:`band_backward`."""
     from .band import default_scale
     seq, lens = _seq(q, q[:, :0], q[:, :0], k_cmp, cu_seqlens, cmp_block, cmp_stride)
     dq, dk, dv = band_backward(q, k_cmp, v_cmp, o, lse, do, mode=0,
                                scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
                                q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                               q_chunk=q_chunk)
+                               q_chunk=q_chunk, deterministic=deterministic)
     return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
@@ -642,15 +719,15 @@ def sliding_window_backward(q, k_win, v_win, do, *, window=512, scale=None, cu_s
 
 
 def selected_attention_backward(q, k_slc, v_slc, block_indices, o, do, *, sel_block=64, scale=None,
-                                cu_seqlens=None, q_offset=0, lse=None):
+                                cu_seqlens=None, q_offset=0, lse=None, deterministic=False):
     """Branch slc backward: (dq, dk_slc, dv_slc) in the inputs' dtypes. Shapes as
     :func:`nsa.triton.selected_attention_triton`; o (and optionally lse, ``return_lse=True``)
-    are its outputs, do ``[B, T, HQ, Dv]``."""
+    are its outputs, do ``[B, T, HQ, Dv]``; deterministic as :func:`selected_backward`."""
     from .band import default_scale
     seq, lens = _seq(q, k_slc, q[:, :0], q[:, :0], cu_seqlens, 1, 1)
     dq, dk, dv = selected_backward(q, k_slc, v_slc, block_indices, o, do, sel_block=sel_block,
                                    scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
-                                   q_offset=q_offset, lse=lse)
+                                   q_offset=q_offset, lse=lse, deterministic=deterministic)
     return dq.to(q.dtype), dk.to(k_slc.dtype), dv.to(v_slc.dtype)
 
 
@@ -661,6 +738,7 @@ def nsa_backward(grad_o, inputs, saved, kw):
     (o_cmp, lse_cmp, block_indices, o_slc) of the forward; kw: the forward's keywords.
     o_win (fused into the gate epilogue by the forward) and its lse are recomputed here.
     Returns the 8 gradients in the inputs' dtypes (None for inputs that need none).
+    kw["deterministic"] (default False): no atomics whose order varies from run to run.
     """
     from .band import band_attention, default_scale
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in inputs)
@@ -668,6 +746,7 @@ def nsa_backward(grad_o, inputs, saved, kw):
     B, T, HQ, Dk = q.shape
     sc = default_scale(kw["scale"], Dk)
     l, d, qo = kw["cmp_block"], kw["cmp_stride"], kw["q_offset"]
+    det = bool(kw.get("deterministic", False))
     seq, lens = _seq(q, k_slc, k_win, k_cmp, kw["cu_seqlens"], l, d)
     o_win, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens,
                                     q_offset=qo, k_offset=kw["win_k_offset"], window=kw["window"],
@@ -676,10 +755,10 @@ def nsa_backward(grad_o, inputs, saved, kw):
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq)
+                                      dq_acc=dq, deterministic=det)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, do_slc, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
-                                          lse=lse_slc)
+                                          lse=lse_slc, deterministic=det)
     _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, do_win, mode=1, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                       window=kw["window"], dq_acc=dq)

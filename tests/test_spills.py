@@ -1,0 +1,78 @@
+"""The shipped backward tiles compile for sm_90 without register spills (no GPU needed).
+
+The kernels are compiled on the CPU (``tests/sm90.py``) with the triton of the GPU machine the
+tiles were timed on: 3.6.0, the version torch 2.11 pins. Other triton versions allocate
+registers differently (3.9 spills these tiles), so the test installs 3.6.0 into a cache folder
+of its own (pip, no dependencies) and skips when that is impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sm90 import compile_sm90  # noqa: E402
+
+from nsa.triton import _common as C  # noqa: E402
+from nsa.triton import backward as BW  # noqa: E402
+
+GPU_TRITON = "3.6.0"
+TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32",
+             SEQ="*i64", ITEMS="*i64", QPOS="*i64", IDX="*i64", LSEBUF="*fp32", sm_scale="fp32",
+             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64")
+GEOMETRIES = {"paper": (16, 192, 128), "d128": (16, 128, 128), "gqa4-d64": (4, 64, 64)}
+
+
+@pytest.fixture(scope="module")
+def gpu_triton():
+    path = os.path.join(os.path.expanduser("~"), ".cache", "nsa-tests", f"triton-{GPU_TRITON}")
+    if not os.path.isfile(os.path.join(path, "triton", "__init__.py")):
+        res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", path,
+                              f"triton=={GPU_TRITON}"], capture_output=True, text=True, timeout=600)
+        if res.returncode:
+            pytest.skip(f"cannot install triton=={GPU_TRITON}: {res.stderr.strip()[-300:]}")
+    return path
+
+
+def _specs(h, Dk, Dv):
+    """(name, spec) of every backward kernel as the launchers configure it for bf16 on a GPU."""
+    BK0, BK1 = C.split_dim(Dk)
+    dims = dict(HQ=h, G=h, DK=Dk, DV=Dv, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC="tf32",
+                UPCAST=False)
+    band = dict(dims, CMP_L=32, CMP_D=16, WINDOW=512)
+    cq, ckv = BW._band_configs(h, Dk, Dv, 0, False)
+    _, ckv_win = BW._band_configs(h, Dk, Dv, 1, False)
+    sq, skv = BW._slc_configs(h, Dk, Dv, False)
+    skv = {k: v for k, v in skv.items() if k != "chunk"}
+    slc = dict(dims, SEL_L=64, BS=64)
+
+    def spec(kernel, cfg, **const):
+        tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        return dict(module="nsa.triton.backward", kernel=kernel, types=TYPES, constexprs={**const, **tiles},
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    return {
+        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, **band),
+        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, **band),
+        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, PARTIAL=False, **band),
+        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, PARTIAL=False, **band),
+        "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, **slc),
+        "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, **slc),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_backward_tiles_do_not_spill(geometry, gpu_triton):
+    h, Dk, Dv = GEOMETRIES[geometry]
+    specs = _specs(h, Dk, Dv)
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
+    spilled = {name: r for name, r in res.items() if r["stack"]}
+    assert not spilled, f"{geometry}: stack frames (spills) in {spilled}"
+    assert all(r["regs"] > 0 for r in res.values()), res  # the report was read
