@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import geometry
 from . import _common as C
 from ._common import LOG2E
 from .band import default_scale
