@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import geometry, ops, reference
+from . import ops, reference
 from .cache import NSACache
-from .config import NSAConfig, check_positive_int
+from .config import NSAConfig
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -125,91 +125,31 @@ class NSAAttention(nn.Module):
     # ------------------------------------------------------------------ cache
     @torch.no_grad()
     def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> NSACache:
-        """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("max_seq_len", max_seq_len)
-        c = self.config
+        """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens
+        (dtype and device default to the layer's)."""
         p = self.q_proj.weight
-        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
-        B, H, Dk, Dv = batch_size, c.n_kv_heads, c.head_dim, c.v_head_dim
-        tc = geometry.num_cmp_blocks(max_seq_len, c.cmp_block, c.cmp_stride)
-        cache = NSACache(max_seq_len=max_seq_len,
-                         k_slc=torch.zeros(B, max_seq_len, H, Dk, **kw),
-                         v_slc=torch.zeros(B, max_seq_len, H, Dv, **kw),
-                         k_cmp=torch.zeros(B, tc, H, Dk, **kw), v_cmp=torch.zeros(B, tc, H, Dv, **kw))
-        if not c.shared_kv:
-            cache.k_win = torch.zeros(B, c.window, H, Dk, **kw)
-            cache.v_win = torch.zeros(B, c.window, H, Dv, **kw)
-            cache.k_tail = torch.zeros(B, c.cmp_block - 1, H, Dk, **kw)
-            cache.v_tail = torch.zeros(B, c.cmp_block - 1, H, Dv, **kw)
-        return cache
+        return NSACache.allocate(self.config, batch_size, max_seq_len, dtype=dtype or p.dtype,
+                                 device=device or p.device)
 
     def _forward_cached(self, x: torch.Tensor, cache: NSACache, return_selection: bool):
         c = self.config
-        B, C, _ = x.shape
-        s = cache.length
-        if B != cache.batch_size:
-            raise ValueError(f"x has batch {B} but the cache was made for batch {cache.batch_size}")
-        if s + C > cache.max_seq_len:
-            raise ValueError(f"cache is full: it holds {s} of max_seq_len={cache.max_seq_len} "
-                             f"positions and cannot take {C} more; make it with a larger max_seq_len")
-        l, d, w = c.cmp_block, c.cmp_stride, c.window
+        C, s = x.shape[1], cache.length
         pos = torch.arange(s, s + C, device=x.device)[None]
-        q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, pos)
-        dt = cache.k_slc.dtype
-        cache.k_slc[:, s:s + C] = ks.to(dt)
-        cache.v_slc[:, s:s + C] = vs.to(dt)
-
-        # compression: the last l-1 raw positions plus this chunk hold every new block
-        tail = min(s, l - 1)
-        if cache.shared_kv:
-            raw_k, raw_v = cache.k_slc[:, s - tail:s + C], cache.v_slc[:, s - tail:s + C]
-        else:
-            raw_k = torch.cat([cache.k_tail[:, l - 1 - tail:], kc.to(dt)], 1)
-            raw_v = torch.cat([cache.v_tail[:, l - 1 - tail:], vc.to(dt)], 1)
-        tc0 = geometry.num_cmp_blocks(s, l, d)
-        tc1 = geometry.num_cmp_blocks(s + C, l, d)
-        if tc1 > tc0:
-            starts = torch.arange(tc0, tc1, device=x.device) * d - (s - tail)
-            idx = starts[:, None] + torch.arange(l, device=x.device)  # [n_new, l]
-            # phi runs in the layer's dtype (the cache may hold another one)
-            cache.k_cmp[:, tc0:tc1] = self.phi_k(raw_k[:, idx].to(kc.dtype)).to(dt)
-            cache.v_cmp[:, tc0:tc1] = self.phi_v(raw_v[:, idx].to(vc.dtype)).to(dt)
-        if not cache.shared_kv:
-            keep = min(l - 1, s + C)
-            cache.k_tail[:, l - 1 - keep:] = raw_k[:, raw_k.shape[1] - keep:]
-            cache.v_tail[:, l - 1 - keep:] = raw_v[:, raw_v.shape[1] - keep:]
-
-        # window: the last w-1 positions before the chunk, then the chunk
-        kept = min(s, w - 1)
-        if cache.shared_kv:
-            k_w, v_w = cache.k_slc[:, s - kept:s + C], cache.v_slc[:, s - kept:s + C]
-        else:
-            if C != 1:  # (a decode step reads the ring instead)
-                slots = torch.arange(s - kept, s, device=x.device) % w
-                k_w = torch.cat([cache.k_win[:, slots], kw.to(dt)], 1)
-                v_w = torch.cat([cache.v_win[:, slots], vw.to(dt)], 1)
-            new = min(C, w)
-            slots = torch.arange(s + C - new, s + C, device=x.device) % w
-            cache.k_win[:, slots] = kw[:, C - new:].to(dt)
-            cache.v_win[:, slots] = vw[:, C - new:].to(dt)
-
-        k_cmp, v_cmp = cache.k_cmp[:, :tc1], cache.v_cmp[:, :tc1]
-        k_s, v_s = cache.k_slc[:, :s + C], cache.v_slc[:, :s + C]
+        q, branches, gates = self._project(x, pos)
+        kv = cache.append_chunk(branches, phi_k=self.phi_k, phi_v=self.phi_v)
         geom = self._geometry()
+        dt = cache.k_slc.dtype
         qd = q.to(dt)
         if C == 1:  # a decode step: nsa_decode reads the window's ring buffer in place
-            ring_k, ring_v = (k_s, v_s) if cache.shared_kv else (cache.k_win, cache.v_win)
-            o = ops.nsa_decode(qd, k_cmp, v_cmp, k_s, v_s, ring_k, ring_v, gates.to(dt),
+            o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                                cache_seqlens=s + 1, backend=c.backend, **geom)
         else:
-            o = ops.nsa_at(qd, k_cmp, v_cmp, k_s, v_s, k_w, v_w, gates.to(dt), q_offset=s,
-                           win_k_offset=s - kept, backend=c.backend, **geom)
-        cache.length = s + C
+            o = ops.nsa_at(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
+                           q_offset=s, win_k_offset=kv.win_offset, backend=c.backend, **geom)
         y = self._out(o.to(x.dtype))
         if return_selection:
             geom.pop("window")
-            sel = reference.select_blocks_ref(qd, k_cmp, q_offset=s, **geom)
+            sel = reference.select_blocks_ref(qd, kv.k_cmp, q_offset=s, **geom)
             return y, sel
         return y
 
@@ -229,42 +169,14 @@ class NSAAttention(nn.Module):
         Returns ``[B, 1, d_model]``, equal to ``self(x, cache=cache)`` at those lengths.
         """
         c = self.config
-        B = x.shape[0]
         check_decode_step(x, c.d_model, cache.batch_size, seqlens)
-        l, d, w = c.cmp_block, c.cmp_stride, c.window
         s = seqlens.long()  # [B] this token's position
-        rows = torch.arange(B, device=x.device)
-        q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, s[:, None])
+        q, branches, gates = self._project(x, s[:, None])
+        kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
         dt = cache.k_slc.dtype
-        cache.k_slc[rows, s] = ks[:, 0].to(dt)
-        cache.v_slc[rows, s] = vs[:, 0].to(dt)
-
-        # the raw block ending at s and the window's keys; compression: that block is due when
-        # s + 1 >= l and (s + 1 - l) % d == 0; it is computed every step and written only when
-        # due (a data-dependent branch would sync)
-        if cache.shared_kv:  # both read the selection's keys
-            at = (s[:, None] - (l - 1) + torch.arange(l, device=x.device)).clamp_min(0)  # [B, l]
-            raw_k, raw_v = cache.k_slc[rows[:, None], at], cache.v_slc[rows[:, None], at]
-            ring_k, ring_v = cache.k_slc, cache.v_slc
-        else:
-            raw_k = torch.cat([cache.k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
-            raw_v = torch.cat([cache.v_tail, vc.to(dt)], 1)
-            cache.k_tail.copy_(raw_k[:, 1:])
-            cache.v_tail.copy_(raw_v[:, 1:])
-            ring_k, ring_v = cache.k_win, cache.v_win
-            ring_k[rows, s % w] = kw[:, 0].to(dt)
-            ring_v[rows, s % w] = vw[:, 0].to(dt)
-        if cache.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
-            due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
-            slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, cache.k_cmp.shape[1] - 1)
-            for buf, phi, raw, like in ((cache.k_cmp, self.phi_k, raw_k, kc), (cache.v_cmp, self.phi_v, raw_v, vc)):
-                new = phi(raw[:, None].to(like.dtype))[:, 0].to(dt)  # [B, H, D]
-                buf[rows, slot] = torch.where(due, new, buf[rows, slot])
-
-        geom = self._geometry()
-        o = ops.nsa_decode(q.to(dt), cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, ring_k, ring_v,
-                           gates.to(dt), cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
-                           backend=c.backend, **geom)
+        o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
+                           cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
+                           backend=c.backend, **self._geometry())
         return self._out(o.to(x.dtype))
 
 
