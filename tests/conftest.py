@@ -1,6 +1,6 @@
 """Shared helpers of the foundation tests: independent, loop-based NSA pieces in fp64.
 
-Nothing here imports nsa.reference: these are the slow, obvious versions of SPEC.md that the
+Nothing here imports nsa.reference: these are the slow, obvious versions of docs/semantics.md that the
 vectorised code is checked against.
 """
 

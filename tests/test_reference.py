@@ -1,4 +1,4 @@
-"""Branch-level tests of nsa.reference against loop-based fp64 versions of SPEC.md."""
+"""Branch-level tests of nsa.reference against loop-based fp64 versions of docs/semantics.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration of an NSA attention layer (names follow ../shared/SPEC.md)."""
+"""Configuration of an NSA attention layer (names follow docs/semantics.md)."""
 
 from __future__ import annotations
 

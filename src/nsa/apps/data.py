@@ -49,7 +49,7 @@ class PasskeyTask:
         near: fraction of training sequences whose needle starts within ``near_span``
             bytes of the question (uniformly there) instead of at a uniform depth. At 16k
             tokens a uniform depth puts 3% of needles in the last 512 bytes, and that is
-            where a long-context model copies a digit off by one (benchmarks/NOTES.md).
+            where a long-context model copies a digit off by one (docs/needle.md).
             0 (default) keeps the batches of runs made before this option bit for bit.
         near_span: see ``near``.
     """

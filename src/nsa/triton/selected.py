@@ -9,7 +9,7 @@ block is attended once, at its first occurrence in the tile, for every row whose
 selected it (the local blocks always coincide), and its later occurrences load nothing and
 add nothing (masked, not branched: the step still runs).
 
-Tried and measured (benchmarks/NOTES.md): two selected blocks per step for one-position tiles
+Tried and measured (docs/kernels.md): two selected blocks per step for one-position tiles
 (a [Dk, 2 l'] key tile): slower on the H100, slc 23.5 -> 26.0 ms at 64k (paper config). Four
 positions per tile at h = 16 (64 rows, repeated blocks skipped by a branch) on the H200: 1.5x
 slower with the benchmark's random inputs, 1.6x faster when every 64 positions share one list;
