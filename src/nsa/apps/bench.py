@@ -100,6 +100,18 @@ def nsa_flops(T, c) -> dict:
     return f
 
 
+def nsa_bwd_flops(T, c) -> dict:
+    """Useful FLOPs of the backward per branch: a flash-style backward does five matmuls per
+    (query row, key) pair - the score recompute (Dk), dP = dO V^T (Dv), dV += P^T dO (Dv),
+    dQ += dS K (Dk) and dK += dS^T Q (Dk) - so 2 * (3 Dk + 2 Dv) per pair. Recomputing a
+    product twice (the dq and dk/dv kernels each redo S and dP) is not counted."""
+    fwd = nsa_flops(T, c)
+    per_pair = {k: fwd[k] // (2 * (c["Dk"] + c["Dv"])) for k in ("cmp", "slc", "win")}
+    f = {k: 2 * (3 * c["Dk"] + 2 * c["Dv"]) * n for k, n in per_pair.items()}
+    f["total"] = sum(f.values())
+    return f
+
+
 def full_flops(T, c) -> int:
     return 2 * (c["Dk"] + c["Dv"]) * c["HQ"] * T * (T + 1) // 2
 
@@ -456,7 +468,7 @@ def run(name, args) -> int:
                         fwd, both, mem = val
                         res[f"{key}_fwd_ms"], res[f"{key}_ms"], res[f"{key}_peak_gb"] = fwd, both, mem
                         res[f"{key}_bwd_ms"] = both - fwd
-                _finish_train(res, baselines)
+                _finish_train(res, baselines, T, c)
                 rows.append(res)
                 print(_row_line(res), flush=True)
                 _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
@@ -665,8 +677,14 @@ def markdown_table_decode(out) -> str:
     return "\n".join(lines)
 
 
-def _finish_train(res, baselines) -> None:
-    """Speedups of forward + backward and of the backward alone (train mode)."""
+def _finish_train(res, baselines, T, c) -> None:
+    """Speedups of forward + backward and of the backward alone (train mode), and the useful
+    TFLOP/s of the backward and of each branch's backward (:func:`nsa_bwd_flops`)."""
+    bf = nsa_bwd_flops(T, c)
+    res["flops_nsa_bwd"] = bf["total"]
+    for key, branch in (("nsa_bwd", "total"), ("bwd_cmp", "cmp"), ("bwd_slc", "slc"), ("bwd_win", "win")):
+        if f"{key}_ms" in res:
+            res[f"{key}_tflops"] = bf[branch] / res[f"{key}_ms"] / 1e9
     for b in baselines:
         if "nsa_ms" in res and f"{b}_ms" in res:
             res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
