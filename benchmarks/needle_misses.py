@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from nsa.apps.data import PasskeyTask, decode
-from nsa.apps.train import load_checkpoint, needle_example
+from nsa.apps.checkpoint import load_checkpoint
+from nsa.apps.needle import needle_example
 
 
 def main() -> None:
@@ -36,9 +37,9 @@ def main() -> None:
         raise ValueError(f"--depth {a.depth} is not one of --depths {depths}")
     di = depths.index(a.depth)
     model = load_checkpoint(a.checkpoint, a.device, backend=a.backend)
-    c = model.config
-    if c.attention != "nsa":
-        raise ValueError(f"{a.checkpoint!r} has attention={c.attention!r}: no selection to show")
+    c = model.config.attn
+    if model.config.attention != "nsa":
+        raise ValueError(f"{a.checkpoint!r} has attention={model.config.attention!r}: no selection to show")
     sel = {}  # layer -> [B, T, H, n] block indices of the last forward
     for i, block in enumerate(model.blocks):
         def hooked(x, cache=None, _f=block.attn.forward, _i=i):

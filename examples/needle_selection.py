@@ -17,8 +17,8 @@ import torch
 from nsa import geometry as G
 from nsa import reference as R
 from nsa.apps.data import PasskeyTask
+from nsa.apps.checkpoint import load_checkpoint
 from nsa.layer import _blocks, _positions
-from nsa.apps.train import load_checkpoint
 
 
 def block_scores(attn, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def main() -> None:
     inputs = {}
     for i, blk in enumerate(model.blocks):  # the normed input of every attention layer
         blk.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
-    lp = model.config.sel_block
+    lp = model.config.attn.sel_block
     for n in map(int, a.contexts.split(",")):
         task = PasskeyTask(seq_len=n, digits=a.digits)
         for depth in map(float, a.depths.split(",")):

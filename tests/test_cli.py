@@ -1,13 +1,31 @@
-"""Tests of the ``nsa`` command line (info, demo) through nsa.cli.main."""
+"""Tests of the ``nsa`` command line through nsa.apps.cli.main: info, demo, generate, the
+one-line user errors of every command, and the library/applications boundary."""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 import nsa
 from nsa.apps import cli
+
+SRC = os.path.dirname(nsa.__file__)
+
+
+def cli_error(argv, capsys) -> str:
+    """The message of a user error: ``nsa ARGV`` exits 2 with one line ``nsa: error: ...`` on
+    stderr (no traceback)."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nsa: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_info(capsys):
@@ -47,7 +65,7 @@ def test_demo(capsys):
     diff = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
     assert diff <= 1e-5
     # the last decoded query sits at 301; its forced blocks 0, 3, 4 are in every group
-    assert "query at position 301" in out
+    assert "query at position 301" in out and "forced: 0, 3, 4)" in out
     groups = re.findall(r"group (\d+): \[([0-9, ]*)\]", out)
     assert [int(g) for g, _ in groups] == [0, 1, 2, 3]
     for _, blocks in groups:
@@ -68,8 +86,7 @@ def test_demo(capsys):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("what", ["prefill", "train", "generate"])
 def test_bench_needs_a_gpu(what, capsys):
-    assert cli.main(["bench", what, "--seqlens", "64"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert "needs a CUDA GPU" in cli_error(["bench", what, "--seqlens", "64"], capsys)
 
 
 def test_bench_train_speedups_and_table():
@@ -132,3 +149,151 @@ def test_bench_generate_step_time_and_table(monkeypatch):
             dict(preset="small", attention="full", graph=True, T=4096, batch=2, step_ms=0.75)]
     assert ("| small | 4096 | 2 | 2.000 / 0.250 | 1.000 / 0.750 | 8000 | 3.0x | 12.0 | 30.0 / 20.0 |"
             in bench.markdown_table_generate(dict(results=rows)))
+
+
+def test_demo_short_sequence_lists_valid_forced_blocks(capsys):
+    """Before block 1 the three forced blocks are block 0 alone (no block -1)."""
+    assert cli.main(["demo", "--seq-len", "1", "--decode-steps", "1", "--d-model", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "query at position 1 (block = 64 keys; forced: 0):" in out
+    assert re.findall(r"group \d+: \[([0-9, ]*)\]", out) == ["0"] * 4
+
+
+TRAIN = ["train", "--attention", "nsa", "--set", "d_model=32", "--set", "n_layers=1", "--steps", "1",
+         "--seq-len", "112", "--device", "cpu", "--no-needle"]
+
+
+@pytest.mark.parametrize("argv,names", [
+    pytest.param(["train", "--batch-size", "0"], "--batch-size", id="train-batch-0"),
+    pytest.param(["train", "--steps", "0"], "--steps", id="train-steps-0"),
+    pytest.param(["train", "--seq-len", "-5"], "--seq-len", id="train-seq-len-negative"),
+    pytest.param(["train", "--lr", "0"], "--lr", id="train-lr-0"),
+    pytest.param(["train", "--batch-size", "two"], "--batch-size", id="train-batch-not-a-number"),
+    pytest.param(["train", "--contexts", "128,0"], "--contexts", id="train-contexts-0"),
+    pytest.param(["needle", "x", "--depths", "0.5,2"], "--depths", id="needle-depth-2"),
+    pytest.param(["demo", "--seq-len", "0"], "--seq-len", id="demo-seq-len-0"),
+    pytest.param(["demo", "--decode-steps", "0"], "--decode-steps", id="demo-decode-0"),
+    pytest.param(["generate", "x", "--top-p", "0"], "--top-p", id="generate-top-p-0"),
+    pytest.param(["generate", "x", "--max-new-tokens", "-1"], "--max-new-tokens", id="generate-tokens-negative"),
+    pytest.param(["bench", "prefill", "--seqlens", "0"], "--seqlens", id="bench-seqlens-0"),
+    pytest.param(["trian"], "invalid choice", id="unknown-command"),
+])
+def test_bad_values_are_one_line_errors(argv, names, capsys):
+    """Found: --batch-size 0 trained with the default 16, --seq-len 0 ran the demo on nothing."""
+    err = cli_error(argv, capsys)
+    assert names in err and "--help')" in err  # argparse's message, and where the options are
+
+
+def test_out_that_cannot_be_a_folder(tmp_path, capsys):
+    """--out naming a file, or a place no folder can be made, is a user error before any work."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert f"--out {str(f)!r} is a file, not a folder" in cli_error([*TRAIN, "--out", str(f)], capsys)
+    assert "cannot create the folder (Not a directory)" in cli_error([*TRAIN, "--out", str(f / "sub")], capsys)
+    assert "is a file, not a folder" in cli_error(["needle", "missing.safetensors", "--out", str(f / "grid")],
+                                                  capsys)
+    os.makedirs(tmp_path / "grid.json")
+    assert "grid.json' is a folder" in cli_error(["needle", "m.safetensors", "--out", str(tmp_path / "grid")],
+                                                  capsys)
+    assert f.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["afile", "grid.json"]  # nothing written
+
+
+def test_generate_reads_only_checkpoints(tmp_path, capsys):
+    """Found: ``nsa generate runs/tiny/nsa/log.jsonl`` failed inside safetensors."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 5.0}\n' * 20)
+    assert "is not a safetensors file" in cli_error(["generate", str(log)], capsys)
+    assert "does not exist" in cli_error(["generate", str(tmp_path / "nothing")], capsys)
+    for kind in ("nsa", "window"):  # what `nsa train` writes: one folder per attention kind
+        os.makedirs(tmp_path / "run" / kind)
+        (tmp_path / "run" / kind / "checkpoint.json").write_text("{}")
+    assert "its subfolders nsa, window do" in cli_error(["generate", str(tmp_path / "run")], capsys)
+
+
+def test_generate_prints_prompt_and_continuation_apart(tmp_path, capsys):
+    """Found: the prompt and the continuation were printed glued together."""
+    import torch
+
+    from nsa.apps.data import decode, encode
+    from nsa.model import ModelConfig, NSAModel, save_model
+
+    torch.manual_seed(0)
+    model = NSAModel(ModelConfig.preset("tiny", attention="full", n_layers=1, d_model=32)).eval()
+    path = str(tmp_path / "m.safetensors")
+    save_model(model, path)
+    capsys.readouterr()
+    assert cli.main(["generate", path, "--prompt", "The pass key is", "--max-new-tokens", "6",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    want = decode(model.generate(encode("The pass key is")[None], 6)[0, 15:].tolist())
+    assert out == f"--- prompt (15 bytes)\nThe pass key is\n--- continuation (6 bytes)\n{want}\n"
+
+
+def test_help_lists_every_bench_mode(capsys):
+    """Found: ``nsa --help`` listed two of the four bench modes."""
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    modes = next(a for a in sub.choices["bench"]._actions if a.dest == "what").choices
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = re.search(r"nsa bench \{([a-z,]+)\}", " ".join(capsys.readouterr().out.split())).group(1)
+    assert listed.split(",") == list(modes) and len(modes) >= 4
+
+
+def test_os_errors_are_one_line(monkeypatch, capsys):
+    """An OSError a command meets (a disk full, a file it may not read) is reported, not raised."""
+    def fail(args):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert cli_error(["info"], capsys) == "nsa: error: /some/file: Permission denied\n"
+
+
+def _imports(path: str, package: str) -> set[str]:
+    """Absolute names of the nsa modules that the file ``path`` of ``package`` imports."""
+    tree = ast.parse(open(path).read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return {m for m in out if m == "nsa" or m.startswith("nsa.")}
+
+
+def test_library_never_imports_the_applications():
+    """No module outside nsa/apps imports nsa.apps (the `python -m nsa` entry point aside), and
+    `import nsa` (and nsa.model) loads none of the applications."""
+    offenders = []
+    for root, _, files in os.walk(SRC):
+        rel = os.path.relpath(root, SRC)
+        package = "nsa" if rel == "." else "nsa." + rel.replace(os.sep, ".")
+        if package == "nsa.apps" or package.startswith("nsa.apps."):
+            continue
+        for f in files:
+            if f.endswith(".py") and not (package == "nsa" and f == "__main__.py"):
+                bad = {m for m in _imports(os.path.join(root, f), package) if m.startswith("nsa.apps")}
+                offenders += [f"{package}/{f} imports {m}" for m in sorted(bad)]
+    assert not offenders
+    code = ("import sys, nsa, nsa.model, nsa.geometry; "
+            "print(sorted(m for m in sys.modules if m.startswith('nsa.apps')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(SRC)})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_applications_import_each_other_without_cycles():
+    """checkpoint, needle, runtime and train import each other one way (runtime at the bottom)."""
+    apps = os.path.join(SRC, "apps")
+    names = [f[:-3] for f in os.listdir(apps) if f.endswith(".py") and f != "__init__.py"]
+    deps = {n: {m.split(".")[2] for m in _imports(os.path.join(apps, n + ".py"), "nsa.apps")
+                if m.startswith("nsa.apps.") and m.split(".")[2] in names} - {n} for n in names}
+    done: set = set()
+    while len(done) < len(deps):  # peel off the modules whose imports are all peeled off
+        ready = {n for n in deps if n not in done and deps[n] <= done}
+        assert ready, f"an import cycle among {sorted(set(deps) - done)}"
+        done |= ready
+    assert deps["runtime"] == set() and "train" not in deps["checkpoint"] | deps["needle"]

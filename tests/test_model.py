@@ -1,11 +1,14 @@
 """nsa.model: baselines equal plain attention, cache = full pass, generate, checkpoints."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
 
-from nsa.model import DenseAttention, ModelConfig, NSAModel, load_model, sample_next, save_model
+from nsa import NSAConfig
+from nsa.model import DenseAttention, ModelConfig, NSAModel, atomic_write, load_model, sample_next, save_model
 from nsa.rope import apply_rope, rope_cos_sin
 
 
@@ -181,13 +184,23 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="n_layers"):
         ModelConfig(n_layers=0)
     with pytest.raises(ValueError, match="n_kv_heads"):
-        ModelConfig(n_heads=4, n_kv_heads=3)
+        ModelConfig().replace(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="cmp_stride"):
-        ModelConfig(cmp_block=16, cmp_stride=5)
+        ModelConfig().replace(cmp_block=16, cmp_stride=5)
     with pytest.raises(ValueError, match="preset"):
         ModelConfig.preset("huge")
     with pytest.raises(ValueError, match="windw"):
         ModelConfig.preset("tiny", windw=3)
+    with pytest.raises(ValueError, match="attn.windw"):
+        ModelConfig.preset("tiny", **{"attn.windw": 3})
+    with pytest.raises(TypeError, match="attn"):
+        ModelConfig(attn={"window": 3})
+    for kind in ("full", "window"):  # the dense baselines have one head dim, no scale and no bias
+        with pytest.raises(ValueError, match="v_head_dim"):
+            ModelConfig.preset("tiny", attention=kind, v_head_dim=16)
+        with pytest.raises(ValueError, match="bias"):
+            ModelConfig.preset("tiny", attention=kind, bias=True)
+    assert ModelConfig.preset("tiny", v_head_dim=16).attn.v_head_dim == 16  # NSA has both
     model = NSAModel(small("full"))
     with pytest.raises(ValueError, match="tokens"):
         model(torch.randn(1, 4))
@@ -201,8 +214,67 @@ def test_config_validation_names_the_field():
 def test_presets_build():
     for name in ("tiny", "small", "base"):
         c = ModelConfig.preset(name)
-        assert c.nsa_config().window == c.window
-    assert NSAModel(ModelConfig.preset("tiny")).num_params() < 2_000_000
+        assert c.attn.v_head_dim == c.attn.head_dim
+    model = NSAModel(ModelConfig.preset("tiny"))
+    assert model.num_params() < 2_000_000
+    assert all(b.attn.config == model.config.attn for b in model.blocks)  # the layers take the nested config
+
+
+def test_config_replace_takes_flat_and_dotted_fields():
+    c = ModelConfig.preset("tiny", attention="window", window=64, n_layers=3, **{"attn.sel_count": 5})
+    assert (c.attention, c.attn.window, c.n_layers, c.attn.sel_count) == ("window", 64, 3, 5)
+    assert c == ModelConfig.preset("tiny").replace(attention="window", n_layers=3, **{"attn.window": 64},
+                                                   sel_count=5)
+    # head_dim carries v_head_dim along (the presets' Dv = Dk) unless v_head_dim is given
+    n = c.replace(attention="nsa")
+    assert (n.replace(head_dim=16).attn.v_head_dim, n.replace(head_dim=16, v_head_dim=8).attn.v_head_dim) == (16, 8)
+    assert c.replace(attn=NSAConfig(d_model=64, n_heads=2, n_kv_heads=1, head_dim=16, v_head_dim=16)).attn.d_model == 64
+    assert ModelConfig.preset("tiny").attn.window == 32  # presets are not changed in place
+
+
+def test_config_dict_roundtrip_and_flat_dicts_of_old_checkpoints():
+    c = ModelConfig.preset("tiny", attention="full", window=48, d_model=64)
+    d = c.to_dict()
+    assert d["attn"]["window"] == 48 and "window" not in d
+    assert ModelConfig.from_dict(json.loads(json.dumps(d))) == c
+    # the flat config that checkpoints held before ModelConfig nested NSAConfig (v_head_dim was head_dim)
+    old = {"vocab_size": 256, "d_model": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 1, "head_dim": 32,
+           "ffn_hidden": 0, "max_seq_len": 8192, "attention": "nsa", "cmp_block": 16, "cmp_stride": 8,
+           "sel_block": 16, "sel_count": 8, "window": 32, "compress": "mlp", "shared_kv": False,
+           "gate_hidden": 0, "rope_theta": 1000000.0, "backend": "auto", "norm_eps": 1e-05,
+           "tie_embeddings": True, "token_shift": True, "init_std": 0.08}
+    new = ModelConfig.from_dict(old)
+    want = ModelConfig.preset("tiny", n_heads=8, n_kv_heads=1, max_seq_len=8192)
+    assert new == want and new.attn.v_head_dim == 32
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_text("old")
+
+    def half(tmp):
+        open(tmp, "w").write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(str(path), half)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["m.safetensors"]
+    atomic_write(str(path), lambda tmp: open(tmp, "w").write("new"))
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_load_model_refuses_what_is_not_a_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n' * 10)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_model(str(log))
+    with pytest.raises(ValueError, match="not a file"):
+        load_model(str(tmp_path))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an nsa checkpoint"):
+        load_model(str(tmp_path / "other.safetensors"))
 
 
 def test_needle_selection_example_scores_pick_the_layers_blocks():
@@ -216,10 +288,9 @@ def test_needle_selection_example_scores_pick_the_layers_blocks():
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     torch.manual_seed(0)
-    from dataclasses import replace
-
-    cfg = replace(small("nsa"), sel_count=6)  # 3 free blocks next to the 3 forced
-    attn = NSAModel(cfg).blocks[0].attn.double()
+    config = small("nsa").replace(sel_count=6)  # 3 free blocks next to the 3 forced
+    cfg = config.attn
+    attn = NSAModel(config).blocks[0].attn.double()
     x = torch.randn(1, 150, 64, dtype=torch.float64)
     with torch.no_grad():
         _, sel = attn(x, return_selection=True)  # [1, T, H, n]

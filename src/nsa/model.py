@@ -12,10 +12,12 @@ its baselines side by side (``ModelConfig.preset("tiny", attention="window")``).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -29,24 +31,28 @@ ATTENTIONS = ("nsa", "full", "window")
 
 
 # --------------------------------------------------------------------------- config
+def _tiny_attn() -> NSAConfig:
+    """A default ModelConfig's attention layer: a CPU-sized width, blocks of 16 (the rest NSAConfig's)."""
+    return NSAConfig(d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, v_head_dim=32, cmp_block=16,
+                     cmp_stride=8, sel_block=16, sel_count=4, window=32)
+
+
 @dataclass
 class ModelConfig:
     """Hyper-parameters of :class:`NSAModel`.
 
     Attributes:
         vocab_size: tokens (256: bytes).
-        d_model, n_layers: width and depth.
-        n_heads, n_kv_heads, head_dim: query heads, key/value heads (GQA), head dim.
-        ffn_hidden: SwiGLU hidden width; 0 picks LLaMA's 8/3 * d_model rounded up to 32.
+        n_layers: depth.
+        ffn_hidden: SwiGLU hidden width; 0 picks LLaMA's 8/3 * attn.d_model rounded up to 32.
         max_seq_len: the longest sequence the model is meant for (the default cache size).
         attention: "nsa", "full" (causal over every key) or "window" (causal over the last
-            ``window`` keys, NSA's window branch alone).
-        cmp_block, cmp_stride, sel_block, sel_count, window, compress, shared_kv,
-        gate_hidden: NSA geometry (SPEC names l, d, l', n, w, phi); ``window`` is also the
-            window baseline's.
-        rope_theta: RoPE base of every attention kind.
-        backend: NSA kernels: "auto" (Triton on CUDA when present, else PyTorch), "torch",
-            "triton".
+            ``attn.window`` keys, NSA's window branch alone).
+        attn: the attention layer's :class:`nsa.NSAConfig`: the model width ``d_model``, heads,
+            head dims, RoPE base, NSA geometry (SPEC names l, d, l', n, w, phi) and kernel
+            ``backend``. The full and window baselines take their width, heads, head dim,
+            ``rope_theta`` and (window) ``window`` from it, and need ``v_head_dim == head_dim``,
+            no ``scale`` and no ``bias``.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: share the input embedding with the output projection.
         token_shift: add a learned projection of the previous token's embedding to each
@@ -54,83 +60,98 @@ class ModelConfig:
             predecessor, so copying after a match ("induction") needs one attention layer
             instead of two composed ones: the tiny model learns retrieval in minutes.
         init_std: std of the normal init of linear and embedding weights.
+
+    :meth:`replace`, :meth:`preset` and :meth:`from_dict` take the fields of ``attn`` flat
+    (``window=64``) or dotted (``"attn.window"``).
     """
 
     vocab_size: int = 256
-    d_model: int = 128
     n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
     ffn_hidden: int = 0
     max_seq_len: int = 1024
     attention: str = "nsa"
-    cmp_block: int = 16
-    cmp_stride: int = 8
-    sel_block: int = 16
-    sel_count: int = 4
-    window: int = 32
-    compress: str = "mlp"
-    shared_kv: bool = False
-    gate_hidden: int = 0
-    rope_theta: float = 10000.0
-    backend: str = "auto"
+    attn: NSAConfig = field(default_factory=_tiny_attn)
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     token_shift: bool = True
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                     "max_seq_len", "cmp_block", "cmp_stride", "sel_block", "sel_count", "window"):
+        for name in ("vocab_size", "n_layers", "max_seq_len"):
             check_positive_int(f"ModelConfig.{name}", getattr(self, name))
         if not isinstance(self.ffn_hidden, int) or self.ffn_hidden < 0:
             raise ValueError(f"ModelConfig.ffn_hidden must be an int >= 0, got {self.ffn_hidden!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"ModelConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
-                             f"n_kv_heads ({self.n_kv_heads})")
+        if not isinstance(self.attn, NSAConfig):
+            raise TypeError(f"ModelConfig.attn must be an NSAConfig, got {type(self.attn).__name__}")
+        a = self.attn
+        if self.attention != "nsa" and (a.v_head_dim != a.head_dim or a.scale is not None or a.bias):
+            raise ValueError(f"ModelConfig.attention={self.attention!r} needs attn.v_head_dim == attn.head_dim, "
+                             f"attn.scale None and attn.bias False (the dense baselines have neither), got "
+                             f"v_head_dim={a.v_head_dim}, head_dim={a.head_dim}, scale={a.scale}, bias={a.bias}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("ModelConfig.norm_eps and ModelConfig.init_std must be > 0")
-        self.nsa_config()  # validates the NSA geometry (its ValueError names the field)
 
     @property
     def ffn_dim(self) -> int:
-        return self.ffn_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
+        return self.ffn_hidden or 32 * math.ceil(8 * self.attn.d_model / 3 / 32)
 
-    def nsa_config(self) -> NSAConfig:
-        return NSAConfig(d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                         head_dim=self.head_dim, v_head_dim=self.head_dim, cmp_block=self.cmp_block,
-                         cmp_stride=self.cmp_stride, sel_block=self.sel_block,
-                         sel_count=self.sel_count, window=self.window, compress=self.compress,
-                         shared_kv=self.shared_kv, rope_theta=self.rope_theta,
-                         gate_hidden=self.gate_hidden, backend=self.backend)
+    @classmethod
+    def find_field(cls, name: str) -> tuple[bool, Field]:
+        """(whether it is a field of ``attn``, the dataclass field) for ``name``: a ModelConfig
+        field, an NSAConfig field named flat (``window``) or dotted (``attn.window``)."""
+        own = {f.name: f for f in fields(cls)}
+        inner = {f.name: f for f in fields(NSAConfig)}
+        if name in own:
+            return False, own[name]
+        key = name.removeprefix("attn.")
+        if key in inner:
+            return True, inner[key]
+        raise ValueError(f"ModelConfig has no field {name!r}; fields: {sorted(own)}, and attn's "
+                         f"{sorted(inner)} (flat or as attn.NAME)")
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied (validated again). The fields of ``attn`` may be named
+        flat (``window=64``) or dotted (``**{"attn.window": 64}``); ``head_dim`` sets
+        ``v_head_dim`` too unless that is given (the model's presets have Dv = Dk)."""
+        own, inner = {}, {}
+        for name, v in changes.items():
+            in_attn, f = self.find_field(name)
+            (inner if in_attn else own)[f.name] = v
+        if "head_dim" in inner and "v_head_dim" not in inner:
+            inner["v_head_dim"] = inner["head_dim"]
+        attn = own.pop("attn", self.attn)
+        return dataclasses.replace(self, attn=dataclasses.replace(attn, **inner) if inner else attn, **own)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A named preset (see :data:`PRESETS`) with some fields replaced."""
+        """A named preset (see :data:`PRESETS`) with some fields replaced (see :meth:`replace`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        names = {f.name for f in fields(cls)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise ValueError(f"unknown ModelConfig field(s) {bad}")
-        return replace(PRESETS[name], **overrides)
+        return PRESETS[name].replace(**overrides)
 
     def to_dict(self) -> dict:
+        """The fields, ``attn`` as a nested dict (what checkpoints store as JSON)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Inverse of :meth:`to_dict`. Also reads the flat dicts of checkpoints written before
+        ``attn`` was nested (``{"d_model": 128, "window": 32, ...}``; their v_head_dim was
+        head_dim, as :meth:`replace` sets it). Keys that name no field (fields dropped since)
+        are ignored; fields that ``d`` lacks keep a default ModelConfig's values."""
+        inner = {f.name for f in fields(NSAConfig)}
+        known = ({f.name for f in fields(cls)} - {"attn"}) | inner
+        flat = {k: v for k, v in d.items() if k in known}
+        flat.update({f"attn.{k}": v for k, v in d.get("attn", {}).items() if k in inner})
+        return cls().replace(**flat)
 
 
 # "tiny" trains on a 2-core CPU in minutes at a few hundred tokens of context: blocks of 16,
 # a window of 32 and 8 selected blocks (3 forced, 5 free), so a needle more than 32 tokens back is reachable
 # only through the compressed and selected branches. The GPU presets use the paper's
-# geometry (l=32, d=16, l'=64, n=16, w=512) at 4k-16k tokens; "small" did not learn the
+# geometry (l=32, d=16, l'=64, n=16, w=512, NSAConfig's defaults) at 4k-16k tokens; "small" did not learn the
 # passkey task in 2666 steps at 2048 tokens on an H100, while "tiny" learnt it there
 # (benchmarks/results/needle_gpu_h100.json). A larger init (0.08, not
 # GPT-2's 0.02) makes attention peaked enough from the start that the tiny model leaves the
@@ -139,15 +160,13 @@ class ModelConfig:
 # from 0 to 1.00 at 8k (needle_gpu_h200.json) and, on the CPU, 2x the training length from 0.71
 # to 0.94 (needle_tiny_cpu.json).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
-                        max_seq_len=1024, cmp_block=16, cmp_stride=8, sel_block=16, sel_count=8,
-                        window=32, init_std=0.08, rope_theta=1e6),
-    "small": ModelConfig(d_model=384, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,
-                         max_seq_len=16384, cmp_block=32, cmp_stride=16, sel_block=64,
-                         sel_count=16, window=512, init_std=0.05),
-    "base": ModelConfig(d_model=768, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
-                        max_seq_len=65536, cmp_block=32, cmp_stride=16, sel_block=64,
-                        sel_count=16, window=512),
+    "tiny": ModelConfig(n_layers=2, max_seq_len=1024, init_std=0.08, attn=NSAConfig(
+        d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, v_head_dim=32, cmp_block=16, cmp_stride=8,
+        sel_block=16, sel_count=8, window=32, rope_theta=1e6)),
+    "small": ModelConfig(n_layers=4, max_seq_len=16384, init_std=0.05, attn=NSAConfig(
+        d_model=384, n_heads=8, n_kv_heads=2, head_dim=64, v_head_dim=64)),
+    "base": ModelConfig(n_layers=12, max_seq_len=65536, attn=NSAConfig(
+        d_model=768, n_heads=16, n_kv_heads=4, head_dim=64, v_head_dim=64)),
 }
 
 
@@ -195,9 +214,9 @@ class DenseAttention(nn.Module):
     the "full" baseline) or over keys u in [t - window + 1, t] (the "window" baseline,
     the same function as NSA's window branch, SPEC 6)."""
 
-    def __init__(self, config: ModelConfig, window: int | None):
+    def __init__(self, config: NSAConfig, window: int | None):
         super().__init__()
-        c = config
+        c = config  # widths, heads and RoPE base; the NSA geometry is unused
         self.n_heads, self.n_kv, self.head_dim, self.theta = c.n_heads, c.n_kv_heads, c.head_dim, c.rope_theta
         self.window = window
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
@@ -283,14 +302,14 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        c = config
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps)
+        c, dim = config, config.attn.d_model
+        self.attn_norm = RMSNorm(dim, c.norm_eps)
         if c.attention == "nsa":
-            self.attn = NSAAttention(c.nsa_config())
+            self.attn = NSAAttention(c.attn)
         else:
-            self.attn = DenseAttention(c, None if c.attention == "full" else c.window)
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps)
-        self.mlp = SwiGLU(c.d_model, c.ffn_dim)
+            self.attn = DenseAttention(c.attn, None if c.attention == "full" else c.attn.window)
+        self.mlp_norm = RMSNorm(dim, c.norm_eps)
+        self.mlp = SwiGLU(dim, c.ffn_dim)
 
     def forward(self, x: torch.Tensor, cache=None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
         h = self.attn_norm(x)
@@ -310,11 +329,12 @@ class NSAModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.shift = nn.Linear(c.d_model, c.d_model, bias=False) if c.token_shift else None
+        dim = c.attn.d_model
+        self.embed = nn.Embedding(c.vocab_size, dim)
+        self.shift = nn.Linear(dim, dim, bias=False) if c.token_shift else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, c.norm_eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.norm = RMSNorm(dim, c.norm_eps)
+        self.lm_head = nn.Linear(dim, c.vocab_size, bias=False)
         self._init_weights()
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -428,7 +448,7 @@ class NSAModel(nn.Module):
                                  f"use_cache={use_cache}, device {prompt.device}")
             from .ops import resolve_backend
 
-            if self.config.attention == "nsa" and (resolve_backend(self.config.backend, prompt.device) != "triton"
+            if self.config.attention == "nsa" and (resolve_backend(self.config.attn.backend, prompt.device) != "triton"
                                                    or self.embed.weight.dtype == torch.float64):
                 raise ValueError("cuda_graph=True needs the Triton decode (backend 'auto' or 'triton', "
                                  "not float64): the PyTorch one reads the lengths back to the host")
@@ -520,43 +540,60 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_model(model: NSAModel, path: str, extra: dict | None = None) -> None:
-    """Weights to ``path`` (safetensors; config and ``extra`` in its metadata), atomically:
-    written to a temporary file, then renamed over ``path``."""
+def atomic_write(path: str, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``: a crash
+    at any moment leaves the old file or the new one whole, never a part (nor the temporary)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_weights(path: str, config: ModelConfig, state_dict: dict, extra: dict | None = None) -> None:
+    """The state dict of an :class:`NSAModel` of ``config`` to ``path`` (safetensors; the config and
+    ``extra`` as JSON in its metadata), atomically (:func:`atomic_write`). A tied ``lm_head.weight``
+    is left out (it is ``embed.weight``). The one writer of model weights: :func:`save_model`
+    and the trainer's checkpoints (which pass the state gathered from FSDP2 shards) use it."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in _state_dict(model).items()}
-    meta = {"config": json.dumps(model.config.to_dict())}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()
+               if not (config.tie_embeddings and k == "lm_head.weight")}
+    meta = {"config": json.dumps(config.to_dict())}
     if extra:
         meta["extra"] = json.dumps(extra)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def save_model(model: NSAModel, path: str, extra: dict | None = None) -> None:
+    """Weights to ``path`` (safetensors; config and ``extra`` in its metadata), atomically."""
+    save_weights(path, model.config, model.state_dict(), extra)
 
 
 def load_model(path: str, device=None, **overrides) -> NSAModel:
-    """A model from a safetensors file written by :func:`save_model` (config fields in
-    ``overrides`` replace the saved ones, e.g. ``backend``)."""
-    from safetensors import safe_open
+    """A model from a safetensors file written by :func:`save_weights` (config fields in
+    ``overrides`` replace the saved ones, e.g. ``backend``; see :meth:`ModelConfig.replace`)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not os.path.exists(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} is not a file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path!r} is not a safetensors file ({e})") from None
     if "config" not in meta:
         raise ValueError(f"{path!r} has no model config in its metadata: not an nsa checkpoint")
-    config = replace(ModelConfig.from_dict(json.loads(meta["config"])), **overrides)
+    config = ModelConfig.from_dict(json.loads(meta["config"])).replace(**overrides)
     model = NSAModel(config)
     load_weights(model, load_file(path))
     return model.to(device) if device is not None else model
-
-
-def _state_dict(model: NSAModel) -> dict:
-    sd = model.state_dict()
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)  # the same tensor as embed.weight
-    return sd
 
 
 def load_weights(model: NSAModel, tensors: dict) -> None:

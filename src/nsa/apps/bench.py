@@ -52,6 +52,7 @@ import traceback
 
 from .. import geometry
 from ..geometry import visible_cmp_pairs
+from .runtime import out_stem, positive_int
 
 CONFIGS = {
     # name: HQ, H, Dk, Dv, l, d, l', n, w, shared kv, mean pooling timed
@@ -61,29 +62,32 @@ CONFIGS = {
 }
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
+MODES = ("prefill", "train", "decode", "generate")  # what ``nsa bench WHAT`` times
+HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention: nsa bench {{{','.join(MODES)}}}"}
 
 
 def add_arguments(name, parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="prefill", choices=["prefill", "train", "decode", "generate"],
+    parser.add_argument("what", nargs="?", default="prefill", choices=MODES,
                         help="prefill: forward of the whole sequence; train: forward + backward; "
                              "decode: one new token against a cache of T keys; generate: a model's "
                              "tokens/s after a prompt of T tokens, eager and as a CUDA graph")
-    parser.add_argument("--batch", type=int, default=1, help="decode, generate: sequences per step (default 1)")
-    parser.add_argument("--seqlens", type=int, nargs="+", default=None,
+    parser.add_argument("--batch", type=positive_int, default=1, help="decode, generate: sequences per step (default 1)")
+    parser.add_argument("--seqlens", type=positive_int, nargs="+", default=None,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k)")
     parser.add_argument("--preset", default="small", help="generate: model preset (default small)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="generate: tokens per call (default 256)")
+    parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations (default: all)")
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
-                        help="baselines to time (sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
+                        choices=["sdpa_flash", "sdpa_cudnn", "flex", "fla", "none"],
+                        help="baselines to time (default: sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the per-kernel timings (prefill) / the backward pieces (train)")
     parser.add_argument("--out", default=None,
                         help="output path without extension (.json and .png are written; "
-                             "default benchmarks/results/<what>_h100)")
-    parser.add_argument("--rep", type=int, default=200, help="do_bench repetition time in ms")
-    parser.add_argument("--flex-max-t", type=int, default=32768,
+                             "default benchmarks/results/<what>_<gpu>, e.g. prefill_h200)")
+    parser.add_argument("--rep", type=positive_int, default=200, help="do_bench repetition time in ms")
+    parser.add_argument("--flex-max-t", type=positive_int, default=32768,
                         help="time FlexAttention only up to this T (each T recompiles it)")
 
 
@@ -423,7 +427,7 @@ def run(name, args) -> int:
     import triton
 
     if not torch.cuda.is_available():
-        print(f"nsa bench {args.what} needs a CUDA GPU", file=sys.stderr)
+        print(f"nsa: error: nsa bench {args.what} needs a CUDA GPU", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -438,7 +442,7 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
-    out_path = args.out or f"benchmarks/results/{args.what}_{gpu_tag(props.name)}"
+    out_path = out_stem(args.out or f"benchmarks/results/{args.what}_{gpu_tag(props.name)}", (".json", ".png"))
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
     if args.what == "generate":

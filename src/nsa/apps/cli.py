@@ -1,7 +1,13 @@
-"""The ``nsa`` command line: ``nsa info``, ``nsa demo`` and the commands other modules register.
+"""The ``nsa`` command line: ``nsa info``, ``nsa demo``, ``nsa generate`` and the commands other
+modules register.
 
-A module command is listed in ``MODULE_COMMANDS`` as name -> (module, help). The module
-defines ``add_arguments(name, parser)`` and ``run(name, args) -> int``.
+A module command is listed in ``MODULE_COMMANDS`` as name -> module. The module defines
+``HELP`` (name -> one line for ``nsa --help``), ``add_arguments(name, parser)`` and
+``run(name, args) -> int``.
+
+User errors (a bad option, a missing or unreadable file, a value the library rejects with a
+``ValueError``) print one line ``nsa: error: ...`` on stderr and return 2, argparse's exit status
+for usage errors; never a traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +18,12 @@ import platform
 import sys
 import time
 
-from ..geometry import decode_reads
+from .. import geometry
+from .checkpoint import load_checkpoint
+from .data import PasskeyTask, decode, encode
+from .runtime import Dist, nonnegative_float, nonnegative_int, open_fraction, positive_int, resolve_device
 
-MODULE_COMMANDS = {
-    "bench": ("nsa.apps.bench", "benchmarks (nsa bench prefill / train): NSA kernels against full attention"),
-    "train": ("nsa.apps.train", "train the small NSA language model"),
-    "generate": ("nsa.apps.train", "generate text from a checkpoint"),
-    "needle": ("nsa.apps.train", "needle-in-a-haystack accuracy heatmap: NSA vs baselines"),
-}
+MODULE_COMMANDS = {"train": "nsa.apps.train", "needle": "nsa.apps.needle", "bench": "nsa.apps.bench"}
 
 
 def cmd_info(args) -> int:
@@ -82,13 +86,15 @@ def cmd_demo(args) -> int:
                sel_count=cfg.sel_count, window=cfg.window)
     t = T + steps - 1  # position of the last decoded query
     blocks = sel[0, 0]  # [H, n]
-    print(f"\nselected blocks of the query at position {t} (block = {cfg.sel_block} keys; forced: 0, "
-          f"{t // cfg.sel_block - 1}, {t // cfg.sel_block}):")
+    forced = geometry.forced_blocks(torch.tensor([t]), geometry.num_sel_blocks(t + 1, cfg.sel_block),
+                                    cfg.sel_block)[0].nonzero()[:, 0].tolist()
+    print(f"\nselected blocks of the query at position {t} (block = {cfg.sel_block} keys; forced: "
+          f"{', '.join(map(str, forced))}):")
     for g in range(cfg.n_kv_heads):
         b = [int(j) for j in blocks[g] if j >= 0]
         print(f"  group {g}: {b}")
     # tokens this step read: visible compressed tokens, keys of the selected blocks, window
-    n_cmp, _, n_win = decode_reads(t + 1, **geo)
+    n_cmp, _, n_win = geometry.decode_reads(t + 1, **geo)
     n_slc = [sum(min(cfg.sel_block, t + 1 - j * cfg.sel_block) for j in blocks[g].tolist() if j >= 0)
              for g in range(cfg.n_kv_heads)]
     print(f"this step read {n_cmp} compressed + {n_slc[0]} selected + {n_win} window = "
@@ -97,38 +103,102 @@ def cmd_demo(args) -> int:
     print("\ntokens read per decode step (paper Table 4; Tc(s) = (s - l) // d + 1):")
     print(f"{'context':>8} {'full':>7} {'cmp':>6} {'slc':>6} {'win':>6} {'NSA':>6} {'ratio':>6}")
     for s in (8192, 16384, 32768, 65536):
-        c, sl, w = decode_reads(s, **geo)
+        c, sl, w = geometry.decode_reads(s, **geo)
         print(f"{s:>8} {s:>7} {c:>6} {sl:>6} {w:>6} {c + sl + w:>6} {s / (c + sl + w):>5.1f}x")
     return 0
 
 
+def cmd_generate(args) -> int:
+    import numpy as np
+    import torch
+
+    device = resolve_device(args.device, Dist())
+    model = load_checkpoint(args.checkpoint, device)
+    prompt = args.prompt
+    if prompt is None:
+        toks, a, key = PasskeyTask(256).example(256, 0.2, np.random.default_rng(args.seed))
+        prompt = decode(toks[:a])
+        print(f"(a passkey question; the key is {key})")
+    if not prompt:
+        raise ValueError("--prompt must not be empty (the model continues a prompt)")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x = encode(prompt)[None].to(device)
+    y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, use_cache=not args.no_cache, generator=g,
+                       cuda_graph=args.cuda_graph)
+    new = y[0, x.shape[1]:].tolist()
+    # labelled, each on its own lines: where the prompt ends is visible in a pipe too
+    print(f"--- prompt ({x.shape[1]} bytes)\n{prompt}\n--- continuation ({len(new)} bytes)\n{decode(new)}")
+    return 0
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint folder, e.g. runs/tiny/nsa (or a .safetensors file)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: a passkey question)")
+    p.add_argument("--max-new-tokens", type=nonnegative_int, default=64, help="bytes to generate (default 64)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely bytes")
+    p.add_argument("--top-p", type=open_fraction, default=None,
+                   help="sample among the most likely bytes whose probability reaches p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, and the default prompt's (default 0)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decode step as a CUDA graph (CUDA; NSA on the Triton "
+                        "backend, or a baseline)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+class UsageError(Exception):
+    """A command-line error argparse found (main prints it as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nsa", description="Native Sparse Attention")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="nsa", description="Native Sparse Attention",
+                epilog="'nsa COMMAND --help' lists a command's options.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("info", help="versions, devices and usable backends").set_defaults(func=cmd_info)
     d = sub.add_parser("demo", help="the layer at the paper configuration: prefill, decode, "
                                     "tokens read per step")
-    d.add_argument("--seq-len", type=int, default=4096, help="prefill length (default 4096)")
-    d.add_argument("--decode-steps", type=int, default=4, help="decode steps after prefill (default 4)")
-    d.add_argument("--d-model", type=int, default=1024, help="layer width (default 1024)")
+    d.add_argument("--seq-len", type=positive_int, default=4096, help="prefill length (default 4096)")
+    d.add_argument("--decode-steps", type=positive_int, default=4, help="decode steps after prefill (default 4)")
+    d.add_argument("--d-model", type=positive_int, default=1024, help="layer width (default 1024)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
-    for name, (module, help_) in MODULE_COMMANDS.items():
+    for name, module in MODULE_COMMANDS.items():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
             continue
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=mod.HELP[name])
         mod.add_arguments(name, sp)
         sp.set_defaults(func=lambda a, _m=mod, _n=name: _m.run(_n, a))
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    _generate_arguments(g)
+    g.set_defaults(func=cmd_generate)
     return p
 
 
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 2] ..." -> "PATH: reason"
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split())
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run ``nsa`` with ``argv`` (default sys.argv[1:]); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"nsa: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
