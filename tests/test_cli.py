@@ -97,9 +97,15 @@ def test_bench_train_speedups_and_table():
     r = dict(config="paper", T=8192, nsa_fwd_ms=2.0, nsa_bwd_ms=6.0, nsa_ms=8.0,
              sdpa_cudnn_fwd_ms=3.0, sdpa_cudnn_bwd_ms=21.0, sdpa_cudnn_ms=24.0,
              sdpa_flash_fwd_ms=5.0, sdpa_flash_bwd_ms=27.0, sdpa_flash_ms=32.0)
-    bench._finish_train(r, ["sdpa_flash", "sdpa_cudnn"])
+    c = bench.CONFIGS["paper"]
+    bench._finish_train(r, ["sdpa_flash", "sdpa_cudnn"], 8192, c)
     assert r["speedup_vs_sdpa_cudnn"] == pytest.approx(24.0 / 8.0)
     assert r["bwd_speedup_vs_sdpa_flash"] == pytest.approx(27.0 / 6.0)
+    # useful backward FLOPs: five matmuls per (row, key) pair of each branch's forward
+    fwd, bwd = bench.nsa_flops(8192, c), bench.nsa_bwd_flops(8192, c)
+    for b in ("cmp", "slc", "win"):
+        assert bwd[b] * (c["Dk"] + c["Dv"]) == fwd[b] * (3 * c["Dk"] + 2 * c["Dv"])
+    assert r["nsa_bwd_tflops"] == pytest.approx(bwd["total"] / 6.0e-3 / 1e12)
     table = bench.markdown_table(dict(results=[r]))
     assert "| paper | 8k | 2.00 / 6.00 | 5.00 / 27.00 | 3.00 / 21.00 | 3.0x | 3.5x |" in table
     pieces = dict(zip(bench.BWD_PIECES, (0.5, 0.25, 2.0, 4.5, 3.0, 0.75, 1.0)))
