@@ -1,0 +1,149 @@
+"""GPU: backward kernels' time per tile config (torch.profiler per kernel), regs/spills (bwd_tiles_h200.json).
+
+python benchmarks/bwd_tiles.py OUT.json [T ...]
+"""
+import json
+import math
+import sys
+import time
+import traceback
+
+import torch
+
+from nsa.apps import bench
+from nsa.triton import backward as BW
+from nsa.triton.band import band_attention
+from nsa.triton.nsa import _nsa_forward
+
+out_path = sys.argv[1]
+Ts = [int(x) for x in sys.argv[2:]] or [65536]
+dev = "cuda"
+results = []
+
+
+def kernel_times(fn, iters=5):
+    """{kernel name: avg ms} of fn() over iters calls (after one warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    res = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA or getattr(e, "device_time_total", 0):
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t:
+                res[e.key[:60]] = res.get(e.key[:60], 0) + t / 1e3 / iters
+    return res
+
+
+def compiled_info(jit):
+    """[(regs, spills)] of every compiled variant of a jitted kernel."""
+    out = []
+    for dc in getattr(jit, "device_caches", {}).values():
+        cache = dc[0] if isinstance(dc, tuple) else dc
+        for k in cache.values():
+            out.append((getattr(k, "n_regs", None), getattr(k, "n_spills", None)))
+    return out
+
+
+def wall(fn, n=10):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+c = dict(bench.CONFIGS["paper"], name="paper")
+band_q = [dict(BT=4, BN=32, num_warps=4, num_stages=3)]
+band_kv = [dict(BT=8, BN=32, num_warps=8, num_stages=2), dict(BT=8, BN=32, num_warps=8, num_stages=3),
+           dict(BT=4, BN=64, num_warps=8, num_stages=2), dict(BT=4, BN=32, num_warps=8, num_stages=2)]
+slc_q = [dict(BT=1, num_warps=4, num_stages=2)]
+slc_kv = [dict(BT=4, num_warps=8, num_stages=2, chunk=256), dict(BT=8, num_warps=8, num_stages=1, chunk=256),
+          dict(BT=2, num_warps=4, num_stages=1, chunk=256)]
+orig_band, orig_slc = BW._band_configs, BW._slc_configs
+
+for T in Ts:
+    x = bench._inputs(T, c, dev)
+    q, kc, vc, k, v, kw, vw, gates = x
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
+               scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
+    o, (o_cmp, lse_cmp, idx, o_slc, lse_slc) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates, aux=True, **geo)
+    do = torch.randn_like(o)
+    sc = 1.0 / math.sqrt(c["Dk"])
+    seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
+    win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
+    o_win, lse_win = band_attention(q, kw, vw, write_lse=True, **win)
+    _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+    def run_band(mode, cq, ckv):
+        BW._band_configs = lambda h, Dk, Dv, mode, interp: (dict(cq, HP=16), dict(ckv, HP=16))
+        try:
+            if mode == 0:
+                f = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,  # noqa
+                                             lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq)
+            else:
+                f = lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do_win, dq_acc=dq, **win)  # noqa
+            dq.zero_()
+            _, dk, dv = f()
+            chk = (dk.float().norm().item(), dv.float().norm().item())
+            kt = kernel_times(f)
+            return dict(kernels=kt, wall=wall(f), check=chk)
+        finally:
+            BW._band_configs = orig_band
+
+    def run_slc(cq, ckv):
+        BW._slc_configs = lambda h, Dk, Dv, interp: (dict(cq, HP=16), dict(ckv, HP=16))
+        try:
+            f = lambda: BW.selected_backward(q, k, v, idx, o_slc, do_slc, sel_block=c["lp"], scale=sc,  # noqa
+                                             seq=seq, lens=lens, dq_acc=dq, lse=lse_slc)
+            dq.zero_()
+            _, dk, dv = f()
+            chk = (dk.float().norm().item(), dv.float().norm().item())
+            return dict(kernels=kernel_times(f), wall=wall(f), check=chk)
+        finally:
+            BW._slc_configs = orig_slc
+
+    # cmp: vary dq tiles with kv fixed, then kv tiles with dq fixed
+    for i, cq in enumerate(band_q):
+        for j, ckv in enumerate(band_kv):
+            if i and j:
+                continue
+            for mode in (0, 1):
+                t0 = time.time()
+                try:
+                    r = run_band(mode, cq, ckv)
+                except Exception as e:
+                    traceback.print_exc(limit=2)
+                    r = dict(error=repr(e)[:300])
+                r.update(T=T, branch="cmp" if mode == 0 else "win", cfg_q=cq, cfg_kv=ckv, secs=time.time() - t0)
+                results.append(r)
+                print(json.dumps({k_: r[k_] for k_ in r if k_ != "kernels"}), {k_[:30]: round(v_, 3) for k_, v_ in r.get("kernels", {}).items()}, flush=True)
+                json.dump(results, open(out_path, "w"), indent=1)
+    for i, cq in enumerate(slc_q):
+        for j, ckv in enumerate(slc_kv):
+            if i and j:
+                continue
+            t0 = time.time()
+            try:
+                r = run_slc(cq, ckv)
+            except Exception as e:
+                traceback.print_exc(limit=2)
+                r = dict(error=repr(e)[:300])
+            r.update(T=T, branch="slc", cfg_q=cq, cfg_kv=ckv, secs=time.time() - t0)
+            results.append(r)
+            print(json.dumps({k_: r[k_] for k_ in r if k_ != "kernels"}), {k_[:30]: round(v_, 3) for k_, v_ in r.get("kernels", {}).items()}, flush=True)
+            json.dump(results, open(out_path, "w"), indent=1)
+    del x, q, kc, vc, k, v, kw, vw, gates, o, o_cmp, lse_cmp, idx, o_slc, lse_slc, do, dq
+    torch.cuda.empty_cache()
+
+info = {name: compiled_info(getattr(BW, name)) for name in ("_band_bwd_dq", "_band_bwd_dkdv", "_selected_bwd",
+                                                             "_selected_bwd_dkdv")}
+results.append(dict(compiled=info))
+json.dump(results, open(out_path, "w"), indent=1)
+print(json.dumps(info))
