@@ -276,6 +276,25 @@ def test_nsa_func_backward(c, shared):
         _close(a, b)
 
 
+@pytest.mark.parametrize("c,shared", [NSA_CASES[0], NSA_CASES[-1]])
+def test_nsa_func_backward_deterministic(c, shared):
+    """deterministic=True (slc shares summed per block in item order; the cmp chunks are split
+    on GPUs only) gives the reference's gradients too, through nsa_func and the layer's config."""
+    c = dict(c)
+    cu = c.pop("cu", None)
+    q, k, v, kc, vc, do, cu_t = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"], cu)
+    gates = torch.rand(1, c["T"], c["HQ"], 3, generator=torch.Generator().manual_seed(5)).to(DEV)
+    kw = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"],
+              window=c["w"], cu_seqlens=cu_t)
+    args = (q, kc, vc, k, v, k, v, gates)
+    got = _ref_grads(lambda *a: nsa.nsa_func(*a, backend="triton", deterministic=True, **kw), args, do)
+    ref = _ref_grads(lambda *a: R.nsa_ref(*a, **kw), args, do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+    with pytest.raises(ValueError, match="deterministic"):
+        nsa.NSAConfig(d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, deterministic="yes")
+
+
 def test_nsa_backward_offsets_and_partial_requires_grad():
     """q_offset / win_k_offset, and only some inputs requiring grad (others get None)."""
     from nsa.triton import nsa_triton

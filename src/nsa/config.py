@@ -36,6 +36,8 @@ class NSAConfig:
         scale: softmax scale, default 1/sqrt(head_dim).
         backend: kernel backend for the attention op: "auto", "torch" or "triton".
         bias: whether the projections have biases.
+        deterministic: bitwise-repeatable gradients from the Triton backward
+            (``nsa.nsa_func(deterministic=...)``).
     """
 
     d_model: int = 2560
@@ -55,6 +57,7 @@ class NSAConfig:
     scale: float | None = None
     backend: str = "auto"
     bias: bool = False
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.v_head_dim is None:
@@ -78,6 +81,8 @@ class NSAConfig:
             raise ValueError(f"NSAConfig.backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
         if not isinstance(self.gate_hidden, int) or self.gate_hidden < 0:
             raise ValueError(f"NSAConfig.gate_hidden must be an int >= 0, got {self.gate_hidden!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"NSAConfig.deterministic must be a bool, got {self.deterministic!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"NSAConfig.rope_theta must be > 0, got {self.rope_theta}")
 

@@ -109,7 +109,7 @@ class NSAAttention(nn.Module):
         v_cmp = self.phi_v(_blocks(vc, c.cmp_block, c.cmp_stride, cu_seqlens))
         geom = self._geometry()
         o = ops.nsa_func(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, cu_seqlens=cu_seqlens,
-                         backend=c.backend, **geom)
+                         backend=c.backend, deterministic=c.deterministic, **geom)
         y = self._out(o)
         if return_selection:
             sel = ops.select_blocks(q, k_cmp, cu_seqlens=cu_seqlens, backend=c.backend,

@@ -156,7 +156,8 @@ def select_blocks(q, k_cmp, *, cmp_block: int = 32, cmp_stride: int = 16, sel_bl
 
 def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: int = 32,
              cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16, window: int = 512,
-             scale: float | None = None, cu_seqlens=None, backend: str = "auto") -> torch.Tensor:
+             scale: float | None = None, cu_seqlens=None, backend: str = "auto",
+             deterministic: bool = False) -> torch.Tensor:
     """Native Sparse Attention: three causal branches mixed by gates (SPEC 1-8).
 
     Args:
@@ -174,6 +175,9 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
         scale: softmax scale of all branches, default ``1 / sqrt(Dk)``.
         cu_seqlens: optional int32 ``[N+1]``: N sequences packed along T with B == 1.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
+        deterministic: Triton backward without atomics whose order varies (bitwise the same
+            gradients on every run, about the speed of the default; FlashAttention's flag).
+            The torch backend follows PyTorch's own determinism settings. Default False.
 
     Returns:
         ``[B, T, HQ, Dv]`` in q's dtype. Rows with no visible key in a branch contribute 0
@@ -209,7 +213,7 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
     if resolve_backend(backend, q.device) == "triton":
         from . import triton as tk
 
-        return tk.nsa_triton(*args, **kw)
+        return tk.nsa_triton(*args, deterministic=deterministic, **kw)
     return reference.nsa_ref(*args, **kw)
 
 

@@ -54,8 +54,9 @@ class _NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kw, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates):
-        ctx.kw = kw
-        o, aux = _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, aux=True, **kw)
+        ctx.kw = kw  # the forward's keywords, and the backward's ``deterministic``
+        fwd = {k: v for k, v in kw.items() if k != "deterministic"}
+        o, aux = _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, aux=True, **fwd)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *aux)
         return o
 
@@ -66,7 +67,7 @@ class _NSAFunction(torch.autograd.Function):
             return (None, *nsa_backward(grad_o, inputs, aux, ctx.kw))
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-            o = reference.nsa_ref(*leaves, **ctx.kw)
+            o = reference.nsa_ref(*leaves, **{k: v for k, v in ctx.kw.items() if k != "deterministic"})
             wrt = [x for x in leaves if x.requires_grad]
             grads = iter(torch.autograd.grad(o, wrt, grad_o, allow_unused=True)) if wrt else iter(())
         return (None, *[next(grads) if x.requires_grad else None for x in leaves])
@@ -74,19 +75,20 @@ class _NSAFunction(torch.autograd.Function):
 
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32, cmp_stride=16,
                sel_block=64, sel_count=16, window=512, scale=None, cu_seqlens=None, q_offset=0,
-               win_k_offset=None):
+               win_k_offset=None, deterministic=False):
     """NSA output ``[B, T, HQ, Dv]`` in q's dtype; same contract as :func:`nsa.nsa_func`.
 
     q ``[B, T, HQ, Dk]`` at positions ``q_offset + i``; k_cmp/v_cmp ``[B, Tc, H, D]`` and
     k_slc/v_slc ``[B, Tk, H, D]`` hold keys from position 0 (Tk = q_offset + T); k_win/v_win
     ``[B, Tw, H, D]`` hold keys from position ``win_k_offset`` (default 0). gates
     ``[B, T, HQ, 3]`` activated. Defaults l=32, d=16, l'=64, n=16, w=512,
-    scale = 1/sqrt(Dk). Differentiable (Triton backward kernels).
+    scale = 1/sqrt(Dk). Differentiable (Triton backward kernels); ``deterministic``: a
+    backward without order-dependent atomics (bitwise the same gradients on every run).
     """
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
               window=window, scale=scale, cu_seqlens=cu_seqlens, q_offset=int(q_offset),
               win_k_offset=0 if win_k_offset is None else int(win_k_offset))
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if torch.is_grad_enabled() and any(x.requires_grad for x in args):
-        return _NSAFunction.apply(kw, *args)
+        return _NSAFunction.apply(dict(kw, deterministic=bool(deterministic)), *args)
     return _nsa_forward(*args, **kw)
