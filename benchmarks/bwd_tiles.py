@@ -3,7 +3,6 @@
 python benchmarks/bwd_tiles.py OUT.json [T ...]
 """
 import json
-import math
 import sys
 import time
 import traceback
@@ -12,8 +11,6 @@ import torch
 
 from nsa.apps import bench
 from nsa.triton import backward as BW
-from nsa.triton.band import band_attention
-from nsa.triton.nsa import _nsa_forward
 
 out_path = sys.argv[1]
 Ts = [int(x) for x in sys.argv[2:]] or [65536]
@@ -70,15 +67,8 @@ orig_band, orig_slc = BW._band_configs, BW._slc_configs
 for T in Ts:
     x = bench._inputs(T, c, dev)
     q, kc, vc, k, v, kw, vw, gates = x
-    geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
-               scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
-    o, (o_cmp, lse_cmp, idx, o_slc, lse_slc) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates, aux=True, **geo)
-    do = torch.randn_like(o)
-    sc = 1.0 / math.sqrt(c["Dk"])
-    seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
-    win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
-    o_win, lse_win = band_attention(q, kw, vw, write_lse=True, **win)
-    _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
+    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
+     win) = bench.backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     def run_band(mode, cq, ckv):
@@ -139,7 +129,7 @@ for T in Ts:
             results.append(r)
             print(json.dumps({k_: r[k_] for k_ in r if k_ != "kernels"}), {k_[:30]: round(v_, 3) for k_, v_ in r.get("kernels", {}).items()}, flush=True)
             json.dump(results, open(out_path, "w"), indent=1)
-    del x, q, kc, vc, k, v, kw, vw, gates, o, o_cmp, lse_cmp, idx, o_slc, lse_slc, do, dq
+    del x, q, kc, vc, k, v, kw, vw, gates, o_cmp, lse_cmp, idx, o_slc, lse_slc, do, dq
     torch.cuda.empty_cache()
 
 info = {name: compiled_info(getattr(BW, name)) for name in ("_band_bwd_dq", "_band_bwd_dkdv", "_selected_bwd",

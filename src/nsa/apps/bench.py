@@ -210,18 +210,18 @@ def _fwd_bwd(fn, leaves, rep):
     return fwd, both, peak
 
 
-def _bwd_breakdown(c, x, rep) -> dict:
-    """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
-    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv (and with
-    dk/dv unsplit over query chunks, not part of the backward), slc dq +
-    dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
+def backward_state(c, x) -> tuple:
+    """What :func:`nsa.triton.backward.nsa_backward` starts from, for timing its pieces alone:
+    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq,
+    lens, win) from the forward kernels on the inputs ``x`` of :func:`_inputs`, a random
+    output gradient do, and ``win`` the window launches' keywords."""
     import torch
 
     from ..triton import backward as BW
     from ..triton.band import band_attention
     from ..triton.nsa import _nsa_forward
 
-    q, kc, vc, k, v, kw, vw, gates = x  # [B, T, heads, D] inputs of _inputs (no grad)
+    q, kc, vc, k, v, kw, vw, gates = x  # [B, T, heads, D] (no grad)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
                scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
     o, (o_cmp, lse_cmp, idx, o_slc, lse_slc) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates, aux=True, **geo)
@@ -231,6 +231,22 @@ def _bwd_breakdown(c, x, rep) -> dict:
     win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
     o_win, lse_win = band_attention(q, kw, vw, write_lse=True, **win)
     _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
+    return o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens, win
+
+
+def _bwd_breakdown(c, x, rep) -> dict:
+    """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
+    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv (and with
+    dk/dv unsplit over query chunks, not part of the backward), slc dq +
+    dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
+    import torch
+
+    from ..triton import backward as BW
+    from ..triton.band import band_attention
+
+    q, kc, vc, k, v, kw, vw, gates = x
+    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
+     win) = backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     pieces = {
         "bwd_win_recompute": lambda: band_attention(q, kw, vw, write_lse=True, **win),
