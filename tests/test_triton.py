@@ -487,6 +487,27 @@ def test_decode_equals_last_row_of_a_full_pass(c):
     _close(nsa.nsa_decode(*args, backend="triton", max_seqlen=cap, **kw), expect)
 
 
+@pytest.mark.parametrize("where", ["slots", "kernel", "torch"])
+def test_decode_selection_ties_go_to_the_lower_block(where, monkeypatch):
+    """Equal block scores (the first 400 keys all the same): the decode's top-n keeps the
+    lower blocks, as the reference, wherever it runs (in the attend kernel's slots, in its
+    own kernel, or sorted in PyTorch past 4096 blocks)."""
+    from nsa.triton import decode as D
+
+    monkeypatch.setattr(D, "_top_n_where", lambda *a: where)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    mk = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
+    B, T, HQ, H, Dk, Dv = 2, 700, 4, 2, 32, 16
+    geo = dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_count=5, window=32)
+    q, k, v, gates = mk(B, 1, HQ, Dk), mk(B, T, H, Dk), mk(B, T, H, Dv), torch.rand(B, 1, HQ, 3, device=DEV, generator=g)
+    k[:, :400] = k[:, :1]
+    kc, vc = R.compress_mean(k, 16, 8), R.compress_mean(v, 16, 8)
+    lens = torch.tensor([700, 333], device=DEV)
+    args = (q, kc, vc, k, v, k, v, gates)
+    expect = R.nsa_decode_ref(*args, cache_seqlens=lens, **geo)
+    _close(nsa.nsa_decode(*args, cache_seqlens=lens, backend="triton", **geo), expect, 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)

@@ -9,11 +9,16 @@ keys, flash-decoding style, and the h query heads of a group share every key the
    scores (log2 units) to a small buffer ``[B, HQ, Tc(max n)]`` and a partial softmax (max, sum, PV).
 2. scores: programs over the selection blocks: the lse from the cmp partials, then Eq. 9-10
    block scores (group sum of exp(s - lse) times the overlap weights), forced blocks +inf,
-   ineligible -inf: ``[B, H, n_sel]``. Top-n in PyTorch (:func:`nsa.geometry.top_blocks`):
-   n_sel = T / l' is small for one query.
-3. attend: one program per selected block and per window chunk (l' keys each), each a partial
-   softmax of its branch.
-4. combine: merges the partials of each branch and mixes them with the gates.
+   ineligible -inf: ``[B, H, n_sel]``.
+3. top-n: the n best blocks by Triton's bitonic top-k on (score, -index) keys (ties to the
+   lower index). While the slots' programs fit the GPU a few times over (batch 1), each
+   selected-block program of step 4 finds its own block, so the top-n costs no launch; else
+   one program per group writes them. Past 4096 blocks (256k keys at l' = 64): a sort in
+   PyTorch (:func:`nsa.geometry.top_blocks`).
+4. attend: one program per selected-block slot and per window chunk (l' keys each), each a
+   partial softmax of its branch.
+5. combine: one program per (sequence, query head) merges the partials of each branch, all
+   loaded at once, and mixes them with the gates.
 
 Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
 """
@@ -154,17 +159,48 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
 
 
 @triton.jit
-def _decode_attend(Q, KS, VS, KW, VW, IDX, LENS, PM, PL, PACC, qk_scale, TK, TW,
+def _top_n(SCORE, N_SEL_MAX, NP: tl.constexpr, NSELP: tl.constexpr):
+    """The top n of one group's block scores ``SCORE[0:N_SEL_MAX]`` (forced +inf, ineligible
+    -inf): [NP] block indices, best first, equal scores to the lower index; -1 past the
+    eligible blocks. Triton's bitonic top-k on one int64 key per block, ordered as
+    (score, -index), so one comparison decides both."""
+    j = tl.arange(0, NSELP)
+    s = tl.load(SCORE + j, mask=j < N_SEL_MAX, other=float("-inf"))
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # float order as int order
+    top = tl.topk((ordered << 32) | (0x7FFFFFFF - j).to(tl.int64), NP)
+    jt = (0x7FFFFFFF - (top & 0x7FFFFFFF)).to(tl.int32)
+    return tl.where((top >> 32) == -2139095041, -1, jt)  # -2139095041: the key of -inf
+
+
+@triton.jit
+def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr):
+    bg = tl.program_id(0).to(tl.int64)
+    ids = _top_n(SCORE + bg * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
+    slots = tl.arange(0, NP)
+    tl.store(IDX + bg * N_SEL + slots, ids, mask=slots < N_SEL)
+
+
+@triton.jit
+def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, PM, PL, PACC, qk_scale, TK, TW,
                    HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    N_SEL: tl.constexpr, NW: tl.constexpr, WINDOW: tl.constexpr,
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
-                   BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys)."""
+                   BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys).
+    NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX."""
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     pos = tl.load(LENS + b).to(tl.int32) - 1
-    blk = tl.load(IDX + (b * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
+    if NSELP > 0:
+        blk = -1
+        if pp < N_SEL:
+            ids = _top_n(SCORE + (b * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
+            blk = tl.sum(tl.where(tl.arange(0, NP) == pp, ids, 0), 0)
+    else:
+        blk = tl.load(IDX + (b * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
     ar = tl.arange(0, BS)
     is_slc = (ar * 0 + pp) < N_SEL  # as a vector: the interpreter mishandles scalar & vector masks
     u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
@@ -201,49 +237,62 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, LENS, PM, PL, PACC, qk_scale, TK, TW,
 
 
 @triton.jit
-def _merge(PM, PL, PACC, rows, h_ok, lo, hi, NP, DV: tl.constexpr, HP: tl.constexpr, BV: tl.constexpr):
-    """Softmax output of partials lo..hi-1 of each row: [HP, BV] fp32 (0 for a row with none)."""
-    mx = tl.full([HP], -1.0e30, dtype=tl.float32)
-    for p in range(lo, hi):
-        mx = tl.maximum(mx, tl.load(PM + rows * NP + p, mask=h_ok, other=-1.0e30))
+def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """Softmax output of the ``cnt`` partials lo.. of one row (of NP): [BV] fp32, 0 if none.
+    All partials load at once ([NPP, BV]): one memory round trip, not one per partial."""
+    p = tl.arange(0, NPP)
+    ok = p < cnt
+    at = row * NP + lo + p
+    m = tl.load(PM + at, mask=ok, other=-1.0e30)
+    w = tl.where(ok, tl.exp2(m - tl.max(m, 0)), 0.0)
+    tot = tl.sum(w * tl.load(PL + at, mask=ok, other=0.0), 0)
     dv = tl.arange(0, BV)
-    tot = tl.zeros([HP], dtype=tl.float32)
-    acc = tl.zeros([HP, BV], dtype=tl.float32)
-    for p in range(lo, hi):
-        w = tl.exp2(tl.load(PM + rows * NP + p, mask=h_ok, other=-1.0e30) - mx)
-        tot += w * tl.load(PL + rows * NP + p, mask=h_ok, other=0.0)
-        a = tl.load(PACC + (rows * NP + p)[:, None] * DV + dv[None, :], mask=h_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc += w[:, None] * a
-    return acc / tl.where(tot > 0, tot, 1.0)[:, None]
+    a = tl.load(PACC + at[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+    return tl.sum(w[:, None] * a, 0) / tl.where(tot > 0, tot, 1.0)
 
 
 @triton.jit
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
-                    HQ: tl.constexpr, G: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr,
-                    NW: tl.constexpr, HP: tl.constexpr, BV: tl.constexpr):
-    _, _, rows, h_ok = _group(tl.program_id(0), HQ, G, HP)
-    o_cmp = _merge(PM, PL, PACC, rows, h_ok, 0, NSPLIT, NSPLIT, DV, HP, BV)
-    o_slc = _merge(PM2, PL2, PACC2, rows, h_ok, 0, N_SEL, N_SEL + NW, DV, HP, BV)
-    o_win = _merge(PM2, PL2, PACC2, rows, h_ok, N_SEL, N_SEL + NW, N_SEL + NW, DV, HP, BV)
-    g0 = tl.load(GATES + rows * 3, mask=h_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + rows * 3 + 1, mask=h_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(GATES + rows * 3 + 2, mask=h_ok, other=0.0).to(tl.float32)
-    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
+                    DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
+                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
+    """One program per (sequence, query head): merge each branch's partials, mix by the gates."""
+    row = tl.program_id(0).to(tl.int64)
+    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV)
+    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV)
+    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV)
+    g0 = tl.load(GATES + row * 3).to(tl.float32)
+    g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
+    g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
+    o = g0 * o_cmp + g1 * o_slc + g2 * o_win
     dv = tl.arange(0, BV)
-    tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=h_ok[:, None] & (dv[None, :] < DV))
+    tl.store(O + row * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
 # 255 registers at 4 warps for Dk + Dv = 320 (spills in attend); 8 warps fit (cuobjdump, sm_90)
-_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN"], [4, 8], [1, 2])
+_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN"], [4, 8], [1, 2, 3])
 _decode_attend_tuned = C.autotuned(_decode_attend, ["HQ", "G", "DK", "DV", "BS"], [4, 8], [1, 2])
 
 
+def _top_n_where(n_sel: int, slots: int, device) -> str:
+    """Where the decode's top-n runs (module doc, step 3): "slots", "kernel" or "torch"."""
+    if n_sel > 4096:
+        return "torch"
+    return "slots" if slots <= 4 * _sms(device) else "kernel"
+
+
+def _sms(device) -> int:
+    """Multiprocessors of the GPU (a small stand-in under the interpreter)."""
+    if C.interpreting() or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _n_split(tc: int, bh: int, BN: int, device) -> int:
-    """Splits of the compressed tokens: enough programs to fill the GPU twice, >= BN tokens each."""
+    """Splits of the compressed tokens: enough programs to fill the GPU twice, >= BN tokens each
+    (an H200 sweep of 2, 4, 8 and 16 programs per multiprocessor found no difference)."""
     if C.interpreting() or device.type != "cuda":
         return max(1, min(triton.cdiv(tc, BN), 3))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(tc, BN), triton.cdiv(2 * sms, max(bh, 1))))
+    return max(1, min(triton.cdiv(tc, BN), triton.cdiv(2 * _sms(device), max(bh, 1))))
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
@@ -259,7 +308,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     G = HQ // H
     dev = q.device
     if isinstance(cache_seqlens, torch.Tensor):
-        lens = cache_seqlens.to(torch.int32).contiguous()
+        lens = cache_seqlens.contiguous()  # int32 or int64: the kernels read either
         n_max = max_seqlen if max_seqlen is not None else (int(cache_seqlens.max()) if B else 1)
     else:
         lens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=dev)
@@ -288,7 +337,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     _decode_cmp_tuned[(nsplit, B * H)](q, k_cmp, v_cmp, lens, s_buf, pm, pl, pacc, qk_scale, Tc, ts, ch, nsplit,
                                  DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1,
                                  BV=BV, BN=BN, **common, **launch)
-    # 2. block scores, then the top n (ties to the lower index, as the reference)
+    # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(B, H, n_sel_max, **f32)
     BJ = 16 if interp else 64
@@ -297,17 +346,29 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
         KMAX=kmax, **launch)
-    idx = geometry.top_blocks(score, sel_count).contiguous()  # [B, H, n]
-    # 3. a partial softmax per selected block and per window chunk
+    # 3. the top n (ties to the lower index, as the reference)
+    np_ = C.next_pow2(sel_count)
+    nselp = max(16, np_, C.next_pow2(n_sel_max))
+    where = _top_n_where(n_sel_max, B * H * sel_count, dev)
+    if where == "torch":
+        idx = geometry.top_blocks(score, sel_count).contiguous()  # [B, H, n]
+    elif where == "kernel":
+        idx = torch.empty(B, H, sel_count, dtype=torch.int32, device=dev)
+        _decode_top_n[(B * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
+    else:  # "slots": in the attend kernel
+        idx = score
+    # 4. a partial softmax per selected block and per window chunk
     BS = max(16, C.next_pow2(sel_block))
     nw = triton.cdiv(window, BS)
     np2 = sel_count + nw
     pm2, pl2 = torch.empty(B, HQ, np2, **f32), torch.empty(B, HQ, np2, **f32)
     pacc2 = torch.empty(B, HQ, np2, Dv, **f32)
-    _decode_attend_tuned[(np2, B * H)](q, k_slc, v_slc, k_win, v_win, idx, lens, pm2, pl2, pacc2, qk_scale,
-                                 Tk, Tw, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window,
-                                 SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV, **common, **launch)
-    # 4. merge and mix
-    _decode_combine[(B * H,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, HQ=HQ, G=G, DV=Dv,
-                              N_SEL=sel_count, NW=nw, HP=HP, BV=BV, **launch)
+    _decode_attend_tuned[(np2, B * H)](q, k_slc, v_slc, k_win, v_win, idx, score, n_sel_max, lens, pm2, pl2,
+                                 pacc2, qk_scale, Tk, Tw, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw,
+                                 WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
+                                 NP=np_, NSELP=nselp if where == "slots" else 0, **common, **launch)
+    # 5. merge and mix, one program per (sequence, query head)
+    _decode_combine[(B * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
+                               NW=nw, NSP=max(2, C.next_pow2(nsplit)), NS2=max(2, C.next_pow2(sel_count)),
+                               NW2=max(2, C.next_pow2(nw)), BV=BV, **launch)
     return o
