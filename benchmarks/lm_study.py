@@ -125,7 +125,7 @@ def plot(res: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for kind, m in res["models"].items():
-        lab = f"{LABELS.get(kind, kind)} ({m["params"] / 1e6:.2f}M, {m['tokens_per_s_steady']:,.0f} tok/s)"
+        lab = f"{LABELS.get(kind, kind)} ({m['params'] / 1e6:.2f}M, {m['tokens_per_s_steady']:,.0f} tok/s)"
         axes[0].plot([t / 1e6 for t in m["val"]["tokens"]], m["val"]["loss"], marker=".", label=lab)
         axes[1].plot(m["val"]["train_seconds"], m["val"]["loss"], marker=".", label=lab)
         b, pos = m["position_bucket"], m["position_loss"]
