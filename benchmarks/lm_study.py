@@ -4,11 +4,12 @@ one preset, trained for the same tokens on the Python standard library's sources
 at each token position of the 8k window (does a model use context beyond its window?).
 
 ``python benchmarks/lm_study.py [--steps N] [--out RUNS] [TRAIN OPTIONS...]`` trains the three
-models one after the other into RUNS/{nsa,full,window} (any option this script does not know is
-passed to ``nsa train``, e.g. ``--set n_layers=6`` or ``--resume``), then writes RESULTS.json and
-RESULTS.png (``--results``, default benchmarks/results/lm_study_<gpu>). ``--plot-only`` redraws
-them from the runs' logs. ``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token
-windows) that checks the whole pipeline.
+models one after the other into RUNS/{nsa,full,window} (one ``nsa train`` each; any option this
+script does not know is passed to it, e.g. ``--set n_layers=6``), then writes RESULTS.json and
+RESULTS.png (``--results``, default benchmarks/results/lm_study_<gpu>). ``--resume`` continues
+stopped runs and keeps finished ones; ``--plot-only`` redraws the results from the runs' logs.
+``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token windows) that checks the
+whole pipeline.
 
 The defaults are sized for one H200: the small preset, batch 8 x 8192 tokens, bf16, 1200 steps
 (79M tokens, about 2.7 passes over the training split). Pick ``--steps`` from the slowest
@@ -39,13 +40,21 @@ SMOKE_ARGS = ["--preset", "tiny", "--seq-len", "112", "--batch-size", "4", "--wa
               "--eval-windows", "4", "--position-bucket", "16", "--save-every", "0"]
 
 
-def train_argv(a, extra: list[str]) -> list[str]:
-    """The ``nsa train`` command line of the study."""
+def train_argv(a, extra: list[str], kind: str) -> list[str]:
+    """The ``nsa train`` command line of one model of the study."""
     steps = a.steps or (4 if a.smoke else 1200)
     every = a.eval_every or max(1, steps // 12)
-    return ["train", "--data", "stdlib", "--attention", ",".join(a.kinds), "--steps", str(steps),
-            "--eval-every", str(every), "--out", a.out, "--seed", str(a.seed),
+    return ["train", "--data", "stdlib", "--attention", kind, "--steps", str(steps),
+            "--eval-every", str(every), "--out", os.path.join(a.out, kind), "--seed", str(a.seed),
             *(SMOKE_ARGS if a.smoke else GPU_ARGS), *extra]
+
+
+def _saved_step(folder: str) -> int | None:
+    p = os.path.join(folder, "checkpoint.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return json.load(f)["step"]
 
 
 def _commit() -> str | None:
@@ -169,20 +178,33 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of a few seconds")
     p.add_argument("--plot-only", action="store_true", help="only redraw RESULTS from the runs in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in --out: finished models are kept, stopped ones resumed, "
+                        "missing ones trained")
     a, extra = p.parse_known_args(argv)
     a.kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     sys.path.insert(0, os.path.join(HERE, "..", "src"))  # the repo's nsa when not installed
     from nsa.apps import cli
 
-    argv_train = train_argv(a, extra)
     command = "python benchmarks/lm_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if not a.plot_only:
-        print("nsa " + " ".join(argv_train), flush=True)
+    commands = []
+    for kind in a.kinds:
+        argv_train = train_argv(a, extra, kind)
+        commands.append("nsa " + " ".join(argv_train))
+        if a.plot_only:
+            continue
+        saved = _saved_step(os.path.join(a.out, kind))
+        if a.resume and saved is not None:
+            if saved >= int(argv_train[argv_train.index("--steps") + 1]):
+                print(f"{kind}: finished, kept", flush=True)
+                continue
+            argv_train.append("--resume")
+        print(commands[-1], flush=True)
         rc = cli.main(argv_train)
         if rc:
             return rc
     res = summarize(a.out, a.kinds, command)
-    res["train_command"] = "nsa " + " ".join(argv_train)
+    res["train_commands"] = commands
     stem = a.results
     if stem is None:
         if a.smoke or res["device"] == "cpu":

@@ -175,7 +175,7 @@ def _study():
     return mod
 
 
-def test_study_smoke_writes_json_and_png(tmp_path):
+def test_study_smoke_writes_json_and_png(tmp_path, monkeypatch):
     study = _study()
     out, res = str(tmp_path / "runs"), str(tmp_path / "res" / "lm")
     assert study.main(["--smoke", "--out", out, "--results", res]) == 0
@@ -197,6 +197,24 @@ def test_study_smoke_writes_json_and_png(tmp_path):
     assert study.main(["--smoke", "--out", out, "--results", res + "2", "--plot-only"]) == 0
     r2 = json.load(open(res + "2.json"))
     assert r2["models"] == r["models"]
+    # --resume keeps finished runs; resuming one that stopped early finishes it
+    assert study.main(["--smoke", "--out", out, "--results", res + "3", "--resume"]) == 0
+    assert json.load(open(res + "3.json"))["models"] == r["models"]
+    out2 = str(tmp_path / "runs2")
+    real = TextCorpus.batch
+
+    def crash(self, step, *rest, **kw):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(self, step, *rest, **kw)
+
+    monkeypatch.setattr(TextCorpus, "batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["--smoke", "--out", out2, "--kinds", "nsa", "--save-every", "2"])
+    monkeypatch.setattr(TextCorpus, "batch", real)
+    assert study.main(["--smoke", "--out", out2, "--kinds", "nsa", "--save-every", "2", "--resume",
+                       "--results", res + "4"]) == 0
+    assert [x["loss"] for x in read_log(os.path.join(out2, "nsa"))] == [x["loss"] for x in read_log(os.path.join(out, "nsa"))]
 
 
 def test_model_train_timing_and_table():
