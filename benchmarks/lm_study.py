@@ -5,7 +5,8 @@ at each token position of the 8k window (does a model use context beyond its win
 
 ``python benchmarks/lm_study.py [--steps N] [--out RUNS] [TRAIN OPTIONS...]`` trains the three
 models one after the other into RUNS/{nsa,full,window} (one ``nsa train`` each; any option this
-script does not know is passed to it, e.g. ``--set n_layers=6``), then writes RESULTS.json and
+script does not know is passed to it and overrides the defaults, e.g. ``--lr 2e-3`` or ``--set
+n_layers=6``), then writes RESULTS.json and
 RESULTS.png (``--results``, default benchmarks/results/lm_study_<gpu>). ``--resume`` continues
 stopped runs and keeps finished ones; ``--plot-only`` redraws the results from the runs' logs.
 ``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token windows) that checks the
