@@ -101,17 +101,12 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
             "position_bucket": b, "position_loss": pos,
             "position_loss_within_window": sum(within) / len(within) if within else None,
             "position_loss_beyond_window": sum(beyond) / len(beyond) if beyond else None,
-            "device": s["device"], "torch": s["torch"], "dtype": s["dtype"], "config": s["config"],
+            "device": s["device"], "torch": s["torch"], "triton": s.get("triton"), "dtype": s["dtype"], "config": s["config"],
             "steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"], "lr": s["lr"],
         }
     first = models[kinds[0]]
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     return {"study": "lm_study", "command": command, "device": first["device"], "torch": first["torch"],
-            "triton": triton_version, "python": corpus.get("python"), "commit": _commit(),
+            "triton": first["triton"], "python": corpus.get("python"), "commit": _commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "corpus": corpus, "models": models}
 

@@ -390,6 +390,11 @@ def _summary(config, model, args, out, device, d, tokens, train_s, loss, val, da
               if len(rows) > 1 and k < len(rows) - 1 and rows[-1]["train_seconds"] > rows[k]["train_seconds"]
               else (tokens / train_s if train_s else 0.0))
     evals = [r for r in rows if "val_loss" in r]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     return {"attention": config.attention, "preset": args.preset, "params": model.num_params(),
             "config": config.to_dict(), "steps": args.steps, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "tokens": tokens,
@@ -397,7 +402,7 @@ def _summary(config, model, args, out, device, d, tokens, train_s, loss, val, da
             "tokens_per_s_steady": steady, "final_loss": loss,
             "val_loss": val["loss"] if val else (evals[-1]["val_loss"] if evals else None),
             "data": data, "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-            "dtype": args.dtype, "processes": d.world, "torch": torch.__version__,
+            "dtype": args.dtype, "processes": d.world, "torch": torch.__version__, "triton": triton_version,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
