@@ -84,7 +84,7 @@ def test_demo(capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
-@pytest.mark.parametrize("what", ["prefill", "train", "generate"])
+@pytest.mark.parametrize("what", ["prefill", "train", "generate", "model-train"])
 def test_bench_needs_a_gpu(what, capsys):
     assert "needs a CUDA GPU" in cli_error(["bench", what, "--seqlens", "64"], capsys)
 
@@ -242,7 +242,7 @@ def test_help_lists_every_bench_mode(capsys):
     modes = next(a for a in sub.choices["bench"]._actions if a.dest == "what").choices
     with pytest.raises(SystemExit):
         cli.main(["--help"])
-    listed = re.search(r"nsa bench \{([a-z,]+)\}", " ".join(capsys.readouterr().out.split())).group(1)
+    listed = re.search(r"nsa bench \{([a-z,-]+)\}", " ".join(capsys.readouterr().out.split())).group(1)
     assert listed.split(",") == list(modes) and len(modes) >= 4
 
 

@@ -72,3 +72,22 @@ def test_batch_must_split_evenly(tmp_path):
                         "-m", "nsa", "train", *SMALL, "--batch-size", "3", "--steps", "1", "--attention", "full",
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "multiple of the number of processes" in r.stderr
+
+
+def test_two_processes_validate_like_one_on_stdlib(tmp_path):
+    """On the standard library corpus each process scores its share of the fixed validation
+    windows: the summed validation loss, overall and by position, is one process's."""
+    args = [*SMALL, "--batch-size", "4", "--steps", "2", "--attention", "full", "--data", "stdlib",
+            "--eval-every", "2", "--eval-windows", "4", "--position-bucket", "16"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert cli.main(["train", *args, "--out", one]) == 0
+    torchrun([*args, "--out", two], cwd=tmp_path)
+    a, b = read_log(one)[-1], read_log(two)[-1]
+    assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * a["val_loss"]
+    assert len(a["val_position_loss"]) == len(b["val_position_loss"]) == 7
+    for x, y in zip(a["val_position_loss"], b["val_position_loss"]):
+        assert abs(x - y) <= 1e-5 * x
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "nsa", "train", *args, "--eval-windows", "3", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--eval-windows (3) must be a multiple" in r.stderr

@@ -1,4 +1,5 @@
-"""``nsa bench prefill`` / ``train`` / ``decode`` / ``generate``: NSA against full attention.
+"""``nsa bench prefill`` / ``train`` / ``decode`` / ``generate`` / ``model-train``: NSA against full
+attention.
 
 ``prefill`` times the forward; ``train`` times forward + backward (all of q, k_cmp, v_cmp, k, v,
 k_win, v_win and the gates require grad; full attention: q, k, v), and the backward alone as
@@ -29,6 +30,9 @@ prefill + a one-time cost + N decode steps; two values of N (``--new-tokens`` an
 give the decode step's time and the one-time cost (the graph's first eager step and capture),
 and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one warm-up call.
 
+``model-train`` times whole optimizer steps of model presets at T tokens, NSA against full
+attention: training tokens/s (:mod:`nsa.apps.bench_model`).
+
 Timing: ``triton.testing.do_bench`` median, after warm-up, on random bf16 inputs.
 FLOP counts (multiply-add = 2 FLOPs; useful work only, masked tiles not counted):
 full causal attention 2*(Dk+Dv)*HQ*T*(T+1)/2; NSA cmp 2*(Dk+Dv)*HQ*sum_t Tc(t) with Tc(t) the
@@ -52,6 +56,7 @@ import traceback
 
 from .. import geometry
 from ..geometry import visible_cmp_pairs
+from .bench_model import MODEL_TRAIN_T, add_model_train_arguments, model_train_sweep
 from .runtime import out_stem, positive_int
 
 CONFIGS = {
@@ -62,7 +67,7 @@ CONFIGS = {
 }
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
-MODES = ("prefill", "train", "decode", "generate")  # what ``nsa bench WHAT`` times
+MODES = ("prefill", "train", "decode", "generate", "model-train")  # what ``nsa bench WHAT`` times
 HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention: nsa bench {{{','.join(MODES)}}}"}
 
 
@@ -70,10 +75,12 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="prefill", choices=MODES,
                         help="prefill: forward of the whole sequence; train: forward + backward; "
                              "decode: one new token against a cache of T keys; generate: a model's "
-                             "tokens/s after a prompt of T tokens, eager and as a CUDA graph")
-    parser.add_argument("--batch", type=positive_int, default=1, help="decode, generate: sequences per step (default 1)")
+                             "tokens/s after a prompt of T tokens, eager and as a CUDA graph; model-train: "
+                             "training tokens/s of model presets (optimizer steps)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="decode, generate, model-train: sequences per step (default 1)")
     parser.add_argument("--seqlens", type=positive_int, nargs="+", default=None,
-                        help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k)")
+                        help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k; "
+                             "model-train: 8k 16k 32k)")
     parser.add_argument("--preset", default="small", help="generate: model preset (default small)")
     parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -86,6 +93,7 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output path without extension (.json and .png are written; "
                              "default benchmarks/results/<what>_<gpu>, e.g. prefill_h200)")
+    add_model_train_arguments(parser)
     parser.add_argument("--rep", type=positive_int, default=200, help="do_bench repetition time in ms")
     parser.add_argument("--flex-max-t", type=positive_int, default=32768,
                         help="time FlexAttention only up to this T (each T recompiles it)")
@@ -461,7 +469,7 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
-    out_path = out_stem(args.out or f"benchmarks/results/{args.what}_{gpu_tag(props.name)}", (".json", ".png"))
+    out_path = out_stem(args.out or f"benchmarks/results/{args.what.replace('-', '_')}_{gpu_tag(props.name)}", (".json", ".png"))
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
     if args.what == "generate":
@@ -469,6 +477,9 @@ def run(name, args) -> int:
         meta["timing"] = (f"wall clock, median of 3 generate calls, bf16 weights, batch {args.batch}, "
                           f"preset {args.preset}, random weights and prompts")
         return _generate_sweep(args, meta, out_path, dev)
+    if args.what == "model-train":
+        args.seqlens = args.seqlens or MODEL_TRAIN_T
+        return model_train_sweep(args, meta, out_path, dev)
     args.seqlens = args.seqlens or DEFAULT_T
     if args.what == "decode":
         meta["timing"] = meta["timing"].replace("batch 1, ", "")

@@ -1,4 +1,5 @@
-"""Training data: the embedded passkey task (nothing to download) and bytes of any text file.
+"""Training data: the embedded passkey task (nothing to download), bytes of any text file, and
+the source files of the Python standard library (a real corpus on every machine).
 
 Tokens are bytes (vocabulary 256). Every batch is a pure function of (seed, step): batch i
 of a run is the same whether the run was resumed or not, and whatever the number of
@@ -15,6 +16,13 @@ are distinct).
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+import sysconfig
 
 import numpy as np
 import torch
@@ -140,7 +148,57 @@ class PasskeyTask:
         return (x[:, :-1].to(device), x[:, 1:].to(device), torch.from_numpy(np.stack(weights)).to(device))
 
 
-class ByteText:
+class TextCorpus:
+    """Byte-level language modelling on a train and a validation byte stream.
+
+    Training batches are random windows of ``seq_len + 1`` bytes of the train stream: window j
+    of global batch ``step`` starts at an offset drawn from (seed, step, j) alone, so a batch
+    is the same whether the run was resumed or not, and whatever the number of processes.
+    Validation (:meth:`val_windows`) reads fixed windows that depend on the stream alone, so
+    every model and every seed is scored on the same bytes.
+    """
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, seq_len: int, seed: int = 0, name: str = "text"):
+        if len(train) < seq_len + 2 or len(val) < seq_len + 2:
+            raise ValueError(f"{name}: the train ({len(train)} bytes) and validation ({len(val)} bytes) "
+                             f"streams must each hold more than seq_len + 1 = {seq_len + 1} bytes")
+        self.train, self.val = train, val  # uint8 [N]
+        self.seq_len, self.seed = seq_len, seed
+
+    def length(self, step: int) -> int:
+        """Tokens per sequence of batch ``step`` (always ``seq_len``)."""
+        return self.seq_len
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
+              split: str = "train"):
+        """This rank's slice of global batch ``step``: (inputs, targets, weights) [b, seq_len];
+        ``split="val"`` draws random windows of the validation stream instead."""
+        data = self.train if split == "train" else self.val
+        b = _local(batch_size, world_size)
+        rows = []
+        for j in range(rank * b, (rank + 1) * b):
+            start = int(_rng(self.seed, step, j, split == "val").integers(0, len(data) - self.seq_len - 1))
+            rows.append(data[start:start + self.seq_len + 1])
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return x[:, :-1].to(device), x[:, 1:].to(device), torch.ones(b, self.seq_len, device=device)
+
+    def val_offsets(self, n: int) -> np.ndarray:
+        """Start offsets of the ``n`` validation windows: evenly spaced from the start of the
+        validation stream to its last full window (they overlap when the stream holds fewer
+        than ``n`` windows)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of validation windows must be a positive int, got {n!r}")
+        last = len(self.val) - self.seq_len - 1
+        return np.round(np.linspace(0, last, n)).astype(np.int64) if n > 1 else np.zeros(1, np.int64)
+
+    def val_windows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) int64 [n, seq_len] of the windows at :meth:`val_offsets`."""
+        x = torch.from_numpy(np.stack([self.val[o:o + self.seq_len + 1] for o in self.val_offsets(n)])
+                             .astype(np.int64))
+        return x[:, :-1], x[:, 1:]
+
+
+class ByteText(TextCorpus):
     """Byte-level language modelling on a text file: random windows of ``seq_len + 1`` bytes.
 
     The last ``val_fraction`` of the file is held out for evaluation.
@@ -153,19 +211,91 @@ class ByteText:
         if len(data) - n_val < seq_len + 2 or n_val < seq_len + 2:
             raise ValueError(f"{path!r} has {len(data)} bytes: too short for seq_len={seq_len} "
                              f"with a {val_fraction:.0%} validation split")
-        self.train, self.val = data[:len(data) - n_val], data[len(data) - n_val:]
-        self.seq_len, self.seed = seq_len, seed
+        super().__init__(data[:len(data) - n_val], data[len(data) - n_val:], seq_len, seed, path)
+        self.info = {"name": "file", "path": os.path.abspath(path), "val_fraction": val_fraction,
+                     "bytes": {"train": int(len(self.train)), "val": int(len(self.val))},
+                     "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, device="cpu",
-              split: str = "train"):
-        data = self.train if split == "train" else self.val
-        b = _local(batch_size, world_size)
-        rows = []
-        for j in range(rank * b, (rank + 1) * b):
-            start = int(_rng(self.seed, step, j, split == "val").integers(0, len(data) - self.seq_len - 1))
-            rows.append(data[start:start + self.seq_len + 1])
-        x = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return x[:, :-1].to(device), x[:, 1:].to(device), torch.ones(b, self.seq_len, device=device)
+
+# --------------------------------------------------------------------------- the stdlib corpus
+STDLIB = "stdlib"  # what --data names it by
+STDLIB_VAL_FRACTION = 0.05
+SEPARATOR = 0  # NUL: Python source may not contain it, so it marks file boundaries unambiguously
+
+
+def stdlib_root() -> str:
+    """The standard library folder of the running interpreter (``sysconfig``'s "stdlib")."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def stdlib_files(root: str | None = None) -> list[str]:
+    """The corpus's files: every ``*.py`` under ``root`` (default :func:`stdlib_root`) as
+    relative POSIX paths, sorted. Left out: ``site-packages`` and ``dist-packages`` (installed
+    packages, not the standard library), ``__pycache__``, and what the interpreter's build
+    generated for its machine (``_sysconfigdata_*.py``, the ``config-*`` folder). The test
+    suite (``test/``, about half the bytes) stays in: it is real code too; a Python built
+    without it gives a smaller corpus, which the run's corpus record shows."""
+    root = stdlib_root() if root is None else root
+    if not os.path.isdir(root):
+        raise ValueError(f"the standard library folder {root!r} does not exist")
+    out = []
+    for d, dirs, files in os.walk(root):
+        rel_d = os.path.relpath(d, root)
+        dirs[:] = [x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__")
+                   and not (rel_d == "." and x.startswith("config-"))]
+        for f in files:
+            if f.endswith(".py") and not f.startswith("_sysconfigdata_"):
+                out.append(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def is_validation_file(rel: str, val_fraction: float = STDLIB_VAL_FRACTION) -> bool:
+    """Whether the file ``rel`` (a relative POSIX path) is in the validation split: the first 8
+    bytes of the SHA-256 of its path, read as a fraction of 2**64, fall below ``val_fraction``.
+    A file's split depends on its path alone: the same on every machine and Python version."""
+    h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
+    return h < val_fraction * 2**64
+
+
+@functools.lru_cache(maxsize=4)
+def _load_stdlib(root: str, val_fraction: float):
+    streams, info_files = {"train": [], "val": []}, {"train": [], "val": []}
+    for rel in stdlib_files(root):
+        with open(os.path.join(root, rel), "rb") as f:
+            data = f.read()
+        split = "val" if is_validation_file(rel, val_fraction) else "train"
+        streams[split] += [data, bytes([SEPARATOR])]
+        info_files[split].append(f"{rel} {len(data)}")
+    arrays = {k: np.frombuffer(b"".join(v), dtype=np.uint8) for k, v in streams.items()}
+    listing = "".join(f"{k} {line}\n" for k in ("train", "val") for line in info_files[k])
+    info = {"name": STDLIB, "python": platform.python_version(), "implementation": sys.implementation.name,
+            "root": root, "val_fraction": val_fraction, "separator": SEPARATOR,
+            "files": {k: len(v) for k, v in info_files.items()},
+            "bytes": {k: int(len(a)) for k, a in arrays.items()},
+            "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "sha256": {k: hashlib.sha256(a.tobytes()).hexdigest() for k, a in arrays.items()}}
+    return arrays["train"], arrays["val"], info
+
+
+class StdlibCorpus(TextCorpus):
+    """The ``*.py`` files of the Python standard library (:func:`stdlib_files`), split into
+    train and validation by file (:func:`is_validation_file`), each split the concatenation of
+    its files in path order, each file followed by a NUL byte. Tokens are bytes.
+
+    ``info`` says exactly which corpus this is: the Python version, the root, file and byte
+    counts per split, the SHA-256 of the file list (split, path and size of every file) and of
+    each stream. The standard library differs between Python versions, so runs on two machines
+    compare only when these agree.
+    """
+
+    def __init__(self, seq_len: int, seed: int = 0, root: str | None = None,
+                 val_fraction: float = STDLIB_VAL_FRACTION):
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        root = os.path.abspath(stdlib_root() if root is None else root)
+        train, val, info = _load_stdlib(root, float(val_fraction))
+        super().__init__(train, val, seq_len, seed, f"the standard library corpus at {root!r}")
+        self.info = dict(info)
 
 
 def _local(batch_size: int, world_size: int) -> int:

@@ -1,10 +1,23 @@
-"""``nsa train``: train the small model, NSA next to its baselines, on the embedded passkey task
-(or any text file), then measure needle retrieval (:mod:`nsa.apps.needle`).
+"""``nsa train``: train the small model, NSA next to its baselines, on the embedded passkey task,
+the Python standard library's sources (``--data stdlib``) or any text file, then measure needle
+retrieval (:mod:`nsa.apps.needle`) or validation loss.
 
 ``nsa train`` with no arguments is the project's main command: it trains the tiny preset
 with NSA attention and with window-only attention on the embedded passkey task, then
 evaluates both on a grid of context lengths x needle depths and writes the heatmap.
 Checkpoints (atomic, exact resume) are :mod:`nsa.apps.checkpoint`'s.
+
+Each run folder gets ``log.jsonl``: one line per step with ``step``, ``loss``, ``lr``, ``tokens``
+(seen so far, the whole global batch, across resumes), ``train_seconds`` (wall clock of the
+training steps so far, across resumes, evaluations left out) and ``seconds`` (wall clock since
+this process started training, evaluations included). On text data (``--data``) the lines of
+evaluation steps (every ``--eval-every`` steps and the last) add ``val_loss`` (mean cross-entropy
+in nats per byte over ``--eval-windows`` fixed validation windows, the same for every model),
+``val_position_loss`` (the same mean per bucket of ``val_position_bucket`` token positions of
+the window: position t predicts byte t + 1 from t + 1 bytes of context) and ``eval_seconds``.
+At the end ``summary.json`` holds the totals, training tokens/s and, for text data,
+``corpus.json``'s record of the data (for the standard library: Python version, files, bytes
+and hashes).
 
 Distributed: ``torchrun --nproc_per_node N -m nsa train ...`` runs data parallel (DDP, or
 FSDP2 with ``--fsdp``); each process takes its slice of the same global batch, so the loss
@@ -25,7 +38,7 @@ import torch.distributed as dist
 
 from ..model import ATTENTIONS, ModelConfig, NSAModel, PRESETS
 from .checkpoint import init_path, init_weights, load_checkpoint, resume_checkpoint, save_checkpoint
-from .data import ByteText, PasskeyTask
+from .data import STDLIB, ByteText, PasskeyTask, StdlibCorpus, TextCorpus
 from .needle import add_grid_arguments, needle_accuracy, needle_grid, report
 from .runtime import (Dist, all_sum, comma_list, fraction, init_distributed, nonnegative_float, nonnegative_int,
                       out_folder, positive_float, positive_int, resolve_device, wrap_model)
@@ -54,7 +67,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                    help="comma-separated attention kinds to train one after the other: "
                         "nsa, full, window (default nsa,window)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="train byte-level on this text file instead of the embedded passkey task")
+                   help="train byte-level on this text file instead of the embedded passkey task; "
+                        "'stdlib': on the .py files of the running Python's standard library, split "
+                        "by file (docs/lm_study.md; a file named stdlib: ./stdlib)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per sequence (preset default: {defaults(0)})")
     p.add_argument("--min-seq-len", type=positive_int, default=None,
@@ -77,6 +92,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                         "layer's NSAConfig fields flat or dotted: --set window=64 or --set attn.window=64")
     p.add_argument("--eval-every", type=nonnegative_int, default=100,
                    help="steps between evaluations (0: never; default 100)")
+    p.add_argument("--eval-windows", type=positive_int, default=32,
+                   help="text data: validation windows of --seq-len tokens at fixed offsets of the "
+                        "validation split (default 32)")
+    p.add_argument("--position-bucket", type=nonnegative_int, default=0,
+                   help="text data: token positions per bucket of the validation loss by position "
+                        "(default 0: seq-len / 64)")
     p.add_argument("--save-every", type=nonnegative_int, default=100,
                    help="steps between checkpoints (0: end only; default 100)")
     p.add_argument("--out", default="runs/tiny", help="output folder (default runs/tiny)")
@@ -143,6 +164,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def make_task(args, seq_len: int):
+    if args.data == STDLIB:
+        return StdlibCorpus(seq_len, seed=args.seed)
     if args.data:
         if not os.path.isfile(args.data):
             raise ValueError(f"--data {args.data!r} is not a file")
@@ -175,6 +198,9 @@ def cmd_train(args) -> int:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or "
                              f"another --out")
     d = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.data and d.world > 1 and args.eval_every and args.eval_windows % d.world:
+        raise ValueError(f"--eval-windows ({args.eval_windows}) must be a multiple of the number of "
+                         f"processes ({d.world})")
     device = resolve_device(args.device, d)
     for kind, config in configs.items():
         train(config, args, folders[kind], device, d)
@@ -196,6 +222,9 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
     if args.init:  # before sharding: FSDP2 turns the parameters into shards
         init_weights(model, init_path(args.init, config.attention))
     task = make_task(args, args.seq_len)
+    text = isinstance(task, TextCorpus)
+    if text:
+        _check_corpus(out, task.info, args.resume)
     # the optimizer is made after sharding (FSDP2 replaces the parameters by sharded ones)
     wrapped = wrap_model(model, args.fsdp, d, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -207,21 +236,36 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
         start = resume_checkpoint(out, model, opt, args, d)
         if d.main:
             print(f"resumed {out} at step {start}")
+    log_path = os.path.join(out, "log.jsonl")
+    # what the steps before ``start`` saw and took: tokens from the data, seconds from the log
+    tokens = sum(args.batch_size * task.length(s) for s in range(start))
+    train_s = 0.0
     if d.main:
-        _truncate_log(os.path.join(out, "log.jsonl"), start)
+        _truncate_log(log_path, start)
+        train_s = _logged_seconds(log_path, start)
+        if text:
+            with open(os.path.join(out, "corpus.json"), "w") as f:
+                json.dump(task.info, f, indent=1)
         lo = getattr(task, "min_seq_len", args.seq_len)
         print(f"training {config.attention} ({model.num_params() / 1e6:.2f}M parameters, "
               f"{d.world} process{'es' if d.world > 1 else ''}, {device}) for {args.steps} steps "
               f"of {args.batch_size} x {f'{lo}..' if lo != args.seq_len else ''}{args.seq_len} tokens -> {out}")
+        if text and task.info["name"] == STDLIB:
+            i = task.info
+            print(f"corpus: Python {i['python']} standard library, {i['files']['train']} + {i['files']['val']} "
+                  f"files, {i['bytes']['train']:,} + {i['bytes']['val']:,} bytes (train + validation), "
+                  f"file list sha256 {i['file_list_sha256'][:12]}")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
     if args.dtype == "bfloat16" and not device.startswith("cuda"):
         raise ValueError("--dtype bfloat16 needs --device cuda")
     bar = _progress(start, args.steps, d.main, config.attention)
-    t_last, n_last, tok_last, tokens = time.perf_counter(), 0, 0, 0
+    t_last, s_last, tok_last = time.perf_counter(), train_s, tokens  # progress bar's tokens/s
     t_start = time.perf_counter()
+    global_loss, val = None, None
     model.train()
     for step in range(start, args.steps):
+        t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x, y, w = task.batch(step, args.batch_size, d.rank, d.world, device)
@@ -236,26 +280,130 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        global_loss = float(all_sum(loss_sum.detach(), d) / w_total)
-        n_last += 1
+        global_loss = float(all_sum(loss_sum.detach(), d) / w_total)  # waits for the step
+        train_s += time.perf_counter() - t0
+        done = step + 1
+        # evaluate every eval_every steps; text data also after the last step
+        at_eval = bool(args.eval_every) and (done % args.eval_every == 0 if done < args.steps else text)
+        rec = {"step": done, "loss": global_loss, "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t_start, 3), "tokens": tokens,
+               "train_seconds": round(train_s, 3)}
+        if at_eval and text:
+            val = evaluate_text(model, task, args.eval_windows, args.position_bucket, args.eval_batch,
+                                device, d, autocast)
+            rec.update(val_loss=val["loss"], val_position_loss=val["position_loss"],
+                       val_position_bucket=val["position_bucket"], eval_seconds=round(val["seconds"], 3))
         if d.main:
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": global_loss, "lr": opt.param_groups[0]["lr"],
-                                    "seconds": round(time.perf_counter() - t_start, 3),
-                                    "tokens": tokens}) + "\n")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
             dt = time.perf_counter() - t_last
-            bar.set_postfix(loss=f"{global_loss:.4f}", tok_s=f"{(tokens - tok_last) / dt:,.0f}")
+            post = dict(loss=f"{global_loss:.4f}", tok_s=f"{(tokens - tok_last) / max(train_s - s_last, 1e-9):,.0f}")
+            if val is not None:
+                post["val"] = f"{val['loss']:.4f}"
+            bar.set_postfix(**post)
             bar.update(1)
             if dt > 10:
-                t_last, n_last, tok_last = time.perf_counter(), 0, tokens
-        done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps:
+                t_last, s_last, tok_last = time.perf_counter(), train_s, tokens
+            if at_eval and text:
+                bar.write(f"step {done}: val loss {val['loss']:.4f} ({val['loss'] / math.log(2):.3f} bits/byte)")
+        if at_eval and not text:
             _periodic_eval(model, task, args, device, d, bar, done)
         if done == args.steps or (args.save_every and done % args.save_every == 0):
             save_checkpoint(out, model, opt, done, args, d, global_loss)
     if d.main:
         bar.close()
+        summary = _summary(config, model, args, out, device, d, tokens, train_s, global_loss, val,
+                           task.info if text else {"name": "passkey"})
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        if text:
+            v = f", val loss {val['loss']:.4f}" if val else ""
+            print(f"{config.attention}: {tokens:,} tokens in {train_s:.1f} s of training steps "
+                  f"({summary['tokens_per_s']:,.0f} tokens/s; {summary['tokens_per_s_steady']:,.0f} after the "
+                  f"first tenth){v}")
     return model
+
+
+@torch.no_grad()
+def evaluate_text(model, task: TextCorpus, windows: int, bucket: int, batch: int, device, d: Dist,
+                  autocast=None) -> dict:
+    """Validation loss of ``model`` on ``task``'s ``windows`` fixed validation windows
+    (:meth:`TextCorpus.val_windows`; process r of N takes windows r, r + N, ...).
+
+    Returns {"loss": mean cross-entropy (nats per byte) over every position of every window,
+    "position_loss": the mean over windows and over the positions [i * b, (i + 1) * b) of each
+    bucket i, b = ``bucket`` (0: seq_len // 64, at least 1; the last bucket may be shorter),
+    "position_bucket": b, "windows", "seconds"}. The model is put back in training mode."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    x, y = task.val_windows(windows)  # [n, T]
+    T = x.shape[1]
+    b = bucket or max(1, T // 64)
+    mine = list(range(d.rank, windows, d.world))
+    ce_pos = torch.zeros(T, dtype=torch.float64, device=device)  # summed over windows
+    for i in range(0, len(mine), batch):
+        rows = mine[i:i + batch]
+        xb, yb = x[rows].to(device), y[rows].to(device)
+        with autocast or contextlib.nullcontext():
+            logits = model(xb)
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
+        ce_pos += ce.view(len(rows), T).double().sum(0)
+    ce_pos = all_sum(ce_pos, d) / windows  # [T] mean over windows
+    buckets = [float(ce_pos[s:s + b].mean()) for s in range(0, T, b)]
+    model.train(was_training)
+    return {"loss": float(ce_pos.mean()), "position_loss": buckets, "position_bucket": b, "windows": windows,
+            "seconds": time.perf_counter() - t0}
+
+
+def _check_corpus(out: str, info: dict, resume: bool) -> None:
+    """--resume must continue on the data the run started on (a standard library corpus
+    differs between Python versions)."""
+    path = os.path.join(out, "corpus.json")
+    if not (resume and os.path.exists(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    keys = ("name", "bytes", "sha256", "file_list_sha256")
+    if any(saved.get(k) != info.get(k) for k in keys):
+        raise ValueError(f"--resume: the data differs from the saved run's ({path}: Python "
+                         f"{saved.get('python', '?')}, {saved.get('bytes')} bytes; now Python "
+                         f"{info.get('python', '?')}, {info.get('bytes')} bytes)")
+
+
+def _logged_seconds(path: str, step: int) -> float:
+    """``train_seconds`` of the log's line of ``step`` (0 when there is none)."""
+    if step == 0 or not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        rows = [json.loads(ln) for ln in f if ln.strip()]
+    return float(next((r.get("train_seconds", 0.0) for r in rows if r["step"] == step), 0.0))
+
+
+def _summary(config, model, args, out, device, d, tokens, train_s, loss, val, data) -> dict:
+    """What ``summary.json`` holds: the run's totals and its training throughput."""
+    import platform
+
+    rows = [r for r in read_log(out) if "train_seconds" in r]
+    k = len(rows) // 10  # the first steps autotune and compile: leave the first tenth out
+    steady = ((rows[-1]["tokens"] - rows[k]["tokens"]) / (rows[-1]["train_seconds"] - rows[k]["train_seconds"])
+              if len(rows) > 1 and k < len(rows) - 1 and rows[-1]["train_seconds"] > rows[k]["train_seconds"]
+              else (tokens / train_s if train_s else 0.0))
+    evals = [r for r in rows if "val_loss" in r]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"attention": config.attention, "preset": args.preset, "params": model.num_params(),
+            "config": config.to_dict(), "steps": args.steps, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "tokens": tokens,
+            "train_seconds": round(train_s, 3), "tokens_per_s": tokens / train_s if train_s else 0.0,
+            "tokens_per_s_steady": steady, "final_loss": loss,
+            "val_loss": val["loss"] if val else (evals[-1]["val_loss"] if evals else None),
+            "data": data, "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+            "dtype": args.dtype, "processes": d.world, "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _truncate_log(path: str, step: int) -> None:
@@ -269,7 +417,8 @@ def _truncate_log(path: str, step: int) -> None:
 
 
 def read_log(out: str) -> list[dict]:
-    """The per-step log of a run: [{"step", "loss", "lr"}, ...]."""
+    """The per-step log of a run: [{"step", "loss", "lr", "tokens", "train_seconds", ...}, ...]
+    (the module docstring lists the fields)."""
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(ln) for ln in f if ln.strip()]
 
@@ -290,20 +439,15 @@ def _progress(start, total, enabled, desc):
 
 @torch.no_grad()
 def _periodic_eval(model, task, args, device, d, bar, step):
+    """The passkey task's periodic check: needle accuracy at the training length."""
     model.eval()
-    if isinstance(task, PasskeyTask):
-        # accuracy on fresh needles at the training length, all past the window
-        far = [0.0, 0.25, 0.5]
-        # every process runs it: FSDP2's forward needs all of them
-        acc = needle_accuracy(model, task, task.seq_len, far, samples=8, seed=10_000 + step,
-                              device=device, batch=args.eval_batch)
-        msg = f"step {step}: needle accuracy at {task.seq_len} tokens, depths {far}: " \
-              f"{[round(a, 2) for a in acc]}"
-    else:
-        x, y, w = task.batch(step, args.batch_size, d.rank, d.world, device, split="val")
-        ls, ws = weighted_ce(model(x), y, w)
-        val = float(all_sum(ls, d) / all_sum(ws, d))
-        msg = f"step {step}: val loss {val:.4f} ({val / math.log(2):.3f} bits/byte)"
+    # accuracy on fresh needles at the training length, all past the window
+    far = [0.0, 0.25, 0.5]
+    # every process runs it: FSDP2's forward needs all of them
+    acc = needle_accuracy(model, task, task.seq_len, far, samples=8, seed=10_000 + step,
+                          device=device, batch=args.eval_batch)
+    msg = f"step {step}: needle accuracy at {task.seq_len} tokens, depths {far}: " \
+          f"{[round(a, 2) for a in acc]}"
     if d.main:
         bar.write(msg)
     model.train()
