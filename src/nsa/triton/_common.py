@@ -106,20 +106,30 @@ def split_dim(D: int) -> tuple[int, int]:
     return b0, max(16, next_pow2(D - b0))
 
 
+class SeqLens(tuple):
+    """The query length of each sequence (a tuple), with the key lengths of each branch on the
+    host as ``k_slc``, ``k_win`` and ``k_cmp``: launchers size grids from them without
+    reading the device table back (a host sync that stalls the queue)."""
+
+    def __new__(cls, q, k_slc, k_win, k_cmp):
+        obj = super().__new__(cls, q)
+        obj.k_slc, obj.k_win, obj.k_cmp = tuple(k_slc), tuple(k_win), tuple(k_cmp)
+        return obj
+
+
 def seq_table(B: int, Tq: int, Tks: int, Tkw: int, tc: int, cu_seqlens, cmp_block: int,
-              cmp_stride: int, device) -> tuple[torch.Tensor, list[int]]:
-    """(SEQ int64 [N, 8], query lengths): per-sequence start rows and lengths (see SEQ_COLS).
+              cmp_stride: int, device) -> tuple[torch.Tensor, SeqLens]:
+    """(SEQ int64 [N, 8], lengths): per-sequence start rows and lengths (see SEQ_COLS), and
+    the same lengths on the host (:class:`SeqLens`).
 
     Cached per shape (and per ``cu_seqlens`` content): building the table copies host ->
     device, which waits for the stream, so building it on every launch stalled the GPU queue
     between kernels and could not be captured in a CUDA graph.
     """
     if cu_seqlens is None:
-        seq, lens = _dense_seq_table(B, Tq, Tks, Tkw, tc, torch.device(device))
-    else:
-        cu = tuple(int(x) for x in cu_seqlens.tolist())
-        seq, lens = _packed_seq_table(cu, cmp_block, cmp_stride, torch.device(device))
-    return seq, list(lens)
+        return _dense_seq_table(B, Tq, Tks, Tkw, tc, torch.device(device))
+    cu = tuple(int(x) for x in cu_seqlens.tolist())
+    return _packed_seq_table(cu, cmp_block, cmp_stride, torch.device(device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,7 +137,8 @@ def _dense_seq_table(B, Tq, Tks, Tkw, tc, device):
     b = torch.arange(B, dtype=torch.int64)
     cols = [b * Tq, torch.full_like(b, Tq), b * Tks, torch.full_like(b, Tks),
             b * Tkw, torch.full_like(b, Tkw), b * tc, torch.full_like(b, tc)]
-    return torch.stack(cols, 1).contiguous().to(device), (Tq,) * B
+    lens = SeqLens((Tq,) * B, (Tks,) * B, (Tkw,) * B, (tc,) * B)
+    return torch.stack(cols, 1).contiguous().to(device), lens
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,7 +151,7 @@ def _packed_seq_table(cu, cmp_block, cmp_stride, device):
     st = torch.tensor(cu[:-1], dtype=torch.int64)
     ln = torch.tensor(lens, dtype=torch.int64)
     cols = [st, ln, st, ln, st, ln, torch.tensor(c0, dtype=torch.int64), torch.tensor(tcs, dtype=torch.int64)]
-    return torch.stack(cols, 1).contiguous().to(device), tuple(lens)
+    return torch.stack(cols, 1).contiguous().to(device), SeqLens(lens, lens, lens, tcs)
 
 
 def prog_table(lens: list[int], BT: int, device) -> torch.Tensor:

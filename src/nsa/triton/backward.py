@@ -347,6 +347,8 @@ def _selected_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, ITEMS, QPOS, SEQ, sm_
     blk = tl.load(ITEMS + it + 2)
     st = tl.load(ITEMS + it + 3)
     cnt = tl.load(ITEMS + it + 4)
+    if cnt == 0:  # an empty item past the real ones (the index is sized by a bound)
+        return
     H: tl.constexpr = HQ // G
     q_start = tl.load(SEQ + seq * 8 + 0)
     k_start = tl.load(SEQ + seq * 8 + 2)
@@ -410,6 +412,8 @@ def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, 
     sg = tl.program_id(0).to(tl.int64) * 2
     first = tl.load(SEGS + sg)
     cnt = tl.load(SEGS + sg + 1)
+    if cnt == 0:  # an empty segment past the real ones
+        return
     seq = tl.load(ITEMS + first * 5)
     g = tl.load(ITEMS + first * 5 + 1)
     blk = tl.load(ITEMS + first * 5 + 2)
@@ -518,7 +522,7 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     _band_bwd_dq[(tbl.shape[0], H)](
         q, k, v, do, o, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
         **const, **cfg_q)
-    klens = seq[:, C.KCN if mode == 0 else C.KWN].tolist()  # keys of each sequence
+    klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
     ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
     if not ktbl.shape[0]:
         return dq, dk, dv
@@ -554,41 +558,48 @@ def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
 
 
 def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int):
-    """Work items of :func:`_selected_bwd_dkdv` (torch ops on the device, no Python loop).
+    """Work items of :func:`_selected_bwd_dkdv` (torch ops on the device, no host sync: sizes
+    are upper bounds known on the host, and the rows past the real ones are empty).
 
-    block_indices ``[B, T, H, n]`` -> (items int64 ``[n_items, 5]``: sequence, group, block,
-    first entry, count <= chunk; qpos int64 ``[entries]``: local query positions sorted by
-    (sequence, group, block), ascending inside each; segs int64 ``[n_blocks, 2]``: first item
-    and item count of each selected (sequence, group, block)). A block selected by many
-    queries (block 0, the local blocks) is split into chunks of ``chunk`` positions, so no
-    program walks all T queries.
+    block_indices ``[B, T, H, n]`` -> (items int64 ``[I, 5]``: sequence, group, block, first
+    entry, count <= chunk (0: an empty item); qpos int64 ``[B*T*H*n]``: local query
+    positions sorted by (sequence, group, block), ascending inside each; segs int64 ``[S, 2]``:
+    first item and item count (0: empty) of each selected (sequence, group, block)). A block
+    selected by many queries (block 0, the local blocks) is split into chunks of ``chunk``
+    positions, so no program walks all T queries. S = min(entries, sequences x H x blocks)
+    and I = S + entries // chunk bound the real counts.
     """
     B, T, _, n = block_indices.shape
     dev = block_indices.device
-    qn = seq[:, C.QN]
-    seq_of_row = torch.repeat_interleave(torch.arange(seq.shape[0], device=dev), qn,
-                                         output_size=B * T)
+    N = seq.shape[0]
+    n_blk = max(1, -(-max(lens.k_slc, default=0) // sel_block))
+    sentinel = N * H * n_blk  # the key of an empty slot (-1): after every real key
+    seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seq[:, C.QN], output_size=B * T)
     t_local = torch.arange(B * T, device=dev) - seq[seq_of_row, C.Q0]
-    n_blk = max(1, -(-int(seq[:, C.KSN].max().item()) // sel_block)) if seq.shape[0] else 1
     flat = block_indices.reshape(B * T, H, n).to(torch.int64)
     grp = torch.arange(H, device=dev)[None, :, None]
-    key = (seq_of_row[:, None, None] * H + grp) * n_blk + flat
-    valid = flat >= 0
-    rows = torch.arange(B * T, device=dev)[:, None, None].expand_as(flat)[valid]
-    key = key[valid]
-    order = torch.sort(key, stable=True).indices  # stable: positions stay ascending
-    key, qpos = key[order], t_local[rows[order]]
-    uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    nch = (counts + chunk - 1) // chunk
-    total = int(nch.sum().item())
-    item = torch.repeat_interleave(torch.arange(uniq.numel(), device=dev), nch, output_size=total)
-    c = torch.arange(total, device=dev) - (torch.cumsum(nch, 0) - nch)[item]
-    cnt = torch.clamp(counts[item] - c * chunk, max=chunk)
-    u = uniq[item]
+    key = torch.where(flat >= 0, (seq_of_row[:, None, None] * H + grp) * n_blk + flat, sentinel)
+    key, order = torch.sort(key.reshape(-1), stable=True)  # stable: positions stay ascending
+    qpos = t_local[order // (H * n)]
+    E = key.numel()
+    S = min(E, sentinel)
+    ok = key < sentinel
+    new = ok & torch.cat([ok[:1], key[1:] != key[:-1]])  # the first entry of each segment
+    seg = torch.cumsum(new, 0) - 1
+    at = torch.where(new, seg, S)  # non-first entries go to a spare row S
+    starts = torch.zeros(S + 1, dtype=torch.int64, device=dev).scatter_(0, at, torch.arange(E, device=dev))[:S]
+    uniq = torch.zeros(S + 1, dtype=torch.int64, device=dev).scatter_(0, at, key)[:S]
+    counts = torch.zeros(S + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, torch.where(ok, seg, S), torch.ones_like(key))[:S]
+    nch = (counts + chunk - 1) // chunk  # 0 for the segments past the real ones
+    first = torch.cumsum(nch, 0) - nch
+    n_items = S + E // chunk
+    item = torch.searchsorted(first + nch, torch.arange(n_items, device=dev), right=True).clamp_(max=max(S - 1, 0))
+    c = torch.arange(n_items, device=dev) - first[item]
+    cnt = torch.clamp(counts[item] - c * chunk, min=0, max=chunk)
+    u = torch.where(cnt > 0, uniq[item], 0)
     items = torch.stack([u // (H * n_blk), (u // n_blk) % H, u % n_blk, starts[item] + c * chunk, cnt], 1)
-    segs = torch.stack([torch.cumsum(nch, 0) - nch, nch], 1)
-    return items.contiguous(), qpos.contiguous(), segs.contiguous()
+    return items.contiguous(), qpos.contiguous(), torch.stack([first, nch], 1).contiguous()
 
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
