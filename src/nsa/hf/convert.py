@@ -161,7 +161,7 @@ def convert_llama_folder(src: str, dst: str, *, gate_init=DEFAULT_GATE_INIT, **n
     import os
     import shutil
 
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from .loading import check_folder
 
@@ -173,6 +173,7 @@ def convert_llama_folder(src: str, dst: str, *, gate_init=DEFAULT_GATE_INIT, **n
         raise ValueError(f"{dst!r} is a file, not a folder")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("the output folder must not be the Llama's folder")
+    llama_model_config(LlamaConfig.from_pretrained(src), **nsa_overrides)  # its errors before the weights load
     llama = LlamaForCausalLM.from_pretrained(src)
     model = convert_llama(llama, gate_init=gate_init, **nsa_overrides)
     model.save_pretrained(dst)
