@@ -349,3 +349,19 @@ def test_cli_convert_errors(tmp_path, capsys):
                                        "--gate-init", "0,1"], capsys)
     assert "has no weights" in cli_error(["generate", str(tmp_path / "cfgonly")], capsys)
     assert "holds a 'llama' model" in cli_error(["generate", str(tmp_path / "llama")], capsys)
+
+
+def test_trainer_reports_the_models_loss(tmp_path):
+    pytest.importorskip("accelerate")  # Trainer's dependency (not in the test extra)
+    from transformers import Trainer, TrainingArguments
+
+    m = tiny()
+    x, y, _ = PasskeyTask(128).batch(0, 2)
+    tokens = torch.cat([x, y[:, -1:]], 1)
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=0.0,
+                             max_steps=1, save_strategy="no", report_to=[], use_cpu=True)
+    result = Trainer(model=m, args=args, train_dataset=data).train()
+    with torch.no_grad():
+        want = m.train()(input_ids=tokens, labels=tokens).loss.item()
+    assert result.training_loss == pytest.approx(want, rel=1e-5)
