@@ -365,3 +365,36 @@ def test_trainer_reports_the_models_loss(tmp_path):
     with torch.no_grad():
         want = m.train()(input_ids=tokens, labels=tokens).loss.item()
     assert result.training_loss == pytest.approx(want, rel=1e-5)
+
+
+def test_cli_generate_with_the_folders_tokenizer(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "the", "pass", "key", "is"] + [f"w{i}" for i in range(59)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    llama = tiny_llama(vocab_size=64)
+    llama.save_pretrained(tmp_path / "llama")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "llama")
+    assert cli.main(["convert", str(tmp_path / "llama"), str(tmp_path / "nsa"), "--set", "backend=torch"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path / "nsa"), "--prompt", "the pass key is", "--max-new-tokens", "4",
+                     "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "nsa").eval()
+    new = m.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=4, do_sample=False)[0, 4:].tolist()
+    assert "--- prompt (4 tokens)" in text and text.endswith(" ".join(words[i] for i in new) + "\n")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_on_the_gpu_matches_nsa_generate():
+    nsa_model = load_model(TRAINED, device="cuda").eval()  # backend auto: the Triton kernels
+    m = NSAForCausalLM.from_nsa(nsa_model)
+    prompt, keys = passkey_prompts(4, 512)
+    prompt = prompt.cuda()
+    ours = m.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, nsa_model.generate(prompt, 8))
+    assert [decode(r[prompt.shape[1]:prompt.shape[1] + 5].tolist()) for r in ours.cpu()] == keys
+    assert torch.equal(m.generate(prompt, max_new_tokens=8, do_sample=True, top_k=1), ours)
