@@ -365,6 +365,12 @@ class NSAModel(nn.Module):
         return ModelCache(layers, torch.zeros(batch_size, dtype=torch.int64, device=device or self.embed.weight.device))
 
     def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
+        return self.lm_head(self.features(tokens, cache))
+
+    def features(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
+        """The final norm's output ``[B, T, d_model]``, what ``lm_head`` maps to the logits of
+        :meth:`forward` (same arguments): a caller that needs the logits of a few positions
+        only (the last one when generating) projects just those."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor [B, T], got {shape}")
@@ -381,7 +387,7 @@ class NSAModel(nn.Module):
         if cache is not None:
             cache.last = tokens[:, -1].clone()
             cache.length += tokens.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, cache: "ModelCache", seqlens: torch.Tensor) -> torch.Tensor:

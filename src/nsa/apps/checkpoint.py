@@ -143,10 +143,22 @@ def init_weights(model: NSAModel, path: str) -> None:
 
 
 def load_checkpoint(path: str, device: str = "cpu", **overrides) -> NSAModel:
-    """A model (in eval mode) from a checkpoint folder (its latest step) or a .safetensors file;
-    ``overrides`` replace config fields (:meth:`nsa.model.ModelConfig.replace`)."""
+    """A model (in eval mode) from a checkpoint folder (its latest step), a .safetensors file or
+    a transformers folder (``config.json``, what ``NSAForCausalLM.save_pretrained`` writes; read
+    by :func:`nsa.hf.load_folder`, which needs ``nsa[hf]``); ``overrides`` replace config fields
+    (:meth:`nsa.model.ModelConfig.replace`)."""
     if os.path.isdir(path):
         info = read_pointer(path)
+        if info is None and os.path.isfile(os.path.join(path, "config.json")):
+            try:
+                from ..hf import load_folder
+            except ImportError:
+                raise ValueError(f"{path!r} is a transformers folder (config.json); reading it needs "
+                                 "transformers: pip install 'nsa[hf]'") from None
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the commands' stderr keeps one-line errors
+            return load_folder(path, device, **overrides)
         if info is None:
             kinds = sorted(k for k in os.listdir(path) if os.path.exists(os.path.join(path, k, "checkpoint.json")))
             hint = f" (its subfolders {', '.join(kinds)} do: pass one of them)" if kinds else ""

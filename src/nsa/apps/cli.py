@@ -1,5 +1,5 @@
-"""The ``nsa`` command line: ``nsa info``, ``nsa demo``, ``nsa generate`` and the commands other
-modules register.
+"""The ``nsa`` command line: ``nsa info``, ``nsa demo``, ``nsa generate``, ``nsa convert`` and the
+commands other modules register.
 
 A module command is listed in ``MODULE_COMMANDS`` as name -> module. The module defines
 ``HELP`` (name -> one line for ``nsa --help``), ``add_arguments(name, parser)`` and
@@ -21,7 +21,7 @@ import time
 from .. import geometry
 from .checkpoint import load_checkpoint
 from .data import PasskeyTask, decode, encode
-from .runtime import Dist, nonnegative_float, nonnegative_int, open_fraction, positive_int, resolve_device
+from .runtime import Dist, comma_list, fraction, nonnegative_float, nonnegative_int, open_fraction, positive_int, resolve_device
 
 MODULE_COMMANDS = {"train": "nsa.apps.train", "needle": "nsa.apps.needle", "bench": "nsa.apps.bench"}
 
@@ -114,6 +114,7 @@ def cmd_generate(args) -> int:
 
     device = resolve_device(args.device, Dist())
     model = load_checkpoint(args.checkpoint, device)
+    encode_, decode_ = _text_codec(args.checkpoint, model.config.vocab_size)
     prompt = args.prompt
     if prompt is None:
         toks, a, key = PasskeyTask(256).example(256, 0.2, np.random.default_rng(args.seed))
@@ -122,18 +123,71 @@ def cmd_generate(args) -> int:
     if not prompt:
         raise ValueError("--prompt must not be empty (the model continues a prompt)")
     g = torch.Generator(device=device).manual_seed(args.seed)
-    x = encode(prompt)[None].to(device)
+    x = encode_(prompt)[None].to(device)
     y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, use_cache=not args.no_cache, generator=g,
                        cuda_graph=args.cuda_graph)
     new = y[0, x.shape[1]:].tolist()
     # labelled, each on its own lines: where the prompt ends is visible in a pipe too
-    print(f"--- prompt ({x.shape[1]} bytes)\n{prompt}\n--- continuation ({len(new)} bytes)\n{decode(new)}")
+    unit = "bytes" if decode_ is decode else "tokens"
+    print(f"--- prompt ({x.shape[1]} {unit})\n{prompt}\n--- continuation ({len(new)} {unit})\n{decode_(new)}")
     return 0
 
 
+def _text_codec(path: str, vocab_size: int):
+    """(encode, decode) of a checkpoint's text: bytes for nsa's byte-level models (vocabulary
+    256); the folder's tokenizer for a transformers folder of another vocabulary (a
+    converted Llama, with the tokenizer files ``nsa convert`` copies)."""
+    if vocab_size == 256:
+        return encode, decode
+    import os
+
+    if os.path.isdir(path) and any(n.startswith("tokenizer") for n in os.listdir(path)):
+        import torch
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        return (lambda text: torch.tensor(tok.encode(text), dtype=torch.int64),
+                lambda ids: tok.decode(ids))
+    raise ValueError(f"the model has a vocabulary of {vocab_size} tokens, not 256 bytes, and {path!r} "
+                     "holds no tokenizer files to encode the prompt with")
+
+
+def cmd_convert(args) -> int:
+    try:
+        from ..hf.convert import convert_llama_folder
+    except ImportError:
+        raise ValueError("nsa convert needs transformers: pip install 'nsa[hf]'") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr keeps the one-line errors
+    from .train import parse_overrides
+
+    gate = tuple(args.gate_init)
+    if len(gate) != 3 or not all(0 <= g <= 1 for g in gate):
+        raise ValueError(f"--gate-init expects three values in [0, 1] (cmp,slc,win), got {args.gate_init}")
+    model = convert_llama_folder(args.llama, args.out, gate_init=gate, **parse_overrides(args.set))
+    c = model.config.to_model_config()
+    a = c.attn
+    print(f"wrote {args.out}: NSA model of {model.model.num_params() / 1e6:.1f}M parameters, {c.n_layers} layers, "
+          f"HQ={a.n_heads} H={a.n_kv_heads} D={a.head_dim}, l={a.cmp_block} d={a.cmp_stride} l'={a.sel_block} "
+          f"n={a.sel_count} w={a.window} phi={a.compress}, gates (cmp, slc, win) = {gate}")
+    return 0
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("llama", help="folder of a transformers LlamaForCausalLM (config.json, model.safetensors)")
+    p.add_argument("out", help="folder to write the NSA model to (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="an NSA field of the new model (repeatable), e.g. --set window=1024 --set sel_count=32; "
+                        "the Llama fixes the widths, heads and depth")
+    p.add_argument("--gate-init", type=comma_list(fraction), default=[0.1, 0.45, 0.45],
+                   help="initial gates of the cmp,slc,win branches (default 0.1,0.45,0.45; 0,0,1: window only)")
+
+
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder, e.g. runs/tiny/nsa (or a .safetensors file)")
+    p.add_argument("checkpoint", help="checkpoint folder, e.g. runs/tiny/nsa (or a .safetensors file, or a "
+                                      "transformers folder of an nsa model)")
     p.add_argument("--prompt", default=None, help="text to continue (default: a passkey question)")
     p.add_argument("--max-new-tokens", type=nonnegative_int, default=64, help="bytes to generate (default 64)")
     p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 is greedy (default)")
@@ -182,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     _generate_arguments(g)
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("convert", help="a transformers Llama folder to an NSA model folder (nsa[hf])")
+    _convert_arguments(c)
+    c.set_defaults(func=cmd_convert)
     return p
 
 

@@ -22,8 +22,8 @@ HELP = {"needle": "needle-in-a-haystack accuracy heatmap: NSA vs baselines"}
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name != "needle":
         raise ValueError(f"nsa.apps.needle has no command {name!r}")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint folders or .safetensors files, "
-                                                  "one heatmap panel each")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders, .safetensors files or "
+                                                  "transformers folders, one heatmap panel each")
     p.add_argument("--out", default="runs/needle", help="writes OUT.png and OUT.json (default runs/needle)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_grid_arguments(p)
@@ -179,6 +179,9 @@ def cmd_needle(args) -> int:
     models = {}
     for path in args.checkpoints:
         m = load_checkpoint(path, device)
+        if m.config.vocab_size != 256:
+            raise ValueError(f"{path!r}: the needle task is byte-level (vocabulary 256), the model has "
+                             f"{m.config.vocab_size} tokens")
         name = m.config.attention
         models[name if name not in models else f"{name}:{path}"] = m
     if args.contexts is None:
