@@ -301,11 +301,14 @@ def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_
 def _varlen(fn, cu_seqlens, args, kinds, kwargs):
     """Run ``fn`` on each sequence of a packed batch (B == 1) and concatenate along T.
 
+    ``cu_seqlens``: int tensor ``[N+1]`` or the same as host ints (what the ops pass: slicing by
+    host ints reads nothing back from the device, so ``torch.compile`` traces it).
+
     ``kinds[i]`` says how ``args[i]`` is split: "t" by ``cu_seqlens`` (one row per token),
     "c" by each sequence's Tc (compressed tokens back to back). Tuple outputs (o, lse) are
     concatenated element-wise.
     """
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     l, d = kwargs["cmp_block"] if "c" in kinds else 0, kwargs.get("cmp_stride", 1)
     results = []
     c0 = 0
