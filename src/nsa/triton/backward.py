@@ -1,4 +1,4 @@
-"""Backward kernels of NSA in Triton (SPEC 2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
+"""Backward kernels of NSA in Triton (semantics §2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
 
 Every kernel is group-centric like its forward: a tile holds BT query positions x the h heads
 of one GQA group (BM = BT * HP rows, see :mod:`._common`), so each key tile serves all heads.
