@@ -240,6 +240,23 @@ def test_compile_layer_through_triton_ops(varlen):
     _compare(got, want, TOL)
 
 
+@needs_triton
+def test_new_packings_reuse_the_graph_on_the_triton_path():
+    """The Triton path reads no host ints of the tables, so a new packing of the same T is a
+    new input, not a new graph: one recompile (dynamo making the shapes dynamic), then none."""
+    import torch._dynamo.testing
+
+    layer = _layer("triton")
+    counter = torch._dynamo.testing.CompileCounterWithBackend(COMPILER)
+    fn = torch.compile(lambda x, cu: layer(x, cu_seqlens=cu), backend=counter, fullgraph=True)
+    x = torch.randn(1, 40, 64, device=DEV)
+    with torch.no_grad():
+        for cu in ([0, 13, 13, 40], [0, 20, 40], [0, 5, 17, 30, 40], [0, 1, 2, 3, 40]):
+            tables = layer.varlen_tables(torch.tensor(cu, dtype=torch.int32, device=DEV))
+            _close(fn(x, tables), layer(x, cu_seqlens=tables), TOL)
+    assert counter.frame_count == 2
+
+
 # --------------------------------------------------------------------------- GPU (Triton + inductor)
 @gpu
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen-tables"])
