@@ -539,7 +539,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         cmp_block, cmp_stride, sel_block, sel_count, window, scale: as :func:`nsa_func`.
         max_seqlen: an upper bound of ``cache_seqlens`` (e.g. the cache's capacity). With a
             tensor ``cache_seqlens`` it spares the Triton path its host sync (reading the
-            lengths back), so the step can be captured in a CUDA graph; the lengths are then
+            lengths back), so the step can be captured in a CUDA graph or traced by
+            ``torch.compile`` (the torch backend reads the lengths back whatever); the lengths are then
             not checked (each must be in [1, max_seqlen]), and the buffers must hold the rows
             that ``max_seqlen`` needs. Default: read from ``cache_seqlens``.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
