@@ -6,7 +6,7 @@ Each op validates its inputs, then dispatches on ``backend``:
 * ``"triton"`` - the Triton kernels (:mod:`nsa.triton`); needs CUDA (or TRITON_INTERPRET=1).
 * ``"auto"``   - Triton for CUDA tensors when Triton is importable, PyTorch elsewhere.
 
-The op boundary (docs/design.md, "The op boundary"): the Triton path runs through operators
+The op boundary (docs/kernels.md, "The op boundary"): the Triton path runs through operators
 registered with :mod:`torch.library` in the namespace ``nsa``, each with a fake (meta)
 implementation, so ``torch.compile`` traces them as single nodes:
 
