@@ -18,13 +18,13 @@ from nsa import geometry as G
 from nsa import reference as R
 from nsa.apps.data import PasskeyTask
 from nsa.apps.checkpoint import load_checkpoint
-from nsa.layer import _blocks, _positions
+from nsa.layer import _blocks
 
 
 def block_scores(attn, x: torch.Tensor) -> torch.Tensor:
     """Selection scores [T, H, n_sel] of one NSA layer for input x [1, T, d_model] (Eq. 9-10)."""
     c = attn.config
-    q, ((kc, _), _, _), _ = attn._project(x, _positions(x.shape[1], None, x.device))
+    q, ((kc, _), _, _), _ = attn._project(x, torch.arange(x.shape[1], device=x.device)[None])
     k_cmp = attn.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, None))  # [1, Tc, H, Dk]
     t = torch.arange(x.shape[1])
     p, _ = R._cmp_probs(R._split_heads(q, c.n_kv_heads), k_cmp, t, c.cmp_block, c.cmp_stride,

@@ -72,7 +72,7 @@ def loop_cmp_probs(q, k_cmp, l, d, scale=None):
 
 
 def loop_select(q, k_cmp, l, d, lp, n, scale=None, n_keys=None):
-    """SPEC 3-4 with Python loops over t, groups and blocks (fp64). Returns [B, T, H, n]."""
+    """semantics §3-4 with Python loops over t, groups and blocks (fp64). Returns [B, T, H, n]."""
     B, T, HQ, _ = q.shape
     H = k_cmp.shape[2]
     h = HQ // H

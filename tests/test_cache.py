@@ -1,4 +1,4 @@
-"""Tests of NSACache's own writes (SPEC 1, 9): append_chunk and append_step against a direct
+"""Tests of NSACache's own writes (semantics §1, 9): append_chunk and append_step against a direct
 computation from the whole sequence, without the layer."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def expected_cmp(seq, c, n, phi_k, phi_v):
 
 
 def check_buffers(cache, seq, c, n, phi_k, phi_v, rtol=0.0, atol=1e-12):
-    """The cache holds positions 0..n-1 of seq as SPEC 9 says."""
+    """The cache holds positions 0..n-1 of seq as semantics §9 says."""
     close = dict(rtol=rtol, atol=atol)
     (kc, vc), (ks, vs), (kw, vw) = seq
     dt = cache.k_slc.dtype

@@ -84,7 +84,7 @@ def test_demo(capsys):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
-@pytest.mark.parametrize("what", ["prefill", "train", "generate", "model-train"])
+@pytest.mark.parametrize("what", ["prefill", "train", "generate", "model-train", "compile"])
 def test_bench_needs_a_gpu(what, capsys):
     assert "needs a CUDA GPU" in cli_error(["bench", what, "--seqlens", "64"], capsys)
 
@@ -111,6 +111,20 @@ def test_bench_train_speedups_and_table():
     pieces = dict(zip(bench.BWD_PIECES, (0.5, 0.25, 2.0, 4.5, 3.0, 0.75, 1.0)))
     r.update({f"{k}_ms": v for k, v in pieces.items()})
     assert "| 3.5x | 0.50 / 0.25 / 2.00 (4.50) / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))
+
+
+def test_bench_compile_table():
+    """Speedup = eager ms / compiled ms; tokens/s and the compiled first call per step."""
+    from nsa.apps import bench
+
+    runs = (("train", 1, False, 30.0, 136533.3, 2.0), ("train", 1, True, 20.0, 204800.0, 55.5),
+            ("decode", 4, False, 4.0, 1000.0, 0.1), ("decode", 4, True, 1.0, 4000.0, 20.25))
+    rows = [dict(preset="small", step=step, compiled=c, T=4096, batch=b, ms=ms, tokens_per_s=tok, first_call_s=fc)
+            for step, b, c, ms, tok, fc in runs]
+    table = bench.markdown_table_compile(dict(results=rows[::-1]))
+    lines = table.splitlines()
+    assert lines[2] == "| small | train | 4096 | 1 | 30.000 | 20.000 | 1.50x | 136533 / 204800 | 55.5 |"
+    assert lines[3] == "| small | decode | 4096 | 4 | 4.000 | 1.000 | 4.00x | 1000 / 4000 | 20.2 |"
 
 
 def test_bench_decode_table():

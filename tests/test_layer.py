@@ -1,4 +1,4 @@
-"""Tests of NSAAttention, its KV cache and NSAConfig (SPEC 1, 9, 10)."""
+"""Tests of NSAAttention, its KV cache and NSAConfig (semantics §1, 9, 10)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def independent_layer(layer, x):
     return _o(layer, o), idx
 
 
-# --------------------------------------------------------------------------- SPEC 10 equivalences
+# --------------------------------------------------------------------------- semantics §10 equivalences
 
 SHARED = [pytest.param(False, id="separate-kv"), pytest.param(True, id="shared-kv")]
 

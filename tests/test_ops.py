@@ -1,4 +1,4 @@
-"""Tests of the public ops nsa_func / select_blocks (SPEC 3-8, 10) on the torch backend."""
+"""Tests of the public ops nsa_func / select_blocks (semantics §3-8, 10) on the torch backend."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def sel(q, k_cmp, l, d, lp, n, **kw):
                              backend=kw.pop("backend", "torch"), **kw)
 
 
-# --------------------------------------------------------------------------- SPEC 10 equivalences
+# --------------------------------------------------------------------------- semantics §10 equivalences
 
 DTYPES = [pytest.param(torch.float64, 1e-12, id="fp64"), pytest.param(torch.float32, 1e-5, id="fp32")]
 

@@ -15,8 +15,6 @@ def inputs(T=128, B=1, HQ=4, H=2, D=16):
     return [torch.randn(B, T, HQ, D), *kv, torch.rand(B, T, HQ, 3)]
 
 
-@pytest.mark.xfail(strict=True, reason="the message change in nsa/ops.py is the lead's to apply; "
-                                       "remove this mark with it")
 def test_wrong_T_in_q_is_reported_for_q():
     """Found: a q with another T than the keys was reported as a k_cmp shape error (the Tc that
     q's T implies did not match k_cmp's)."""

@@ -1,4 +1,4 @@
-"""Triton kernels against the PyTorch reference (SPEC 2-8).
+"""Triton kernels against the PyTorch reference (semantics §2-8).
 
 Without CUDA the kernels run on the CPU under TRITON_INTERPRET=1 at small shapes (CI); on a
 GPU the same cases run for real, plus larger ones and T = 64k / 128k (marked gpu).
@@ -80,7 +80,7 @@ def _inputs(T, HQ, H, Dk, Dv, l=8, d=4, cu=None, dtype=torch.float32, seed=0, B=
 
 
 def _scores64(q, kc, l, d, lp, q_offset=0):
-    """fp64 group scores [B, T, H, n_sel] of SPEC 3 (no forced/eligible rules)."""
+    """fp64 group scores [B, T, H, n_sel] of semantics §3 (no forced/eligible rules)."""
     B, T, HQ, Dk = q.shape
     H = kc.shape[2]
     t = torch.arange(T, device=q.device) + q_offset

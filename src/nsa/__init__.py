@@ -3,6 +3,7 @@
 Public API:
     nsa_func, select_blocks  - the functional ops (backend="auto" | "torch" | "triton")
     nsa_decode               - one decode step of each sequence against its cache (same backends)
+    varlen_tables, VarlenTables - packed sequences (cu_seqlens) prepared once, outside torch.compile
     NSAConfig, NSAAttention  - the layer and its configuration
     NSACache                 - the layer's preallocated KV cache
 """
@@ -11,10 +12,10 @@ from .cache import NSACache
 from .config import NSAConfig
 from .layer import NSAAttention
 from . import geometry
-from .ops import nsa_decode, nsa_func, select_blocks
+from .ops import VarlenTables, nsa_decode, nsa_func, select_blocks, varlen_tables
 from .geometry import num_cmp_blocks
 
 __version__ = "0.1.0"
 
-__all__ = ["NSAAttention", "NSACache", "NSAConfig", "nsa_decode", "nsa_func", "num_cmp_blocks", "select_blocks",
-           "__version__"]
+__all__ = ["NSAAttention", "NSACache", "NSAConfig", "VarlenTables", "nsa_decode", "nsa_func", "num_cmp_blocks",
+           "select_blocks", "varlen_tables", "__version__"]

@@ -1,4 +1,4 @@
-"""KV cache of one NSA layer for chunked prefill and decode (SPEC section 9).
+"""KV cache of one NSA layer for chunked prefill and decode (semantics §9).
 
 Everything is preallocated (:meth:`NSACache.allocate`, through
 :meth:`nsa.NSAAttention.new_cache`); an append writes in place and never grows a tensor. What

@@ -13,7 +13,7 @@ from .rope import apply_rope, rope_cos_sin
 
 
 class Compressor(nn.Module):
-    """phi of SPEC 1: pools a block of l rotated keys (or values) into one token.
+    """phi of semantics §1: pools a block of l rotated keys (or values) into one token.
 
     "mean" averages the block. "mlp" adds a learned intra-block position embedding and an
     MLP over the flattened block on top of that mean; the position embedding and the MLP's
@@ -92,7 +92,11 @@ class NSAAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: NSACache | None = None, cu_seqlens=None,
                 return_selection: bool = False):
         """Returns y ``[B, T, d_model]`` (and the block indices ``[B, T, H, n]`` when
-        ``return_selection``)."""
+        ``return_selection``).
+
+        ``cu_seqlens``: int32 ``[N+1]`` (validated: one host read) or, under ``torch.compile``,
+        the tables of :meth:`varlen_tables` built before the compiled region.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.d_model:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [B, T, d_model={self.config.d_model}], got {shape}")
@@ -102,20 +106,26 @@ class NSAAttention(nn.Module):
             return self._forward_cached(x, cache, return_selection)
         c = self.config
         B, T, _ = x.shape
-        ops._check_cu_seqlens(cu_seqlens, T, B, x.device)  # before it is used to index x
-        pos = _positions(T, cu_seqlens, x.device)
+        # before it is used to index x
+        tables = ops.as_varlen_tables(cu_seqlens, T, B, x.device, c.cmp_block, c.cmp_stride)
+        pos = torch.arange(T, device=x.device)[None] if tables is None else tables.positions[None]  # [1, T]
         q, ((kc, vc), (ks, vs), (kw, vw)), gates = self._project(x, pos)
-        k_cmp = self.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, cu_seqlens))
-        v_cmp = self.phi_v(_blocks(vc, c.cmp_block, c.cmp_stride, cu_seqlens))
+        k_cmp = self.phi_k(_blocks(kc, c.cmp_block, c.cmp_stride, tables))
+        v_cmp = self.phi_v(_blocks(vc, c.cmp_block, c.cmp_stride, tables))
         geom = self._geometry()
-        o = ops.nsa_func(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, cu_seqlens=cu_seqlens,
+        o = ops.nsa_func(q, k_cmp, v_cmp, ks, vs, kw, vw, gates, cu_seqlens=tables,
                          backend=c.backend, deterministic=c.deterministic, **geom)
         y = self._out(o)
         if return_selection:
-            sel = ops.select_blocks(q, k_cmp, cu_seqlens=cu_seqlens, backend=c.backend,
+            sel = ops.select_blocks(q, k_cmp, cu_seqlens=tables, backend=c.backend,
                                     **{k: v for k, v in geom.items() if k != "window"})
             return y, sel
         return y
+
+    def varlen_tables(self, cu_seqlens: torch.Tensor) -> ops.VarlenTables:
+        """:func:`nsa.varlen_tables` of ``cu_seqlens`` for this layer's compression geometry:
+        what ``forward(x, cu_seqlens=...)`` takes inside ``torch.compile`` (built outside it)."""
+        return ops.varlen_tables(cu_seqlens, cmp_block=self.config.cmp_block, cmp_stride=self.config.cmp_stride)
 
     def _geometry(self) -> dict:
         c = self.config
@@ -144,8 +154,8 @@ class NSAAttention(nn.Module):
             o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                                cache_seqlens=s + 1, backend=c.backend, **geom)
         else:
-            o = ops.nsa_at(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
-                           q_offset=s, win_k_offset=kv.win_offset, backend=c.backend, **geom)
+            o = ops.nsa_func(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
+                             q_offset=s, win_k_offset=kv.win_offset, backend=c.backend, **geom)
         y = self._out(o.to(x.dtype))
         if return_selection:
             geom.pop("window")
@@ -195,25 +205,8 @@ def check_decode_step(x: torch.Tensor, d_model: int, cache_batch: int, seqlens) 
                          f"{list(seqlens.shape) if isinstance(seqlens, torch.Tensor) else ''}")
 
 
-def _positions(T: int, cu_seqlens, device) -> torch.Tensor:
-    """Positions [1, T]: 0..T-1, or restarting at 0 at each sequence of ``cu_seqlens``."""
-    ar = torch.arange(T, device=device)
-    if cu_seqlens is None:
-        return ar[None]
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    seq = torch.searchsorted(cu[1:], ar, right=True)  # sequence of each token
-    return (ar - cu[seq])[None]
-
-
-def _blocks(x: torch.Tensor, l: int, d: int, cu_seqlens) -> torch.Tensor:
-    """Raw compression blocks [B, Tc, l, H, D] (packed per sequence with cu_seqlens)."""
-    if cu_seqlens is None:
+def _blocks(x: torch.Tensor, l: int, d: int, tables: ops.VarlenTables | None) -> torch.Tensor:
+    """Raw compression blocks [B, Tc, l, H, D] (packed per sequence with cu_seqlens' tables)."""
+    if tables is None:
         return reference.cmp_blocks(x, l, d)
-    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
-    lens = cu[1:] - cu[:-1]
-    tc = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)
-    seq = torch.repeat_interleave(torch.arange(len(tc), device=x.device), tc)  # [sum Tc]
-    first = torch.cumsum(tc, 0) - tc  # index of each sequence's first block
-    starts = cu[seq] + (torch.arange(len(seq), device=x.device) - first[seq]) * d
-    idx = starts[:, None] + torch.arange(l, device=x.device)  # [sum Tc, l]
-    return x[:, idx]
+    return x[:, tables.cmp_index]  # [B, Tc, l, H, D]

@@ -49,7 +49,7 @@ class ModelConfig:
         attention: "nsa", "full" (causal over every key) or "window" (causal over the last
             ``attn.window`` keys, NSA's window branch alone).
         attn: the attention layer's :class:`nsa.NSAConfig`: the model width ``d_model``, heads,
-            head dims, RoPE base, NSA geometry (SPEC names l, d, l', n, w, phi) and kernel
+            head dims, RoPE base, NSA geometry (semantics names l, d, l', n, w, phi) and kernel
             ``backend``. The full and window baselines take their width, heads, head dim,
             ``rope_theta`` and (window) ``window`` from it, and need ``v_head_dim == head_dim``,
             no ``scale`` and no ``bias``.
@@ -212,7 +212,7 @@ class KVCache:
 class DenseAttention(nn.Module):
     """Causal softmax attention with RoPE and GQA: over every earlier key (``window=None``,
     the "full" baseline) or over keys u in [t - window + 1, t] (the "window" baseline,
-    the same function as NSA's window branch, SPEC 6)."""
+    the same function as NSA's window branch, semantics §6)."""
 
     def __init__(self, config: NSAConfig, window: int | None):
         super().__init__()
@@ -311,10 +311,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(dim, c.norm_eps)
         self.mlp = SwiGLU(dim, c.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cache=None, seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, seqlens: torch.Tensor | None = None,
+                cu_seqlens=None) -> torch.Tensor:
         h = self.attn_norm(x)
         # seqlens: a decode step with the lengths on the device (the attention's decode_step)
-        x = x + (self.attn(h, cache=cache) if seqlens is None else self.attn.decode_step(h, cache, seqlens))
+        if seqlens is not None:
+            a = self.attn.decode_step(h, cache, seqlens)
+        elif cu_seqlens is not None:  # packed sequences (NSA only: checked by the model)
+            a = self.attn(h, cu_seqlens=cu_seqlens)
+        else:
+            a = self.attn(h, cache=cache)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -364,10 +371,21 @@ class NSAModel(nn.Module):
         layers = [b.attn.new_cache(batch_size, n, dtype=dtype, device=device) for b in self.blocks]
         return ModelCache(layers, torch.zeros(batch_size, dtype=torch.int64, device=device or self.embed.weight.device))
 
-    def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
-        return self.lm_head(self.features(tokens, cache))
+    def varlen_tables(self, cu_seqlens: torch.Tensor):
+        """:func:`nsa.varlen_tables` of ``cu_seqlens`` for this model's attention geometry: what
+        ``model(tokens, cu_seqlens=...)`` takes inside ``torch.compile`` (built outside it)."""
+        from .ops import varlen_tables
 
-    def features(self, tokens: torch.Tensor, cache: "ModelCache | None" = None) -> torch.Tensor:
+        return varlen_tables(cu_seqlens, cmp_block=self.config.attn.cmp_block,
+                             cmp_stride=self.config.attn.cmp_stride)
+
+    def forward(self, tokens: torch.Tensor, cache: "ModelCache | None" = None, cu_seqlens=None) -> torch.Tensor:
+        """Logits ``[B, T, vocab_size]``. ``cu_seqlens`` (NSA attention, B == 1, no cache): N
+        sequences packed along T, as int32 ``[N+1]`` or the tables of :meth:`varlen_tables`
+        (what a compiled step takes); each sequence is attended and token-shifted alone."""
+        return self.lm_head(self.features(tokens, cache, cu_seqlens))
+
+    def features(self, tokens: torch.Tensor, cache: "ModelCache | None" = None, cu_seqlens=None) -> torch.Tensor:
         """The final norm's output ``[B, T, d_model]``, what ``lm_head`` maps to the logits of
         :meth:`forward` (same arguments): a caller that needs the logits of a few positions
         only (the last one when generating) projects just those."""
@@ -376,14 +394,26 @@ class NSAModel(nn.Module):
             raise ValueError(f"tokens must be an integer tensor [B, T], got {shape}")
         if cache is not None and not isinstance(cache, ModelCache):
             raise TypeError(f"cache must come from NSAModel.new_cache, got {type(cache).__name__}")
+        tables = None
+        if cu_seqlens is not None:
+            if cache is not None or self.config.attention != "nsa":
+                raise ValueError(f"cu_seqlens needs attention='nsa' and no cache, got attention="
+                                 f"{self.config.attention!r}{' and a cache' if cache is not None else ''}")
+            from .ops import as_varlen_tables
+
+            a = self.config.attn
+            tables = as_varlen_tables(cu_seqlens, tokens.shape[1], tokens.shape[0], tokens.device,
+                                      a.cmp_block, a.cmp_stride)
         x = self.embed(tokens)
         if self.shift is not None:
             # previous token's embedding; zero before position 0, the cached token after it
             prev = torch.cat([self.embed(cache.last[:, None]) if cache is not None and cache.length
                               else torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+            if tables is not None:  # zero before each sequence's position 0 too
+                prev = prev * (tables.positions != 0)[None, :, None].to(prev.dtype)
             x = x + self.shift(prev)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=None if cache is None else cache.layers[i])
+            x = block(x, cache=None if cache is None else cache.layers[i], cu_seqlens=tables)
         if cache is not None:
             cache.last = tokens[:, -1].clone()
             cache.length += tokens.shape[1]
@@ -407,10 +437,11 @@ class NSAModel(nn.Module):
         seqlens.add_(1)
         return self.lm_head(self.norm(x))[:, -1]
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None):
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+             cu_seqlens=None):
         """Mean cross-entropy of next tokens (targets -100 are ignored); ``weights`` [B, T]
-        weigh positions (a weighted mean)."""
-        logits = self(tokens).float()
+        weigh positions (a weighted mean); ``cu_seqlens`` as :meth:`forward` takes it."""
+        logits = self(tokens, cu_seqlens=cu_seqlens).float()
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
         w = (targets.flatten() != -100).float()
         if weights is not None:

@@ -1,17 +1,37 @@
-"""Public functional ops: :func:`nsa_func`, :func:`select_blocks` and :func:`nsa_decode` (SPEC section 8).
+"""Public functional ops: :func:`nsa_func`, :func:`select_blocks` and :func:`nsa_decode` (semantics §8).
 
 Each op validates its inputs, then dispatches on ``backend``:
 
 * ``"torch"``  - the PyTorch reference (:mod:`nsa.reference`), any device, any float dtype.
 * ``"triton"`` - the Triton kernels (:mod:`nsa.triton`); needs CUDA (or TRITON_INTERPRET=1).
 * ``"auto"``   - Triton for CUDA tensors when Triton is importable, PyTorch elsewhere.
+
+The op boundary (docs/kernels.md, "The op boundary"): the Triton path runs through operators
+registered with :mod:`torch.library` in the namespace ``nsa``, each with a fake (meta)
+implementation, so ``torch.compile`` traces them as single nodes:
+
+* ``torch.ops.nsa.nsa_fwd``: the forward; returns o and what the backward reuses (o_cmp, its
+  lse, the block indices, o_slc and its lse). Differentiable (``register_autograd``).
+* ``torch.ops.nsa.nsa_bwd``: the eight input gradients from the forward's saved state.
+* ``torch.ops.nsa.select_blocks``: the block indices alone.
+* ``torch.ops.nsa.nsa_decode``: one decode step.
+
+Geometry reaches them as explicit ints and floats; packed sequences as the host copy of
+``cu_seqlens`` in a :class:`VarlenTables`, built once by :func:`varlen_tables` outside a
+compiled region, so nothing reads device values back inside it. The torch backend is plain
+PyTorch code that ``torch.compile`` traces directly.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import geometry, reference
 from .config import check_positive_int
@@ -67,43 +87,281 @@ def _check_geometry(cmp_block, cmp_stride, sel_block, sel_count=None, window=Non
         check_positive_int("window", window)
 
 
-def _check_cu_seqlens(cu_seqlens, total: int, batch: int, device) -> None:
-    if cu_seqlens is None:
-        return
+def _scale(scale, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------- packed sequences
+@dataclass(frozen=True, eq=False)
+class VarlenTables:
+    """What the ops need to know about N sequences packed along T (from :func:`varlen_tables`).
+
+    Built once per batch, before a compiled region: inside it the ops read only these tensors'
+    shapes and the host copy, never device values (which would sync, and break a
+    ``torch.compile`` graph). Pass it wherever ``cu_seqlens`` is taken (:func:`nsa_func`,
+    :func:`select_blocks`, :class:`nsa.NSAAttention`, :class:`nsa.model.NSAModel`).
+
+    Attributes:
+        cu_seqlens: int32 ``[N+1]`` cumulative lengths, on the tensors' device.
+        cu_seqlens_cpu: int64 ``[N+1]``, the same on the CPU: the Triton ops size their
+            launches from it without a device sync.
+        bounds: the same as host ints. The torch backend slices the sequences by them, so a
+            compiled graph on that backend specializes on them (one graph per packing); the
+            Triton path does not read them.
+        positions: int64 ``[T]``: each token's position in its sequence (0 at each start).
+        cmp_block, cmp_stride: the compression geometry (l, d) ``cmp_index`` is built for;
+            the ops check that theirs is the same.
+        cmp_index: int64 ``[Tc, l]``: the rows of T in each compression block, sequence by
+            sequence (Tc = the sequences' compressed tokens in all): the raw blocks of a
+            ``[B, T, H, D]`` tensor are ``x[:, cmp_index]``.
+    """
+
+    cu_seqlens: Tensor
+    cu_seqlens_cpu: Tensor
+    bounds: tuple[int, ...]
+    positions: Tensor
+    cmp_block: int
+    cmp_stride: int
+    cmp_index: Tensor
+
+
+def _check_cu_seqlens(cu_seqlens, total: int | None, batch: int | None, device) -> tuple[int, ...]:
+    """Validate a raw cu_seqlens tensor (reads its values: one host sync); returns them."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
+        raise TypeError(f"cu_seqlens must be an int32 tensor [N+1] or nsa.VarlenTables, "
+                        f"got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have shape [N+1] with N >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != device:
+    if device is not None and cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
-    if batch != 1:
+    if batch is not None and batch != 1:
         raise ValueError(f"with cu_seqlens the batch dimension must be 1 (sequences packed along T), "
                          f"got B={batch}")
-    c = cu_seqlens.tolist()
-    if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c[:-1], c[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={total}, got {c}")
+    c = tuple(int(x) for x in cu_seqlens.tolist())
+    end = c[-1] if total is None else total
+    if c[0] != 0 or c[-1] != end or any(b < a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={end}, got {list(c)}")
+    return c
 
 
-def _expected_tc(cu_seqlens, n_keys: int, cmp_block: int, cmp_stride: int) -> int:
+def varlen_tables(cu_seqlens: Tensor, *, cmp_block: int = 32, cmp_stride: int = 16) -> VarlenTables:
+    """The :class:`VarlenTables` of ``cu_seqlens`` (int32 ``[N+1]``: 0, then the cumulative
+    lengths of N >= 1 sequences packed along T; empty sequences allowed), on its device, for
+    the compression geometry ``cmp_block``/``cmp_stride`` (l, d; a layer's
+    :meth:`nsa.NSAAttention.varlen_tables` passes its own).
+
+    Reads ``cu_seqlens`` back once (validated here: starts at 0, non-decreasing) and copies
+    the tables to its device: call it outside a compiled region, once per batch.
+    """
+    check_positive_int("cmp_block", cmp_block)
+    check_positive_int("cmp_stride", cmp_stride)
+    c = _check_cu_seqlens(cu_seqlens, None, None, None)
+    return _build_tables(cu_seqlens, c, cmp_block, cmp_stride)
+
+
+def _build_tables(cu_seqlens: Tensor, c: tuple[int, ...], l: int, d: int) -> VarlenTables:
+    dev = cu_seqlens.device
+    cpu = torch.tensor(c, dtype=torch.int64)
+    lens = cpu[1:] - cpu[:-1]
+    T = c[-1]
+    positions = torch.arange(T) - torch.repeat_interleave(cpu[:-1], lens, output_size=T)  # [T]
+    tc = torch.where(lens >= l, torch.div(lens - l, d, rounding_mode="floor") + 1, 0)  # [N]
+    n_cmp = int(tc.sum())
+    seq = torch.repeat_interleave(torch.arange(len(tc)), tc, output_size=n_cmp)  # [Tc] each block's sequence
+    first = torch.cumsum(tc, 0) - tc  # index of each sequence's first block
+    starts = cpu[seq] + (torch.arange(n_cmp) - first[seq]) * d
+    index = starts[:, None] + torch.arange(l)  # [Tc, l]
+    return VarlenTables(cu_seqlens=cu_seqlens.to(torch.int32), cu_seqlens_cpu=cpu, bounds=c,
+                        positions=positions.to(dev), cmp_block=l, cmp_stride=d, cmp_index=index.to(dev))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tables(c: tuple[int, ...], l: int, d: int, device: torch.device) -> VarlenTables:
+    return _build_tables(torch.tensor(c, dtype=torch.int32, device=device), c, l, d)
+
+
+def as_varlen_tables(cu_seqlens, total: int, batch: int, device, cmp_block: int,
+                     cmp_stride: int) -> VarlenTables | None:
+    """``cu_seqlens`` as the :class:`VarlenTables` of a call on ``batch`` x ``total`` tokens on
+    ``device`` with compression geometry (l, d): None stays None; tables are checked against
+    the call (shapes and host ints only); a raw tensor is validated and its tables built (a host
+    sync: eager convenience, refused inside ``torch.compile``)."""
     if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, VarlenTables):
+        t = cu_seqlens
+        if batch != 1:
+            raise ValueError(f"with cu_seqlens the batch dimension must be 1 (sequences packed along T), "
+                             f"got B={batch}")
+        if t.positions.shape[0] != total:
+            raise ValueError(f"cu_seqlens (VarlenTables) packs T={t.positions.shape[0]} tokens but the "
+                             f"input has T={total}")
+        if t.cu_seqlens.device != device:
+            raise ValueError(f"cu_seqlens (VarlenTables) must be on {device}, got {t.cu_seqlens.device}")
+        if (t.cmp_block, t.cmp_stride) != (cmp_block, cmp_stride):
+            raise ValueError(f"cu_seqlens (VarlenTables) was built for cmp_block={t.cmp_block}, "
+                             f"cmp_stride={t.cmp_stride}, but the call has cmp_block={cmp_block}, "
+                             f"cmp_stride={cmp_stride}: build it with nsa.varlen_tables(..., cmp_block="
+                             f"{cmp_block}, cmp_stride={cmp_stride})")
+        return t
+    if torch.compiler.is_compiling():
+        raise ValueError("cu_seqlens as a tensor is read back to the host, which a compiled graph cannot "
+                         "do: build nsa.varlen_tables(cu_seqlens, ...) once outside the compiled region "
+                         "and pass that as cu_seqlens")
+    c = _check_cu_seqlens(cu_seqlens, total, batch, device)
+    return _cached_tables(c, cmp_block, cmp_stride, cu_seqlens.device)
+
+
+# --------------------------------------------------------------------------- registered ops
+# The Triton path's operators. Their implementations import the kernels when first called
+# (nsa.triton needs the triton package); the fake implementations give the outputs' shapes
+# from the inputs' alone, for torch.compile's tracing.
+
+@torch.library.custom_op("nsa::nsa_fwd", mutates_args=())
+def _nsa_fwd(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
+             v_win: Tensor, gates: Tensor, cu_seqlens_cpu: Optional[Tensor], cmp_block: int,
+             cmp_stride: int, sel_block: int, sel_count: int, window: int, scale: float,
+             q_offset: int, win_k_offset: int,
+             deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """NSA forward through the Triton kernels: (o [B, T, HQ, Dv], o_cmp [B, T, HQ, Dv], lse_cmp
+    [B, T, HQ] fp32, block indices [B, T, H, n] int64, o_slc [B, T, HQ, Dv], lse_slc [B, T, HQ]
+    fp32). ``cu_seqlens_cpu``: :attr:`VarlenTables.cu_seqlens_cpu` or None; ``deterministic``
+    is the backward's (kept with the saved state)."""
+    from .triton.nsa import _nsa_forward
+
+    o, aux = _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cmp_block=cmp_block,
+                          cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count, window=window,
+                          scale=scale, cu_seqlens=cu_seqlens_cpu, q_offset=q_offset,
+                          win_k_offset=win_k_offset, aux=True)
+    return (o, *aux)
+
+
+@_nsa_fwd.register_fake
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens_cpu, cmp_block, cmp_stride,
+      sel_block, sel_count, window, scale, q_offset, win_k_offset, deterministic):
+    B, T, HQ, _ = q.shape
+    H, Dv = k_cmp.shape[2], v_cmp.shape[3]
+    o = q.new_empty(B, T, HQ, Dv)
+    lse = q.new_empty(B, T, HQ, dtype=torch.float32)
+    return (o, torch.empty_like(o), lse, q.new_empty(B, T, H, sel_count, dtype=torch.int64),
+            torch.empty_like(o), torch.empty_like(lse))
+
+
+@torch.library.custom_op("nsa::nsa_bwd", mutates_args=())
+def _nsa_bwd(grad_o: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
+             k_win: Tensor, v_win: Tensor, gates: Tensor, o_cmp: Tensor, lse_cmp: Tensor,
+             block_indices: Tensor, o_slc: Tensor, lse_slc: Tensor, cu_seqlens_cpu: Optional[Tensor],
+             cmp_block: int, cmp_stride: int, sel_block: int, sel_count: int, window: int,
+             scale: float, q_offset: int, win_k_offset: int, deterministic: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win and gates (each in its
+    input's dtype) from grad_o and the state ``nsa_fwd`` returned, through the Triton backward
+    kernels (:func:`nsa.triton.backward.nsa_backward`); fp16/bf16/fp32."""
+    from .triton.backward import nsa_backward
+
+    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
+              window=window, scale=scale, cu_seqlens=cu_seqlens_cpu, q_offset=q_offset,
+              win_k_offset=win_k_offset, deterministic=deterministic)
+    inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    return nsa_backward(grad_o, inputs, (o_cmp, lse_cmp, block_indices, o_slc, lse_slc), kw,
+                        needs=(True,) * 8)
+
+
+@_nsa_bwd.register_fake
+def _(grad_o, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
+    return tuple(x.new_empty(x.shape) for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (*tensors, cu, l, d, lp, n, w, scale, qo, wo, det) = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*tensors, *output[1:], cu)
+    ctx.geometry = (l, d, lp, n, w, scale, qo, wo, det)
+
+
+def _fwd_backward(ctx, grad_o, *_aux_grads):
+    saved = ctx.saved_tensors
+    inputs, aux, cu = saved[:8], saved[8:13], saved[13]
+    need = ctx.needs_input_grad[:8]
+    if inputs[0].dtype == torch.float64:  # no fp64 backward kernels: the reference, recomputed
+        grads = _reference_grads(grad_o, inputs, need, cu, ctx.geometry)
+    else:
+        grads = torch.ops.nsa.nsa_bwd(grad_o, *inputs, *aux, cu, *ctx.geometry)
+    return (*[g if nd else None for g, nd in zip(grads, need)], *([None] * 10))
+
+
+def _reference_grads(grad_o, inputs, need, cu, geo):
+    l, d, lp, n, w, scale, qo, wo, _ = geo
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(nd) for x, nd in zip(inputs, need)]
+        o = reference.nsa_ref(*leaves, cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, window=w,
+                              scale=scale, cu_seqlens=None if cu is None else cu.tolist(), q_offset=qo,
+                              win_k_offset=wo)
+        wrt = [x for x in leaves if x.requires_grad]
+        got = iter(torch.autograd.grad(o, wrt, grad_o, allow_unused=True)) if wrt else iter(())
+    return [next(got) if x.requires_grad else None for x in leaves]
+
+
+_nsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("nsa::select_blocks", mutates_args=())
+def _select_blocks(q: Tensor, k_cmp: Tensor, cu_seqlens_cpu: Optional[Tensor], cmp_block: int,
+                   cmp_stride: int, sel_block: int, sel_count: int, scale: float,
+                   q_offset: int) -> Tensor:
+    """Block indices [B, T, H, n] int64 through the Triton selection kernel (not differentiable)."""
+    from .triton.select import select_blocks_triton
+
+    return select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                                sel_count=sel_count, scale=scale, cu_seqlens=cu_seqlens_cpu,
+                                q_offset=q_offset)
+
+
+@_select_blocks.register_fake
+def _(q, k_cmp, cu_seqlens_cpu, cmp_block, cmp_stride, sel_block, sel_count, scale, q_offset):
+    B, T = q.shape[:2]
+    return q.new_empty(B, T, k_cmp.shape[2], sel_count, dtype=torch.int64)
+
+
+@torch.library.custom_op("nsa::nsa_decode", mutates_args=())
+def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
+                v_win: Tensor, gates: Tensor, cache_seqlens: Tensor, max_seqlen: int, cmp_block: int,
+                cmp_stride: int, sel_block: int, sel_count: int, window: int, scale: float) -> Tensor:
+    """One decode step [B, 1, HQ, Dv] through the Triton decode kernels; ``cache_seqlens`` int
+    [B] on the device, ``max_seqlen`` their upper bound (grids are sized by it: no host sync)."""
+    from .triton.decode import nsa_decode_triton
+
+    return nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens=cache_seqlens,
+                             cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                             sel_count=sel_count, window=window, scale=scale, max_seqlen=max_seqlen)
+
+
+@_nsa_decode.register_fake
+def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
+    return q.new_empty(q.shape[0], 1, q.shape[2], v_cmp.shape[3])
+
+
+# --------------------------------------------------------------------------- public ops
+def _expected_tc(tables: VarlenTables | None, n_keys: int, cmp_block: int, cmp_stride: int) -> int:
+    if tables is None:
         return geometry.num_cmp_blocks(n_keys, cmp_block, cmp_stride)
-    c = cu_seqlens.tolist()
-    return sum(geometry.num_cmp_blocks(b - a, cmp_block, cmp_stride) for a, b in zip(c[:-1], c[1:]))
+    return tables.cmp_index.shape[0]  # a shape, not a host read
 
 
-def _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, n_keys):
+def _check_q(q) -> None:
     _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
-    _check_tensor("k_cmp", k_cmp, 4, "[B, Tc, H, Dk]")
     if q.dtype not in _FLOATS:
         raise TypeError(f"q must be a floating tensor (fp16/bf16/fp32/fp64), got {q.dtype}")
+
+
+def _check_k_cmp(q, k_cmp, v_cmp, tc: int) -> None:
     B, T, HQ, Dk = q.shape
-    _check_cu_seqlens(cu_seqlens, T, B, q.device)  # before Tc is computed from it
+    _check_tensor("k_cmp", k_cmp, 4, "[B, Tc, H, Dk]")
     H = k_cmp.shape[2]
     if H == 0 or HQ % H:
         raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")
-    tc = _expected_tc(cu_seqlens, n_keys, cmp_block, cmp_stride)
     if tuple(k_cmp.shape) != (B, tc, H, Dk):
         raise ValueError(f"k_cmp must have shape [B, Tc, H, Dk] = {[B, tc, H, Dk]} "
                          f"(Tc = number of complete compression blocks), got {list(k_cmp.shape)}")
@@ -115,25 +373,37 @@ def _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, n_keys):
                              f"got {list(v_cmp.shape)}")
         tensors.append(("v_cmp", v_cmp))
     for name, x in tensors:
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+        _same_dtype_device(name, x, q)
+
+
+def _same_dtype_device(name, x, q) -> None:
+    if x.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+
+
+def _check_offset(name: str, v, hi: int | None = None, why: str = "") -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)) or v < 0 or (hi is not None and v > hi):
+        bound = "" if hi is None else f" <= {hi}{why}"
+        raise ValueError(f"{name} must be an int >= 0{bound}, got {v!r}")
 
 
 def select_blocks(q, k_cmp, *, cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64,
                   sel_count: int = 16, scale: float | None = None, cu_seqlens=None,
-                  backend: str = "auto") -> torch.Tensor:
-    """Blocks each query selects (SPEC 3-4).
+                  q_offset: int = 0, backend: str = "auto") -> torch.Tensor:
+    """Blocks each query selects (semantics §3-4).
 
     Args:
-        q: ``[B, T, HQ, Dk]`` queries (RoPE applied).
-        k_cmp: ``[B, Tc, H, Dk]`` compressed keys, Tc = 0 if T < l else (T - l) // d + 1.
-            With ``cu_seqlens``: each sequence's Tc_i tokens back to back.
+        q: ``[B, T, HQ, Dk]`` queries (RoPE applied), at positions ``q_offset + i``.
+        k_cmp: ``[B, Tc, H, Dk]`` compressed keys from position 0, Tc = 0 if Tk < l else
+            (Tk - l) // d + 1 with Tk = q_offset + T. With ``cu_seqlens``: each sequence's Tc_i
+            tokens back to back.
         cmp_block, cmp_stride: l and d of the compression (d divides l and l').
         sel_block, sel_count: l' and n (n >= 3; forced blocks count towards n).
         scale: softmax scale, default ``1 / sqrt(Dk)``.
-        cu_seqlens: optional int32 ``[N+1]`` cumulative lengths of sequences packed in T (B == 1).
+        cu_seqlens: optional: sequences packed in T (B == 1), as :func:`nsa_func` takes them.
+        q_offset: position of the first query (0 with ``cu_seqlens``).
         backend: "auto", "torch" or "triton".
 
     Returns:
@@ -142,38 +412,63 @@ def select_blocks(q, k_cmp, *, cmp_block: int = 32, cmp_stride: int = 16, sel_bl
         blocks (j*l' <= t) with the largest group score, ties to the lower index.
     """
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count)
-    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
-    _check_qk_cmp(q, k_cmp, None, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
-    _check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0], q.device)
-    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
-              scale=scale, cu_seqlens=cu_seqlens)
+    _check_q(q)
+    B, T = q.shape[:2]
+    tables = as_varlen_tables(cu_seqlens, T, B, q.device, cmp_block, cmp_stride)
+    _check_offset("q_offset", q_offset, 0 if tables is not None else None, " with cu_seqlens")
+    _check_k_cmp(q, k_cmp, None, _expected_tc(tables, q_offset + T, cmp_block, cmp_stride))
     if resolve_backend(backend, q.device) == "triton":
-        from . import triton as tk
+        return torch.ops.nsa.select_blocks(q, k_cmp, None if tables is None else tables.cu_seqlens_cpu,
+                                           cmp_block, cmp_stride, sel_block, sel_count,
+                                           _scale(scale, q.shape[-1]), q_offset)
+    return reference.select_blocks_ref(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                                       sel_count=sel_count, scale=scale, q_offset=q_offset,
+                                       cu_seqlens=None if tables is None else tables.bounds)
 
-        return tk.select_blocks_triton(q, k_cmp, **kw)
-    return reference.select_blocks_ref(q, k_cmp, **kw)
+
+def _check_kv_rows(q, k_slc, v_slc, k_win, v_win, q_offset: int, win_k_offset: int) -> None:
+    """A q whose T disagrees with keys that agree among themselves is q's error."""
+    T = q.shape[1]
+    end = {x.shape[1] for x in (k_slc, v_slc)} | {x.shape[1] + win_k_offset for x in (k_win, v_win)}
+    if len(end) == 1 and (n := next(iter(end))) != q_offset + T:
+        if q_offset == 0 and win_k_offset == 0:
+            raise ValueError(f"q has T={T} rows but k_slc, v_slc, k_win and v_win have {n}: "
+                             f"they must match")
+        raise ValueError(f"q has T={T} rows but k_slc, v_slc, k_win and v_win (from win_k_offset="
+                         f"{win_k_offset}) end at position {n - 1}: q_offset={q_offset} + T must be {n}")
 
 
 def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: int = 32,
              cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16, window: int = 512,
-             scale: float | None = None, cu_seqlens=None, backend: str = "auto",
+             scale: float | None = None, cu_seqlens=None, q_offset: int = 0,
+             win_k_offset: int | None = None, backend: str = "auto",
              deterministic: bool = False) -> torch.Tensor:
-    """Native Sparse Attention: three causal branches mixed by gates (SPEC 1-8).
+    """Native Sparse Attention: three causal branches mixed by gates (semantics §1-8).
 
     Args:
-        q: ``[B, T, HQ, Dk]`` queries, RoPE applied. Query t sits at position t (with
-            ``cu_seqlens``, positions restart at 0 in each sequence).
-        k_cmp, v_cmp: ``[B, Tc, H, Dk]``, ``[B, Tc, H, Dv]`` compressed keys/values, one per
-            complete block [i*d, i*d + l); Tc = 0 if T < l else (T - l) // d + 1.
-            Compressed token i is visible to query t iff i*d + l - 1 <= t.
-        k_slc, v_slc: ``[B, T, H, Dk]``, ``[B, T, H, Dv]`` keys/values of the selected branch.
-        k_win, v_win: ``[B, T, H, Dk]``, ``[B, T, H, Dv]`` keys/values of the window branch.
-            The same tensors may be passed to several branches (shared KV).
+        q: ``[B, T, HQ, Dk]`` queries, RoPE applied. Query i sits at position ``q_offset + i``
+            (with ``cu_seqlens``, positions restart at 0 in each sequence).
+        k_cmp, v_cmp: ``[B, Tc, H, Dk]``, ``[B, Tc, H, Dv]`` compressed keys/values from
+            position 0, one per complete block [i*d, i*d + l) of the Tk = q_offset + T keys;
+            Tc = 0 if Tk < l else (Tk - l) // d + 1. Compressed token i is visible to the query
+            at position t iff i*d + l - 1 <= t.
+        k_slc, v_slc: ``[B, Tk, H, Dk]``, ``[B, Tk, H, Dv]`` keys/values of the selected branch,
+            positions 0 .. Tk - 1 (Tk = T when q_offset is 0).
+        k_win, v_win: ``[B, Tw, H, Dk]``, ``[B, Tw, H, Dv]`` keys/values of the window branch,
+            positions ``win_k_offset`` .. Tk - 1 (Tw = Tk - win_k_offset). The same tensors may
+            be passed to several branches (shared KV).
         gates: ``[B, T, HQ, 3]`` activated gates (cmp, slc, win), e.g. sigmoid outputs.
         cmp_block (l=32), cmp_stride (d=16), sel_block (l'=64), sel_count (n=16, >= 3),
             window (w=512, the query included): the paper's defaults.
         scale: softmax scale of all branches, default ``1 / sqrt(Dk)``.
-        cu_seqlens: optional int32 ``[N+1]``: N sequences packed along T with B == 1.
+        cu_seqlens: optional: N sequences packed along T with B == 1, either the int32
+            ``[N+1]`` cumulative lengths (validated here: one host read, so not inside
+            ``torch.compile``) or their :class:`VarlenTables` from :func:`varlen_tables`
+            (built once, before a compiled region). Needs q_offset = 0.
+        q_offset: position of the first query: a chunk that continues a sequence whose first
+            q_offset positions the keys already hold (the layer's KV cache). Default 0.
+        win_k_offset: position of k_win's first row, at most max(0, q_offset - w + 1) (the
+            oldest key the first query's window reads). Default 0.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
         deterministic: Triton backward without atomics whose order varies (bitwise the same
             gradients on every run, about the speed of the default; FlashAttention's flag).
@@ -185,51 +480,38 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
         selection itself is not (gradients reach k_cmp through the cmp branch only).
     """
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
-    _check_tensor("q", q, 4, "[B, T, HQ, Dk]")
-    _check_qk_cmp(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, q.shape[1])
+    _check_q(q)
     B, T, HQ, Dk = q.shape
+    tables = as_varlen_tables(cu_seqlens, T, B, q.device, cmp_block, cmp_stride)
+    packed = " with cu_seqlens" if tables is not None else ""
+    _check_offset("q_offset", q_offset, 0 if packed else None, packed)
+    wo = 0 if win_k_offset is None else win_k_offset
+    _check_offset("win_k_offset", wo, 0 if packed else max(0, q_offset - window + 1),
+                  packed or f" (max(0, q_offset - window + 1): the first query's window starts there)")
+    for name, x in (("k_slc", k_slc), ("v_slc", v_slc), ("k_win", k_win), ("v_win", v_win)):
+        _check_tensor(name, x, 4, f"[B, {'Tw' if 'win' in name else 'Tk'}, H, {'Dk' if name[0] == 'k' else 'Dv'}]")
+    _check_kv_rows(q, k_slc, v_slc, k_win, v_win, q_offset, wo)
+    Tk = q_offset + T
+    _check_k_cmp(q, k_cmp, v_cmp, _expected_tc(tables, Tk, cmp_block, cmp_stride))
     H, Dv = k_cmp.shape[2], v_cmp.shape[3]
-    for name, x, D in (("k_slc", k_slc, Dk), ("v_slc", v_slc, Dv), ("k_win", k_win, Dk),
-                       ("v_win", v_win, Dv)):
-        expect = f"[B, T, H, {'Dk' if D == Dk and name[0] == 'k' else 'Dv'}] = {[B, T, H, D]}"
-        _check_tensor(name, x, 4, expect)
-        if tuple(x.shape) != (B, T, H, D):
-            raise ValueError(f"{name} must have shape {expect}, got {list(x.shape)}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
+    for name, x, rows, D in (("k_slc", k_slc, Tk, Dk), ("v_slc", v_slc, Tk, Dv),
+                             ("k_win", k_win, Tk - wo, Dk), ("v_win", v_win, Tk - wo, Dv)):
+        dims = f"[B, {'Tw' if 'win' in name else 'Tk'}, H, {'Dk' if name[0] == 'k' else 'Dv'}]"
+        if tuple(x.shape) != (B, rows, H, D):
+            raise ValueError(f"{name} must have shape {dims} = {[B, rows, H, D]}, got {list(x.shape)}")
+        _same_dtype_device(name, x, q)
     _check_tensor("gates", gates, 4, f"[B, T, HQ, 3] = {[B, T, HQ, 3]}")
     if tuple(gates.shape) != (B, T, HQ, 3):
         raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
-    if gates.dtype != q.dtype:
-        raise TypeError(f"gates must have q's dtype {q.dtype}, got {gates.dtype}")
-    if gates.device != q.device:
-        raise ValueError(f"gates must be on q's device {q.device}, got {gates.device}")
-    _check_cu_seqlens(cu_seqlens, T, B, q.device)
-    kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
-              window=window, scale=scale, cu_seqlens=cu_seqlens)
+    _same_dtype_device("gates", gates, q)
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if resolve_backend(backend, q.device) == "triton":
-        from . import triton as tk
-
-        return tk.nsa_triton(*args, deterministic=deterministic, **kw)
-    return reference.nsa_ref(*args, **kw)
-
-
-def nsa_at(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_offset: int,
-           win_k_offset: int, backend: str = "auto", **geometry) -> torch.Tensor:
-    """NSA for a chunk of queries that continues a sequence (used by the KV cache).
-
-    The T_q queries sit at positions ``q_offset + i``; k_cmp/k_slc hold positions from 0 and
-    k_win/v_win hold positions from ``win_k_offset``. Inputs are trusted (built by the layer).
-    """
-    kw = dict(geometry, q_offset=q_offset, win_k_offset=win_k_offset)
-    if resolve_backend(backend, q.device) == "triton":
-        from . import triton as tk
-
-        return tk.nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
-    return reference.nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, **kw)
+        return torch.ops.nsa.nsa_fwd(*args, None if tables is None else tables.cu_seqlens_cpu, cmp_block,
+                                     cmp_stride, sel_block, sel_count, window, _scale(scale, Dk), q_offset,
+                                     wo, bool(deterministic))[0]
+    return reference.nsa_ref(*args, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                             sel_count=sel_count, window=window, scale=scale, q_offset=q_offset,
+                             win_k_offset=wo, cu_seqlens=None if tables is None else tables.bounds)
 
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
@@ -257,7 +539,8 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         cmp_block, cmp_stride, sel_block, sel_count, window, scale: as :func:`nsa_func`.
         max_seqlen: an upper bound of ``cache_seqlens`` (e.g. the cache's capacity). With a
             tensor ``cache_seqlens`` it spares the Triton path its host sync (reading the
-            lengths back), so the step can be captured in a CUDA graph; the lengths are then
+            lengths back), so the step can be captured in a CUDA graph or traced by
+            ``torch.compile`` (the torch backend reads the lengths back whatever); the lengths are then
             not checked (each must be in [1, max_seqlen]), and the buffers must hold the rows
             that ``max_seqlen`` needs. Default: read from ``cache_seqlens``.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
@@ -329,11 +612,12 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
     if gates.dtype != q.dtype or gates.device != q.device:
         raise TypeError(f"gates must have q's dtype and device ({q.dtype}, {q.device}), "
                         f"got {gates.dtype}, {gates.device}")
-    kw = dict(cache_seqlens=cache_seqlens, cmp_block=cmp_block, cmp_stride=cmp_stride,
-              sel_block=sel_block, sel_count=sel_count, window=window, scale=scale, max_seqlen=n_max)
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
-        from . import triton as tk
-
-        return tk.nsa_decode_triton(*args, **kw)
-    return reference.nsa_decode_ref(*args, **kw)
+        if not isinstance(cache_seqlens, torch.Tensor):
+            cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+        return torch.ops.nsa.nsa_decode(*args, cache_seqlens, n_max, cmp_block, cmp_stride, sel_block,
+                                        sel_count, window, _scale(scale, Dk))
+    return reference.nsa_decode_ref(*args, cache_seqlens=cache_seqlens, cmp_block=cmp_block,
+                                    cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
+                                    window=window, scale=scale, max_seqlen=n_max)

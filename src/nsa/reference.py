@@ -2,11 +2,11 @@
 
 Every branch is a separate function, testable alone (as fla's ``naive.py``):
 
-* :func:`compressed_attention_ref` - branch cmp (SPEC 2), with its log-sum-exp.
-* :func:`select_blocks_ref` - Eq. 8-11: Eq. 9 overlap mapping, group sum, top-n (SPEC 3-4).
-* :func:`selected_attention_ref` - branch slc over given block indices (SPEC 5).
-* :func:`sliding_window_ref` - branch win (SPEC 6).
-* :func:`nsa_ref` - all three branches mixed by the gates (SPEC 7).
+* :func:`compressed_attention_ref` - branch cmp (semantics §2), with its log-sum-exp.
+* :func:`select_blocks_ref` - Eq. 8-11: Eq. 9 overlap mapping, group sum, top-n (semantics §3-4).
+* :func:`selected_attention_ref` - branch slc over given block indices (semantics §5).
+* :func:`sliding_window_ref` - branch win (semantics §6).
+* :func:`nsa_ref` - all three branches mixed by the gates (semantics §7).
 * :func:`nsa_decode_ref` - one decode step per sequence against a cache (:func:`nsa_ref` per row).
 
 All functions are vectorised over positions and blocks. The only Python loops are over
@@ -37,7 +37,7 @@ def compress_mean(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Ten
 
 
 def cmp_blocks(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
-    """The raw blocks of SPEC 1 as a strided view: [B, T, H, D] -> [B, Tc, l, H, D]."""
+    """The raw blocks of semantics §1 as a strided view: [B, T, H, D] -> [B, Tc, l, H, D]."""
     B, T, H, D = x.shape
     tc = num_cmp_blocks(T, cmp_block, cmp_stride)
     if tc == 0:
@@ -97,7 +97,7 @@ def _split_heads(q: torch.Tensor, n_kv: int) -> torch.Tensor:
 
 def compressed_attention_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, scale=None,
                              cu_seqlens=None, q_offset=0):
-    """Branch cmp (SPEC 2). Returns (o [B, T, HQ, Dv], lse [B, T, HQ] fp32/fp64).
+    """Branch cmp (semantics §2). Returns (o [B, T, HQ, Dv], lse [B, T, HQ] fp32/fp64).
 
     Query t attends to compressed token i iff i*d + l - 1 <= t; a query that sees none
     gets o = 0 and lse = -inf.
@@ -127,7 +127,7 @@ def compressed_attention_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sc
 
 def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
                       scale=None, cu_seqlens=None, q_offset=0):
-    """Top-n selection (SPEC 3-4): block indices [B, T, H, n] int64, ascending, -1 padded.
+    """Top-n selection (semantics §3-4): block indices [B, T, H, n] int64, ascending, -1 padded.
 
     Scores are the compressed-attention probabilities mapped by the Eq. 9 overlap weights
     and summed over the h heads of each group. Block 0 and the blocks holding t and t - l'
@@ -147,7 +147,7 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
     W = overlap_weights(tc, n_sel, cmp_block, cmp_stride, sel_block, device=q.device, dtype=acc)
     out = []
     step = _chunk_size(Tq, HQ * max(tc, n_sel, 1))
-    with torch.no_grad():  # selection is not differentiable (SPEC 4)
+    with torch.no_grad():  # selection is not differentiable (semantics §4)
         for c0 in range(0, Tq, step):
             c1 = min(Tq, c0 + step)
             t = torch.arange(c0, c1, device=q.device) + q_offset
@@ -166,7 +166,7 @@ def select_blocks_ref(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, se
 
 def selected_attention_ref(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
                            cu_seqlens=None, q_offset=0):
-    """Branch slc (SPEC 5): o [B, T, HQ, Dv].
+    """Branch slc (semantics §5): o [B, T, HQ, Dv].
 
     Query t attends to every key u <= t inside the blocks listed in ``block_indices``
     [B, T, H, n] (entries -1 are ignored); all heads of a group share the blocks.
@@ -208,7 +208,7 @@ def selected_attention_ref(q, k_slc, v_slc, block_indices, *, sel_block=64, scal
 
 def sliding_window_ref(q, k_win, v_win, *, window=512, scale=None, cu_seqlens=None,
                        q_offset=0, k_offset=0):
-    """Branch win (SPEC 6): query t attends to keys u in [max(0, t - w + 1), t].
+    """Branch win (semantics §6): query t attends to keys u in [max(0, t - w + 1), t].
 
     Keys sit at positions ``k_offset + arange(Tk)`` (the cache passes only its last w).
     """
@@ -250,7 +250,7 @@ def combine_gates(gates, o_cmp, o_slc, o_win):
 def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32, cmp_stride=16,
             sel_block=64, sel_count=16, window=512, scale=None, cu_seqlens=None, q_offset=0,
             win_k_offset=None):
-    """All of NSA (SPEC 1-7) with the same signature as :func:`nsa.nsa_func`.
+    """All of NSA (semantics §1-7) with the same signature as :func:`nsa.nsa_func`.
 
     Keys of cmp/slc start at position 0; queries start at ``q_offset``; the window keys
     start at ``win_k_offset`` (default 0). The branches run on q upcast to fp32/fp64 so that
@@ -301,11 +301,14 @@ def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_
 def _varlen(fn, cu_seqlens, args, kinds, kwargs):
     """Run ``fn`` on each sequence of a packed batch (B == 1) and concatenate along T.
 
+    ``cu_seqlens``: int tensor ``[N+1]`` or the same as host ints (what the ops pass: slicing by
+    host ints reads nothing back from the device, so ``torch.compile`` traces it).
+
     ``kinds[i]`` says how ``args[i]`` is split: "t" by ``cu_seqlens`` (one row per token),
     "c" by each sequence's Tc (compressed tokens back to back). Tuple outputs (o, lse) are
     concatenated element-wise.
     """
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     l, d = kwargs["cmp_block"] if "c" in kinds else 0, kwargs.get("cmp_stride", 1)
     results = []
     c0 = 0

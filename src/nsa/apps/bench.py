@@ -1,5 +1,5 @@
-"""``nsa bench prefill`` / ``train`` / ``decode`` / ``generate`` / ``model-train``: NSA against full
-attention.
+"""``nsa bench prefill`` / ``train`` / ``decode`` / ``generate`` / ``model-train`` / ``compile``: NSA
+against full attention, and torch.compile against eager.
 
 ``prefill`` times the forward; ``train`` times forward + backward (all of q, k_cmp, v_cmp, k, v,
 k_win, v_win and the gates require grad; full attention: q, k, v), and the backward alone as
@@ -33,6 +33,13 @@ and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one wa
 ``model-train`` times whole optimizer steps of model presets at T tokens, NSA against full
 attention: training tokens/s (:mod:`nsa.apps.bench_model`).
 
+``compile`` times a model preset (default ``small``, random bf16 weights, backend="triton") eager
+and under ``torch.compile(fullgraph=True)``: the training step (``model.loss`` forward, backward
+and an AdamW step, the optimizer eager in both; batch 1 of T tokens) and the decode step
+(:meth:`nsa.model.NSAModel.decode_step` after a prefill of T tokens, ``--batch`` sequences, the
+lengths reset on the device before each step), in ms and tokens/s; with the first call's
+seconds (compiling; the kernels are autotuned by the eager calls before it).
+
 Timing: ``triton.testing.do_bench`` median, after warm-up, on random bf16 inputs.
 FLOP counts (multiply-add = 2 FLOPs; useful work only, masked tiles not counted):
 full causal attention 2*(Dk+Dv)*HQ*T*(T+1)/2; NSA cmp 2*(Dk+Dv)*HQ*sum_t Tc(t) with Tc(t) the
@@ -56,7 +63,7 @@ import traceback
 
 from .. import geometry
 from ..geometry import visible_cmp_pairs
-from .bench_model import MODEL_TRAIN_T, add_model_train_arguments, model_train_sweep
+from .bench_model import MODEL_TRAIN_T, add_model_train_arguments, git_commit, model_train_sweep
 from .runtime import out_stem, positive_int
 
 CONFIGS = {
@@ -67,8 +74,10 @@ CONFIGS = {
 }
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
-MODES = ("prefill", "train", "decode", "generate", "model-train")  # what ``nsa bench WHAT`` times
-HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention: nsa bench {{{','.join(MODES)}}}"}
+COMPILE_T = [4096]
+MODES = ("prefill", "train", "decode", "generate", "model-train", "compile")  # what ``nsa bench WHAT`` times
+HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention (compile: torch.compile against eager): "
+                 f"nsa bench {{{','.join(MODES)}}}"}
 
 
 def add_arguments(name, parser: argparse.ArgumentParser) -> None:
@@ -76,12 +85,14 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                         help="prefill: forward of the whole sequence; train: forward + backward; "
                              "decode: one new token against a cache of T keys; generate: a model's "
                              "tokens/s after a prompt of T tokens, eager and as a CUDA graph; model-train: "
-                             "training tokens/s of model presets (optimizer steps)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="decode, generate, model-train: sequences per step (default 1)")
+                             "training tokens/s of model presets (optimizer steps); compile: a model's "
+                             "training step and decode step, torch.compile against eager")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="decode, generate, model-train, compile (its decode step): sequences per step (default 1)")
     parser.add_argument("--seqlens", type=positive_int, nargs="+", default=None,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k; "
-                             "model-train: 8k 16k 32k)")
-    parser.add_argument("--preset", default="small", help="generate: model preset (default small)")
+                             "model-train: 8k 16k 32k; compile: 4k)")
+    parser.add_argument("--preset", default="small", help="generate, compile: model preset (default small)")
     parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations (default: all)")
@@ -460,7 +471,7 @@ def run(name, args) -> int:
     props = torch.cuda.get_device_properties(dev)
     meta = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                timing="triton.testing.do_bench median, bf16, batch 1, random inputs")
+                commit=git_commit(), timing="triton.testing.do_bench median, bf16, batch 1, random inputs")
     try:
         import fla
 
@@ -480,6 +491,11 @@ def run(name, args) -> int:
     if args.what == "model-train":
         args.seqlens = args.seqlens or MODEL_TRAIN_T
         return model_train_sweep(args, meta, out_path, dev)
+    if args.what == "compile":
+        args.seqlens = args.seqlens or COMPILE_T
+        meta["timing"] = (f"triton.testing.do_bench median, bf16 weights, preset {args.preset}, backend triton, "
+                          f"train: batch 1, decode: batch {args.batch}, random weights and tokens")
+        return _compile_sweep(args, meta, out_path, dev)
     args.seqlens = args.seqlens or DEFAULT_T
     if args.what == "decode":
         meta["timing"] = meta["timing"].replace("batch 1, ", "")
@@ -632,6 +648,111 @@ def _generate_sweep(args, meta, out_path, dev) -> int:
         del model
         torch.cuda.empty_cache()
     return _write_results(dict(meta=meta, results=rows), out_path, plot_generate, markdown_table_generate)
+
+
+def _timed_first_call(fn) -> float:
+    """Seconds of ``fn()``'s first call (what compiling costs), the GPU waited for."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _compile_sweep(args, meta, out_path, dev) -> int:
+    import torch
+
+    from ..model import ModelConfig, NSAModel
+
+    rows = []
+
+    def record(res, fn, tokens):
+        try:
+            res["first_call_s"] = _timed_first_call(fn)
+            res["ms"], res["peak_gb"] = _bench(fn, args.rep)
+            res["tokens_per_s"] = tokens * 1e3 / res["ms"]
+        except Exception as e:  # keep going: report what failed
+            traceback.print_exc()
+            res["error"] = repr(e)[:300]
+        rows.append(res)
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
+        _save(dict(meta=meta, results=rows), out_path)
+
+    for T in args.seqlens:
+        cfg = ModelConfig.preset(args.preset, backend="triton", max_seq_len=T + 1)
+        torch.manual_seed(0)
+        model = NSAModel(cfg).to(dev, torch.bfloat16)
+        tok = torch.randint(0, cfg.vocab_size, (1, T + 1), device=dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        for compiled in (False, True):  # eager first: it autotunes the kernels
+            loss_fn = torch.compile(model.loss, fullgraph=True) if compiled else model.loss
+
+            def train_step():
+                loss_fn(tok[:, :-1], tok[:, 1:]).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            record(dict(preset=args.preset, step="train", compiled=compiled, T=T, batch=1), train_step, T)
+        del opt
+        model.eval()
+        B = args.batch
+        cache = model.new_cache(B, T + 1)
+        with torch.no_grad():
+            model(torch.randint(0, cfg.vocab_size, (B, T), device=dev), cache=cache)  # prefill
+        nxt = torch.randint(0, cfg.vocab_size, (B, 1), device=dev)
+        seqlens = torch.full((B,), T, dtype=torch.int64, device=dev)
+        for compiled in (False, True):
+            decode = torch.compile(model.decode_step, fullgraph=True) if compiled else model.decode_step
+
+            def decode_step():
+                seqlens.fill_(T)  # the same position every call (decode_step advances it)
+                decode(nxt, cache, seqlens)
+
+            record(dict(preset=args.preset, step="decode", compiled=compiled, T=T, batch=B), decode_step, B)
+        del model, cache
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return _write_results(dict(meta=meta, results=rows), out_path, plot_compile, markdown_table_compile)
+
+
+def markdown_table_compile(out) -> str:
+    """One row per (step, T): ms eager and compiled, the speedup, tokens/s, first-call seconds."""
+    lines = ["| preset | step | T | batch | eager ms | compiled ms | speedup | tokens/s eager / compiled | "
+             "compiled first call s |", "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["step"], r["T"], r["compiled"]): r for r in out["results"] if "ms" in r}
+    for step, T in sorted({(r["step"], r["T"]) for r in out["results"]}, key=lambda k: (k[0] != "train", k[1])):
+        e, c = by.get((step, T, False)), by.get((step, T, True))
+        any_r = e or c
+        if any_r is None:
+            continue
+        f = lambda r, k, fmt: fmt.format(r[k]) if r else "-"  # noqa: E731
+        sp = f"{e['ms'] / c['ms']:.2f}x" if e and c else "-"
+        lines.append(f"| {any_r['preset']} | {step} | {T} | {any_r['batch']} | {f(e, 'ms', '{:.3f}')} | "
+                     f"{f(c, 'ms', '{:.3f}')} | {sp} | {f(e, 'tokens_per_s', '{:.0f}')} / "
+                     f"{f(c, 'tokens_per_s', '{:.0f}')} | {f(c, 'first_call_s', '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def plot_compile(out, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in out["results"] if "ms" in r]
+    keys = sorted({(r["step"], r["T"]) for r in rows}, key=lambda k: (k[0] != "train", k[1]))
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3 * max(1, len(keys)), 3.5), squeeze=False)
+    for ax, (step, T) in zip(axes[0], keys):
+        ms = [next((r["ms"] for r in rows if (r["step"], r["T"], r["compiled"]) == (step, T, c)), 0.0)
+              for c in (False, True)]
+        ax.bar(["eager", "compiled"], ms, color=["tab:gray", "tab:blue"])
+        ax.set_title(f"{step}, T={T}", fontsize=8)
+        ax.set_ylabel("ms per step")
+    _save_figure(fig, out["meta"], path)
 
 
 def _write_results(out, out_path, plot_fn, table_fn) -> int:

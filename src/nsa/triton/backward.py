@@ -1,4 +1,4 @@
-"""Backward kernels of NSA in Triton (SPEC 2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
+"""Backward kernels of NSA in Triton (semantics §2, 5, 6, 7): dq, dk, dv of each branch, and the gates.
 
 Every kernel is group-centric like its forward: a tile holds BT query positions x the h heads
 of one GQA group (BM = BT * HP rows, see :mod:`._common`), so each key tile serves all heads.
@@ -742,13 +742,14 @@ def selected_attention_backward(q, k_slc, v_slc, block_indices, o, do, *, sel_bl
     return dq.to(q.dtype), dk.to(k_slc.dtype), dv.to(v_slc.dtype)
 
 
-def nsa_backward(grad_o, inputs, saved, kw):
+def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     """Backward of :func:`nsa.triton.nsa_triton` through the Triton kernels.
 
     inputs: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) as in the forward; saved:
     (o_cmp, lse_cmp, block_indices, o_slc) of the forward; kw: the forward's keywords.
     o_win (fused into the gate epilogue by the forward) and its lse are recomputed here.
-    Returns the 8 gradients in the inputs' dtypes (None for inputs that need none).
+    Returns the 8 gradients in the inputs' dtypes (None for inputs that need none: ``needs``,
+    8 bools, default each input's ``requires_grad``).
     kw["deterministic"] (default False): no atomics whose order varies from run to run.
     """
     from .band import band_attention, default_scale
@@ -774,4 +775,5 @@ def nsa_backward(grad_o, inputs, saved, kw):
                                       seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                       window=kw["window"], dq_acc=dq)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
-    return tuple(gr.to(x.dtype) if x.requires_grad else None for gr, x in zip(grads, inputs))
+    needs = [x.requires_grad for x in inputs] if needs is None else needs
+    return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))

@@ -3,11 +3,11 @@
 One program holds BT consecutive query positions x the h heads of one GQA group (BM rows), so
 each key/value tile it loads serves all heads of the group. Two modes (constexpr MODE):
 
-* MODE 0, compressed (SPEC 2): keys are the compressed tokens i of the sequence; query t sees
+* MODE 0, compressed (semantics §2): keys are the compressed tokens i of the sequence; query t sees
   i iff i*d + l - 1 <= t. Writes o and the natural-log log-sum-exp (-inf for empty rows).
-* MODE 1, sliding window (SPEC 6): keys at positions u in [t - w + 1, t]; the key rows start
+* MODE 1, sliding window (semantics §6): keys at positions u in [t - w + 1, t]; the key rows start
   at position ``k_offset``. With FUSE_GATES the epilogue also reads o_cmp, o_slc and the gates
-  and writes g0*o_cmp + g1*o_slc + g2*o_win (SPEC 7): one pass less over the outputs.
+  and writes g0*o_cmp + g1*o_slc + g2*o_win (semantics §7): one pass less over the outputs.
 
 Key tiles that every valid row of the program sees (all compressed tiles but the last; the
 window's middle) run without the visibility mask and the key-row load masks (:func:`_band_step`

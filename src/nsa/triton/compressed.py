@@ -1,4 +1,4 @@
-"""Branch cmp (SPEC 2) in Triton: attention over the compressed tokens, with its log-sum-exp.
+"""Branch cmp (semantics §2) in Triton: attention over the compressed tokens, with its log-sum-exp.
 
 The kernel is the group-centric band kernel of :mod:`nsa.triton.band` in MODE 0; its reference
 is :func:`nsa.reference.compressed_attention_ref` (same signature).

@@ -1,4 +1,4 @@
-"""Block scoring and top-n selection (SPEC 3-4) in one Triton pass, fused.
+"""Block scoring and top-n selection (semantics §3-4) in one Triton pass, fused.
 
 Per program: BT positions x the h heads of one group (BM rows), with the log-sum-exp of the
 compressed branch as input. The program walks the selection blocks in chunks of BJE blocks.
@@ -226,7 +226,7 @@ def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, int
 
 def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
                          scale=None, cu_seqlens=None, q_offset=0, lse=None):
-    """Top-n block indices [B, T, H, n] int64, ascending, -1 padded (SPEC 3-4); forward only.
+    """Top-n block indices [B, T, H, n] int64, ascending, -1 padded (semantics §3-4); forward only.
 
     Same contract as :func:`nsa.reference.select_blocks_ref`. ``lse`` ([B, T, HQ] fp32, the
     compressed branch's log-sum-exp) is computed here when not given.

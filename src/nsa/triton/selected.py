@@ -1,4 +1,4 @@
-"""Branch slc (SPEC 5) in Triton: attention over each query's selected key blocks, group-centric.
+"""Branch slc (semantics §5) in Triton: attention over each query's selected key blocks, group-centric.
 
 As the paper's Figure 3: a program holds the h query heads of one group at BT consecutive
 positions (BM = BT * HP rows) and makes one pass over their selected blocks; each key/value

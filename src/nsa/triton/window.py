@@ -1,4 +1,4 @@
-"""Branch win (SPEC 6) in Triton: causal sliding-window attention, group-centric.
+"""Branch win (semantics §6) in Triton: causal sliding-window attention, group-centric.
 
 The kernel is :mod:`nsa.triton.band` in MODE 1; its reference is
 :func:`nsa.reference.sliding_window_ref` (same signature). Needs no flash_attn package.
