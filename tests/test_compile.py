@@ -179,12 +179,12 @@ def _tiny(backend, dtype=torch.float32):
     return NSAModel(ModelConfig.preset("tiny", backend=backend)).to(DEV, dtype)
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen-tables"])
-def test_compile_tiny_model_training_step_torch(varlen):
-    model = _tiny("torch")
-    T = 96
-    B = 1 if varlen else 2
-    cu = model.varlen_tables(torch.tensor([0, 40, 96], dtype=torch.int32, device=DEV)) if varlen else None
+def _check_compiled_training(backend: str, T: int, bounds: list[int] | None, tol: float) -> None:
+    """Two training steps of the tiny model, compiled (fullgraph) and eager, from the same
+    weights: equal losses and parameters; ``bounds`` packs the batch (varlen tables)."""
+    model = _tiny(backend)
+    B = 1 if bounds else 2
+    cu = model.varlen_tables(torch.tensor(bounds, dtype=torch.int32, device=DEV)) if bounds else None
     batches = []
     for _ in range(2):
         tok = torch.randint(0, 256, (B, T + 1), device=DEV)
@@ -193,9 +193,14 @@ def test_compile_tiny_model_training_step_torch(varlen):
     want, p_want = _train_steps(model, batches, compiled=False)
     model.load_state_dict(state)
     got, p_got = _train_steps(model, batches, compiled=True)
-    _close(got, want, TOL)
+    _close(got, want, tol)
     for a, b in zip(p_got, p_want):
-        _close(a, b, TOL)
+        _close(a, b, tol)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen-tables"])
+def test_compile_tiny_model_training_step_torch(varlen):
+    _check_compiled_training("torch", 96, [0, 40, 96] if varlen else None, TOL)
 
 
 def test_packed_model_equals_separate_sequences():
@@ -264,21 +269,7 @@ def test_new_packings_reuse_the_graph_on_the_triton_path():
 @gpu
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen-tables"])
 def test_gpu_compile_tiny_model_training_step_triton(varlen):
-    model = _tiny("triton")
-    T = 512
-    B = 1 if varlen else 2
-    cu = model.varlen_tables(torch.tensor([0, 200, 200, 512], dtype=torch.int32, device=DEV)) if varlen else None
-    batches = []
-    for _ in range(2):
-        tok = torch.randint(0, 256, (B, T + 1), device=DEV)
-        batches.append((tok[:, :-1], tok[:, 1:], cu))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    want, p_want = _train_steps(model, batches, compiled=False)
-    model.load_state_dict(state)
-    got, p_got = _train_steps(model, batches, compiled=True)
-    _close(got, want, 1e-4)
-    for a, b in zip(p_got, p_want):
-        _close(a, b, 1e-4)
+    _check_compiled_training("triton", 512, [0, 200, 200, 512] if varlen else None, 1e-4)
 
 
 @gpu
