@@ -94,6 +94,10 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                         help="output path without extension (.json and .png are written; "
                              "default benchmarks/results/<what>_<gpu>, e.g. prefill_h200)")
     add_model_train_arguments(parser)
+    parser.add_argument("--inputs", default="random", choices=["random", "realistic"],
+                        help="prefill, train: random normal q/k (default), or realistic: q and k_cmp whose "
+                             "block selection has a trained model's neighbour overlap (docs/benchmarks.md; "
+                             "output name gets _realistic)")
     parser.add_argument("--rep", type=positive_int, default=200, help="do_bench repetition time in ms")
     parser.add_argument("--flex-max-t", type=positive_int, default=32768,
                         help="time FlexAttention only up to this T (each T recompiles it)")
@@ -158,6 +162,33 @@ def _inputs(T, c, device):
     kc, vc = compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"])
     gates = torch.rand(1, T, c["HQ"], 3, device=device, generator=g).to(torch.bfloat16)
     return q, kc, vc, k, v, kw, vw, gates
+
+
+def bench_inputs(T, c, device, realistic: bool) -> tuple[tuple, dict]:
+    """(inputs, info) of one benchmark row: random (:func:`_inputs`) or realistic
+    (:func:`nsa.apps.bench_inputs.realistic_inputs`); info records the mode, the synthesis
+    parameters and the statistics of the inputs' block selection (Triton select) for both."""
+    import time
+
+    from .. import select_blocks
+    from .bench_inputs import realistic_inputs, selection_stats
+
+    t0 = time.perf_counter()
+    if realistic:
+        x, params = realistic_inputs(T, c, device)
+    else:
+        x, params = _inputs(T, c, device), None
+    info = dict(inputs="realistic" if realistic else "random", inputs_s=time.perf_counter() - t0)
+    if params is not None:
+        info["input_params"] = params
+    try:
+        idx = select_blocks(x[0], x[1], cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                            sel_count=c["n"], backend="triton")
+        info["selection"] = selection_stats(idx, c["lp"])
+        del idx
+    except Exception as e:  # the statistics are a by-product: never lose the timings
+        info["selection_error"] = repr(e)[:300]
+    return x, info
 
 
 def _run_nsa(T, c, x, breakdown, rep):
@@ -469,7 +500,9 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
-    out_path = out_stem(args.out or f"benchmarks/results/{args.what.replace('-', '_')}_{gpu_tag(props.name)}", (".json", ".png"))
+    realistic = getattr(args, "inputs", "random") == "realistic" and args.what in ("prefill", "train")
+    stem = args.what.replace('-', '_') + ("_realistic" if realistic else "")
+    out_path = out_stem(args.out or f"benchmarks/results/{stem}_{gpu_tag(props.name)}", (".json", ".png"))
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
     if args.what == "generate":
@@ -484,14 +517,17 @@ def run(name, args) -> int:
     if args.what == "decode":
         meta["timing"] = meta["timing"].replace("batch 1, ", "")
         return _decode_sweep(args, meta, baselines, out_path, dev)
+    meta["inputs"] = "realistic" if realistic else "random"
+    if realistic:
+        meta["timing"] = meta["timing"].replace("random inputs", "realistic inputs (nsa.apps.bench_inputs)")
     for cname in args.configs:
         c = dict(CONFIGS[cname], name=cname)
         for T in args.seqlens:
             torch.cuda.empty_cache()
-            x = _inputs(T, c, dev)
+            x, info = bench_inputs(T, c, dev, realistic)
             fl = nsa_flops(T, c)
             res = dict(config=cname, T=T, **{k: c[k] for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n", "w")},
-                       flops_nsa=fl["total"], flops_full=full_flops(T, c))
+                       flops_nsa=fl["total"], flops_full=full_flops(T, c), **info)
             if args.what == "train":
                 for key, val in _run_train(T, c, x, baselines, args.rep, not args.no_breakdown).items():
                     if key.endswith("_error"):

@@ -132,7 +132,8 @@ def _path(gen_seed: int, pos: torch.Tensor, heads: int, dim: int, drift: float, 
 
 def synth_qk(T: int, HQ: int, H: int, Dk: int, cmp_block: int, cmp_stride: int, *, drift: float,
              noise: float, seed: int = 0, key_noise: float = 0.8, gain: float = 0.35,
-             positions: torch.Tensor | None = None, device="cpu", dtype=torch.bfloat16):
+             positions: torch.Tensor | None = None, noise_seed: int = 0, device="cpu",
+             dtype=torch.bfloat16):
     """(q ``[1, len(positions), HQ, Dk]``, k_cmp ``[1, Tc, H, Dk]``) of the realistic inputs.
 
     Every KV head g has a smooth random path P_g(t) (:func:`_path`, one anchor every ``drift``
@@ -142,7 +143,8 @@ def synth_qk(T: int, HQ: int, H: int, Dk: int, cmp_block: int, cmp_stride: int, 
     compressed tokens from where the path was near its own point, which moves slowly with t:
     neighbours pick the same blocks, recent blocks more often than far ones; ``noise`` makes
     each position's choice partly its own. ``positions`` (default all of 0..T-1) picks the
-    query rows to build (calibration builds only the last ones). Deterministic per seed.
+    query rows to build (calibration builds a few windows; ``noise_seed`` varies their noise).
+    Deterministic per seed.
     """
     from ..geometry import cmp_block_end, num_cmp_blocks
 
@@ -164,7 +166,7 @@ def synth_qk(T: int, HQ: int, H: int, Dk: int, cmp_block: int, cmp_stride: int, 
         p = _path(seed, ends[c0:c0 + step], H, Dk, drift, n_anchor, device)
         e = torch.randn(p.shape, device=device, generator=g)
         kc[0, c0:c0 + step] = (math.sqrt(1 - key_noise ** 2) * p + key_noise * e).to(dtype)
-    g = torch.Generator(device=device).manual_seed(seed * 1000003 + 2)
+    g = torch.Generator(device=device).manual_seed(seed * 1000003 + 2 + 7 * noise_seed)
     for c0 in range(0, len(pos), step):
         # the noise of position t is drawn from its own chunk's generator state: build
         # all rows in one pass for the benchmark (positions=None)
@@ -176,22 +178,29 @@ def synth_qk(T: int, HQ: int, H: int, Dk: int, cmp_block: int, cmp_stride: int, 
 
 
 def probe_overlap(T: int, c: dict, *, drift: float, noise: float, seed: int = 0, probe: int = 1024,
-                  offsets=(1, 64), device="cpu", **kw) -> dict:
-    """Free-pick overlap (mean over KV heads) at ``offsets`` of the realistic inputs' selection
-    (:func:`nsa.select_blocks`, torch backend) for the last ``probe`` query positions of a
-    sequence of T at geometry ``c`` (keys HQ, H, Dk, l, d, lp, n as in bench.CONFIGS).
+                  windows: int = 4, offsets=(1, 64), device="cpu", **kw) -> dict:
+    """Free-pick overlap (mean over KV heads and windows) at ``offsets`` of the realistic
+    inputs' selection (reference select) for ``probe`` query positions of a sequence of T at
+    geometry ``c`` (keys HQ, H, Dk, l, d, lp, n as in bench.CONFIGS): ``windows`` runs of
+    consecutive positions spread evenly over [n * l', T).
 
-    The query rows of positions >= T - probe are not the benchmark's own (their noise comes
-    from another generator state) but have its distribution: the statistic is the same."""
+    The probed query rows are not the benchmark's own (their noise comes from other generator
+    states) but have its distribution: the statistic is the same."""
     from ..reference import select_blocks_ref
 
-    pos = torch.arange(max(0, T - probe), T, device=device)
-    q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], drift=drift, noise=noise, seed=seed,
-                     positions=pos, device=device, dtype=torch.float32, **kw)
-    idx = select_blocks_ref(q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"],
-                            q_offset=int(pos[0]))
-    return {k: float(neighbour_overlap(idx, k, sel_block=c["lp"], free_only=True, q_offset=int(pos[0])).mean())
-            for k in offsets}
+    w = max(max(offsets) + 1, probe // windows)
+    lo = min(c["n"] * c["lp"], max(0, T - w))
+    starts = sorted({int(lo + i * (T - w - lo) / max(1, windows - 1)) for i in range(windows)})
+    acc = {k: 0.0 for k in offsets}
+    for i, s0 in enumerate(starts):
+        pos = torch.arange(s0, min(T, s0 + w), device=device)
+        q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], drift=drift, noise=noise, seed=seed,
+                         positions=pos, device=device, dtype=torch.float32, noise_seed=i, **kw)
+        idx = select_blocks_ref(q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                                sel_count=c["n"], q_offset=s0)
+        for k in offsets:
+            acc[k] += float(neighbour_overlap(idx, k, sel_block=c["lp"], free_only=True, q_offset=s0).mean())
+    return {k: v / len(starts) for k, v in acc.items()}
 
 
 def calibrate(T: int, c: dict, target: dict | None = None, *, seed: int = 0, probe: int = 1024,
@@ -221,7 +230,7 @@ def calibrate(T: int, c: dict, target: dict | None = None, *, seed: int = 0, pro
         noise = (lo + hi) / 2
         return noise, ov(drift, noise)
 
-    lo, hi = math.log2(c["lp"] / 2), math.log2(max(T, 4 * c["lp"]))  # drift between l'/2 and T
+    lo, hi = math.log2(c["lp"] / 2), math.log2(max(T / 4, 4 * c["lp"]))  # drift between l'/2 and T/4
     best = None
     for _ in range(steps[0]):
         mid = (lo + hi) / 2
@@ -249,13 +258,14 @@ def selection_stats(idx: torch.Tensor, sel_block: int, q_offset: int = 0) -> dic
 
 
 def realistic_inputs(T: int, c: dict, device, *, seed: int | None = None, params: dict | None = None,
-                     probe: int = 1024):
+                     target: dict | None = None, probe: int = 1024):
     """(inputs, info): the benchmark's inputs (q, k_cmp, v_cmp, k, v, k_win, v_win, gates, bf16,
     as ``bench._inputs``) with q and k_cmp from :func:`synth_qk`, fitted by :func:`calibrate`
-    unless ``params`` (drift, noise) is given; v_cmp, the slc and window keys/values and the
+    to ``target`` (default :data:`TRAINED_FREE_OVERLAP`) on the same seed's paths, unless
+    ``params`` (drift, noise) is given; v_cmp, the slc and window keys/values and the
     gates are normal / uniform as in the random mode. ``info``: the parameters and the fit."""
     seed = T if seed is None else seed
-    info = dict(params) if params is not None else calibrate(T, c, seed=seed, probe=probe, device=device)
+    info = dict(params) if params is not None else calibrate(T, c, target, seed=seed, probe=probe, device=device)
     q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], drift=info["drift"], noise=info["noise"],
                      seed=seed, device=device)
     g = torch.Generator(device=device).manual_seed(seed * 1000003 + 3)
