@@ -30,6 +30,9 @@ prefill + a one-time cost + N decode steps; two values of N (``--new-tokens`` an
 give the decode step's time and the one-time cost (the graph's first eager step and capture),
 and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one warm-up call.
 
+``first-call`` times the first forward + backward of a fresh process, with an empty and a warm
+Triton cache (:mod:`nsa.apps.bench_first_call`).
+
 ``model-train`` times whole optimizer steps of model presets at T tokens, NSA against full
 attention: training tokens/s (:mod:`nsa.apps.bench_model`).
 
@@ -67,7 +70,7 @@ CONFIGS = {
 }
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
-MODES = ("prefill", "train", "decode", "generate", "model-train")  # what ``nsa bench WHAT`` times
+MODES = ("prefill", "train", "decode", "generate", "model-train", "first-call")  # what ``nsa bench WHAT`` times
 HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention: nsa bench {{{','.join(MODES)}}}"}
 
 
@@ -76,11 +79,12 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                         help="prefill: forward of the whole sequence; train: forward + backward; "
                              "decode: one new token against a cache of T keys; generate: a model's "
                              "tokens/s after a prompt of T tokens, eager and as a CUDA graph; model-train: "
-                             "training tokens/s of model presets (optimizer steps)")
+                             "training tokens/s of model presets (optimizer steps); first-call: seconds to the first "
+                             "forward + backward in a fresh process, empty and warm Triton cache")
     parser.add_argument("--batch", type=positive_int, default=1, help="decode, generate, model-train: sequences per step (default 1)")
     parser.add_argument("--seqlens", type=positive_int, nargs="+", default=None,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k; "
-                             "model-train: 8k 16k 32k)")
+                             "model-train: 8k 16k 32k; first-call: 8k)")
     parser.add_argument("--preset", default="small", help="generate: model preset (default small)")
     parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -510,6 +514,10 @@ def run(name, args) -> int:
         meta["timing"] = (f"wall clock, median of 3 generate calls, bf16 weights, batch {args.batch}, "
                           f"preset {args.preset}, random weights and prompts")
         return _generate_sweep(args, meta, out_path, dev)
+    if args.what == "first-call":  # fresh processes, empty then warm Triton cache
+        from .bench_first_call import first_call_sweep
+
+        return first_call_sweep(args, meta, out_path)
     if args.what == "model-train":
         args.seqlens = args.seqlens or MODEL_TRAIN_T
         return model_train_sweep(args, meta, out_path, dev)
