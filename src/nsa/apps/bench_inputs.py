@@ -195,8 +195,8 @@ def probe_overlap(T: int, c: dict, *, drift: float, noise: float, seed: int = 0,
     for i, s0 in enumerate(starts):
         pos = torch.arange(s0, min(T, s0 + w), device=device)
         q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], drift=drift, noise=noise, seed=seed,
-                         positions=pos, device=device, dtype=torch.float32, noise_seed=i, **kw)
-        idx = select_blocks_ref(q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                         positions=pos, device=device, noise_seed=i, **kw)  # bf16, as the benchmark's
+        idx = select_blocks_ref(q.float(), kc.float(), cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
                                 sel_count=c["n"], q_offset=s0)
         for k in offsets:
             acc[k] += float(neighbour_overlap(idx, k, sel_block=c["lp"], free_only=True, q_offset=s0).mean())
