@@ -517,7 +517,7 @@ def run(name, args) -> int:
     if args.what == "first-call":  # fresh processes, empty then warm Triton cache
         from .bench_first_call import first_call_sweep
 
-        return first_call_sweep(args, meta, out_path)
+        return first_call_sweep(args, meta, out_path, CONFIGS)
     if args.what == "model-train":
         args.seqlens = args.seqlens or MODEL_TRAIN_T
         return model_train_sweep(args, meta, out_path, dev)

@@ -28,16 +28,31 @@ TARGETS_S = {"empty": 60.0, "warm": 5.0}
 NOTICE = "compiling and autotuning Triton kernels"
 
 
-def child(config: str, T: int) -> dict:
-    """In the fresh process: one forward + backward, then another. Returns wall-clock
-    timestamps (time.time(): the parent measures from the moment it started the process) of
-    inputs ready, forward done, backward done, and the second call's seconds."""
+def _inputs(T: int, c: dict, device):
+    """Random bf16 inputs of one configuration, as ``nsa bench prefill``'s default mode."""
+    import torch
+
+    from ..reference import compress_mean
+
+    g = torch.Generator(device=device).manual_seed(T)
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q = mk(1, T, c["HQ"], c["Dk"])
+    k, v = mk(1, T, c["H"], c["Dk"]), mk(1, T, c["H"], c["Dv"])
+    kw, vw = (k, v) if c["shared"] else (mk(1, T, c["H"], c["Dk"]), mk(1, T, c["H"], c["Dv"]))
+    kc, vc = compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"])
+    gates = torch.rand(1, T, c["HQ"], 3, device=device, generator=g).to(torch.bfloat16)
+    return q, kc, vc, k, v, kw, vw, gates
+
+
+def child(c: dict, T: int) -> dict:
+    """In the fresh process: one forward + backward at geometry ``c`` (a ``bench.CONFIGS``
+    entry), then another. Returns wall-clock timestamps (time.time(): the parent measures
+    from the moment it started the process) of inputs ready, forward done, backward done, and
+    the second call's seconds."""
     import torch
 
     from .. import nsa_func
-    from .bench import CONFIGS, _inputs
 
-    c = dict(CONFIGS[config], name=config)
     dev = torch.device("cuda")
     torch.cuda.init()
     x = _inputs(T, c, dev)
@@ -77,11 +92,11 @@ def child_times(start: float, c: dict) -> dict:
                 first_result_s=c["done_at"] - start, second_call_s=c["second_call_s"])
 
 
-def run_child(config: str, T: int, cache_dir: str, timeout: float = 900) -> dict:
+def run_child(c: dict, T: int, cache_dir: str, timeout: float = 900) -> dict:
     """One fresh process with ``TRITON_CACHE_DIR=cache_dir``: its result (or error), wall
     clock and whether the notice reached stderr."""
     env = dict(os.environ, TRITON_CACHE_DIR=cache_dir)
-    cmd = [sys.executable, "-m", "nsa.apps.bench_first_call", "--config", config, "--seqlen", str(T)]
+    cmd = [sys.executable, "-m", "nsa.apps.bench_first_call", "--geometry", json.dumps(c), "--seqlen", str(T)]
     start = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     res = dict(wall_s=time.time() - start, notice=NOTICE in p.stderr)
@@ -103,10 +118,15 @@ def _commit() -> str | None:
         return None
 
 
-def first_call_sweep(args, meta: dict, out_path: str) -> int:
-    """Both runs for each T of ``args.seqlens`` (default 8192) at ``args.configs[0]``."""
-    from .bench import _save
+def _save(out: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".json", "w") as f:
+        json.dump(out, f, indent=1)
 
+
+def first_call_sweep(args, meta: dict, out_path: str, configs: dict) -> int:
+    """Both runs for each T of ``args.seqlens`` (default 8192) at ``args.configs[0]`` (a key
+    of ``configs``, ``bench.CONFIGS``)."""
     config = args.configs[0]
     meta = dict(meta, timing="seconds from a fresh process's start to the first forward + backward (bf16, "
                              "batch 1, nsa_func backend=triton), empty then warm Triton cache",
@@ -116,7 +136,7 @@ def first_call_sweep(args, meta: dict, out_path: str) -> int:
         tmp = tempfile.mkdtemp(prefix="nsa-first-call-")
         try:
             for cache in ("empty", "warm"):
-                r = dict(config=config, T=T, cache=cache, **run_child(config, T, tmp))
+                r = dict(config=config, T=T, cache=cache, **run_child(configs[config], T, tmp))
                 r["meets_target"] = "first_result_s" in r and r["first_result_s"] <= TARGETS_S[cache]
                 rows.append(r)
                 print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
@@ -154,10 +174,10 @@ def markdown_table(out: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m nsa.apps.bench_first_call",
                                 description="the child of nsa bench first-call (prints one JSON line)")
-    p.add_argument("--config", default="paper")
+    p.add_argument("--geometry", required=True, help="JSON of a bench.CONFIGS entry")
     p.add_argument("--seqlen", type=int, default=8192)
     a = p.parse_args(argv)
-    print(json.dumps(child(a.config, a.seqlen)), flush=True)
+    print(json.dumps(child(json.loads(a.geometry), a.seqlen)), flush=True)
     return 0
 
 

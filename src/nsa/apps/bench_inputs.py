@@ -178,19 +178,22 @@ def synth_qk(T: int, HQ: int, H: int, Dk: int, cmp_block: int, cmp_stride: int, 
 
 
 def probe_overlap(T: int, c: dict, *, drift: float, noise: float, seed: int = 0, probe: int = 1024,
-                  windows: int = 4, offsets=(1, 64), device="cpu", **kw) -> dict:
+                  windows: int = 8, offsets=(1, 64), device="cpu", **kw) -> dict:
     """Free-pick overlap (mean over KV heads and windows) at ``offsets`` of the realistic
     inputs' selection (reference select) for ``probe`` query positions of a sequence of T at
     geometry ``c`` (keys HQ, H, Dk, l, d, lp, n as in bench.CONFIGS): ``windows`` runs of
-    consecutive positions spread evenly over [n * l', T).
+    consecutive positions, one centred in each of equal strata of [n * l', T).
 
     The probed query rows are not the benchmark's own (their noise comes from other generator
     states) but have its distribution: the statistic is the same."""
     from ..reference import select_blocks_ref
 
-    w = max(max(offsets) + 1, probe // windows)
+    w = max(2 * max(offsets), probe // windows)
     lo = min(c["n"] * c["lp"], max(0, T - w))
-    starts = sorted({int(lo + i * (T - w - lo) / max(1, windows - 1)) for i in range(windows)})
+    # one window centred in each of ``windows`` equal strata of [lo, T): the overlap falls with
+    # t (more competing blocks), so windows at both ends would overweight the start
+    span = (T - lo) / windows
+    starts = sorted({min(T - w, max(lo, int(lo + (i + 0.5) * span - w / 2))) for i in range(windows)})
     acc = {k: 0.0 for k in offsets}
     for i, s0 in enumerate(starts):
         pos = torch.arange(s0, min(T, s0 + w), device=device)
