@@ -30,6 +30,9 @@ prefill + a one-time cost + N decode steps; two values of N (``--new-tokens`` an
 give the decode step's time and the one-time cost (the graph's first eager step and capture),
 and ``generate(..., 1)`` the prefill. Wall-clock medians of 3 calls after one warm-up call.
 
+``first-call`` times the first forward + backward of a fresh process, with an empty and a warm
+Triton cache (:mod:`nsa.apps.bench_first_call`).
+
 ``model-train`` times whole optimizer steps of model presets at T tokens, NSA against full
 attention: training tokens/s (:mod:`nsa.apps.bench_model`).
 
@@ -75,7 +78,7 @@ CONFIGS = {
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
 COMPILE_T = [4096]
-MODES = ("prefill", "train", "decode", "generate", "model-train", "compile")  # what ``nsa bench WHAT`` times
+MODES = ("prefill", "train", "decode", "generate", "model-train", "compile", "first-call")  # ``nsa bench WHAT``
 HELP = {"bench": f"benchmarks on a CUDA GPU, NSA against full attention (compile: torch.compile against eager): "
                  f"nsa bench {{{','.join(MODES)}}}"}
 
@@ -86,12 +89,13 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                              "decode: one new token against a cache of T keys; generate: a model's "
                              "tokens/s after a prompt of T tokens, eager and as a CUDA graph; model-train: "
                              "training tokens/s of model presets (optimizer steps); compile: a model's "
-                             "training step and decode step, torch.compile against eager")
+                             "training step and decode step, torch.compile against eager; first-call: seconds "
+                             "to the first forward + backward in a fresh process, empty and warm Triton cache")
     parser.add_argument("--batch", type=positive_int, default=1,
                         help="decode, generate, model-train, compile (its decode step): sequences per step (default 1)")
     parser.add_argument("--seqlens", type=positive_int, nargs="+", default=None,
                         help="sequence lengths T (default 8k 16k 32k 64k 128k; generate: 1k 4k 16k; "
-                             "model-train: 8k 16k 32k; compile: 4k)")
+                             "model-train: 8k 16k 32k; compile: 4k; first-call: 8k)")
     parser.add_argument("--preset", default="small", help="generate, compile: model preset (default small)")
     parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
@@ -105,6 +109,10 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                         help="output path without extension (.json and .png are written; "
                              "default benchmarks/results/<what>_<gpu>, e.g. prefill_h200)")
     add_model_train_arguments(parser)
+    parser.add_argument("--inputs", default="random", choices=["random", "realistic"],
+                        help="prefill, train: random normal q/k (default), or realistic: q and k_cmp whose "
+                             "block selection has a trained model's neighbour overlap (docs/benchmarks.md; "
+                             "output name gets _realistic)")
     parser.add_argument("--rep", type=positive_int, default=200, help="do_bench repetition time in ms")
     parser.add_argument("--flex-max-t", type=positive_int, default=32768,
                         help="time FlexAttention only up to this T (each T recompiles it)")
@@ -169,6 +177,33 @@ def _inputs(T, c, device):
     kc, vc = compress_mean(k, c["l"], c["d"]), compress_mean(v, c["l"], c["d"])
     gates = torch.rand(1, T, c["HQ"], 3, device=device, generator=g).to(torch.bfloat16)
     return q, kc, vc, k, v, kw, vw, gates
+
+
+def bench_inputs(T, c, device, realistic: bool) -> tuple[tuple, dict]:
+    """(inputs, info) of one benchmark row: random (:func:`_inputs`) or realistic
+    (:func:`nsa.apps.bench_inputs.realistic_inputs`); info records the mode, the synthesis
+    parameters and the statistics of the inputs' block selection (Triton select) for both."""
+    import time
+
+    from .. import select_blocks
+    from .bench_inputs import realistic_inputs, selection_stats
+
+    t0 = time.perf_counter()
+    if realistic:
+        x, params = realistic_inputs(T, c, device)
+    else:
+        x, params = _inputs(T, c, device), None
+    info = dict(inputs="realistic" if realistic else "random", inputs_s=time.perf_counter() - t0)
+    if params is not None:
+        info["input_params"] = params
+    try:
+        idx = select_blocks(x[0], x[1], cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
+                            sel_count=c["n"], backend="triton")
+        info["selection"] = selection_stats(idx, c["lp"])
+        del idx
+    except Exception as e:  # the statistics are a by-product: never lose the timings
+        info["selection_error"] = repr(e)[:300]
+    return x, info
 
 
 def _run_nsa(T, c, x, breakdown, rep):
@@ -480,7 +515,9 @@ def run(name, args) -> int:
         meta["fla"] = None
     rows = []
     baselines = [] if args.baselines == ["none"] else args.baselines
-    out_path = out_stem(args.out or f"benchmarks/results/{args.what.replace('-', '_')}_{gpu_tag(props.name)}", (".json", ".png"))
+    realistic = getattr(args, "inputs", "random") == "realistic" and args.what in ("prefill", "train")
+    stem = args.what.replace('-', '_') + ("_realistic" if realistic else "")
+    out_path = out_stem(args.out or f"benchmarks/results/{stem}_{gpu_tag(props.name)}", (".json", ".png"))
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
         args.what, f", one decode step, batch {args.batch}")
     if args.what == "generate":
@@ -488,6 +525,10 @@ def run(name, args) -> int:
         meta["timing"] = (f"wall clock, median of 3 generate calls, bf16 weights, batch {args.batch}, "
                           f"preset {args.preset}, random weights and prompts")
         return _generate_sweep(args, meta, out_path, dev)
+    if args.what == "first-call":  # fresh processes, empty then warm Triton cache
+        from .bench_first_call import first_call_sweep
+
+        return first_call_sweep(args, meta, out_path, CONFIGS)
     if args.what == "model-train":
         args.seqlens = args.seqlens or MODEL_TRAIN_T
         return model_train_sweep(args, meta, out_path, dev)
@@ -500,14 +541,17 @@ def run(name, args) -> int:
     if args.what == "decode":
         meta["timing"] = meta["timing"].replace("batch 1, ", "")
         return _decode_sweep(args, meta, baselines, out_path, dev)
+    meta["inputs"] = "realistic" if realistic else "random"
+    if realistic:
+        meta["timing"] = meta["timing"].replace("random inputs", "realistic inputs (nsa.apps.bench_inputs)")
     for cname in args.configs:
         c = dict(CONFIGS[cname], name=cname)
         for T in args.seqlens:
             torch.cuda.empty_cache()
-            x = _inputs(T, c, dev)
+            x, info = bench_inputs(T, c, dev, realistic)
             fl = nsa_flops(T, c)
             res = dict(config=cname, T=T, **{k: c[k] for k in ("HQ", "H", "Dk", "Dv", "l", "d", "lp", "n", "w")},
-                       flops_nsa=fl["total"], flops_full=full_flops(T, c))
+                       flops_nsa=fl["total"], flops_full=full_flops(T, c), **info)
             if args.what == "train":
                 for key, val in _run_train(T, c, x, baselines, args.rep, not args.no_breakdown).items():
                     if key.endswith("_error"):

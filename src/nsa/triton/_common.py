@@ -11,7 +11,9 @@ each with its start row in the flattened ``[B*T]`` query, key and compressed-key
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 
 import torch
 import triton
@@ -194,10 +196,84 @@ def upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+# ------------------------------------------------------------------------------ autotuning
+log = logging.getLogger("nsa")
+
+# kernel name -> the (num_warps, num_stages) configs its autotuner tries per new key
+TUNED: dict[str, list[dict]] = {}
+_SEEN: set = set()  # (kernel name, key) pairs this process has launched
+_ANNOUNCED = [False]  # the one WARNING of a process has been logged
+
+
+def autotune_kwargs(key: list[str], warps: list[int], stages: list[int]) -> dict:
+    """Keywords of ``triton.autotune`` for :func:`autotuned`: one config per num_warps x
+    num_stages, and ``cache_results=True``: the timings of each key are stored in the Triton
+    cache directory, so a later process (same kernel source, GPU and Triton) skips the tuning."""
+    return dict(configs=[triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages],
+                key=list(key), cache_results=True)
+
+
+def tuned_variants() -> dict[str, list[dict]]:
+    """Per autotuned kernel (module import registers it), the configs tried on each new key:
+    ``{name: [{"num_warps": w, "num_stages": s}, ...]}``; every config is one compilation and
+    one timing on the first call, what pruning a list saves."""
+    return {k: [dict(c) for c in v] for k, v in TUNED.items()}
+
+
+def first_call(name: str, key: tuple) -> bool:
+    """Whether this process launches kernel ``name`` at autotuning key ``key`` for the first
+    time (and remember that it has now)."""
+    k = (name, tuple(key))
+    if k in _SEEN:
+        return False
+    _SEEN.add(k)
+    return True
+
+
+def notice_first_call(name: str, key: tuple, arg_names: list[str]) -> None:
+    """Say that a launch will compile and autotune: once per process a WARNING (the first
+    new key; logger "nsa"), an INFO line for every other new key."""
+    if not first_call(name, key):
+        return
+    shown = ", ".join(f"{n}={v}" for n, v in zip(arg_names, key))
+    if not _ANNOUNCED[0]:
+        _ANNOUNCED[0] = True
+        log.warning("nsa: compiling and autotuning Triton kernels (first call at a new shape in this process: "
+                    "seconds with a warm Triton cache, a minute or more with an empty one; autotune results "
+                    "are cached on disk afterwards)")
+    log.info("nsa: first call of %s at %s: compiling and autotuning", name, shown)
+
+
+class _Autotuner(triton.runtime.autotuner.Autotuner):
+    """triton's Autotuner that notices a new key before tuning (:func:`notice_first_call`)
+    and logs how long the first call took."""
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) <= 1:
+            return super().run(*args, **kwargs)
+        all_args = {**dict(zip(self.arg_names, args)), **kwargs}
+        named = {k: v for k, v in all_args.items() if k in self.arg_names}
+        # the key as triton's Autotuner.run builds it: the key arguments, then tensor dtypes
+        key = tuple([named[k] for k in self.keys if k in named]
+                    + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+        name = self.base_fn.__name__
+        if (name, key) in _SEEN:
+            return super().run(*args, **kwargs)
+        notice_first_call(name, key, [k for k in self.keys if k in named])
+        t0 = time.perf_counter()
+        out = super().run(*args, **kwargs)
+        log.info("nsa: %s ready after %.1f s (%d configs)", name, time.perf_counter() - t0, len(self.configs))
+        return out
+
+
 def autotuned(kernel, key: list[str], warps: list[int], stages: list[int]):
-    """``kernel`` autotuned over num_warps x num_stages on GPUs (first call per key times each);
-    under the interpreter the plain kernel (the launcher passes fixed values there)."""
+    """``kernel`` autotuned over num_warps x num_stages on GPUs (first call per key times each;
+    the timings persist in the Triton cache, :func:`autotune_kwargs`; the first call logs a
+    notice, :func:`notice_first_call`); under the interpreter the plain kernel (the launcher
+    passes fixed values there). The configs are listed by :func:`tuned_variants`."""
+    kw = autotune_kwargs(key, warps, stages)
+    TUNED[kernel.__name__] = [dict(num_warps=c.num_warps, num_stages=c.num_stages) for c in kw["configs"]]
     if interpreting():
         return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return _Autotuner(kernel, kernel.arg_names, kw["configs"], kw["key"], reset_to_zero=None, restore_value=None,
+                      cache_results=kw["cache_results"])

@@ -1,0 +1,81 @@
+"""The first call: autotune results on disk, the first-call notice, ``nsa bench first-call``."""
+
+import logging
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from nsa.apps import bench_first_call as FC  # noqa: E402
+from nsa.triton import _common as C  # noqa: E402
+
+
+def test_autotune_kwargs_persist_timings():
+    kw = C.autotune_kwargs(["HQ", "DK"], [4, 8], [1, 2, 3])
+    assert kw["cache_results"] is True and kw["key"] == ["HQ", "DK"]
+    assert [(c.num_warps, c.num_stages) for c in kw["configs"]] == [(w, s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+def test_tuned_variants_lists_every_autotuned_kernel():
+    from nsa.triton import band, decode, select, selected  # noqa: F401  (registers the kernels)
+
+    v = C.tuned_variants()
+    # the launchers' lists (band.py, select.py, selected.py, decode.py)
+    want = {"_band_fwd": (2, 2), "_select_fwd": (2, 3), "_selected_fwd": (3, 3), "_decode_cmp": (2, 3),
+            "_decode_attend": (2, 2)}
+    for name, (nw, ns) in want.items():
+        assert len(v[name]) == nw * ns, name
+        assert len({(c["num_warps"], c["num_stages"]) for c in v[name]}) == nw * ns
+
+
+@triton.jit
+def _noop(X, N: triton.language.constexpr):
+    pass
+
+
+def test_autotuned_builds_a_noticing_autotuner_that_caches(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    tuned = C.autotuned(_noop, ["N"], [4, 8], [1])
+    assert isinstance(tuned, C._Autotuner) and tuned.cache_results is True and len(tuned.configs) == 2
+    # the key it notices is triton's: the key arguments, then the dtypes of tensor arguments
+    ran = []
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", lambda self, *a, **k: ran.append(k))
+    monkeypatch.setattr(C, "_SEEN", set())
+    monkeypatch.setattr(C, "_ANNOUNCED", [False])
+
+    class T:
+        dtype = "torch.bfloat16"
+    with caplog.at_level(logging.INFO, logger="nsa"):
+        tuned.run(T(), N=16, grid=(1,), warmup=False)
+        tuned.run(T(), N=16, grid=(1,), warmup=False)
+    assert len(ran) == 2 and ("_noop", (16, "torch.bfloat16")) in C._SEEN
+    assert [r.levelname for r in caplog.records].count("WARNING") == 1
+    assert sum("first call of _noop at N=16" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_notice_once_per_key_and_one_warning_per_process(monkeypatch, caplog):
+    monkeypatch.setattr(C, "_SEEN", set())
+    monkeypatch.setattr(C, "_ANNOUNCED", [False])
+    assert C.first_call("k", (1, 2)) and not C.first_call("k", (1, 2)) and C.first_call("k", (1, 3))
+    monkeypatch.setattr(C, "_SEEN", set())
+    with caplog.at_level(logging.INFO, logger="nsa"):
+        for key in [(64, 192), (64, 192), (64, 128), (64, 192)]:
+            C.notice_first_call("_band_fwd", key, ["HQ", "DK"])
+    levels = [r.levelname for r in caplog.records]
+    assert levels.count("WARNING") == 1 and levels.count("INFO") == 2  # two new keys
+    assert "compiling and autotuning Triton kernels" in caplog.records[0].getMessage()
+    assert "HQ=64, DK=128" in caplog.records[-1].getMessage()
+
+
+def test_first_call_arithmetic_and_table():
+    t = FC.child_times(100.0, dict(ready_at=104.0, fwd_at=130.5, done_at=150.0, second_call_s=0.012))
+    assert t == dict(setup_s=4.0, fwd_s=26.5, bwd_s=19.5, first_result_s=50.0, second_call_s=0.012)
+    rows = [dict(config="paper", T=8192, cache="empty", wall_s=52.0, notice=True, **t),
+            dict(config="paper", T=8192, cache="warm", wall_s=8.0, notice=False,
+                 **FC.child_times(0.0, dict(ready_at=3.0, fwd_at=5.0, done_at=6.5, second_call_s=0.01))),
+            dict(config="paper", T=8192, cache="warm", wall_s=1.0, notice=False, error="boom")]
+    table = FC.markdown_table(dict(meta=dict(targets_s=FC.TARGETS_S), results=rows)).splitlines()
+    assert table[2] == "| paper | 8k | empty | 50.0 (4.0 / 26.5 / 19.5) | 52.0 | 12 | 60 | yes |"
+    assert table[3] == "| paper | 8k | warm | 6.5 (3.0 / 2.0 / 1.5) over | 8.0 | 10 | 5 | no |"
+    assert table[4] == "| paper | 8k | warm | error: boom | 1.0 | - | 5 | no |"
