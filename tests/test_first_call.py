@@ -1,8 +1,13 @@
 """The first call: autotune results on disk, the first-call notice, ``nsa bench first-call``."""
 
 import logging
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as the kernel tests: kernels built for the interpreter
 
 triton = pytest.importorskip("triton")
 
