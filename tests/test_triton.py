@@ -40,6 +40,7 @@ from nsa import reference as R  # noqa: E402
 from nsa.triton import (compressed_attention_triton, nsa_triton, select_blocks_triton,  # noqa: E402
                         selected_attention_triton, sliding_window_triton)
 from nsa.triton import select as S  # noqa: E402
+from conftest import to_pages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -443,21 +444,22 @@ DECODE_CASES = [
 ]
 
 
-def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
-    """(args of nsa_decode, its kwargs, the expected output: each sequence's last row of one
-    full nsa_ref call, None without ``full``). The window keys go into a ring of w rows
-    (position p at p % w) or, for shared k/v, are k/v themselves."""
+def _decode_inputs(c, dtype=torch.float32, seed=0, full=True, S=1):
+    """(args of nsa_decode, its kwargs, the expected output: each sequence's last S rows of one
+    full nsa_ref call, None without ``full``). The window keys go into a ring of w + S - 1 rows
+    (position p at p % (w + S - 1)) or, for shared k/v, are k/v themselves."""
     lens, B, n_max = c["lens"], len(c["lens"]), max(c["lens"])
     q, k, v, kc, vc, gates, _ = _inputs(n_max, c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"],
                                         dtype=dtype, seed=seed, B=B)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
     if c["ring"]:
+        tw = c["w"] + S - 1
         kw_, vw_ = torch.randn_like(k), torch.randn_like(v)
-        ring_k = torch.zeros(B, c["w"], c["H"], c["Dk"], dtype=dtype, device=DEV)
-        ring_v = torch.zeros(B, c["w"], c["H"], c["Dv"], dtype=dtype, device=DEV)
+        ring_k = torch.zeros(B, tw, c["H"], c["Dk"], dtype=dtype, device=DEV)
+        ring_v = torch.zeros(B, tw, c["H"], c["Dv"], dtype=dtype, device=DEV)
         for b, n in enumerate(lens):  # what a cache that wrote positions 0..n-1 holds
-            p = torch.arange(max(0, n - c["w"]), n, device=DEV)
-            ring_k[b, p % c["w"]], ring_v[b, p % c["w"]] = kw_[b, p], vw_[b, p]
+            p = torch.arange(max(0, n - tw), n, device=DEV)
+            ring_k[b, p % tw], ring_v[b, p % tw] = kw_[b, p], vw_[b, p]
     else:
         kw_, vw_, ring_k, ring_v = k, v, k, v
     expect = []
@@ -465,14 +467,23 @@ def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
         tc = G.num_cmp_blocks(n, c["l"], c["d"])
         whole = R.nsa_ref(q[b:b + 1, :n], kc[b:b + 1, :tc], vc[b:b + 1, :tc], k[b:b + 1, :n], v[b:b + 1, :n],
                          kw_[b:b + 1, :n], vw_[b:b + 1, :n], gates[b:b + 1, :n], **geo)
-        expect.append(whole[:, n - 1:])
-    last = torch.tensor(lens, device=DEV) - 1
-    ar = torch.arange(B, device=DEV)
+        expect.append(whole[:, n - S:])
+    at = torch.tensor(lens, device=DEV)[:, None] - S + torch.arange(S, device=DEV)  # [B, S]
+    ar = torch.arange(B, device=DEV)[:, None]
     if c.get("spare"):  # a preallocated cache: rows past the longest sequence hold garbage
         kc, vc, k, v = (torch.cat([x, 1e3 * torch.randn_like(x[:, :c["spare"]])], 1) for x in (kc, vc, k, v))
-    args = (q[ar, last][:, None], kc, vc, k, v, ring_k, ring_v, gates[ar, last][:, None])
+    args = (q[ar, at], kc, vc, k, v, ring_k, ring_v, gates[ar, at])
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     return args, dict(geo, cache_seqlens=seqlens), torch.cat(expect, 0) if full else None
+
+
+def _paged(args, c, page_size, seed=0):
+    """``_decode_inputs``' args with k_cmp/v_cmp/k_slc/v_slc as page pools in a random order, the
+    window (shared k/v) read through the table: (args, block_table)."""
+    q, kc, vc, k, v, kw, vw, gates = args
+    pkc, pvc, pk, pv, table = to_pages(kc, vc, k, v, page_size, c["d"], seed=seed)
+    win = (kw, vw) if c["ring"] else (None, None)
+    return (q, pkc, pvc, pk, pv, *win, gates), table
 
 
 @pytest.mark.parametrize("c", DECODE_CASES)
@@ -513,6 +524,60 @@ def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
     args, kw, _ = _decode_inputs(c, dtype, full=False)
     _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
+
+
+# several new tokens per step and paged caches: (case, S, page_size); page_size a multiple of d
+MULTI_CASES = [
+    pytest.param(0, 2, 8, id="mha-S2-p8"),
+    pytest.param(1, 5, 16, id="gqa4-192/128-S5-p16"),
+    pytest.param(2, 8, 4, id="sharedkv-S8-p4"),
+    pytest.param(3, 1, 8, id="len1-S1-p8"),
+    pytest.param(5, 3, 12, id="spare-S3-p12"),
+]
+
+
+def _multi_case(i, S):
+    c = dict(DECODE_CASES[i].values[0])
+    c["lens"] = [max(n, S) for n in c["lens"]]
+    return c
+
+
+@pytest.mark.parametrize("i,S,ps", MULTI_CASES)
+def test_decode_several_tokens_and_paged_equal_a_full_pass(i, S, ps):
+    """S new tokens per sequence (each its own selection and window, causal among them) equal
+    the last S rows of a full pass, contiguous and paged (pages in a random order, garbage in
+    the spare pages), through the reference and the kernels."""
+    c = _multi_case(i, S)
+    args, kw, expect = _decode_inputs(c, S=S)
+    pargs, table = _paged(args, c, ps)
+    _close(nsa.nsa_decode(*args, backend="torch", **kw), expect, 1e-5)
+    _close(nsa.nsa_decode(*pargs, block_table=table, backend="torch", **kw), expect, 1e-5)
+    _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+    _close(nsa.nsa_decode(*pargs, block_table=table, backend="triton", **kw), expect)
+    # the CUDA-graph form (tensor lengths + a bound): grids sized by the table's capacity
+    cap = table.shape[1] * ps
+    _close(nsa.nsa_decode(*pargs, block_table=table, max_seqlen=cap, backend="triton", **kw), expect)
+
+
+def test_decode_paged_bad_table_never_reads_outside_the_pool():
+    """With the lengths unchecked (max_seqlen given) a table whose entries are out of range is
+    clamped into the pool: the kernels read no row outside it and give finite numbers (on a
+    GPU, compute-sanitizer checks the addresses: benchmarks/sanitize_decode.py)."""
+    c = dict(DECODE_CASES[0].values[0])
+    args, kw, _ = _decode_inputs(c)
+    pargs, table = _paged(args, c, 8)
+    table[0, 0], table[1, -1] = 10 ** 6, -5
+    out = nsa.nsa_decode(*pargs, block_table=table, max_seqlen=table.shape[1] * 8, backend="triton", **kw)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_decode_paged_several_tokens_low_precision(dtype):
+    c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
+    args, kw, _ = _decode_inputs(c, dtype, full=False, S=4)
+    pargs, table = _paged(args, c, 16)
+    kw = dict(kw, block_table=table)
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, pargs, kw)
 
 
 # ------------------------------------------------------------------------------ GPU only
@@ -590,3 +655,19 @@ def test_gpu_decode_cuda_graph_with_new_lengths():
         graph.replay()
         eager = nsa.nsa_decode(*args, cache_seqlens=torch.tensor(new, device=DEV), max_seqlen=3000, **kw)
         _close(out, eager, 0)  # same grids, no atomics: bit for bit
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 4, 8])
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "sharedkv"])
+def test_gpu_decode_paged_equals_contiguous(S, ring):
+    """Paged (page_size 64, pages shuffled) = contiguous at the paper geometry, bf16, with S
+    new tokens: the same kernels on the same numbers, only the addresses differ (bit for bit)."""
+    c = dict(lens=[8191, 3001, 530], HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=ring)
+    args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False, S=S)
+    pargs, table = _paged(args, c, 64)
+    want = nsa.nsa_decode(*args, backend="triton", **kw)
+    _close(nsa.nsa_decode(*pargs, block_table=table, backend="triton", **kw), want, 0)
+    _close(nsa.nsa_decode(*pargs, block_table=table, max_seqlen=8192, backend="triton", **kw),
+           nsa.nsa_decode(*args, max_seqlen=8192, backend="triton", **kw), 0)
