@@ -625,9 +625,10 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
                              f"must be a multiple of cmp_stride={cmp_stride}: a page holds page_size // d "
                              f"compressed tokens")
         if block_table.shape[1] * page_size < n_max:
-            raise ValueError(f"block_table has {block_table.shape[1]} pages of {page_size} per sequence, "
-                             f"fewer than the longest sequence "
-                             f"({'cache_seqlens' if max_seqlen is None else 'max_seqlen'} = {n_max}) needs")
+            raise ValueError(f"block_table has {block_table.shape[1]} pages of page_size={page_size} per "
+                             f"sequence, fewer than the longest sequence "
+                             f"({'cache_seqlens' if max_seqlen is None else 'max_seqlen'} = {n_max}) needs: "
+                             f"ceil({n_max} / {page_size}) = {-(-n_max // page_size)} pages")
         pools = (("k_cmp", k_cmp, Dk, "page_size // d", page_size // cmp_stride),
                  ("v_cmp", v_cmp, Dv, "page_size // d", page_size // cmp_stride),
                  ("k_slc", k_slc, Dk, "page_size", page_size), ("v_slc", v_slc, Dv, "page_size", page_size))
