@@ -662,12 +662,14 @@ def test_gpu_decode_cuda_graph_with_new_lengths():
 @pytest.mark.parametrize("S", [1, 4, 8])
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "sharedkv"])
 def test_gpu_decode_paged_equals_contiguous(S, ring):
-    """Paged (page_size 64, pages shuffled) = contiguous at the paper geometry, bf16, with S
-    new tokens: the same kernels on the same numbers, only the addresses differ (bit for bit)."""
+    """Paged (page_size 64, pages shuffled) against contiguous at the paper geometry, bf16, with
+    S new tokens: the paged step's error within 2x of the reference's (as the contiguous one's),
+    and the two steps within bf16 rounding of each other (the autotuner may pick other warps
+    for the paged kernels, so not bit for bit)."""
     c = dict(lens=[8191, 3001, 530], HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=ring)
     args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False, S=S)
     pargs, table = _paged(args, c, 64)
-    want = nsa.nsa_decode(*args, backend="triton", **kw)
-    _close(nsa.nsa_decode(*pargs, block_table=table, backend="triton", **kw), want, 0)
-    _close(nsa.nsa_decode(*pargs, block_table=table, max_seqlen=8192, backend="triton", **kw),
-           nsa.nsa_decode(*args, max_seqlen=8192, backend="triton", **kw), 0)
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, pargs, dict(kw, block_table=table))
+    want = nsa.nsa_decode(*args, max_seqlen=8192, backend="triton", **kw).float()
+    got = nsa.nsa_decode(*pargs, block_table=table, max_seqlen=8192, backend="triton", **kw).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
