@@ -389,6 +389,39 @@ def test_layer_cache_triton(seed, B, T, sel_count, bounds):
     _close(torch.cat(parts, 1), full, 1e-5)
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_layer_paged_cache_triton(shared_kv):
+    """The paged cache through the kernels: two sequences of different lengths prefilled into
+    slots, then steps of 1 and 3 tokens each through the paged nsa_decode; a third sequence
+    joins in the first one's pages after it leaves. Each equals the full layer on it alone."""
+    torch.manual_seed(2)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, compress="mean",
+                        shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    xs = [torch.randn(1, 30, 32, device=DEV) for _ in range(3)]
+    with torch.no_grad():
+        full = [layer(x)[0] for x in xs]
+        cache = layer.new_cache(2, 30, page_size=8, num_pages=6)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        ya, yb = [layer(xs[0][:, :17], cache=cache.batch([a]))[0]], [layer(xs[1][:, :9], cache=cache.batch([b]))[0]]
+        sa, sb = 17, 9
+        for C in (1, 3):
+            y = layer(torch.cat([xs[0][:, sa:sa + C], xs[1][:, sb:sb + C]]), cache=cache.batch([a, b]))
+            ya.append(y[0])
+            yb.append(y[1])
+            sa, sb = sa + C, sb + C
+        cache.free(a)
+        c = cache.add_sequence()
+        yc = [layer(xs[2][:, :12], cache=cache.batch([c]))[0]]
+        y = layer(torch.cat([xs[2][:, 12:14], xs[1][:, sb:sb + 2]]), cache=cache.batch([c, b]))
+        yc.append(y[0])
+        yb.append(y[1])
+    for got, want in ((ya, full[0]), (yb, full[1]), (yc, full[2])):
+        got = torch.cat(got)
+        _close(got, want[:got.shape[0]], 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_nsa_low_precision_error_within_2x_of_torch(dtype):
     c = dict(T=57, HQ=4, H=2, Dk=32, Dv=32, l=8, d=4, lp=16, n=3, w=12)

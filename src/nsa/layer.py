@@ -46,7 +46,9 @@ class NSAAttention(nn.Module):
     ``layer(x_chunk, cache=cache)`` continues a sequence held in ``cache`` (from
     :meth:`new_cache`): the chunk sits at the positions after the cache's, and the cache
     advances. One token per call is a decode step; any chunking gives the same outputs as
-    one call over the whole sequence. ``cu_seqlens`` (int32 ``[N+1]``, B == 1) packs several
+    one call over the whole sequence. ``layer(x, cache=paged.batch(slots))`` does the same on a
+    paged cache (:meth:`new_cache` with ``page_size``) for sequences of different lengths that
+    join and leave a running batch. ``cu_seqlens`` (int32 ``[N+1]``, B == 1) packs several
     sequences along T for training; positions restart at 0 in each.
     """
 
