@@ -211,3 +211,24 @@ def dense_nsa(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, idx, l, d, lp,
     if branches:
         return o, (o_cmp, o_slc, o_win)
     return o
+
+
+def to_pages(k_cmp, v_cmp, k_slc, v_slc, page_size: int, cmp_stride: int, *, spare: int = 3, seed: int = 0):
+    """Contiguous caches ([B, Tc, H, D] compressed, [B, Tk, H, D] keys/values) as page pools in a
+    random page order (nsa_decode's paged layout): (k_cmp, v_cmp, k_slc, v_slc pools, block_table
+    int32 [B, ceil(Tk / page_size)]). ``spare`` extra pages (and the pools' rows past each
+    sequence's data) hold large garbage that a correct read never touches."""
+    g = torch.Generator().manual_seed(seed)
+    B, Tk = k_slc.shape[:2]
+    P, cpp = -(-Tk // page_size), page_size // cmp_stride
+    n_pages = B * P + spare
+    table = torch.randperm(n_pages, generator=g)[:B * P].view(B, P).to(torch.int32).to(k_slc.device)
+
+    def pool(x, rows):  # x [B, <= P*rows, H, D] -> [n_pages, rows, H, D]
+        out = 1e3 * torch.randn(n_pages, rows, *x.shape[2:], generator=g).to(x.dtype).to(x.device)
+        n = min(x.shape[1], P * rows)
+        pad = torch.cat([x[:, :n], out.new_zeros(B, P * rows - n, *x.shape[2:])], 1)
+        out[table.long().flatten()] = pad.reshape(B * P, rows, *x.shape[2:])
+        return out
+
+    return (pool(k_cmp, cpp), pool(v_cmp, cpp), pool(k_slc, page_size), pool(v_slc, page_size), table)

@@ -145,7 +145,22 @@ def test_opcheck_nsa_decode():
     q, kc, vc, k, v, kw, vw, gates = _op_inputs()
     lens = torch.tensor([24], dtype=torch.int32, device=DEV)
     torch.library.opcheck(torch.ops.nsa.nsa_decode.default,
-                          (q[:, -1:], kc, vc, k, v, kw, vw, gates[:, -1:], lens, 24, *GEO.values(), 0.25))
+                          (q[:, -1:], kc, vc, k, v, kw, vw, gates[:, -1:], lens, None, 24, *GEO.values(), 0.25))
+
+
+@needs_triton
+def test_opcheck_nsa_decode_paged_several_tokens():
+    """The op with a block table (pages of 8 rows, the window read through them) and 3 new tokens."""
+    q, kc, vc, k, v, kw, vw, gates = _op_inputs()
+    def pages(x, rows):  # positions 0 .. 3*rows - 1 (zero padded) as pages 2, 1, 0
+        x = torch.cat([x[0], x.new_zeros(3 * rows - x.shape[1], *x.shape[2:])])
+        return x.reshape(3, rows, *x.shape[1:]).flip(0).contiguous()
+
+    table = torch.tensor([[2, 1, 0]], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([24], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.nsa.nsa_decode.default,
+                          (q[:, -3:], pages(kc, 2), pages(vc, 2), pages(k, 8), pages(v, 8), None, None,
+                           gates[:, -3:], lens, table, 24, *GEO.values(), 0.25))
 
 
 # --------------------------------------------------------------------------- torch backend (CPU CI)

@@ -569,3 +569,83 @@ def test_empty_chunk_is_a_no_op():
         assert e.shape == (2, 0, 32) and cache.length == 6
         b = layer(x[:, 6:], cache=cache)
     assert (torch.cat([a, b], 1) - y).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------- paged cache
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_paged_cache_sequences_join_and_leave_a_running_batch(phi, shared_kv):
+    """A serving loop on a paged cache (pages of 4 positions, fewer pages than the slots could
+    hold, so freed pages are reused): sequences of different prompt lengths join the running
+    batch (prefilled into a free slot while the others wait between decode steps), the batch
+    decodes 1 token per sequence or verifies 3 at once, and finished sequences leave. Every
+    output equals the full layer on that sequence alone."""
+    layer = make_layer(seed=8, compress=phi, shared_kv=shared_kv)
+    T = 40
+    xs = [torch.randn(1, T, 32) for _ in range(5)]
+    with torch.no_grad():
+        full = [layer(x)[0] for x in xs]
+        cache = layer.new_cache(3, T, page_size=4, num_pages=22)
+        # (step, sequence, prompt length) joins; (step, sequence) leaves
+        joins = {0: [(0, 13), (1, 1)], 2: [(2, 22)], 5: [(3, 9)], 8: [(4, 30)]}
+        leaves = {4: [0], 7: [1, 2]}
+        slot, pos, got = {}, {}, {i: [] for i in range(5)}
+        for step in range(12):
+            for i in leaves.get(step, []):
+                cache.free(slot.pop(i))
+            for i, n in joins.get(step, []):
+                slot[i] = cache.add_sequence()
+                got[i].append(layer(xs[i][:, :n], cache=cache.batch([slot[i]]))[0])
+                pos[i] = n
+            run = [i for i in slot if pos[i] + 3 <= T]
+            C = 3 if step % 3 == 1 else 1  # a step that verifies 3 tokens per sequence
+            x = torch.cat([xs[i][:, pos[i]:pos[i] + C] for i in run])
+            y = layer(x, cache=cache.batch([slot[i] for i in run]))
+            for b, i in enumerate(run):
+                got[i].append(y[b])
+                pos[i] += C
+        for i in range(5):
+            out = torch.cat(got[i])
+            assert (out - full[i][:out.shape[0]]).abs().max().item() <= 1e-5, i
+    assert sorted(cache.free_pages + [p for s in slot.values() for p in cache.pages[s]]) == list(range(22))
+
+
+@pytest.mark.parametrize("shared_kv", SHARED)
+def test_paged_chunks_equal_contiguous_chunks(shared_kv):
+    """Two sequences of different lengths in one paged batch, chunks of 1, 5, 8 and 11 tokens
+    (the long ones in steps of 8), equal the contiguous cache's chunked calls per sequence."""
+    layer = make_layer(seed=9, shared_kv=shared_kv)
+    x = torch.randn(2, 60, 32)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 60, page_size=6)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        ya = layer(x[:1, :17], cache=cache.batch([a]))
+        yb = layer(x[1:, :4], cache=cache.batch([b]))
+        assert (ya[0] - full[0, :17]).abs().max() <= 1e-5 and (yb[0] - full[1, :4]).abs().max() <= 1e-5
+        sa, sb = 17, 4
+        for C in (1, 5, 8, 11, 1):
+            y = layer(torch.cat([x[:1, sa:sa + C], x[1:, sb:sb + C]]), cache=cache.batch([a, b]))
+            assert (y[0] - full[0, sa:sa + C]).abs().max().item() <= 1e-5, C
+            assert (y[1] - full[1, sb:sb + C]).abs().max().item() <= 1e-5, C
+            sa, sb = sa + C, sb + C
+
+
+def test_paged_cache_errors():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="page_size=3 must be a multiple of cmp_stride=2"):
+        layer.new_cache(2, 16, page_size=3)
+    cache = layer.new_cache(2, 16, page_size=4, num_pages=3)
+    a = cache.add_sequence()
+    cache.add_sequence()
+    with pytest.raises(ValueError, match="no free slot"):
+        cache.add_sequence()
+    with pytest.raises(ValueError, match="out of pages"):
+        layer(torch.randn(1, 13, 32), cache=cache.batch([a]))
+    assert cache.lengths[a] == 0 and len(cache.free_pages) == 3  # nothing written
+    with pytest.raises(ValueError, match="cache is full"):
+        layer(torch.randn(1, 17, 32), cache=cache.batch([a]))
+    cache.free(a)
+    with pytest.raises(ValueError, match="slot 0 holds no sequence"):
+        cache.batch([a])
+    with pytest.raises(TypeError, match="cache.batch"):
+        layer(torch.randn(1, 1, 32), cache=cache)

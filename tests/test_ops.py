@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import causal_attention, dense_nsa, draw_geometry, geom, loop_select, make_inputs
+from conftest import causal_attention, dense_nsa, draw_geometry, geom, loop_select, make_inputs, to_pages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -509,8 +509,14 @@ def _decode_args(lens=(7, 10), w=W):
 
 
 DECODE_BAD = [
-    pytest.param(lambda a, k: a.__setitem__(0, torch.cat([a[0], a[0]], 1)), ValueError,
-                 ["q", "[B, 1, HQ, Dk]"], id="q-two-tokens"),
+    pytest.param(lambda a, k: a.__setitem__(0, torch.cat([a[0]] * 9, 1)), ValueError,
+                 ["q", "[B, S, HQ, Dk]", "S <= 8"], id="q-nine-tokens"),
+    pytest.param(lambda a, k: (a.__setitem__(0, torch.cat([a[0]] * 8, 1)), a.__setitem__(7, torch.cat([a[7]] * 8, 1))),
+                 ValueError, ["cache_seqlens", ">= 8", "[7, 10]"], id="len-below-new-tokens"),
+    pytest.param(lambda a, k: a.__setitem__(7, torch.cat([a[7]] * 2, 1)), ValueError,
+                 ["gates", "[B, S, HQ, 3]"], id="gates-more-tokens-than-q"),
+    pytest.param(lambda a, k: (a.__setitem__(0, torch.cat([a[0]] * 2, 1)), a.__setitem__(7, torch.cat([a[7]] * 2, 1))),
+                 ValueError, ["k_win", "window + S - 1 = 5"], id="ring-short-for-two-tokens"),
     pytest.param(lambda a, k: k.update(cache_seqlens=torch.tensor([7, 0])), ValueError,
                  ["cache_seqlens", ">= 1"], id="len-zero"),
     pytest.param(lambda a, k: k.update(cache_seqlens=torch.tensor([7])), ValueError,
@@ -524,7 +530,7 @@ DECODE_BAD = [
                  ["k_win", "window=4"], id="ring-short"),
     pytest.param(lambda a, k: a.__setitem__(6, a[6][:, :2]), ValueError, ["v_win", "k_win"], id="ring-v-rows"),
     pytest.param(lambda a, k: a.__setitem__(6, a[6][..., :2]), ValueError, ["v_win", "Dv"], id="v_win-Dv"),
-    pytest.param(lambda a, k: a.__setitem__(7, a[7][..., :2]), ValueError, ["gates", "[B, 1, HQ, 3]"],
+    pytest.param(lambda a, k: a.__setitem__(7, a[7][..., :2]), ValueError, ["gates", "[B, S, HQ, 3]"],
                  id="gates-shape"),
     pytest.param(lambda a, k: a.__setitem__(3, a[3].float()), TypeError, ["k_slc", "dtype"], id="k_slc-dtype"),
     pytest.param(lambda a, k: k.update(backend="gpu"), ValueError, ["backend"], id="backend-unknown"),
@@ -544,3 +550,98 @@ def test_nsa_decode_bad_input(mut, exc, words):
         nsa.nsa_decode(*a, **kw)
     for word in words:
         assert word in str(e.value), (word, str(e.value))
+
+
+# --------------------------------------------------------------------------- nsa_decode: S new tokens, paged
+def _last_rows(x, lens, S, w):
+    """nsa_decode's arguments for the last S positions of each sequence of a full input x, the
+    window keys in a ring of w + S - 1 rows."""
+    q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, g = x
+    B, tw = q.shape[0], w + S - 1
+    ring_k, ring_v = k_win.new_zeros(B, tw, *k_win.shape[2:]), v_win.new_zeros(B, tw, *v_win.shape[2:])
+    for b, n in enumerate(lens):
+        p = torch.arange(max(0, n - tw), n)
+        ring_k[b, p % tw], ring_v[b, p % tw] = k_win[b, p], v_win[b, p]
+    at = torch.tensor(lens)[:, None] - S + torch.arange(S)
+    ar = torch.arange(B)[:, None]
+    return [q[ar, at], k_cmp, v_cmp, k_slc, v_slc, ring_k, ring_v, g[ar, at]]
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_property_decode_several_tokens_paged_equals_last_rows_of_a_full_call(data):
+    """S = 1..8 new tokens of each sequence (ragged lengths >= S, window in a ring), contiguous
+    and paged (random page order, random page size a multiple of d, shared k/v window read
+    through the pages): the last S rows of nsa_func on the whole sequence."""
+    l, d, lp, n = draw_geometry(data)
+    w = data.draw(st.integers(1, 12), label="w")
+    h = data.draw(st.sampled_from([1, 2, 3]), label="h")
+    S = data.draw(st.integers(1, 8), label="S")
+    lens = data.draw(st.lists(st.integers(S, 30), min_size=1, max_size=3), label="lens")
+    ps = d * data.draw(st.integers(1, 4), label="page_size / d")
+    seed = data.draw(st.integers(0, 2**16))
+    x = make_inputs(len(lens), max(lens), 2 * h, 2, 4, 3, l, d, seed=seed)
+    a = _last_rows(x, lens, S, w)
+    kw = dict(cache_seqlens=torch.tensor(lens), **geom(l, d, lp, n, w), backend="torch")
+    step = nsa.nsa_decode(*a, **kw)
+    *pools, table = to_pages(a[1], a[2], a[3], a[4], ps, d, seed=seed)
+    paged = nsa.nsa_decode(a[0], *pools, a[5], a[6], a[7], block_table=table, **kw)
+    shared = nsa.nsa_decode(a[0], *pools, None, None, a[7], block_table=table, **kw)
+    for b, t in enumerate(lens):
+        tc = nsa.num_cmp_blocks(t, l, d)
+        xb = [z[b:b + 1, :tc] if i in (1, 2) else z[b:b + 1, :t] for i, z in enumerate(x)]
+        full = nsa.nsa_func(*xb, **geom(l, d, lp, n, w), backend="torch")
+        torch.testing.assert_close(step[b:b + 1], full[:, -S:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(paged[b:b + 1], full[:, -S:], rtol=1e-12, atol=1e-12)
+        xb[5], xb[6] = xb[3], xb[4]  # the window of the slc keys
+        full = nsa.nsa_func(*xb, **geom(l, d, lp, n, w), backend="torch")
+        torch.testing.assert_close(shared[b:b + 1], full[:, -S:], rtol=1e-12, atol=1e-12)
+
+
+def _paged_args(lens=(7, 10), ps=4):
+    a, kw = _decode_args(lens)
+    *pools, table = to_pages(a[1], a[2], a[3], a[4], ps, D)
+    return [a[0], *pools, None, None, a[7]], dict(kw, block_table=table)
+
+
+def _set_table(k, b, j, val):
+    t = k["block_table"].clone()
+    t[b, j] = val
+    k.update(block_table=t)
+
+
+PAGED_BAD = [
+    pytest.param(lambda a, k: _set_table(k, 1, 2, 99), ValueError, ["block_table[1, 2] = 99", "num_pages"],
+                 id="page-out-of-range"),
+    pytest.param(lambda a, k: _set_table(k, 0, 0, -1), ValueError, ["block_table[0, 0] = -1"], id="page-negative"),
+    pytest.param(lambda a, k: k.update(block_table=k["block_table"][:, :2]), ValueError,
+                 ["block_table", "10", "3 pages"], id="too-few-pages"),
+    pytest.param(lambda a, k: k.update(block_table=k["block_table"].long()), TypeError, ["block_table", "int32"],
+                 id="table-dtype"),
+    pytest.param(lambda a, k: k.update(block_table=k["block_table"][:1]), ValueError, ["block_table", "[B, max_pages]"],
+                 id="table-batch"),
+    pytest.param(lambda a, k: k.update(block_table=k["block_table"][0]), ValueError, ["block_table"], id="table-rank"),
+    pytest.param(lambda a, k: a.__setitem__(1, a[1][:, :1]), ValueError, ["k_cmp", "page pool", "page_size // d"],
+                 id="cmp-pool-rows"),
+    pytest.param(lambda a, k: a.__setitem__(4, a[4][:-1]), ValueError, ["v_slc", "page pool"], id="pool-pages-differ"),
+    pytest.param(lambda a, k: a.__setitem__(5, a[3]), ValueError, ["k_win", "v_win", "both"], id="one-window-none"),
+]
+
+
+@pytest.mark.parametrize("mut,exc,words", PAGED_BAD)
+def test_nsa_decode_bad_block_table(mut, exc, words):
+    a, kw = _paged_args()
+    nsa.nsa_decode(*a, **kw)  # the unmodified call is fine
+    mut(a, kw)
+    with pytest.raises(exc) as e:
+        nsa.nsa_decode(*a, **kw)
+    for word in words:
+        assert word in str(e.value), (word, str(e.value))
+
+
+def test_nsa_decode_page_size_not_a_multiple_of_d():
+    a, kw = _decode_args()
+    *pools, table = to_pages(a[1], a[2], a[3], a[4], 2 * D, D)
+    k, v = pools[2][:, :2 * D - 1], pools[3][:, :2 * D - 1]  # pages of 2d - 1 rows
+    with pytest.raises(ValueError, match=f"page_size={2 * D - 1}.*multiple of cmp_stride={D}"):
+        nsa.nsa_decode(a[0], pools[0], pools[1], k, v, None, None, a[7], block_table=table, **kw)

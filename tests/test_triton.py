@@ -40,6 +40,7 @@ from nsa import reference as R  # noqa: E402
 from nsa.triton import (compressed_attention_triton, nsa_triton, select_blocks_triton,  # noqa: E402
                         selected_attention_triton, sliding_window_triton)
 from nsa.triton import select as S  # noqa: E402
+from conftest import to_pages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -388,6 +389,39 @@ def test_layer_cache_triton(seed, B, T, sel_count, bounds):
     _close(torch.cat(parts, 1), full, 1e-5)
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_layer_paged_cache_triton(shared_kv):
+    """The paged cache through the kernels: two sequences of different lengths prefilled into
+    slots, then steps of 1 and 3 tokens each through the paged nsa_decode; a third sequence
+    joins in the first one's pages after it leaves. Each equals the full layer on it alone."""
+    torch.manual_seed(2)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, compress="mean",
+                        shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    xs = [torch.randn(1, 30, 32, device=DEV) for _ in range(3)]
+    with torch.no_grad():
+        full = [layer(x)[0] for x in xs]
+        cache = layer.new_cache(2, 30, page_size=8, num_pages=6)
+        a, b = cache.add_sequence(), cache.add_sequence()
+        ya, yb = [layer(xs[0][:, :17], cache=cache.batch([a]))[0]], [layer(xs[1][:, :9], cache=cache.batch([b]))[0]]
+        sa, sb = 17, 9
+        for C in (1, 3):
+            y = layer(torch.cat([xs[0][:, sa:sa + C], xs[1][:, sb:sb + C]]), cache=cache.batch([a, b]))
+            ya.append(y[0])
+            yb.append(y[1])
+            sa, sb = sa + C, sb + C
+        cache.free(a)
+        c = cache.add_sequence()
+        yc = [layer(xs[2][:, :12], cache=cache.batch([c]))[0]]
+        y = layer(torch.cat([xs[2][:, 12:14], xs[1][:, sb:sb + 2]]), cache=cache.batch([c, b]))
+        yc.append(y[0])
+        yb.append(y[1])
+    for got, want in ((ya, full[0]), (yb, full[1]), (yc, full[2])):
+        got = torch.cat(got)
+        _close(got, want[:got.shape[0]], 1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_nsa_low_precision_error_within_2x_of_torch(dtype):
     c = dict(T=57, HQ=4, H=2, Dk=32, Dv=32, l=8, d=4, lp=16, n=3, w=12)
@@ -443,21 +477,22 @@ DECODE_CASES = [
 ]
 
 
-def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
-    """(args of nsa_decode, its kwargs, the expected output: each sequence's last row of one
-    full nsa_ref call, None without ``full``). The window keys go into a ring of w rows
-    (position p at p % w) or, for shared k/v, are k/v themselves."""
+def _decode_inputs(c, dtype=torch.float32, seed=0, full=True, S=1):
+    """(args of nsa_decode, its kwargs, the expected output: each sequence's last S rows of one
+    full nsa_ref call, None without ``full``). The window keys go into a ring of w + S - 1 rows
+    (position p at p % (w + S - 1)) or, for shared k/v, are k/v themselves."""
     lens, B, n_max = c["lens"], len(c["lens"]), max(c["lens"])
     q, k, v, kc, vc, gates, _ = _inputs(n_max, c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"],
                                         dtype=dtype, seed=seed, B=B)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
     if c["ring"]:
+        tw = c["w"] + S - 1
         kw_, vw_ = torch.randn_like(k), torch.randn_like(v)
-        ring_k = torch.zeros(B, c["w"], c["H"], c["Dk"], dtype=dtype, device=DEV)
-        ring_v = torch.zeros(B, c["w"], c["H"], c["Dv"], dtype=dtype, device=DEV)
+        ring_k = torch.zeros(B, tw, c["H"], c["Dk"], dtype=dtype, device=DEV)
+        ring_v = torch.zeros(B, tw, c["H"], c["Dv"], dtype=dtype, device=DEV)
         for b, n in enumerate(lens):  # what a cache that wrote positions 0..n-1 holds
-            p = torch.arange(max(0, n - c["w"]), n, device=DEV)
-            ring_k[b, p % c["w"]], ring_v[b, p % c["w"]] = kw_[b, p], vw_[b, p]
+            p = torch.arange(max(0, n - tw), n, device=DEV)
+            ring_k[b, p % tw], ring_v[b, p % tw] = kw_[b, p], vw_[b, p]
     else:
         kw_, vw_, ring_k, ring_v = k, v, k, v
     expect = []
@@ -465,14 +500,23 @@ def _decode_inputs(c, dtype=torch.float32, seed=0, full=True):
         tc = G.num_cmp_blocks(n, c["l"], c["d"])
         whole = R.nsa_ref(q[b:b + 1, :n], kc[b:b + 1, :tc], vc[b:b + 1, :tc], k[b:b + 1, :n], v[b:b + 1, :n],
                          kw_[b:b + 1, :n], vw_[b:b + 1, :n], gates[b:b + 1, :n], **geo)
-        expect.append(whole[:, n - 1:])
-    last = torch.tensor(lens, device=DEV) - 1
-    ar = torch.arange(B, device=DEV)
+        expect.append(whole[:, n - S:])
+    at = torch.tensor(lens, device=DEV)[:, None] - S + torch.arange(S, device=DEV)  # [B, S]
+    ar = torch.arange(B, device=DEV)[:, None]
     if c.get("spare"):  # a preallocated cache: rows past the longest sequence hold garbage
         kc, vc, k, v = (torch.cat([x, 1e3 * torch.randn_like(x[:, :c["spare"]])], 1) for x in (kc, vc, k, v))
-    args = (q[ar, last][:, None], kc, vc, k, v, ring_k, ring_v, gates[ar, last][:, None])
+    args = (q[ar, at], kc, vc, k, v, ring_k, ring_v, gates[ar, at])
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     return args, dict(geo, cache_seqlens=seqlens), torch.cat(expect, 0) if full else None
+
+
+def _paged(args, c, page_size, seed=0):
+    """``_decode_inputs``' args with k_cmp/v_cmp/k_slc/v_slc as page pools in a random order, the
+    window (shared k/v) read through the table: (args, block_table)."""
+    q, kc, vc, k, v, kw, vw, gates = args
+    pkc, pvc, pk, pv, table = to_pages(kc, vc, k, v, page_size, c["d"], seed=seed)
+    win = (kw, vw) if c["ring"] else (None, None)
+    return (q, pkc, pvc, pk, pv, *win, gates), table
 
 
 @pytest.mark.parametrize("c", DECODE_CASES)
@@ -513,6 +557,60 @@ def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
     args, kw, _ = _decode_inputs(c, dtype, full=False)
     _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
+
+
+# several new tokens per step and paged caches: (case, S, page_size); page_size a multiple of d
+MULTI_CASES = [
+    pytest.param(0, 2, 8, id="mha-S2-p8"),
+    pytest.param(1, 5, 16, id="gqa4-192/128-S5-p16"),
+    pytest.param(2, 8, 4, id="sharedkv-S8-p4"),
+    pytest.param(3, 1, 8, id="len1-S1-p8"),
+    pytest.param(5, 3, 12, id="spare-S3-p12"),
+]
+
+
+def _multi_case(i, S):
+    c = dict(DECODE_CASES[i].values[0])
+    c["lens"] = [max(n, S) for n in c["lens"]]
+    return c
+
+
+@pytest.mark.parametrize("i,S,ps", MULTI_CASES)
+def test_decode_several_tokens_and_paged_equal_a_full_pass(i, S, ps):
+    """S new tokens per sequence (each its own selection and window, causal among them) equal
+    the last S rows of a full pass, contiguous and paged (pages in a random order, garbage in
+    the spare pages), through the reference and the kernels."""
+    c = _multi_case(i, S)
+    args, kw, expect = _decode_inputs(c, S=S)
+    pargs, table = _paged(args, c, ps)
+    _close(nsa.nsa_decode(*args, backend="torch", **kw), expect, 1e-5)
+    _close(nsa.nsa_decode(*pargs, block_table=table, backend="torch", **kw), expect, 1e-5)
+    _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+    _close(nsa.nsa_decode(*pargs, block_table=table, backend="triton", **kw), expect)
+    # the CUDA-graph form (tensor lengths + a bound): grids sized by the table's capacity
+    cap = table.shape[1] * ps
+    _close(nsa.nsa_decode(*pargs, block_table=table, max_seqlen=cap, backend="triton", **kw), expect)
+
+
+def test_decode_paged_bad_table_never_reads_outside_the_pool():
+    """With the lengths unchecked (max_seqlen given) a table whose entries are out of range is
+    clamped into the pool: the kernels read no row outside it and give finite numbers (on a
+    GPU, compute-sanitizer checks the addresses: benchmarks/sanitize_decode.py)."""
+    c = dict(DECODE_CASES[0].values[0])
+    args, kw, _ = _decode_inputs(c)
+    pargs, table = _paged(args, c, 8)
+    table[0, 0], table[1, -1] = 10 ** 6, -5
+    out = nsa.nsa_decode(*pargs, block_table=table, max_seqlen=table.shape[1] * 8, backend="triton", **kw)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_decode_paged_several_tokens_low_precision(dtype):
+    c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)
+    args, kw, _ = _decode_inputs(c, dtype, full=False, S=4)
+    pargs, table = _paged(args, c, 16)
+    kw = dict(kw, block_table=table)
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, pargs, kw)
 
 
 # ------------------------------------------------------------------------------ GPU only
@@ -590,3 +688,21 @@ def test_gpu_decode_cuda_graph_with_new_lengths():
         graph.replay()
         eager = nsa.nsa_decode(*args, cache_seqlens=torch.tensor(new, device=DEV), max_seqlen=3000, **kw)
         _close(out, eager, 0)  # same grids, no atomics: bit for bit
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 4, 8])
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "sharedkv"])
+def test_gpu_decode_paged_equals_contiguous(S, ring):
+    """Paged (page_size 64, pages shuffled) against contiguous at the paper geometry, bf16, with
+    S new tokens: the paged step's error within 2x of the reference's (as the contiguous one's),
+    and the two steps within bf16 rounding of each other (the autotuner may pick other warps
+    for the paged kernels, so not bit for bit)."""
+    c = dict(lens=[8191, 3001, 530], HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=ring)
+    args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False, S=S)
+    pargs, table = _paged(args, c, 64)
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, pargs, dict(kw, block_table=table))
+    want = nsa.nsa_decode(*args, max_seqlen=8192, backend="triton", **kw).float()
+    got = nsa.nsa_decode(*pargs, block_table=table, max_seqlen=8192, backend="triton", **kw).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

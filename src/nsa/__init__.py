@@ -6,9 +6,10 @@ Public API:
     varlen_tables, VarlenTables - packed sequences (cu_seqlens) prepared once, outside torch.compile
     NSAConfig, NSAAttention  - the layer and its configuration
     NSACache                 - the layer's preallocated KV cache
+    PagedNSACache            - the layer's paged KV cache (sequences join and leave a running batch)
 """
 
-from .cache import NSACache
+from .cache import NSACache, PagedNSACache
 from .config import NSAConfig
 from .layer import NSAAttention
 from . import geometry
@@ -17,5 +18,5 @@ from .geometry import num_cmp_blocks
 
 __version__ = "0.1.0"
 
-__all__ = ["NSAAttention", "NSACache", "NSAConfig", "VarlenTables", "nsa_decode", "nsa_func", "num_cmp_blocks",
+__all__ = ["NSAAttention", "NSACache", "NSAConfig", "PagedNSACache", "VarlenTables", "nsa_decode", "nsa_func", "num_cmp_blocks",
            "select_blocks", "varlen_tables", "__version__"]

@@ -240,3 +240,250 @@ class NSACache:
         (the layer's), returned in the cache's."""
         dt = self.k_cmp.dtype
         return phi_k(blocks_k.to(dtype)).to(dt), phi_v(blocks_v.to(dtype)).to(dt)
+
+
+# ---------------------------------------------------------------------------------- paged
+# New positions per sequence that one paged step reads through nsa_decode; the window's ring
+# keeps window + MAX_NEW - 1 rows so that the oldest of them still finds its whole window.
+MAX_NEW = 8
+
+
+class PagedRead(NamedTuple):
+    """What :func:`nsa.nsa_decode` reads after a :meth:`PagedBatch.append_chunk`: the page pools
+    (``k_cmp``/``v_cmp`` ``[num_pages, page_size // d, H, D]``, ``k_slc``/``v_slc``
+    ``[num_pages, page_size, H, D]``), the window's rings of the batch's sequences ``[B, Tw, H, D]``
+    (None with shared k/v: the window reads the pages), ``block_table`` int32 ``[B, max_pages]``
+    and ``seqlens`` int32 ``[B]``, the lengths after the chunk."""
+
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    k_slc: torch.Tensor
+    v_slc: torch.Tensor
+    k_win: torch.Tensor | None
+    v_win: torch.Tensor | None
+    block_table: torch.Tensor
+    seqlens: torch.Tensor
+
+
+@dataclass
+class PagedNSACache:
+    """A paged KV cache of one NSA layer for a running batch whose sequences join and leave
+    (semantics §9; :meth:`nsa.NSAAttention.new_cache` with ``page_size``).
+
+    Storage (nsa_decode's paged layout, one block table for both pools):
+
+    * ``k_slc``/``v_slc`` ``[num_pages, page_size, H, D]``: position p of the sequence in slot b
+      is row ``p % page_size`` of page ``block_table[b, p // page_size]``.
+    * ``k_cmp``/``v_cmp`` ``[num_pages, page_size // d, H, D]``: compressed token i (block
+      [i*d, i*d + l)) is row ``i % (page_size // d)`` of page ``block_table[b, i*d // page_size]``:
+      a page holds the compressed tokens of the blocks that start in it.
+    * per slot, not paged (fixed size): ``k_win``/``v_win`` ``[max_batch, w + 7, H, D]`` rings of
+      the window's keys (position p at row p % (w + 7): 8 new tokens per step still see their
+      whole window) and ``k_tail``/``v_tail`` ``[max_batch, l - 1, H, D]`` raw compression keys;
+      with shared k/v neither (the window and the compression read the pages).
+
+    Slots and pages: :meth:`add_sequence` takes a free slot (length 0), :meth:`free` gives its
+    pages back to the pool; pages are taken as a sequence grows (each append, host-side, no
+    device sync). :meth:`batch` is the view of some slots that the layer takes as ``cache``:
+    ``layer(x, cache=cache.batch(slots))`` appends x ``[len(slots), C, d_model]`` at each
+    sequence's own length (ragged) and attends.
+    """
+
+    max_seq_len: int
+    page_size: int
+    cmp_block: int  # l
+    cmp_stride: int  # d
+    window: int  # w
+    k_slc: torch.Tensor
+    v_slc: torch.Tensor
+    k_cmp: torch.Tensor
+    v_cmp: torch.Tensor
+    block_table: torch.Tensor  # int32 [max_batch, max_pages]
+    k_win: torch.Tensor | None = None
+    v_win: torch.Tensor | None = None
+    k_tail: torch.Tensor | None = None
+    v_tail: torch.Tensor | None = None
+    lengths: list | None = None  # per slot: positions held, None for a free slot
+    pages: list | None = None  # per slot: its pages in order (host)
+    free_pages: list | None = None
+
+    @classmethod
+    def allocate(cls, config: NSAConfig, max_batch: int, max_seq_len: int, *, page_size: int,
+                 num_pages: int | None = None, dtype=None, device=None) -> PagedNSACache:
+        """Zeroed pools for up to ``max_batch`` sequences at once of up to ``max_seq_len`` tokens
+        each, in pages of ``page_size`` positions (a multiple of cmp_stride d). ``num_pages``
+        defaults to what ``max_batch`` full sequences need; fewer is fine when the sequences are
+        shorter on the whole (an append that finds no free page raises)."""
+        check_positive_int("max_batch", max_batch)
+        check_positive_int("max_seq_len", max_seq_len)
+        check_positive_int("page_size", page_size)
+        c = config
+        if page_size % c.cmp_stride:
+            raise ValueError(f"page_size={page_size} must be a multiple of cmp_stride={c.cmp_stride} "
+                             f"(a page holds page_size // d compressed tokens)")
+        max_pages = -(-max_seq_len // page_size)
+        num_pages = max_batch * max_pages if num_pages is None else num_pages
+        check_positive_int("num_pages", num_pages)
+        kw = dict(dtype=dtype, device=device)
+        H, Dk, Dv, cpp = c.n_kv_heads, c.head_dim, c.v_head_dim, page_size // c.cmp_stride
+        cache = cls(max_seq_len=max_seq_len, page_size=page_size, cmp_block=c.cmp_block,
+                    cmp_stride=c.cmp_stride, window=c.window,
+                    k_slc=torch.zeros(num_pages, page_size, H, Dk, **kw),
+                    v_slc=torch.zeros(num_pages, page_size, H, Dv, **kw),
+                    k_cmp=torch.zeros(num_pages, cpp, H, Dk, **kw), v_cmp=torch.zeros(num_pages, cpp, H, Dv, **kw),
+                    block_table=torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device),
+                    lengths=[None] * max_batch, pages=[[] for _ in range(max_batch)],
+                    free_pages=list(range(num_pages - 1, -1, -1)))
+        if not c.shared_kv:
+            tw = c.window + MAX_NEW - 1
+            cache.k_win = torch.zeros(max_batch, tw, H, Dk, **kw)
+            cache.v_win = torch.zeros(max_batch, tw, H, Dv, **kw)
+            cache.k_tail = torch.zeros(max_batch, c.cmp_block - 1, H, Dk, **kw)
+            cache.v_tail = torch.zeros(max_batch, c.cmp_block - 1, H, Dv, **kw)
+        return cache
+
+    @property
+    def max_batch(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_slc.shape[0]
+
+    @property
+    def shared_kv(self) -> bool:
+        return self.k_win is None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.k_slc, self.v_slc, self.k_cmp, self.v_cmp, self.k_win, self.v_win,
+            self.k_tail, self.v_tail, self.block_table) if t is not None)
+
+    def add_sequence(self) -> int:
+        """A free slot for a new sequence (length 0, no page yet). Raises ValueError when all
+        ``max_batch`` slots hold a sequence."""
+        for slot, n in enumerate(self.lengths):
+            if n is None:
+                self.lengths[slot] = 0
+                return slot
+        raise ValueError(f"no free slot: all max_batch={self.max_batch} slots hold a sequence; "
+                         f"free one (cache.free(slot)) or allocate a larger cache")
+
+    def free(self, slot: int) -> None:
+        """The sequence in ``slot`` is done: its slot and pages go back to the pool."""
+        self._check_slot(slot)
+        self.free_pages.extend(reversed(self.pages[slot]))
+        self.pages[slot] = []
+        self.lengths[slot] = None
+
+    def batch(self, slots) -> PagedBatch:
+        """The view of these slots (a list of distinct slots that hold sequences, in the batch's
+        order) that ``layer(x, cache=...)`` takes."""
+        slots = [int(s) for s in slots]
+        if not slots or len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be a non-empty list of distinct slots, got {slots}")
+        for s in slots:
+            self._check_slot(s)
+        return PagedBatch(self, slots)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_batch or self.lengths[slot] is None:
+            raise ValueError(f"slot {slot} holds no sequence (cache.add_sequence() gives a slot)")
+
+    def _rows(self, slot: int, pos: torch.Tensor, per_page: int, stride: int = 1) -> torch.Tensor:
+        """Flat pool rows (of pages of ``per_page`` rows) of items ``pos`` of slot's sequence,
+        item i starting at position i * stride."""
+        pages = torch.tensor(self.pages[slot], dtype=torch.int64, device=self.k_slc.device)
+        return pages[pos * stride // self.page_size] * per_page + pos % per_page
+
+    def _write(self, slot: int, s: int, kv, phi_k: Phi, phi_v: Phi) -> None:
+        """Append one sequence's C tokens at positions s .. s + C - 1 (pages already taken)."""
+        (kc, vc), (ks, vs), (kw, vw) = kv  # [C, H, D]
+        C = ks.shape[0]
+        l, d, w, ps = self.cmp_block, self.cmp_stride, self.window, self.page_size
+        dev, dt = ks.device, self.k_slc.dtype
+        H = self.k_slc.shape[2]
+        pos = torch.arange(s, s + C, device=dev)
+        at = self._rows(slot, pos, ps)
+        k_flat, v_flat = self.k_slc.view(-1, H, self.k_slc.shape[3]), self.v_slc.view(-1, H, self.v_slc.shape[3])
+        k_flat[at], v_flat[at] = ks.to(dt), vs.to(dt)
+        tail = min(s, l - 1)
+        if self.shared_kv:
+            src = self._rows(slot, torch.arange(s - tail, s + C, device=dev), ps)
+            raw_k, raw_v = k_flat[src], v_flat[src]
+        else:
+            raw_k = torch.cat([self.k_tail[slot, l - 1 - tail:], kc.to(dt)], 0)
+            raw_v = torch.cat([self.v_tail[slot, l - 1 - tail:], vc.to(dt)], 0)
+        tc0, tc1 = geometry.num_cmp_blocks(s, l, d), geometry.num_cmp_blocks(s + C, l, d)
+        if tc1 > tc0:
+            new = torch.arange(tc0, tc1, device=dev)
+            idx = (new * d - (s - tail))[:, None] + torch.arange(l, device=dev)  # [n_new, l]
+            ck, cv = phi_k(raw_k[idx][None].to(kc.dtype))[0], phi_v(raw_v[idx][None].to(kc.dtype))[0]
+            cpp = self.k_cmp.shape[1]
+            rows = self._rows(slot, new, cpp, stride=d)
+            self.k_cmp.view(-1, H, self.k_cmp.shape[3])[rows] = ck.to(dt)
+            self.v_cmp.view(-1, H, self.v_cmp.shape[3])[rows] = cv.to(dt)
+        if not self.shared_kv:
+            keep = min(l - 1, s + C)
+            self.k_tail[slot, l - 1 - keep:] = raw_k[raw_k.shape[0] - keep:]
+            self.v_tail[slot, l - 1 - keep:] = raw_v[raw_v.shape[0] - keep:]
+            tw = self.k_win.shape[1]
+            new = min(C, tw)
+            ring = torch.arange(s + C - new, s + C, device=dev) % tw
+            self.k_win[slot, ring] = kw[C - new:].to(dt)
+            self.v_win[slot, ring] = vw[C - new:].to(dt)
+
+
+@dataclass
+class PagedBatch:
+    """Some slots of a :class:`PagedNSACache`, in a batch's order (from :meth:`PagedNSACache.batch`)."""
+
+    cache: PagedNSACache
+    slots: list
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def lengths(self) -> list:
+        """Each sequence's positions held (the next chunk starts there)."""
+        return [self.cache.lengths[s] for s in self.slots]
+
+    def append_chunk(self, branches: Branches, *, phi_k: Phi, phi_v: Phi) -> PagedRead:
+        """Append C >= 1 tokens to each sequence of the view, sequence b at its own positions
+        s_b .. s_b + C - 1 (s_b = ``lengths[b]``), taking the pages they need from the pool.
+
+        Args as :meth:`NSACache.append_chunk` (``[B, C, H, D]`` with B = the view's slots).
+        Returns the :class:`PagedRead` after the chunk. Raises ValueError, writing nothing, when
+        the batch is not the view's, a sequence would pass ``max_seq_len`` or the pool lacks
+        free pages.
+        """
+        c = self.cache
+        ks = branches[1][0]
+        B, C = ks.shape[:2]
+        if B != self.batch_size:
+            raise ValueError(f"the chunk has batch {B} but the view holds {self.batch_size} sequences")
+        lens = self.lengths
+        for slot, s in zip(self.slots, lens):
+            if s + C > c.max_seq_len:
+                raise ValueError(f"cache is full: slot {slot} holds {s} of max_seq_len={c.max_seq_len} "
+                                 f"positions and cannot take {C} more")
+        need = [-(-(s + C) // c.page_size) - len(c.pages[slot]) for slot, s in zip(self.slots, lens)]
+        if sum(need) > len(c.free_pages):
+            raise ValueError(f"out of pages: the chunk needs {sum(need)} more pages of {c.page_size} "
+                             f"positions but {len(c.free_pages)} of num_pages={c.num_pages} are free; "
+                             f"free finished sequences or allocate more pages")
+        for slot, k in zip(self.slots, need):
+            for _ in range(k):
+                page = c.free_pages.pop()
+                c.block_table[slot, len(c.pages[slot])] = page
+                c.pages[slot].append(page)
+        for b, (slot, s) in enumerate(zip(self.slots, lens)):
+            c._write(slot, s, [(k[b], v[b]) for k, v in branches], phi_k, phi_v)
+            c.lengths[slot] = s + C
+        dev = ks.device
+        idx = torch.tensor(self.slots, device=dev)
+        win = (None, None) if c.shared_kv else (c.k_win[idx], c.v_win[idx])
+        seqlens = torch.tensor([s + C for s in lens], dtype=torch.int32, device=dev)
+        return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, c.block_table[idx], seqlens)

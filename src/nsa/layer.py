@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, reference
-from .cache import NSACache
+from . import geometry, ops, reference
+from .cache import MAX_NEW, NSACache, PagedBatch, PagedNSACache
 from .config import NSAConfig
 from .rope import apply_rope, rope_cos_sin
 
@@ -46,7 +46,9 @@ class NSAAttention(nn.Module):
     ``layer(x_chunk, cache=cache)`` continues a sequence held in ``cache`` (from
     :meth:`new_cache`): the chunk sits at the positions after the cache's, and the cache
     advances. One token per call is a decode step; any chunking gives the same outputs as
-    one call over the whole sequence. ``cu_seqlens`` (int32 ``[N+1]``, B == 1) packs several
+    one call over the whole sequence. ``layer(x, cache=paged.batch(slots))`` does the same on a
+    paged cache (:meth:`new_cache` with ``page_size``) for sequences of different lengths that
+    join and leave a running batch. ``cu_seqlens`` (int32 ``[N+1]``, B == 1) packs several
     sequences along T for training; positions restart at 0 in each.
     """
 
@@ -103,6 +105,10 @@ class NSAAttention(nn.Module):
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("cu_seqlens cannot be combined with a cache")
+            if isinstance(cache, PagedBatch):
+                return self._forward_paged(x, cache, return_selection)
+            if isinstance(cache, PagedNSACache):
+                raise TypeError("a paged cache is passed as cache.batch(slots): the sequences the chunk continues")
             return self._forward_cached(x, cache, return_selection)
         c = self.config
         B, T, _ = x.shape
@@ -134,12 +140,60 @@ class NSAAttention(nn.Module):
 
     # ------------------------------------------------------------------ cache
     @torch.no_grad()
-    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None) -> NSACache:
+    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype=None, device=None,
+                  page_size: int | None = None, num_pages: int | None = None) -> NSACache | PagedNSACache:
         """Preallocate the cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens
-        (dtype and device default to the layer's)."""
+        (dtype and device default to the layer's).
+
+        With ``page_size`` (a multiple of cmp_stride): a :class:`nsa.PagedNSACache` of up to
+        ``batch_size`` sequences at once, in ``num_pages`` pages (default: enough for
+        ``batch_size`` full sequences), whose sequences join (``add_sequence``) and leave
+        (``free``) a running batch; the layer takes ``cache.batch(slots)`` as ``cache``."""
         p = self.q_proj.weight
-        return NSACache.allocate(self.config, batch_size, max_seq_len, dtype=dtype or p.dtype,
-                                 device=device or p.device)
+        kw = dict(dtype=dtype or p.dtype, device=device or p.device)
+        if page_size is not None:
+            return PagedNSACache.allocate(self.config, batch_size, max_seq_len, page_size=page_size,
+                                          num_pages=num_pages, **kw)
+        if num_pages is not None:
+            raise ValueError("num_pages needs page_size (a paged cache)")
+        return NSACache.allocate(self.config, batch_size, max_seq_len, **kw)
+
+    def _forward_paged(self, x: torch.Tensor, view: PagedBatch, return_selection: bool):
+        """A chunk of C tokens per sequence of a paged batch, each sequence at its own length.
+        C <= 8: one nsa_decode call (every query of the chunk through the decode kernels);
+        a first chunk (every sequence empty): nsa_func on the chunk's own keys, read back from
+        the pages; otherwise steps of 8 tokens."""
+        from .reference import gather_pages
+
+        if return_selection:
+            raise ValueError("return_selection is not supported with a paged cache")
+        c = self.config
+        B, C, _ = x.shape
+        if B != view.batch_size:
+            raise ValueError(f"x has batch {B} but the cache view holds {view.batch_size} sequences")
+        if C == 0:
+            return self._out(x.new_zeros(B, 0, c.n_heads, c.v_head_dim))
+        lens = view.lengths
+        if C > MAX_NEW and any(lens):
+            return torch.cat([self._forward_paged(x[:, i:i + MAX_NEW], view, False)
+                              for i in range(0, C, MAX_NEW)], 1)
+        pos = torch.tensor(lens, device=x.device)[:, None] + torch.arange(C, device=x.device)  # [B, C]
+        q, branches, gates = self._project(x, pos)
+        kv = view.append_chunk(branches, phi_k=self.phi_k, phi_v=self.phi_v)
+        geom = self._geometry()
+        dt = kv.k_slc.dtype
+        qd, gd = q.to(dt), gates.to(dt)
+        if C <= MAX_NEW:
+            o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gd,
+                               cache_seqlens=kv.seqlens, block_table=kv.block_table, backend=c.backend, **geom)
+        else:  # the first chunk of every sequence: its keys are all there is
+            n_pages = -(-C // view.cache.page_size)
+            k_s, v_s = (gather_pages(t, kv.block_table, n_pages)[:, :C] for t in (kv.k_slc, kv.v_slc))
+            tc = geometry.num_cmp_blocks(C, c.cmp_block, c.cmp_stride)
+            k_c, v_c = (gather_pages(t, kv.block_table, n_pages)[:, :tc] for t in (kv.k_cmp, kv.v_cmp))
+            k_w, v_w = (k_s, v_s) if kv.k_win is None else (branches[2][0].to(dt), branches[2][1].to(dt))
+            o = ops.nsa_func(qd, k_c, v_c, k_s, v_s, k_w, v_w, gd, backend=c.backend, **geom)
+        return self._out(o.to(x.dtype))
 
     def _forward_cached(self, x: torch.Tensor, cache: NSACache, return_selection: bool):
         c = self.config

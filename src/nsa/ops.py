@@ -14,7 +14,7 @@ implementation, so ``torch.compile`` traces them as single nodes:
   lse, the block indices, o_slc and its lse). Differentiable (``register_autograd``).
 * ``torch.ops.nsa.nsa_bwd``: the eight input gradients from the forward's saved state.
 * ``torch.ops.nsa.select_blocks``: the block indices alone.
-* ``torch.ops.nsa.nsa_decode``: one decode step.
+* ``torch.ops.nsa.nsa_decode``: one decode step (1-8 new tokens per sequence, contiguous or paged).
 
 Geometry reaches them as explicit ints and floats; packed sequences as the host copy of
 ``cu_seqlens`` in a :class:`VarlenTables`, built once by :func:`varlen_tables` outside a
@@ -326,21 +326,25 @@ def _(q, k_cmp, cu_seqlens_cpu, cmp_block, cmp_stride, sel_block, sel_count, sca
 
 
 @torch.library.custom_op("nsa::nsa_decode", mutates_args=())
-def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
-                v_win: Tensor, gates: Tensor, cache_seqlens: Tensor, max_seqlen: int, cmp_block: int,
-                cmp_stride: int, sel_block: int, sel_count: int, window: int, scale: float) -> Tensor:
-    """One decode step [B, 1, HQ, Dv] through the Triton decode kernels; ``cache_seqlens`` int
-    [B] on the device, ``max_seqlen`` their upper bound (grids are sized by it: no host sync)."""
+def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
+                k_win: Optional[Tensor], v_win: Optional[Tensor], gates: Tensor, cache_seqlens: Tensor,
+                block_table: Optional[Tensor], max_seqlen: int, cmp_block: int, cmp_stride: int,
+                sel_block: int, sel_count: int, window: int, scale: float) -> Tensor:
+    """A decode step [B, S, HQ, Dv] through the Triton decode kernels; ``cache_seqlens`` int
+    [B] on the device, ``max_seqlen`` their upper bound (grids are sized by it: no host sync);
+    ``block_table`` int32 [B, max_pages] for paged k/v pools (k_win/v_win None: the window
+    reads them)."""
     from .triton.decode import nsa_decode_triton
 
     return nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens=cache_seqlens,
                              cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
-                             sel_count=sel_count, window=window, scale=scale, max_seqlen=max_seqlen)
+                             sel_count=sel_count, window=window, scale=scale, max_seqlen=max_seqlen,
+                             block_table=block_table)
 
 
 @_nsa_decode.register_fake
 def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
-    return q.new_empty(q.shape[0], 1, q.shape[2], v_cmp.shape[3])
+    return q.new_empty(*q.shape[:3], v_cmp.shape[3])
 
 
 # --------------------------------------------------------------------------- public ops
@@ -514,48 +518,68 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
                              win_k_offset=wo, cu_seqlens=None if tables is None else tables.bounds)
 
 
+MAX_NEW_TOKENS = 8  # new positions per sequence one nsa_decode call takes (speculative decoding, MTP)
+
+
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16,
                window: int = 512, scale: float | None = None, max_seqlen: int | None = None,
-               backend: str = "auto") -> torch.Tensor:
-    """One decode step: the newest token of each sequence attends to that sequence's cache.
+               block_table=None, backend: str = "auto") -> torch.Tensor:
+    """A decode step: the S newest tokens of each sequence (S = 1 .. 8) attend to that
+    sequence's cache, causally among themselves.
 
-    Same result as :func:`nsa_func` on the whole sequence, read at its last position, without
-    recomputing anything before it. Not differentiable (inference).
+    Same result as :func:`nsa_func` on the whole sequence, read at its last S positions, without
+    recomputing anything before them. Not differentiable (inference). S > 1 is what speculative
+    decoding and multi-token prediction verify: each of the S queries has its own selection,
+    its own window and the compressed tokens visible at its position.
 
     Args:
-        q: ``[B, 1, HQ, Dk]`` the new token's queries (RoPE applied); its position in sequence b
-            is ``cache_seqlens[b] - 1``.
+        q: ``[B, S, HQ, Dk]`` the new tokens' queries (RoPE applied), S in 1..8; query s of
+            sequence b sits at position ``cache_seqlens[b] - S + s`` (the new tokens are already
+            in the cache).
         k_cmp, v_cmp: ``[B, Tc, H, Dk]``, ``[B, Tc, H, Dv]`` compressed keys/values from
             position 0; row i is block [i*d, i*d + l). The first Tc(n) = (n - l) // d + 1 rows
             (0 if n < l) of sequence b are read, n = ``cache_seqlens[b]``; Tc >= Tc(max n).
+            Paged: pools ``[num_pages, page_size // d, H, D]`` (see ``block_table``).
         k_slc, v_slc: ``[B, Tk, H, Dk]``, ``[B, Tk, H, Dv]`` keys/values of positions 0..n-1
-            (the new token's included); Tk >= max n.
+            (the new tokens included); Tk >= max n. Paged: pools ``[num_pages, page_size, H, D]``.
         k_win, v_win: ``[B, Tw, H, Dk]``, ``[B, Tw, H, Dv]`` window keys/values, position p at
-            row ``p % Tw``: a ring buffer of Tw >= window rows, or the full keys (Tw >= max n,
-            e.g. k_slc/v_slc again for shared k/v).
-        gates: ``[B, 1, HQ, 3]`` activated gates (cmp, slc, win).
-        cache_seqlens: int, or int tensor ``[B]`` (per-sequence lengths, each >= 1) on q's device.
+            row ``p % Tw``: a ring buffer of Tw >= window + S - 1 rows (the oldest new token's
+            window reaches S - 1 positions further back), or the full keys (Tw >= max n). Not
+            paged (a ring per sequence, also with ``block_table``). None (both): the window
+            reads k_slc/v_slc (shared k/v), paged or not.
+        gates: ``[B, S, HQ, 3]`` activated gates (cmp, slc, win).
+        cache_seqlens: int, or int tensor ``[B]`` (per-sequence lengths, each >= S) on q's device.
         cmp_block, cmp_stride, sel_block, sel_count, window, scale: as :func:`nsa_func`.
         max_seqlen: an upper bound of ``cache_seqlens`` (e.g. the cache's capacity). With a
             tensor ``cache_seqlens`` it spares the Triton path its host sync (reading the
             lengths back), so the step can be captured in a CUDA graph or traced by
-            ``torch.compile`` (the torch backend reads the lengths back whatever); the lengths are then
-            not checked (each must be in [1, max_seqlen]), and the buffers must hold the rows
-            that ``max_seqlen`` needs. Default: read from ``cache_seqlens``.
+            ``torch.compile`` (the torch backend reads the lengths back whatever); the lengths,
+            and the block table, are then not checked (each length must be in [S, max_seqlen];
+            the kernels give 0 for a query that would sit before position 0 and clamp page
+            indices into the pool, so they never read outside it), and the buffers must hold
+            the rows that ``max_seqlen`` needs. Default: read from ``cache_seqlens``.
+        block_table: optional int32 ``[B, max_pages]``: a paged cache (as FlashAttention's
+            ``flash_attn_with_kvcache``, vLLM, FlashInfer). Position p of sequence b is row
+            ``p % page_size`` of page ``block_table[b, p // page_size]`` of k_slc/v_slc;
+            compressed token i (its block starts at i*d) is row ``i % (page_size // d)`` of page
+            ``block_table[b, i*d // page_size]`` of k_cmp/v_cmp: one table for both pools, and a
+            page holds the compressed tokens of the blocks that start in it (page_size must be a
+            multiple of d). Sequence b reads its first ceil(n / page_size) entries, each in
+            [0, num_pages) (checked when the lengths are read: ValueError naming block_table).
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton".
 
     Returns:
-        ``[B, 1, HQ, Dv]`` in q's dtype.
+        ``[B, S, HQ, Dv]`` in q's dtype.
     """
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
-    _check_tensor("q", q, 4, "[B, 1, HQ, Dk]")
+    _check_tensor("q", q, 4, "[B, S, HQ, Dk]")
     if q.dtype not in _FLOATS:
         raise TypeError(f"q must be a floating tensor (fp16/bf16/fp32/fp64), got {q.dtype}")
-    B, T, HQ, Dk = q.shape
-    if T != 1:
-        raise ValueError(f"q must have shape [B, 1, HQ, Dk] (one new token per sequence), got "
-                         f"{list(q.shape)}; use nsa_func or the layer's cache for a chunk")
+    B, S, HQ, Dk = q.shape
+    if not 1 <= S <= MAX_NEW_TOKENS:
+        raise ValueError(f"q must have shape [B, S, HQ, Dk] with 1 <= S <= {MAX_NEW_TOKENS} new tokens per "
+                         f"sequence, got {list(q.shape)}; use nsa_func or the layer's cache for a longer chunk")
     if isinstance(cache_seqlens, torch.Tensor):
         if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
             raise ValueError(f"cache_seqlens must be an int or an int tensor [B] = [{B}], "
@@ -569,8 +593,9 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
         lens = [cache_seqlens] * B
     else:
         raise TypeError(f"cache_seqlens must be an int or an int tensor [B], got {type(cache_seqlens).__name__}")
-    if lens and min(lens) < 1:
-        raise ValueError(f"cache_seqlens must be >= 1 (the new token is in the cache), got {lens}")
+    if lens and min(lens) < S:
+        raise ValueError(f"cache_seqlens must be >= {S}, the new tokens per sequence (they are in the cache, "
+                         f"at positions cache_seqlens - {S} .. cache_seqlens - 1), got {lens}")
     if max_seqlen is not None:
         check_positive_int("max_seqlen", max_seqlen)
         if lens and max(lens) > max_seqlen:
@@ -581,11 +606,45 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
     if H == 0 or HQ % H:
         raise ValueError(f"q heads HQ={HQ} must be a multiple of the key/value heads H={H} (GQA)")
     Dv = v_cmp.shape[-1] if isinstance(v_cmp, torch.Tensor) else None
-    tc = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
-    for name, x, D, rows, need in (
-            ("k_cmp", k_cmp, Dk, "Tc", tc), ("v_cmp", v_cmp, Dv, "Tc", tc),
-            ("k_slc", k_slc, Dk, "Tk", n_max), ("v_slc", v_slc, Dv, "Tk", n_max),
-            ("k_win", k_win, Dk, "Tw", 1), ("v_win", v_win, Dv, "Tw", 1)):
+    if (k_win is None) != (v_win is None):
+        raise ValueError("k_win and v_win must both be tensors or both None (the window reads k_slc/v_slc)")
+    paged = block_table is not None
+    if paged:
+        _check_tensor("block_table", block_table, 2, f"[B, max_pages] = [{B}, max_pages]")
+        if block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape [B, max_pages] = [{B}, max_pages], "
+                             f"got {list(block_table.shape)}")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device {q.device}, got {block_table.device}")
+        _check_tensor("k_slc", k_slc, 4, "[num_pages, page_size, H, Dk]")
+        num_pages, page_size = k_slc.shape[:2]
+        if page_size == 0 or page_size % cmp_stride:
+            raise ValueError(f"k_slc's page_size={page_size} (dim 1 of the pool [num_pages, page_size, H, Dk]) "
+                             f"must be a multiple of cmp_stride={cmp_stride}: a page holds page_size // d "
+                             f"compressed tokens")
+        if block_table.shape[1] * page_size < n_max:
+            raise ValueError(f"block_table has {block_table.shape[1]} pages of page_size={page_size} per "
+                             f"sequence, fewer than the longest sequence "
+                             f"({'cache_seqlens' if max_seqlen is None else 'max_seqlen'} = {n_max}) needs: "
+                             f"ceil({n_max} / {page_size}) = {-(-n_max // page_size)} pages")
+        pools = (("k_cmp", k_cmp, Dk, "page_size // d", page_size // cmp_stride),
+                 ("v_cmp", v_cmp, Dv, "page_size // d", page_size // cmp_stride),
+                 ("k_slc", k_slc, Dk, "page_size", page_size), ("v_slc", v_slc, Dv, "page_size", page_size))
+        for name, x, D, rows, want in pools:
+            expect = (f"[num_pages, {rows}, H, {'Dk' if name[0] == 'k' else 'Dv'}] = "
+                      f"[{num_pages}, {want}, {H}, {D}]")
+            _check_tensor(name, x, 4, expect)
+            if tuple(x.shape) != (num_pages, want, H, D):
+                raise ValueError(f"{name} must be a page pool of shape {expect} (block_table is given), "
+                                 f"got {list(x.shape)}")
+    checks = [] if paged else [("k_cmp", k_cmp, Dk, "Tc", geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)),
+                               ("v_cmp", v_cmp, Dv, "Tc", geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)),
+                               ("k_slc", k_slc, Dk, "Tk", n_max), ("v_slc", v_slc, Dv, "Tk", n_max)]
+    if k_win is not None:
+        checks += [("k_win", k_win, Dk, "Tw", 1), ("v_win", v_win, Dv, "Tw", 1)]
+    for name, x, D, rows, need in checks:
         expect = f"[B, {rows}, H, {'Dk' if name[0] == 'k' else 'Dv'}] = [{B}, {rows}, {H}, {D}]"
         _check_tensor(name, x, 4, expect)
         if x.shape[0] != B or x.shape[2] != H or x.shape[3] != D:
@@ -594,30 +653,43 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
             raise ValueError(f"{name} has {x.shape[1]} rows but the longest sequence "
                              f"({'cache_seqlens' if max_seqlen is None else 'max_seqlen'} = {n_max}) "
                              f"needs {rows} >= {need}")
+    for name, x in (("k_cmp", k_cmp), ("v_cmp", v_cmp), ("k_slc", k_slc), ("v_slc", v_slc),
+                    ("k_win", k_win), ("v_win", v_win)):
+        if x is None:
+            continue
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")
-    for kn, kx, vn, vx in (("k_cmp", k_cmp, "v_cmp", v_cmp), ("k_slc", k_slc, "v_slc", v_slc),
-                           ("k_win", k_win, "v_win", v_win)):
-        if vx.shape[1] != kx.shape[1]:
-            raise ValueError(f"{vn} has {vx.shape[1]} rows but {kn} has {kx.shape[1]}: they must match")
-    Tw = k_win.shape[1]
-    if Tw < min(window, n_max):
-        raise ValueError(f"k_win/v_win must hold Tw >= window={window} rows (a ring buffer, position "
-                         f"p at row p % Tw) or every position (Tw >= {n_max}), got Tw={Tw}")
-    _check_tensor("gates", gates, 4, f"[B, 1, HQ, 3] = {[B, 1, HQ, 3]}")
-    if tuple(gates.shape) != (B, 1, HQ, 3):
-        raise ValueError(f"gates must have shape [B, 1, HQ, 3] = {[B, 1, HQ, 3]}, got {list(gates.shape)}")
+    pairs = [("k_cmp", k_cmp, "v_cmp", v_cmp), ("k_slc", k_slc, "v_slc", v_slc)]
+    if k_win is not None:
+        pairs.append(("k_win", k_win, "v_win", v_win))
+    for kn, kx, vn, vx in pairs:
+        if vx.shape[1] != kx.shape[1] or vx.shape[0] != kx.shape[0]:
+            raise ValueError(f"{vn} has shape {list(vx.shape)} but {kn} has {list(kx.shape)}: "
+                             f"their first two dims must match")
+    if k_win is not None:
+        Tw = k_win.shape[1]
+        if Tw < min(window + S - 1, n_max):
+            raise ValueError(f"k_win/v_win must hold Tw >= window + S - 1 = {window + S - 1} rows (a ring "
+                             f"buffer, position p at row p % Tw; window={window}, S={S} new tokens) or every "
+                             f"position (Tw >= {n_max}), got Tw={Tw}")
+    _check_tensor("gates", gates, 4, f"[B, S, HQ, 3] = {[B, S, HQ, 3]}")
+    if tuple(gates.shape) != (B, S, HQ, 3):
+        raise ValueError(f"gates must have shape [B, S, HQ, 3] = {[B, S, HQ, 3]}, got {list(gates.shape)}")
     if gates.dtype != q.dtype or gates.device != q.device:
         raise TypeError(f"gates must have q's dtype and device ({q.dtype}, {q.device}), "
                         f"got {gates.dtype}, {gates.device}")
+    if paged and lens:  # eager: the pages each length needs exist (reads the table back)
+        reference.check_block_table(block_table, lens, k_slc.shape[0], k_slc.shape[1])
+    if not paged and k_win is None:  # contiguous shared k/v: position p at row p of k_slc
+        k_win, v_win = k_slc, v_slc
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
     if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
         if not isinstance(cache_seqlens, torch.Tensor):
             cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-        return torch.ops.nsa.nsa_decode(*args, cache_seqlens, n_max, cmp_block, cmp_stride, sel_block,
-                                        sel_count, window, _scale(scale, Dk))
+        return torch.ops.nsa.nsa_decode(*args, cache_seqlens, block_table, n_max, cmp_block, cmp_stride,
+                                        sel_block, sel_count, window, _scale(scale, Dk))
     return reference.nsa_decode_ref(*args, cache_seqlens=cache_seqlens, cmp_block=cmp_block,
                                     cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
-                                    window=window, scale=scale, max_seqlen=n_max)
+                                    window=window, scale=scale, max_seqlen=n_max, block_table=block_table)

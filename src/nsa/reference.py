@@ -7,7 +7,8 @@ Every branch is a separate function, testable alone (as fla's ``naive.py``):
 * :func:`selected_attention_ref` - branch slc over given block indices (semantics §5).
 * :func:`sliding_window_ref` - branch win (semantics §6).
 * :func:`nsa_ref` - all three branches mixed by the gates (semantics §7).
-* :func:`nsa_decode_ref` - one decode step per sequence against a cache (:func:`nsa_ref` per row).
+* :func:`nsa_decode_ref` - a decode step of 1-8 new tokens per sequence against a cache, contiguous
+  or paged (:func:`nsa_ref` on those rows).
 
 All functions are vectorised over positions and blocks. The only Python loops are over
 chunks of queries (to bound memory: a chunk's intermediates stay near ``_CHUNK_ELEMS``
@@ -269,32 +270,86 @@ def nsa_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32,
     return combine_gates(gates, o_cmp, o_slc, o_win).to(out_dtype)
 
 
+def check_block_table(block_table: torch.Tensor, lens: list[int], num_pages: int, page_size: int) -> None:
+    """The pages a paged decode reads exist: for each sequence b of length n = ``lens[b]``,
+    ``block_table[b]`` has ceil(n / page_size) entries and those entries are in
+    [0, num_pages). Reads the table back (one host sync). Raises ValueError naming block_table."""
+    max_pages = block_table.shape[1]
+    for b, n in enumerate(lens):
+        need = -(-n // page_size)
+        if need > max_pages:
+            raise ValueError(f"block_table has {max_pages} pages per sequence but sequence {b} has "
+                             f"length {n}, which needs ceil({n} / page_size={page_size}) = {need} pages")
+    need = torch.tensor([-(-n // page_size) for n in lens], device=block_table.device)
+    used = torch.arange(max_pages, device=block_table.device)[None] < need[:, None]  # [B, max_pages]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page of the pool "
+                         f"(num_pages = {num_pages}): sequence {b} of length {lens[b]} reads it")
+
+
+def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """The first ``n_pages`` pages of each sequence as one contiguous tensor:
+    pool ``[num_pages, P, H, D]``, block_table ``[B, max_pages]`` -> ``[B, n_pages * P, H, D]``
+    (row r of sequence b = row r % P of page ``block_table[b, r // P]``). Entries out of
+    [0, num_pages) are clamped (the pages a sequence needs are checked by
+    :func:`check_block_table`; the others are never read)."""
+    B = block_table.shape[0]
+    idx = block_table[:, :n_pages].long().clamp(0, max(pool.shape[0] - 1, 0))  # [B, n_pages]
+    return pool[idx].reshape(B, n_pages * pool.shape[1], *pool.shape[2:])
+
+
 def nsa_decode_ref(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                    cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None,
-                   max_seqlen=None):
-    """One decode step (the contract of :func:`nsa.nsa_decode`): :func:`nsa_ref` for the one
-    query of each sequence, at position ``cache_seqlens[b] - 1``. ``max_seqlen`` changes
-    nothing here (the lengths are read back: this path is not for CUDA graphs).
+                   max_seqlen=None, block_table=None):
+    """A decode step of S = q.shape[1] (1..8) new tokens per sequence (the contract of
+    :func:`nsa.nsa_decode`): :func:`nsa_ref` for the S queries of sequence b at positions
+    ``cache_seqlens[b] - S`` .. ``cache_seqlens[b] - 1``, causal among them. ``max_seqlen``
+    changes nothing here (the lengths are read back: this path is not for CUDA graphs).
 
-    k_cmp/k_slc hold positions from 0 (only the first Tc(n) / n rows are read); the window
-    keys of position p sit at row ``p % Tw`` of k_win/v_win (a ring buffer, or the full keys).
+    Contiguous: k_cmp/k_slc hold positions from 0 (only the first Tc(n) / n rows are read); the
+    window keys of position p sit at row ``p % Tw`` of k_win/v_win (a ring buffer, or the full
+    keys); k_win/v_win None: the window reads k_slc/v_slc (shared k/v).
+
+    Paged (``block_table`` int ``[B, max_pages]``): k_slc/v_slc are page pools
+    ``[num_pages, page_size, H, D]``, position p of sequence b at row ``p % page_size`` of page
+    ``block_table[b, p // page_size]``; k_cmp/v_cmp are pools ``[num_pages, page_size // d, H, D]``
+    paged by the same table, compressed token i (block [i*d, i*d + l)) at row ``i % (page_size // d)``
+    of page ``block_table[b, i*d // page_size]``. The pages are gathered into contiguous tensors
+    (:func:`gather_pages`) and the contiguous path runs on them.
+
+    Raises ValueError when a length is below S (a query would sit before position 0) or, paged,
+    when a sequence's table lacks a page its length needs (:func:`check_block_table`).
     """
-    B, Tw = q.shape[0], k_win.shape[1]
+    B, S = q.shape[:2]
     lens = cache_seqlens.tolist() if isinstance(cache_seqlens, torch.Tensor) else [int(cache_seqlens)] * B
+    if lens and min(lens) < S:
+        raise ValueError(f"cache_seqlens must be >= the new tokens per sequence S={S} (they are in the "
+                         f"cache, at positions cache_seqlens - S .. cache_seqlens - 1), got {lens}")
+    if block_table is not None:
+        ps = k_slc.shape[1]
+        check_block_table(block_table, lens, k_slc.shape[0], ps)
+        n_pages = -(-max(lens, default=1) // ps)
+        k_slc, v_slc = gather_pages(k_slc, block_table, n_pages), gather_pages(v_slc, block_table, n_pages)
+        k_cmp, v_cmp = gather_pages(k_cmp, block_table, n_pages), gather_pages(v_cmp, block_table, n_pages)
+    if k_win is None:
+        k_win, v_win = k_slc, v_slc
+    Tw = k_win.shape[1]
     # one call per group of sequences of the same length (the whole batch when all are equal)
     groups: dict[int, list[int]] = {}
     for b, n in enumerate(lens):
         groups.setdefault(n, []).append(b)
-    out = q.new_empty(B, 1, q.shape[2], v_slc.shape[3])
+    out = q.new_empty(B, S, q.shape[2], v_slc.shape[3])
     for n, bs in groups.items():
-        lo = max(0, n - window)
+        lo = max(0, n - S - window + 1)  # the first query's window starts there
         rows = torch.arange(lo, n, device=q.device) % Tw  # the ring's slots, oldest first
         tc = num_cmp_blocks(n, cmp_block, cmp_stride)
         i = torch.tensor(bs, device=q.device)
         out[i] = nsa_ref(q[i], k_cmp[i, :tc], v_cmp[i, :tc], k_slc[i, :n], v_slc[i, :n],
                          k_win[i][:, rows], v_win[i][:, rows], gates[i], cmp_block=cmp_block,
                          cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
-                         window=window, scale=scale, q_offset=n - 1, win_k_offset=lo)
+                         window=window, scale=scale, q_offset=n - S, win_k_offset=lo)
     return out
 
 

@@ -20,7 +20,9 @@ the difference. For each T (default 8k..128k, batch 1) and configuration it time
 ``--batch`` sequences): :func:`nsa.nsa_decode` (backend="triton"), the same step through the
 prefill kernels (what the layer ran before ``nsa_decode`` existed), and SDPA full attention of
 one query over all T keys; with the keys each reads per step (NSA: Tc + n*l' + w per KV head,
-full: T) and the bytes of K/V behind them.
+full: T) and the bytes of K/V behind them. ``--new-tokens-per-step 1 2 4 8`` adds steps of S
+new tokens per sequence (``nsa_s{S}`` in the results). Paged against contiguous:
+``benchmarks/decode_paged.py``.
 
 ``generate`` times :meth:`nsa.model.NSAModel.generate` of a model preset (random bf16 weights,
 ``--batch`` prompts of T random tokens), eager and with ``cuda_graph=True``: NSA decoding and the
@@ -98,6 +100,9 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
                              "model-train: 8k 16k 32k; compile: 4k; first-call: 8k)")
     parser.add_argument("--preset", default="small", help="generate, compile: model preset (default small)")
     parser.add_argument("--new-tokens", type=positive_int, default=256, help="generate: tokens per call (default 256)")
+    parser.add_argument("--new-tokens-per-step", type=positive_int, nargs="+", default=[1], metavar="S",
+                        help="decode: also time steps of S new tokens per sequence (speculative decoding, "
+                             "multi-token prediction; S <= 8), e.g. 1 2 4 8 (default 1)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="configurations (default: all)")
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
@@ -425,8 +430,10 @@ def decode_reads(T, c) -> dict:
                 bytes_full=T * (c["Dk"] + c["Dv"]) * 2 * c["H"])
 
 
-def _run_decode(T, c, B, baselines, rep, device) -> dict:
-    """One decode step at context T: nsa_decode, the prefill kernels on one query, SDPA."""
+def _run_decode(T, c, B, baselines, rep, device, new_tokens_per_step=(1,)) -> dict:
+    """One decode step at context T: nsa_decode, the prefill kernels on one query, SDPA; and
+    nsa_decode with S new tokens per sequence for each S > 1 of ``new_tokens_per_step``
+    (keys ``nsa_s{S}``, ``nsa_s{S}_graph``; the ring then holds w + S - 1 rows)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
@@ -456,6 +463,17 @@ def _run_decode(T, c, B, baselines, rep, device) -> dict:
         except Exception as e:
             traceback.print_exc(limit=3)
             res["nsa_graph_error"] = repr(e)[:300]
+        for S in sorted(set(new_tokens_per_step) - {1}):
+            qs, gs = mk(B, S, HQ, Dk), torch.rand(B, S, HQ, 3, device=device, generator=g).to(torch.bfloat16)
+            kws, vws = (k, v) if c["shared"] else (mk(B, w + S - 1, H, Dk), mk(B, w + S - 1, H, Dv))
+            multi = lambda: nsa_decode(qs, kc, vc, k, v, kws, vws, gs, cache_seqlens=lens,  # noqa: E731
+                                       max_seqlen=T, backend="triton", **geo)
+            try:
+                res[f"nsa_s{S}"] = _bench(multi, rep)
+                res[f"nsa_s{S}_graph"] = _bench(_graphed(multi), rep)
+            except Exception as e:
+                traceback.print_exc(limit=3)
+                res[f"nsa_s{S}_error"] = repr(e)[:300]
         # the prefill kernels on one query need the window keys in position order
         lo = max(0, T - w)
         rows = torch.arange(lo, T, device=device) % kw.shape[1]
@@ -499,6 +517,10 @@ def run(name, args) -> int:
     import torch
     import triton
 
+    if max(args.new_tokens_per_step) > 8:
+        print(f"nsa: error: --new-tokens-per-step takes S <= 8 (nsa_decode's limit), got "
+              f"{max(args.new_tokens_per_step)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print(f"nsa: error: nsa bench {args.what} needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -615,7 +637,8 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
             torch.cuda.empty_cache()
             res = dict(config=cname, T=T, batch=args.batch, **decode_reads(T, c))
             try:
-                for key, val in _run_decode(T, c, args.batch, baselines, args.rep, dev).items():
+                for key, val in _run_decode(T, c, args.batch, baselines, args.rep, dev,
+                                            args.new_tokens_per_step).items():
                     if key.endswith("_error"):
                         res[key] = val
                     else:
@@ -633,7 +656,9 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
             rows.append(res)
             print(" ".join([f"{cname:>5} T={T:>6} B={args.batch}"] + [
                 f"{k}={res[k + '_ms'] * 1e3:.0f}us" for k in ("nsa", "nsa_graph", "nsa_prefill_kernels", *baselines,
-                                                               *[b + "_graph" for b in baselines])
+                                                               *[b + "_graph" for b in baselines],
+                                                               *[f"nsa_s{S}{x}" for S in args.new_tokens_per_step
+                                                                 for x in ("", "_graph")])
                 if k + "_ms" in res]), flush=True)
             _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)
     return _write_results(dict(meta=meta, configs=CONFIGS, results=rows), out_path,

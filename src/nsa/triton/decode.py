@@ -79,25 +79,49 @@ def _group(bh, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr):
 
 
 @triton.jit
+def _row_len(LENS, r, NQ: tl.constexpr):
+    """(b, n) of query row r = b * NQ + s (NQ new tokens per sequence): its sequence and the
+    length its query sees, ``cache_seqlens[b] - (NQ - 1 - s)`` (the query at position n - 1;
+    n <= 0 for a row before position 0, which finds nothing to attend)."""
+    b = r // NQ
+    return b, tl.load(LENS + b).to(tl.int32) - (NQ - 1 - r % NQ)
+
+
+@triton.jit
+def _page_rows(BT, b, u, ok, MAXP, NPAGES, PS: tl.constexpr):
+    """Pool rows (int64) of the logical rows u of sequence b in pages of PS rows: row u % PS of
+    page ``BT[b, u // PS]``. Only entries where ok are read; page indices are clamped into
+    [0, NPAGES) so that a bad table never reads outside the pool; 0 where not ok."""
+    pi = u // PS
+    pg = tl.load(BT + b.to(tl.int64) * MAXP + pi, mask=ok & (pi < MAXP), other=0)
+    pg = tl.minimum(tl.maximum(pg, 0), NPAGES - 1).to(tl.int64)
+    return tl.where(ok, pg * PS + u % PS, 0)
+
+
+@triton.jit
 def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
     """Compressed tokens visible to the query at position n - 1: Tc(n), at most TC."""
     return tl.minimum(tl.where(n >= L_CMP, (n - L_CMP) // D_CMP + 1, 0), TC)
 
 
 @triton.jit
-def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
+def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT, MAXP, NPAGES,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr):
     sp = tl.program_id(0)
     H: tl.constexpr = HQ // G
-    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
-    n = tl.load(LENS + b).to(tl.int32)
+    r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
+    b, n = _row_len(LENS, r, NQ)
     hi = tl.minimum(sp * CH + CH, _visible_cmp(n, TC, L_CMP, D_CMP))
-    q0, q1 = _group_q(Q, b, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
-    kb = KC + (b.to(tl.int64) * TC * H + g) * DK
-    vb = VC + (b.to(tl.int64) * TC * H + g) * DV
+    q0, q1 = _group_q(Q, r, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    if PAGED:  # pools [num_pages, CPP, H, D]: rows through the block table
+        kb = KC + g * DK
+        vb = VC + g * DV
+    else:
+        kb = KC + (b.to(tl.int64) * TC * H + g) * DK
+        vb = VC + (b.to(tl.int64) * TC * H + g) * DV
     dv = tl.arange(0, BV)
     m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([HP], dtype=tl.float32)
@@ -105,14 +129,18 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
     for i0 in range(sp * CH, hi, BN):
         ii = i0 + tl.arange(0, BN)
         ok = ii < hi
-        s = _scores_tile(q0, q1, kb, ii, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
+        if PAGED:
+            keys = _page_rows(BT, b, ii, ok, MAXP, NPAGES, CPP)
+        else:
+            keys = ii
+        s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
         tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=h_ok[:, None] & ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + ii[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -126,11 +154,11 @@ def _decode_cmp(Q, KC, VC, LENS, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT,
 def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, KMAX: tl.constexpr):
+                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr):
     jb = tl.program_id(0)
     H: tl.constexpr = HQ // G
-    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
-    n = tl.load(LENS + b).to(tl.int32)
+    r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
+    b, n = _row_len(LENS, r, NQ)
     pos = n - 1
     nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
     # each head's lse (log2 units) from the cmp partials
@@ -155,7 +183,7 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
     cur = pos // SEL_L
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     score = tl.where(forced, float("inf"), tl.where(j * SEL_L <= pos, score, float("-inf")))
-    tl.store(SCORE + (b * H + g).to(tl.int64) * N_SEL_MAX + j, score, mask=j < N_SEL_MAX)
+    tl.store(SCORE + (r * H + g).to(tl.int64) * N_SEL_MAX + j, score, mask=j < N_SEL_MAX)
 
 
 @triton.jit
@@ -182,25 +210,29 @@ def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, 
 
 
 @triton.jit
-def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, PM, PL, PACC, qk_scale, TK, TW,
-                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, PACC, qk_scale, TK, TW,
+                   MAXP, NPAGES, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    N_SEL: tl.constexpr, NW: tl.constexpr, WINDOW: tl.constexpr,
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                    BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr,
+                   PAGED_WIN: tl.constexpr, PS: tl.constexpr):
     """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys).
-    NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX."""
+    NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX.
+    PAGED: k_slc/v_slc are pools of pages of PS rows addressed through BT; PAGED_WIN: the
+    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]."""
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
-    b, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
-    pos = tl.load(LENS + b).to(tl.int32) - 1
+    r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
+    b, n = _row_len(LENS, r, NQ)
+    pos = n - 1
     if NSELP > 0:
         blk = -1
         if pp < N_SEL:
-            ids = _top_n(SCORE + (b * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
+            ids = _top_n(SCORE + (r * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
             blk = tl.sum(tl.where(tl.arange(0, NP) == pp, ids, 0), 0)
     else:
-        blk = tl.load(IDX + (b * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
+        blk = tl.load(IDX + (r * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
     ar = tl.arange(0, BS)
     is_slc = (ar * 0 + pp) < N_SEL  # as a vector: the interpreter mishandles scalar & vector masks
     u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
@@ -208,17 +240,26 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, PM, PL, PACC,
     c = pp - N_SEL
     u_w = pos - WINDOW + 1 + c * BS + ar
     ok_w = (~is_slc) & (c * BS + ar < WINDOW) & (u_w >= 0)
-    r_w = tl.where(ok_w, u_w % TW, 0)  # ring-buffer rows
-    q0, q1 = _group_q(Q, b, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    q0, q1 = _group_q(Q, r, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
     if pp < N_SEL:  # the selected block's keys ...
-        kb = KS + (b.to(tl.int64) * TK * H + g) * DK
-        vb = VS + (b.to(tl.int64) * TK * H + g) * DV
-        keys = tl.where(ok_s, u_s, 0)
+        if PAGED:
+            kb = KS + g * DK
+            vb = VS + g * DV
+            keys = _page_rows(BT, b, u_s, ok_s, MAXP, NPAGES, PS)
+        else:
+            kb = KS + (b.to(tl.int64) * TK * H + g) * DK
+            vb = VS + (b.to(tl.int64) * TK * H + g) * DV
+            keys = tl.where(ok_s, u_s, 0)
         ok = ok_s
-    else:  # ... or the window chunk's, from the ring
-        kb = KW + (b.to(tl.int64) * TW * H + g) * DK
-        vb = VW + (b.to(tl.int64) * TW * H + g) * DV
-        keys = r_w
+    else:  # ... or the window chunk's, from the ring (or the pages)
+        if PAGED_WIN:
+            kb = KS + g * DK
+            vb = VS + g * DV
+            keys = _page_rows(BT, b, u_w, ok_w, MAXP, NPAGES, PS)
+        else:
+            kb = KW + (b.to(tl.int64) * TW * H + g) * DK
+            vb = VW + (b.to(tl.int64) * TW * H + g) * DV
+            keys = tl.where(ok_w, u_w % TW, 0)  # ring-buffer rows
         ok = ok_w
     s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
     s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
@@ -269,8 +310,9 @@ def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
 
 
 # 255 registers at 4 warps for Dk + Dv = 320 (spills in attend); 8 warps fit (cuobjdump, sm_90)
-_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN"], [4, 8], [1, 2, 3])
-_decode_attend_tuned = C.autotuned(_decode_attend, ["HQ", "G", "DK", "DV", "BS"], [4, 8], [1, 2])
+_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN", "NQ", "PAGED"], [4, 8], [1, 2, 3])
+_decode_attend_tuned = C.autotuned(_decode_attend, ["HQ", "G", "DK", "DV", "BS", "NQ", "PAGED", "PAGED_WIN"],
+                                   [4, 8], [1, 2])
 
 
 def _top_n_where(n_sel: int, slots: int, device) -> str:
@@ -297,15 +339,33 @@ def _n_split(tc: int, bh: int, BN: int, device) -> int:
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                       cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None,
-                      max_seqlen=None):
-    """One decode step, ``[B, 1, HQ, Dv]`` in q's dtype; contract of :func:`nsa.nsa_decode`.
-    Grids and buffers are sized by ``max_seqlen`` when given (no host sync: capturable in a
-    CUDA graph); programs past a sequence's own length find nothing to read."""
+                      max_seqlen=None, block_table=None):
+    """A decode step of S = q.shape[1] new tokens per sequence, ``[B, S, HQ, Dv]`` in q's dtype;
+    contract of :func:`nsa.nsa_decode`. Grids and buffers are sized by ``max_seqlen`` when given
+    (no host sync: capturable in a CUDA graph); programs past a sequence's own length find
+    nothing to read. The B * S queries are the grid's rows (row r = b * S + s, at position
+    ``cache_seqlens[b] - S + s``): each selects and attends alone. ``block_table``: paged
+    pools (k_win/v_win None: the window reads the k_slc/v_slc pages)."""
+    paged = block_table is not None
+    if k_win is None:
+        if not paged:
+            k_win, v_win = k_slc, v_slc
     q, k_cmp, v_cmp, gates = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous(), gates.contiguous()
-    k_slc, v_slc, k_win, v_win = (x.contiguous() for x in (k_slc, v_slc, k_win, v_win))
-    B, _, HQ, Dk = q.shape
+    k_slc, v_slc = k_slc.contiguous(), v_slc.contiguous()
+    paged_win = k_win is None
+    if paged_win:
+        k_win, v_win = k_slc, v_slc
+    k_win, v_win = k_win.contiguous(), v_win.contiguous()
+    B, NQ, HQ, Dk = q.shape
     H, Dv, Tc, Tk, Tw = k_cmp.shape[2], v_cmp.shape[3], k_cmp.shape[1], k_slc.shape[1], k_win.shape[1]
     G = HQ // H
+    R = B * NQ  # query rows
+    if paged:
+        bt = block_table.contiguous()
+        maxp, npages, page_size = bt.shape[1], k_slc.shape[0], k_slc.shape[1]
+        cpp = k_cmp.shape[1]  # compressed tokens per page: page_size // d
+    else:
+        bt, maxp, npages, page_size, cpp = None, 1, 1, 1, 1
     dev = q.device
     if isinstance(cache_seqlens, torch.Tensor):
         lens = cache_seqlens.contiguous()  # int32 or int64: the kernels read either
@@ -313,7 +373,9 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     else:
         lens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=dev)
         n_max = int(cache_seqlens)
-    o = torch.empty(B, 1, HQ, Dv, dtype=q.dtype, device=dev)
+    if not paged:
+        bt = lens
+    o = torch.empty(B, NQ, HQ, Dv, dtype=q.dtype, device=dev)
     if B == 0:
         return o
     interp = C.interpreting()
@@ -323,52 +385,55 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     BN = 16 if interp else 64
     qk_scale = default_scale(scale, Dk) * LOG2E.value
     f32 = dict(dtype=torch.float32, device=dev)
-    common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
+    common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), NQ=NQ)
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
 
     # 1. cmp partials and raw scores
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
-    nsplit = _n_split(tc_used, B * H, BN, dev)
+    nsplit = _n_split(tc_used, R * H, BN, dev)
     ch = triton.cdiv(triton.cdiv(max(tc_used, 1), nsplit), BN) * BN
     ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
-    s_buf = torch.empty(B, HQ, ts, **f32)
-    pm, pl = torch.empty(B, HQ, nsplit, **f32), torch.empty(B, HQ, nsplit, **f32)
-    pacc = torch.empty(B, HQ, nsplit, Dv, **f32)
-    _decode_cmp_tuned[(nsplit, B * H)](q, k_cmp, v_cmp, lens, s_buf, pm, pl, pacc, qk_scale, Tc, ts, ch, nsplit,
-                                 DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1,
-                                 BV=BV, BN=BN, **common, **launch)
+    s_buf = torch.empty(R, HQ, ts, **f32)
+    pm, pl = torch.empty(R, HQ, nsplit, **f32), torch.empty(R, HQ, nsplit, **f32)
+    pacc = torch.empty(R, HQ, nsplit, Dv, **f32)
+    tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
+    _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, qk_scale, tc_bound, ts, ch,
+                                 nsplit,
+                                 maxp, npages, DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0,
+                                 BK1=BK1, BV=BV, BN=BN, PAGED=paged, CPP=cpp, **common, **launch)
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
-    score = torch.empty(B, H, n_sel_max, **f32)
+    score = torch.empty(R, H, n_sel_max, **f32)
     BJ = 16 if interp else 64
     kmax = triton.cdiv(sel_block + cmp_block, cmp_stride) + 1
-    _decode_scores[(triton.cdiv(n_sel_max, BJ), B * H)](
+    _decode_scores[(triton.cdiv(n_sel_max, BJ), R * H)](
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-        KMAX=kmax, **launch)
+        KMAX=kmax, NQ=NQ, **launch)
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
-    where = _top_n_where(n_sel_max, B * H * sel_count, dev)
+    where = _top_n_where(n_sel_max, R * H * sel_count, dev)
     if where == "torch":
-        idx = geometry.top_blocks(score, sel_count).contiguous()  # [B, H, n]
+        idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
     elif where == "kernel":
-        idx = torch.empty(B, H, sel_count, dtype=torch.int32, device=dev)
-        _decode_top_n[(B * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
+        idx = torch.empty(R, H, sel_count, dtype=torch.int32, device=dev)
+        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
     else:  # "slots": in the attend kernel
         idx = score
     # 4. a partial softmax per selected block and per window chunk
     BS = max(16, C.next_pow2(sel_block))
     nw = triton.cdiv(window, BS)
     np2 = sel_count + nw
-    pm2, pl2 = torch.empty(B, HQ, np2, **f32), torch.empty(B, HQ, np2, **f32)
-    pacc2 = torch.empty(B, HQ, np2, Dv, **f32)
-    _decode_attend_tuned[(np2, B * H)](q, k_slc, v_slc, k_win, v_win, idx, score, n_sel_max, lens, pm2, pl2,
-                                 pacc2, qk_scale, Tk, Tw, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw,
+    pm2, pl2 = torch.empty(R, HQ, np2, **f32), torch.empty(R, HQ, np2, **f32)
+    pacc2 = torch.empty(R, HQ, np2, Dv, **f32)
+    _decode_attend_tuned[(np2, R * H)](q, k_slc, v_slc, k_win, v_win, idx, score, n_sel_max, lens, bt, pm2, pl2,
+                                 pacc2, qk_scale, Tk, Tw, maxp, npages, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw,
                                  WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
-                                 NP=np_, NSELP=nselp if where == "slots" else 0, **common, **launch)
-    # 5. merge and mix, one program per (sequence, query head)
-    _decode_combine[(B * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
+                                 NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged,
+                                 PAGED_WIN=paged_win, PS=page_size, **common, **launch)
+    # 5. merge and mix, one program per (query row, query head)
+    _decode_combine[(R * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
                                NW=nw, NSP=max(2, C.next_pow2(nsplit)), NS2=max(2, C.next_pow2(sel_count)),
                                NW2=max(2, C.next_pow2(nw)), BV=BV, **launch)
     return o

@@ -1,0 +1,35 @@
+"""Paged and multi-token decode at odd shapes, for compute-sanitizer memcheck: the kernels must
+read nothing outside the pools, also with out-of-range table entries (clamped) past and within
+what the lengths need (the max_seqlen path does not check the table).
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py
+"""
+import torch
+
+from nsa import nsa_decode
+from nsa.reference import compress_mean
+
+torch.manual_seed(0)
+dev = "cuda"
+B, HQ, H, Dk, Dv, l, d, lp, ps = 3, 16, 2, 192, 128, 32, 16, 64, 48
+lens = [1003, 77, 8]
+T = max(lens)
+mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16)  # noqa: E731
+k, v = mk(B, T, H, Dk), mk(B, T, H, Dv)
+kc, vc = compress_mean(k, l, d), compress_mean(v, l, d)
+P = -(-T // ps)
+n_pages = B * P
+table = torch.randperm(n_pages, device=dev).view(B, P).to(torch.int32)
+pools = (mk(n_pages, ps // d, H, Dk), mk(n_pages, ps // d, H, Dv), mk(n_pages, ps, H, Dk), mk(n_pages, ps, H, Dv))
+geo = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=5, window=100, backend="triton")
+seqlens = torch.tensor(lens, dtype=torch.int32, device=dev)
+for S in (1, 3, 8):
+    q, g = mk(B, S, HQ, Dk), torch.rand(B, S, HQ, 3, device=dev).to(torch.bfloat16)
+    ring = (mk(B, 100 + S - 1, H, Dk), mk(B, 100 + S - 1, H, Dv))
+    for win in (ring, (None, None)):
+        o = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=table, **geo)
+        bad = table.clone()
+        bad[0, 3], bad[1, 0], bad[2, -1] = 10 ** 7, -3, 2 ** 31 - 1
+        o2 = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=bad, max_seqlen=P * ps, **geo)
+        torch.cuda.synchronize()
+        print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()), bool(torch.isfinite(o2).all()))
