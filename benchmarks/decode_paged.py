@@ -16,6 +16,7 @@ import torch
 from triton.testing import do_bench
 
 from nsa import nsa_decode
+from nsa.apps.bench import gpu_tag
 from nsa.reference import compress_mean
 
 PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512)
@@ -73,8 +74,9 @@ def main():
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--shared-kv", action="store_true", help="the window reads the pages (no ring)")
     p.add_argument("--rep", type=int, default=200)
-    p.add_argument("--out", default="benchmarks/results/decode_paged_h200.json")
+    p.add_argument("--out", default=None, help="default benchmarks/results/decode_paged_<gpu>.json")
     a = p.parse_args()
+    a.out = a.out or f"benchmarks/results/decode_paged_{gpu_tag(torch.cuda.get_device_name())}.json"
     rows = []
     for T in a.seqlens:
         for B in a.batch:
