@@ -38,6 +38,16 @@ Branches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 Phi = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _allocate_ring_and_tail(cache, c: NSAConfig, slots: int, ring: int, kw: dict) -> None:
+    """The per-slot buffers of separate k/v (both caches): the window's ring of ``ring`` rows
+    and the raw tail of the block being compressed (l - 1 rows), zeroed."""
+    H, Dk, Dv = c.n_kv_heads, c.head_dim, c.v_head_dim
+    cache.k_win = torch.zeros(slots, ring, H, Dk, **kw)
+    cache.v_win = torch.zeros(slots, ring, H, Dv, **kw)
+    cache.k_tail = torch.zeros(slots, c.cmp_block - 1, H, Dk, **kw)
+    cache.v_tail = torch.zeros(slots, c.cmp_block - 1, H, Dv, **kw)
+
+
 class CacheRead(NamedTuple):
     """What the attention reads after an append, in the cache's dtype.
 
@@ -89,10 +99,7 @@ class NSACache:
                     v_slc=torch.zeros(B, max_seq_len, H, Dv, **kw),
                     k_cmp=torch.zeros(B, tc, H, Dk, **kw), v_cmp=torch.zeros(B, tc, H, Dv, **kw))
         if not c.shared_kv:
-            cache.k_win = torch.zeros(B, c.window, H, Dk, **kw)
-            cache.v_win = torch.zeros(B, c.window, H, Dv, **kw)
-            cache.k_tail = torch.zeros(B, c.cmp_block - 1, H, Dk, **kw)
-            cache.v_tail = torch.zeros(B, c.cmp_block - 1, H, Dv, **kw)
+            _allocate_ring_and_tail(cache, c, B, c.window, kw)
         return cache
 
     @property
@@ -335,11 +342,7 @@ class PagedNSACache:
                     lengths=[None] * max_batch, pages=[[] for _ in range(max_batch)],
                     free_pages=list(range(num_pages - 1, -1, -1)))
         if not c.shared_kv:
-            tw = c.window + MAX_NEW - 1
-            cache.k_win = torch.zeros(max_batch, tw, H, Dk, **kw)
-            cache.v_win = torch.zeros(max_batch, tw, H, Dv, **kw)
-            cache.k_tail = torch.zeros(max_batch, c.cmp_block - 1, H, Dk, **kw)
-            cache.v_tail = torch.zeros(max_batch, c.cmp_block - 1, H, Dv, **kw)
+            _allocate_ring_and_tail(cache, c, max_batch, c.window + MAX_NEW - 1, kw)
         return cache
 
     @property
