@@ -64,8 +64,9 @@ def _specs(h, Dk, Dv):
     return {
         "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, **band),
         "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, **band),
-        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, PARTIAL=False, **band),
-        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, PARTIAL=False, **band),
+        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **band),
+        "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **band),
+        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **band),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, **slc),
     }

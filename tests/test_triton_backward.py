@@ -141,25 +141,23 @@ def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
         _close(a, b)
 
 
-def _check_compressed_backward(q, kc, vc, do, q_chunk, deterministic=False, **kw):
+def _check_compressed_backward(q, kc, vc, do, q_chunk, **kw):
     """The cmp backward (after the Triton forward) against autograd through the reference."""
     o, lse = compressed_attention_triton(q, kc, vc, **kw)
-    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk,
-                                           deterministic=deterministic, **kw)
+    got = BW.compressed_attention_backward(q, kc, vc, o, lse, do, q_chunk=q_chunk, **kw)
     ref = _ref_grads(lambda a, b, c: R.compressed_attention_ref(a, b, c, **kw), (q, kc, vc), do)
     for a, b in zip(got, ref):
         _close(a, b)
 
 
-@pytest.mark.parametrize("q_chunk,det", [pytest.param(None, False, id="auto"), pytest.param(1, False, id="split"),
-                                         pytest.param(1, True, id="split-deterministic")])
+@pytest.mark.parametrize("q_chunk", [pytest.param(None, id="auto"), pytest.param(1, id="split")])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
-def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk, det):
+def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
     """q_chunk=1 (rounded up to one tile of positions): every dk/dv program takes one query
-    tile and adds its share atomically (what long sequences do on GPUs), or with
-    deterministic=True stores it into its chunk's buffer, summed in chunk order."""
+    tile and stores its share into its chunk's buffer, summed in chunk order (what long
+    sequences do on GPUs)."""
     q, _, _, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
-    _check_compressed_backward(q, kc, vc, do, q_chunk, det, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
+    _check_compressed_backward(q, kc, vc, do, q_chunk, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -187,15 +187,14 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
                    MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr,
-                   PARTIAL: tl.constexpr):
+                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr):
     """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
     the query tiles that see them, so dk/dv stay in registers. QCH = 0: one program walks every
     such tile and stores dk/dv. QCH > 0 (cmp at long T, where the first key tiles are seen by
     every query and one program would walk them all): program_id(2) takes the query positions
-    [c * QCH, (c + 1) * QCH) only, and adds its share into fp32 GK/GV atomically; with PARTIAL
-    (deterministic) it stores the share into chunk c's slice of GK/GV instead (part_k / part_v
-    elements apart), which the launcher sums in a fixed order."""
+    [c * QCH, (c + 1) * QCH) only and stores its share into chunk c's fp32 slice of GK/GV
+    (part_k / part_v elements apart), which the launcher sums in chunk order: deterministic,
+    and without atomics, whose addresses would cost the 64-key tiles their spill-free fit."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -248,26 +247,16 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
 
     GKb = GK + kv_row * DK
     GVb = GV + kv_row * DV
-    if PARTIAL:  # chunk c's own slice, written once (zeros from chunks before the keys' queries)
+    if QCH > 0:  # chunk c's own fp32 slice, written once (zeros from chunks before the keys' queries)
         GKb += tl.program_id(2).to(tl.int64) * part_k
         GVb += tl.program_id(2).to(tl.int64) * part_v
-    if QCH > 0 and not PARTIAL:
-        if tq_lo < tq_hi:  # chunks before the keys' first query add nothing
-            tl.atomic_add(GKb + bn[:, None] * (H * DK) + dk0[None, :], acc_k0 * sm_scale,
-                          mask=n_ok[:, None] & (dk0[None, :] < DK), sem="relaxed")
-            if BK1 > 0:
-                tl.atomic_add(GKb + bn[:, None] * (H * DK) + dk1[None, :], acc_k1 * sm_scale,
-                              mask=n_ok[:, None] & (dk1[None, :] < DK), sem="relaxed")
-            tl.atomic_add(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v,
-                          mask=n_ok[:, None] & (dv[None, :] < DV), sem="relaxed")
-    else:
-        tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
-                 mask=n_ok[:, None] & (dk0[None, :] < DK))
-        if BK1 > 0:
-            tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
-                     mask=n_ok[:, None] & (dk1[None, :] < DK))
-        tl.store(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
-                 mask=n_ok[:, None] & (dv[None, :] < DV))
+    tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
+             mask=n_ok[:, None] & (dk0[None, :] < DK))
+    if BK1 > 0:
+        tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
+                 mask=n_ok[:, None] & (dk1[None, :] < DK))
+    tl.store(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
+             mask=n_ok[:, None] & (dv[None, :] < DV))
 
 
 @triton.jit
@@ -459,19 +448,19 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool) -> tuple[di
     """Tiles of the band backward: (dq kernel, dk/dv kernel), each HP, BT (query positions a
     tile), BN (keys a tile), num_warps, num_stages. The two kernels hold different
     accumulators (dq [BT*HP, Dk] against dk/dv [BN, Dk + Dv]), so they get their own tiles:
-    dq 64 rows x 32 keys, 3 stages; dk/dv 32 keys walking 128-row query tiles (half the q/do
-    reloads of 64-row tiles), 2 stages; the window's dk/dv (MODE 1, whose masks take more
-    registers) at Dk + Dv > 256 walks 64-row tiles. Timed on an H200 at the paper geometry
-    (64k: cmp dq 26.4 -> 18.7 ms, dk/dv 70.4 -> 52.9 ms); spill-free with triton 3.6 for sm_90,
-    which tests/test_spills.py checks."""
+    dq 64 rows x 32 keys, 3 stages; dk/dv 64 keys (the smallest M of a Hopper warpgroup's MMA
+    for dk^T-shaped products, which 32-key tiles ran half empty) walking 128-row query tiles,
+    1 stage. Timed on an H200 at the paper geometry, 64k (cmp dk/dv 54.7 -> 40.8 ms with 2
+    stages, which spill; 1 stage measured 41.6 before), spill-free with triton 3.6 for sm_90
+    (tests/test_spills.py), which the 2-stage and the 64-row tiles of the window were not."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
         cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
         return cfg, cfg
     HP, BT, _ = C.rows_for(h, 64)
     cfg_q = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=3)
-    HP, BT, _ = C.rows_for(h, 64 if mode == 1 and Dk + Dv > 256 else 128)
-    cfg_kv = dict(HP=HP, BT=BT, BN=32, num_warps=8, num_stages=2)
+    HP, BT, _ = C.rows_for(h, 128)
+    cfg_kv = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=1)
     return cfg_q, cfg_kv
 
 
@@ -489,14 +478,14 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
 
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
-                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
-                  deterministic=False):
+                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
-    query-centric and dk/dv key-centric (flash-attention-2). q_chunk (cmp only; None picks it
-    from the GPU's size, 0 turns it off): query positions per dk/dv program, whose shares are
-    added atomically, so that the first compressed keys (seen by every query) are not one
-    program's walk over all T queries. deterministic: the shares go to one fp32 buffer per
-    chunk instead, summed in chunk order (bitwise the same gradients on every run).
+    query-centric and dk/dv key-centric (flash-attention-2), deterministic on every path (no
+    atomics). q_chunk (cmp only; None picks it from the GPU's size, 0 turns it off): query
+    positions per dk/dv program, so that the first compressed keys (seen by every query) are
+    not one program's walk over all T queries; each chunk's share goes to an fp32 buffer of its
+    own (n_chunks x k's and v's size; the automatic choice keeps n_chunks x key programs near
+    four waves of the GPU, about 45 MB at the paper geometry), summed in chunk order.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
@@ -528,18 +517,17 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         return dq, dk, dv
     qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
     n_ch = triton.cdiv(max(lens), qch) if qch else 1
-    partial = bool(qch) and deterministic
-    if qch:  # fp32 shares: one buffer (atomics), or one per chunk (deterministic)
-        gk = torch.zeros((n_ch, *k.shape) if partial else k.shape, dtype=torch.float32, device=q.device)
-        gv = torch.zeros((n_ch, *v.shape) if partial else v.shape, dtype=torch.float32, device=q.device)
+    if qch:  # zeros: key rows that no program owns (past a sequence's keys) stay 0
+        gk = torch.zeros((n_ch, *k.shape), dtype=torch.float32, device=q.device)
+        gv = torch.zeros((n_ch, *v.shape), dtype=torch.float32, device=q.device)
     else:
         gk, gv = dk, dv
     _band_bwd_dkdv[(ktbl.shape[0], H, n_ch)](
         q, k, v, do, do, lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
-        k.numel(), v.numel(), QCH=qch, PARTIAL=partial, **const, **cfg_kv)
+        k.numel(), v.numel(), QCH=qch, **const, **cfg_kv)
     if qch:
-        dk.copy_(gk.sum(0) if partial else gk)
-        dv.copy_(gv.sum(0) if partial else gv)
+        dk.copy_(gk.sum(0))
+        dv.copy_(gv.sum(0))
     return dq, dk, dv
 
 
@@ -700,17 +688,16 @@ def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
 
 
 def compressed_attention_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block=32, cmp_stride=16,
-                                  scale=None, cu_seqlens=None, q_offset=0, q_chunk=None,
-                                  deterministic=False):
+                                  scale=None, cu_seqlens=None, q_offset=0, q_chunk=None):
     """Branch cmp backward: (dq, dk_cmp, dv_cmp) in the inputs' dtypes. Shapes as
     :func:`nsa.triton.compressed_attention_triton`; o, lse are its outputs, do ``[B, T, HQ, Dv]``;
-    q_chunk and deterministic as :func:`band_backward`."""
+    q_chunk as :func:`band_backward` (deterministic on every path)."""
     from .band import default_scale
     seq, lens = _seq(q, q[:, :0], q[:, :0], k_cmp, cu_seqlens, cmp_block, cmp_stride)
     dq, dk, dv = band_backward(q, k_cmp, v_cmp, o, lse, do, mode=0,
                                scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
                                q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                               q_chunk=q_chunk, deterministic=deterministic)
+                               q_chunk=q_chunk)
     return dq.to(q.dtype), dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
 
 
@@ -750,7 +737,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     o_win (fused into the gate epilogue by the forward) and its lse are recomputed here.
     Returns the 8 gradients in the inputs' dtypes (None for inputs that need none: ``needs``,
     8 bools, default each input's ``requires_grad``).
-    kw["deterministic"] (default False): no atomics whose order varies from run to run.
+    kw["deterministic"] (default False): no atomics whose order varies from run to run (only
+    the slc dk/dv use atomics by default; the cmp and win backward are deterministic always).
     """
     from .band import band_attention, default_scale
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in inputs)
@@ -767,7 +755,7 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq, deterministic=det)
+                                      dq_acc=dq)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, do_slc, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det)
