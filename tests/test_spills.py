@@ -82,3 +82,32 @@ def test_backward_tiles_do_not_spill(geometry, gpu_triton):
     spilled = {name: r for name, r in res.items() if r["stack"]}
     assert not spilled, f"{geometry}: stack frames (spills) in {spilled}"
     assert all(r["regs"] > 0 for r in res.values()), res  # the report was read
+
+
+DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", S="*fp32", PM="*fp32", PL="*fp32",
+                    PACC="*fp32", qk_scale="fp32", TC="i32", TS="i32", CH="i32", NSPLIT="i32", MAXP="i32",
+                    NPAGES="i32", TK="i32", TW="i32", N_SEL_MAX="i32")
+
+
+@pytest.mark.slow
+def test_decode_kernels_compile_for_sm90(gpu_triton):
+    """The decode kernels compile for sm_90 in every cache layout (contiguous, paged with a window
+    ring, paged with the window in the pages), with the top-n in the slots or read from IDX, and
+    keep no stack frame. The CPU interpreter does not type-check: a paged attend kernel whose two
+    branches gave the key rows different integer types ran there and failed to compile on GPUs."""
+    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
+
+    def spec(kernel, **const):
+        return dict(module="nsa.triton.decode", kernel=kernel, types=DECODE_TYPES, constexprs={**dims, **const},
+                    num_warps=4, num_stages=2)
+
+    specs = {f"attend-paged{int(p)}-win{int(w)}-slots{int(sl)}":
+             spec("_decode_attend", N_SEL=16, NW=8, WINDOW=512, SEL_L=64, BS=64, NP=16, NSELP=64 if sl else 0,
+                  PAGED=p, PAGED_WIN=w, PS=64)
+             for p, w, sl in [(False, False, True), (True, False, True), (True, True, False)]}
+    specs.update({f"cmp-paged{int(p)}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4)
+                  for p in (False, True)})
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
+    assert not {name: r for name, r in res.items() if r["stack"]}, res
+    assert all(r["regs"] > 0 for r in res.values()), res

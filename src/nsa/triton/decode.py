@@ -249,7 +249,7 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
         else:
             kb = KS + (b.to(tl.int64) * TK * H + g) * DK
             vb = VS + (b.to(tl.int64) * TK * H + g) * DV
-            keys = tl.where(ok_s, u_s, 0)
+            keys = tl.where(ok_s, u_s, 0).to(tl.int64)  # int64 as the page rows of the other branch
         ok = ok_s
     else:  # ... or the window chunk's, from the ring (or the pages)
         if PAGED_WIN:
@@ -259,7 +259,7 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
         else:
             kb = KW + (b.to(tl.int64) * TW * H + g) * DK
             vb = VW + (b.to(tl.int64) * TW * H + g) * DV
-            keys = tl.where(ok_w, u_w % TW, 0)  # ring-buffer rows
+            keys = tl.where(ok_w, u_w % TW, 0).to(tl.int64)  # ring-buffer rows
         ok = ok_w
     s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
     s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
