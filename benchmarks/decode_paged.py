@@ -10,13 +10,18 @@ issue's bar: within 10%).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
+import sys
 
 import torch
+import triton
 from triton.testing import do_bench
 
 from nsa import nsa_decode
 from nsa.apps.bench import gpu_tag
+from nsa.apps.bench_model import git_commit
 from nsa.reference import compress_mean
 
 PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512)
@@ -77,6 +82,11 @@ def main():
     p.add_argument("--out", default=None, help="default benchmarks/results/decode_paged_<gpu>.json")
     a = p.parse_args()
     a.out = a.out or f"benchmarks/results/decode_paged_{gpu_tag(torch.cuda.get_device_name())}.json"
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=git_commit(), command="python benchmarks/decode_paged.py " + " ".join(sys.argv[1:]),
+                timing="triton.testing.do_bench median (CUDA graph replay and eager), bf16, random inputs")
     rows = []
     for T in a.seqlens:
         for B in a.batch:
@@ -88,7 +98,30 @@ def main():
                       f"paged {r['paged_graph_ms'] * 1e3:.0f}us (graph) ratio {r['ratio_graph']:.3f} "
                       f"eager ratio {r['ratio']:.3f} same={r['same_output']}", flush=True)
                 with open(a.out, "w") as f:
-                    json.dump(dict(gpu=torch.cuda.get_device_name(), config=PAPER, results=rows), f, indent=1)
+                    json.dump(dict(meta=meta, config=PAPER, results=rows), f, indent=1)
+    plot(rows, a.out.rsplit(".", 1)[0] + ".png")
+
+
+def plot(rows: list[dict], png: str) -> None:
+    """Graph-replay time of each case, contiguous beside paged, with the paged / contiguous ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['T'] // 1024}k B{r['batch']} S{r['S']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 3.6))
+    ax.bar([i - 0.2 for i in x], [r["contiguous_graph_ms"] * 1e3 for r in rows], 0.4, label="contiguous cache")
+    ax.bar([i + 0.2 for i in x], [r["paged_graph_ms"] * 1e3 for r in rows], 0.4, label="paged cache")
+    for i, r in zip(x, rows):
+        ax.text(i + 0.2, r["paged_graph_ms"] * 1e3, f"{r['ratio_graph']:.2f}x", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("decode step, us (CUDA graph)")
+    ax.set_title(f"nsa_decode, paged (page size {rows[0]['page_size']}) vs contiguous, paper configuration")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":
