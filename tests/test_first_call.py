@@ -43,20 +43,33 @@ def test_autotuned_builds_a_noticing_autotuner_that_caches(monkeypatch, caplog):
     monkeypatch.setattr(C, "interpreting", lambda: False)
     tuned = C.autotuned(_noop, ["N"], [4, 8], [1])
     assert isinstance(tuned, C._Autotuner) and tuned.cache_results is True and len(tuned.configs) == 2
-    # the key it notices is triton's: the key arguments, then the dtypes of tensor arguments
-    ran = []
-    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", lambda self, *a, **k: ran.append(k))
+    # triton's own Autotuner.run, with the kernel launch and the timing stubbed (no GPU here)
+    launched, timed, pruned = [], [], []
+
+    class Kernel:
+        def run(self, *a, **k):
+            launched.append(k["num_warps"])
+
+    tuned.fn, tuned.cache_results = Kernel(), False
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: timed.append(config) or [float(config.num_warps)])
+    prune = C._Autotuner.prune_configs
+    monkeypatch.setattr(C._Autotuner, "prune_configs", lambda self, kw: pruned.append(1) or prune(self, kw))
     monkeypatch.setattr(C, "_SEEN", set())
     monkeypatch.setattr(C, "_ANNOUNCED", [False])
 
     class T:
         dtype = "torch.bfloat16"
     with caplog.at_level(logging.INFO, logger="nsa"):
-        tuned.run(T(), N=16, grid=(1,), warmup=False)
-        tuned.run(T(), N=16, grid=(1,), warmup=False)
-    assert len(ran) == 2 and ("_noop", (16, "torch.bfloat16")) in C._SEEN
+        for _ in range(3):
+            tuned.run(T(), N=16, grid=(1,), warmup=False)
+    # tuned once (both configs timed, the faster launched every time); the key it notices is
+    # triton's: the key arguments, then the dtypes of tensor arguments; the known key's launches
+    # did not reach the notice
+    assert len(timed) == 2 and launched == [4, 4, 4] and len(pruned) == 1
+    assert ("_noop", (16, "torch.bfloat16")) in C._SEEN
     assert [r.levelname for r in caplog.records].count("WARNING") == 1
     assert sum("first call of _noop at N=16" in r.getMessage() for r in caplog.records) == 1
+    assert sum("_noop ready after" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_notice_once_per_key_and_one_warning_per_process(monkeypatch, caplog):

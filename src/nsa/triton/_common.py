@@ -246,23 +246,27 @@ def notice_first_call(name: str, key: tuple, arg_names: list[str]) -> None:
 
 class _Autotuner(triton.runtime.autotuner.Autotuner):
     """triton's Autotuner that notices a new key before tuning (:func:`notice_first_call`)
-    and logs how long the first call took."""
+    and logs how long the first call took. The notice hooks ``prune_configs``, which triton
+    calls only for a key it has not tuned: a launch at a known key costs nothing more than
+    triton's own (no second key built per launch)."""
 
-    def run(self, *args, **kwargs):
-        if len(self.configs) <= 1:
-            return super().run(*args, **kwargs)
-        all_args = {**dict(zip(self.arg_names, args)), **kwargs}
-        named = {k: v for k, v in all_args.items() if k in self.arg_names}
+    _t_first = None  # perf_counter at the start of a first call, until it returns
+
+    def prune_configs(self, kwargs, *rest, **kw):
+        named = {k: v for k, v in {**self.nargs, **kwargs}.items() if k in self.arg_names}
         # the key as triton's Autotuner.run builds it: the key arguments, then tensor dtypes
         key = tuple([named[k] for k in self.keys if k in named]
                     + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
-        name = self.base_fn.__name__
-        if (name, key) in _SEEN:
-            return super().run(*args, **kwargs)
-        notice_first_call(name, key, [k for k in self.keys if k in named])
-        t0 = time.perf_counter()
+        notice_first_call(self.base_fn.__name__, key, [k for k in self.keys if k in named])
+        self._t_first = time.perf_counter()
+        return super().prune_configs(kwargs, *rest, **kw)
+
+    def run(self, *args, **kwargs):
         out = super().run(*args, **kwargs)
-        log.info("nsa: %s ready after %.1f s (%d configs)", name, time.perf_counter() - t0, len(self.configs))
+        if self._t_first is not None:
+            log.info("nsa: %s ready after %.1f s (%d configs)", self.base_fn.__name__,
+                     time.perf_counter() - self._t_first, len(self.configs))
+            self._t_first = None
         return out
 
 
