@@ -126,11 +126,16 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
     m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([HP], dtype=tl.float32)
     acc = tl.zeros([HP, BV], dtype=tl.float32)
+    ar = tl.arange(0, BN)
+    # paged: the next tile's pool rows are looked up one iteration ahead, so that the table load
+    # is not a dependent round trip in front of every tile's key loads
+    nxt = _page_rows(BT, b, sp * CH + ar, sp * CH + ar < hi, MAXP, NPAGES, CPP) if PAGED else ar.to(tl.int64)
     for i0 in range(sp * CH, hi, BN):
-        ii = i0 + tl.arange(0, BN)
+        ii = i0 + ar
         ok = ii < hi
         if PAGED:
-            keys = _page_rows(BT, b, ii, ok, MAXP, NPAGES, CPP)
+            keys = nxt
+            nxt = _page_rows(BT, b, ii + BN, ii + BN < hi, MAXP, NPAGES, CPP)
         else:
             keys = ii
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
