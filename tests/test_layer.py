@@ -649,3 +649,56 @@ def test_paged_cache_errors():
         cache.batch([a])
     with pytest.raises(TypeError, match="cache.batch"):
         layer(torch.randn(1, 1, 32), cache=cache)
+
+
+@pytest.mark.parametrize("phi,shared_kv", VARIANTS)
+def test_paged_decode_step_with_device_lengths_equals_full(phi, shared_kv):
+    """decode_step on a paged view (lengths on the device, pages reserved ahead: what a CUDA
+    graph replays) after prompts of different lengths, pages of 4 positions taken in a
+    shuffled order, equals the full layer on each sequence; then the host lengths advance and a
+    chunk continues where the steps stopped."""
+    layer = make_layer(seed=10, compress=phi, shared_kv=shared_kv)
+    lens, T, n = [5, 2, 11], 40, 9
+    x = torch.randn(3, T, 32)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(4, T, page_size=4)
+        random.Random(1).shuffle(cache.free_pages)  # pages far from the slot's order
+        slots = [cache.add_sequence() for _ in lens]
+        for b, m in zip(slots, lens):
+            layer(x[b:b + 1, :m], cache=cache.batch([b]))
+        view = cache.batch(slots)
+        view.reserve(n)
+        seqlens = torch.tensor(lens)
+        for _ in range(n):
+            s = seqlens.clone()
+            y = layer.decode_step(x[torch.arange(3), s][:, None], view, seqlens)
+            err = (y[:, 0] - full[torch.arange(3), s]).abs().max().item()
+            assert err <= 1e-5, s.tolist()
+            seqlens += 1
+        view.advance(n)
+        assert view.lengths == [m + n for m in lens]
+        y = layer(torch.stack([x[b, m + n:m + n + 3] for b, m in enumerate(lens)]), cache=view)
+        for b, m in enumerate(lens):
+            assert (y[b] - full[b, m + n:m + n + 3]).abs().max().item() <= 1e-5
+    assert (layer(torch.randn(3, T, 32)) - full).abs().max().item() > 1e-2
+
+
+def test_paged_decode_step_errors():
+    layer = make_layer()
+    cache = layer.new_cache(2, 16, page_size=4, num_pages=5)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    view = cache.batch([a, b])
+    with pytest.raises(ValueError, match="out of pages"):
+        view.reserve(12)  # 2 x 3 pages
+    assert len(cache.free_pages) == 5 and cache.pages[a] == []  # nothing taken
+    with pytest.raises(ValueError, match="cache is full"):
+        view.reserve(17)
+    with pytest.raises(ValueError, match="n must be"):
+        view.reserve(0)
+    view.reserve(4)
+    with pytest.raises(ValueError, match="not reserved"):
+        view.advance(5)
+    assert cache.lengths[a] == 0
+    with pytest.raises(TypeError, match="cache.batch"):
+        layer.decode_step(torch.randn(2, 1, 32), cache, torch.tensor([0, 0]))

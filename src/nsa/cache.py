@@ -439,10 +439,20 @@ class PagedNSACache:
 
 @dataclass
 class PagedBatch:
-    """Some slots of a :class:`PagedNSACache`, in a batch's order (from :meth:`PagedNSACache.batch`)."""
+    """Some slots of a :class:`PagedNSACache`, in a batch's order (from :meth:`PagedNSACache.batch`).
+
+    Chunks (:meth:`append_chunk`) take pages and advance the lengths on the host. Steps with the
+    lengths on the device (:meth:`append_step`, ``layer.decode_step``: CUDA graphs) cannot take
+    pages: :meth:`reserve` takes them for n steps ahead, and :meth:`advance` records the n
+    tokens that the steps appended (the host lengths that chunks and :meth:`PagedNSACache.free`
+    use)."""
 
     cache: PagedNSACache
     slots: list
+
+    def __post_init__(self):
+        # the slots as a device tensor, made once (a graph capture cannot copy from the host)
+        self.index = torch.tensor(self.slots, dtype=torch.int64, device=self.cache.block_table.device)
 
     @property
     def batch_size(self) -> int:
@@ -468,13 +478,101 @@ class PagedBatch:
         if B != self.batch_size:
             raise ValueError(f"the chunk has batch {B} but the view holds {self.batch_size} sequences")
         lens = self.lengths
+        self._take_pages(C, "the chunk")
+        for b, (slot, s) in enumerate(zip(self.slots, lens)):
+            c._write(slot, s, [(k[b], v[b]) for k, v in branches], phi_k, phi_v)
+            c.lengths[slot] = s + C
+        idx = self.index
+        win = (None, None) if c.shared_kv else (c.k_win[idx], c.v_win[idx])
+        seqlens = torch.tensor([s + C for s in lens], dtype=torch.int32, device=ks.device)
+        return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, c.block_table[idx], seqlens)
+
+    def reserve(self, n: int) -> None:
+        """Take the pages that ``n`` more tokens of every sequence of the view need (from its
+        host length), so that ``n`` steps of :meth:`append_step` find them in the block table.
+        Raises ValueError, taking nothing, past ``max_seq_len`` or when the pool lacks pages."""
+        check_positive_int("n", n)
+        self._take_pages(n, f"reserving {n} tokens")
+
+    def advance(self, n: int) -> None:
+        """Record that :meth:`append_step` appended ``n`` tokens to every sequence of the view
+        (the host lengths; their pages must have been reserved)."""
+        check_positive_int("n", n)
+        c = self.cache
+        for slot in self.slots:
+            if -(-(c.lengths[slot] + n) // c.page_size) > len(c.pages[slot]):
+                raise ValueError(f"slot {slot} holds {c.lengths[slot]} positions and {len(c.pages[slot])} "
+                                 f"pages: {n} more tokens were not reserved (view.reserve(n))")
+        for slot in self.slots:
+            c.lengths[slot] += n
+
+    def append_step(self, seqlens: torch.Tensor, branches: Branches, *, phi_k: Phi, phi_v: Phi) -> PagedRead:
+        """One token per sequence at positions ``seqlens`` (device), fixed shapes, no host sync:
+        the paged form of :meth:`NSACache.append_step`, for CUDA graphs.
+
+        Args:
+            seqlens: int tensor ``[B]`` on the pools' device: the positions each sequence holds
+                before this token, whose pages :meth:`reserve` took (not checked: reading the
+                values would sync). The host lengths are neither read nor advanced
+                (:meth:`advance`).
+            branches, phi_k, phi_v: as :meth:`append_chunk`, with C = 1.
+
+        Returns the :class:`PagedRead` after the token (``seqlens`` + 1 as its lengths).
+        """
+        c = self.cache
+        (kc, vc), (ks, vs), (kw, vw) = branches
+        l, d, ps = c.cmp_block, c.cmp_stride, c.page_size
+        dev, dt = ks.device, c.k_slc.dtype
+        s = seqlens.long()  # [B] the token's position
+        idx = self.index
+        table = c.block_table[idx].long()  # [B, max_pages]
+        H, Dk, Dv = c.k_slc.shape[2], c.k_slc.shape[3], c.v_slc.shape[3]
+        k_flat, v_flat = c.k_slc.view(-1, H, Dk), c.v_slc.view(-1, H, Dv)
+
+        def rows(pos, per_page, stride=1):  # pool rows of items pos [B, ...] of each sequence
+            return table.gather(1, (pos * stride // ps).reshape(len(idx), -1)).view(pos.shape) * per_page + pos % per_page
+
+        at = rows(s, ps)
+        k_flat[at] = ks[:, 0].to(dt)
+        v_flat[at] = vs[:, 0].to(dt)
+        if c.shared_kv:  # the raw block ending at s, read back from the pages
+            src = rows((s[:, None] - (l - 1) + torch.arange(l, device=dev)).clamp_min(0), ps)  # [B, l]
+            raw_k, raw_v = k_flat[src], v_flat[src]
+            win = (None, None)
+        else:
+            raw_k = torch.cat([c.k_tail[idx], kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
+            raw_v = torch.cat([c.v_tail[idx], vc.to(dt)], 1)
+            c.k_tail[idx] = raw_k[:, 1:]
+            c.v_tail[idx] = raw_v[:, 1:]
+            ring = s % c.k_win.shape[1]
+            c.k_win[idx, ring] = kw[:, 0].to(dt)
+            c.v_win[idx, ring] = vw[:, 0].to(dt)
+            win = (c.k_win[idx], c.v_win[idx])
+        # compression, computed every step and written only when due (as NSACache.append_step);
+        # when not due the row is the sequence's latest compressed token (or its first, on its
+        # own first page), rewritten with itself: no other sequence's row is touched
+        due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
+        i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
+        cpp = c.k_cmp.shape[1]
+        at_c = rows(i, cpp, stride=d)
+        new = (phi_k(raw_k[:, None].to(kc.dtype))[:, 0].to(dt), phi_v(raw_v[:, None].to(kc.dtype))[:, 0].to(dt))
+        for buf, tok in zip((c.k_cmp, c.v_cmp), new):
+            flat = buf.view(-1, H, buf.shape[3])
+            flat[at_c] = torch.where(due, tok, flat[at_c])
+        return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, table.to(torch.int32), (s + 1).to(torch.int32))
+
+    def _take_pages(self, n: int, what: str) -> None:
+        """Pages for ``n`` more positions of every sequence of the view (host lengths), into the
+        block table; raises ValueError, taking nothing, past max_seq_len or out of pages."""
+        c = self.cache
+        lens = self.lengths
         for slot, s in zip(self.slots, lens):
-            if s + C > c.max_seq_len:
+            if s + n > c.max_seq_len:
                 raise ValueError(f"cache is full: slot {slot} holds {s} of max_seq_len={c.max_seq_len} "
-                                 f"positions and cannot take {C} more")
-        need = [-(-(s + C) // c.page_size) - len(c.pages[slot]) for slot, s in zip(self.slots, lens)]
+                                 f"positions and cannot take {n} more")
+        need = [max(0, -(-(s + n) // c.page_size) - len(c.pages[slot])) for slot, s in zip(self.slots, lens)]
         if sum(need) > len(c.free_pages):
-            raise ValueError(f"out of pages: the chunk needs {sum(need)} more pages of {c.page_size} "
+            raise ValueError(f"out of pages: {what} needs {sum(need)} more pages of {c.page_size} "
                              f"positions but {len(c.free_pages)} of num_pages={c.num_pages} are free; "
                              f"free finished sequences or allocate more pages")
         for slot, k in zip(self.slots, need):
@@ -482,11 +580,3 @@ class PagedBatch:
                 page = c.free_pages.pop()
                 c.block_table[slot, len(c.pages[slot])] = page
                 c.pages[slot].append(page)
-        for b, (slot, s) in enumerate(zip(self.slots, lens)):
-            c._write(slot, s, [(k[b], v[b]) for k, v in branches], phi_k, phi_v)
-            c.lengths[slot] = s + C
-        dev = ks.device
-        idx = torch.tensor(self.slots, device=dev)
-        win = (None, None) if c.shared_kv else (c.k_win[idx], c.v_win[idx])
-        seqlens = torch.tensor([s + C for s in lens], dtype=torch.int32, device=dev)
-        return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, c.block_table[idx], seqlens)

@@ -218,13 +218,16 @@ class NSAAttention(nn.Module):
         return y
 
     @torch.no_grad()
-    def decode_step(self, x: torch.Tensor, cache: NSACache, seqlens: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, x: torch.Tensor, cache: NSACache | PagedBatch, seqlens: torch.Tensor) -> torch.Tensor:
         """One new token per sequence, with the lengths on the device: fixed shapes and no
         host sync, so the step can be captured in a CUDA graph and replayed.
 
         Args:
             x: ``[B, 1, d_model]`` the new tokens' inputs.
-            cache: this layer's cache (:meth:`new_cache`), filled up to ``seqlens``.
+            cache: this layer's cache (:meth:`new_cache`), filled up to ``seqlens``, or the
+                view ``paged.batch(slots)`` of a paged cache whose pages for this token were
+                taken beforehand (``view.reserve(n)`` before n steps; ``view.advance(n)``
+                after them records the tokens on the host).
             seqlens: int tensor ``[B]`` on x's device: the positions each sequence holds
                 before this token (each in [0, max_seq_len - 1], not checked: reading them
                 would sync). The cache's ``length`` is neither read nor updated: the caller
@@ -233,14 +236,17 @@ class NSAAttention(nn.Module):
         Returns ``[B, 1, d_model]``, equal to ``self(x, cache=cache)`` at those lengths.
         """
         c = self.config
+        if isinstance(cache, PagedNSACache):
+            raise TypeError("a paged cache is passed as cache.batch(slots): the sequences the step continues")
         check_decode_step(x, c.d_model, cache.batch_size, seqlens)
         s = seqlens.long()  # [B] this token's position
         q, branches, gates = self._project(x, s[:, None])
         kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
-        dt = cache.k_slc.dtype
+        paged = isinstance(cache, PagedBatch)
+        dt = kv.k_slc.dtype
         o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
-                           cache_seqlens=s + 1, max_seqlen=cache.max_seq_len,
-                           backend=c.backend, **self._geometry())
+                           cache_seqlens=s + 1, max_seqlen=(cache.cache if paged else cache).max_seq_len,
+                           block_table=kv.block_table if paged else None, backend=c.backend, **self._geometry())
         return self._out(o.to(x.dtype))
 
 
