@@ -415,3 +415,29 @@ def test_layer_parameter_gradients_triton_equal_torch(compress):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         _close(grads[0][n], grads[1][n])
+
+
+def test_backward_materialises_no_gradient_for_the_saved_outputs():
+    """The op's five saved outputs (o_cmp, lse_cmp, block indices, o_slc, lse_slc) get no zero
+    gradients: autograd materialised them by default (two [B, T, HQ, Dv] tensors among them,
+    2.2 GB at 64k in the paper configuration), and the backward does not read them. Counted as
+    the zero tensors created outside the backward op while it runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Zeros(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros,
+                                       torch.ops.aten.full, torch.ops.aten.full_like):
+                self.made.append(func)
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, kc, vc, do, _ = _inputs(40, 4, 1, 16, 16, 8, 4)
+    leaves = [t.requires_grad_() for t in (q, kc, vc, k, v)]
+    gates = torch.rand(1, 40, 4, 3, device=DEV, requires_grad=True)
+    o = nsa.nsa_func(*leaves, k, v, gates, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, window=8,
+                     backend="triton")
+    with Zeros():
+        o.backward(do)
+    assert Zeros.made == [] and q.grad is not None and gates.grad.abs().sum() > 0

@@ -277,6 +277,9 @@ def _(grad_o, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
 def _fwd_setup_context(ctx, inputs, output):
     (*tensors, cu, l, d, lp, n, w, scale, qo, wo, det) = inputs
     ctx.mark_non_differentiable(*output[1:])
+    # no zero gradients for the five saved outputs (autograd would materialise them: 2.2 GB at
+    # 64k in the paper configuration, two [B, T, HQ, Dv] tensors among them)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors, *output[1:], cu)
     ctx.geometry = (l, d, lp, n, w, scale, qo, wo, det)
 
@@ -285,6 +288,8 @@ def _fwd_backward(ctx, grad_o, *_aux_grads):
     saved = ctx.saved_tensors
     inputs, aux, cu = saved[:8], saved[8:13], saved[13]
     need = ctx.needs_input_grad[:8]
+    if grad_o is None:  # o itself got no gradient (not materialised): neither do the inputs
+        return (None,) * 18
     if inputs[0].dtype == torch.float64:  # no fp64 backward kernels: the reference, recomputed
         grads = _reference_grads(grad_o, inputs, need, cu, ctx.geometry)
     else:
