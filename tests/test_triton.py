@@ -372,10 +372,12 @@ def test_nsa_offsets_continue_a_sequence():
 @pytest.mark.parametrize("seed,B,T,sel_count,bounds", [
     pytest.param(0, 1, 30, 3, (0, 11, 12, 30), id="chunked-prefill"),
     pytest.param(1, 2, 40, 4, (0, 29, *range(30, 41)), id="decode-steps"),
+    pytest.param(2, 2, 40, 4, (0, 17, 19, 24, 25, 33, 40), id="few-token-chunks"),
 ])
 def test_layer_cache_triton(seed, B, T, sel_count, bounds):
     """The layer's cache path equals one full call: chunks run nsa_triton with offsets, one-token
-    steps nsa_decode on the cache's ring."""
+    steps nsa_decode on the cache's ring, chunks of 2-8 tokens nsa_decode on the window rolled
+    into a ring."""
     torch.manual_seed(seed)
     cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
                         cmp_stride=4, sel_block=8, sel_count=sel_count, window=8, compress="mean",

@@ -207,6 +207,14 @@ class NSAAttention(nn.Module):
         if C == 1:  # a decode step: nsa_decode reads the window's ring buffer in place
             o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                                cache_seqlens=s + 1, backend=c.backend, **geom)
+        elif 1 < C <= MAX_NEW:  # a few tokens (speculative verification): the decode path, split over keys
+            if c.shared_kv:
+                k_w, v_w = kv.k_slc, kv.v_slc  # position p at row p
+            else:  # positions win_offset.. in order -> a ring of R rows, position p at row p % R
+                R = kv.k_win.shape[1]
+                k_w, v_w = (torch.roll(t, kv.win_offset % R, 1) for t in (kv.k_win, kv.v_win))
+            o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, k_w, v_w, gates.to(dt),
+                               cache_seqlens=s + C, backend=c.backend, **geom)
         else:
             o = ops.nsa_func(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                              q_offset=s, win_k_offset=kv.win_offset, backend=c.backend, **geom)
