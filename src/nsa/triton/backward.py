@@ -485,7 +485,7 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     positions per dk/dv program, so that the first compressed keys (seen by every query) are
     not one program's walk over all T queries; each chunk's share goes to an fp32 buffer of its
     own (n_chunks x k's and v's size; the automatic choice keeps n_chunks x key programs near
-    four waves of the GPU, about 45 MB at the paper geometry), summed in chunk order.
+    four waves of the GPU: 63 MB at 64k in the paper geometry), summed in chunk order.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
