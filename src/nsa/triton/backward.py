@@ -516,7 +516,7 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     if not ktbl.shape[0]:
         return dq, dk, dv
     qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
-    n_ch = triton.cdiv(max(lens), qch) if qch else 1
+    n_ch = C.cdiv(max(lens), qch) if qch else 1
     if qch:  # zeros: key rows that no program owns (past a sequence's keys) stay 0
         gk = torch.zeros((n_ch, *k.shape), dtype=torch.float32, device=q.device)
         gv = torch.zeros((n_ch, *v.shape), dtype=torch.float32, device=q.device)
@@ -537,12 +537,12 @@ def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
     if q_chunk is not None:
         if q_chunk < 0:
             raise ValueError(f"q_chunk must be >= 0, got {q_chunk}")
-        return 0 if q_chunk == 0 else triton.cdiv(q_chunk, BT) * BT
+        return 0 if q_chunk == 0 else C.cdiv(q_chunk, BT) * BT
     if C.interpreting() or device.type != "cuda":
         return 0
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    n = min(triton.cdiv(4 * sms, n_kprog), t_max // 512)
-    return triton.cdiv(triton.cdiv(t_max, n), BT) * BT if n > 1 else 0
+    n = min(C.cdiv(4 * sms, n_kprog), t_max // 512)
+    return C.cdiv(C.cdiv(t_max, n), BT) * BT if n > 1 else 0
 
 
 def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int):
@@ -648,7 +648,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
             if deterministic:
                 for part, out, D in ((gk, dk, Dk), (gv, dv, Dv)):
                     BD = min(64, max(16, C.next_pow2(D)))
-                    _segment_sum[(segs.shape[0], triton.cdiv(D, BD))](
+                    _segment_sum[(segs.shape[0], C.cdiv(D, BD))](
                         part, out, segs, items, seq, H=H, D=D, SEL_L=sel_block, BS=BS, BD=BD, num_warps=4)
     return dq, dk, dv
 
@@ -668,7 +668,7 @@ def gates_backward(do, gates, o_cmp, o_slc, o_win):
         return dg.zero_(), tuple(x.zero_() for x in dos)
     BV = max(16, C.next_pow2(Dv))
     BR = max(1, min(64, 4096 // BV))  # rows per program: ~4k elements per tensor
-    _gates_bwd[(triton.cdiv(n_rows, BR),)](do, gates, o_cmp, o_slc, o_win, dg, *dos, n_rows,
+    _gates_bwd[(C.cdiv(n_rows, BR),)](do, gates, o_cmp, o_slc, o_win, dg, *dos, n_rows,
                                            DV=Dv, BR=BR, BV=BV, EMU_RTNE=C.upcast(do.dtype), num_warps=4)
     return dg, dos
 

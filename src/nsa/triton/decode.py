@@ -338,8 +338,8 @@ def _n_split(tc: int, bh: int, BN: int, device) -> int:
     """Splits of the compressed tokens: enough programs to fill the GPU twice, >= BN tokens each
     (an H200 sweep of 2, 4, 8 and 16 programs per multiprocessor found no difference)."""
     if C.interpreting() or device.type != "cuda":
-        return max(1, min(triton.cdiv(tc, BN), 3))
-    return max(1, min(triton.cdiv(tc, BN), triton.cdiv(2 * _sms(device), max(bh, 1))))
+        return max(1, min(C.cdiv(tc, BN), 3))
+    return max(1, min(C.cdiv(tc, BN), C.cdiv(2 * _sms(device), max(bh, 1))))
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
@@ -396,7 +396,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     # 1. cmp partials and raw scores
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     nsplit = _n_split(tc_used, R * H, BN, dev)
-    ch = triton.cdiv(triton.cdiv(max(tc_used, 1), nsplit), BN) * BN
+    ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
     ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
     s_buf = torch.empty(R, HQ, ts, **f32)
     pm, pl = torch.empty(R, HQ, nsplit, **f32), torch.empty(R, HQ, nsplit, **f32)
@@ -410,8 +410,8 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(R, H, n_sel_max, **f32)
     BJ = 16 if interp else 64
-    kmax = triton.cdiv(sel_block + cmp_block, cmp_stride) + 1
-    _decode_scores[(triton.cdiv(n_sel_max, BJ), R * H)](
+    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
+    _decode_scores[(C.cdiv(n_sel_max, BJ), R * H)](
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
         KMAX=kmax, NQ=NQ, **launch)
@@ -428,7 +428,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         idx = score
     # 4. a partial softmax per selected block and per window chunk
     BS = max(16, C.next_pow2(sel_block))
-    nw = triton.cdiv(window, BS)
+    nw = C.cdiv(window, BS)
     np2 = sel_count + nw
     pm2, pl2 = torch.empty(R, HQ, np2, **f32), torch.empty(R, HQ, np2, **f32)
     pacc2 = torch.empty(R, HQ, np2, Dv, **f32)
