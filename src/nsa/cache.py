@@ -48,6 +48,22 @@ def _allocate_ring_and_tail(cache, c: NSAConfig, slots: int, ring: int, kw: dict
     cache.v_tail = torch.zeros(slots, c.cmp_block - 1, H, Dv, **kw)
 
 
+def _compress(phi_k: Phi, phi_v: Phi, blocks_k: torch.Tensor, blocks_v: torch.Tensor, dtype: torch.dtype,
+              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """phi over raw blocks ``[B, N, l, H, D]`` held in the cache's dtype: computed in ``dtype``
+    (the layer's), returned in ``out_dtype`` (the cache's)."""
+    return phi_k(blocks_k.to(dtype)).to(out_dtype), phi_v(blocks_v.to(dtype)).to(out_dtype)
+
+
+def _step_token(s: torch.Tensor, l: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1], i [B]), compressed token
+    i = (s + 1 - l) / d is the one the token completes where due (s + 1 >= l, (s + 1 - l) % d == 0);
+    elsewhere i is the latest complete one, or 0 (clamped). Steps compute the token every time and
+    write it only where due: a data-dependent branch would sync."""
+    due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]
+    return due, torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
+
+
 class CacheRead(NamedTuple):
     """What the attention reads after an append, in the cache's dtype.
 
@@ -166,8 +182,8 @@ class NSACache:
         if tc1 > tc0:
             starts = torch.arange(tc0, tc1, device=dev) * d - (s - tail)
             idx = starts[:, None] + torch.arange(l, device=dev)  # [n_new, l]
-            self.k_cmp[:, tc0:tc1], self.v_cmp[:, tc0:tc1] = self._compress(
-                phi_k, phi_v, raw_k[:, idx], raw_v[:, idx], kc.dtype)
+            self.k_cmp[:, tc0:tc1], self.v_cmp[:, tc0:tc1] = _compress(
+                phi_k, phi_v, raw_k[:, idx], raw_v[:, idx], kc.dtype, dt)
         if not self.shared_kv:
             keep = min(l - 1, s + C)
             self.k_tail[:, l - 1 - keep:] = raw_k[:, raw_k.shape[1] - keep:]
@@ -231,22 +247,14 @@ class NSACache:
             ring_k, ring_v = self.k_win, self.v_win
             ring_k[rows, s % w] = kw[:, 0].to(dt)
             ring_v[rows, s % w] = vw[:, 0].to(dt)
-        # compression: the block is due when s + 1 >= l and (s + 1 - l) % d == 0; it is computed
-        # every step and written only when due (a data-dependent branch would sync)
+        # compression: computed every step, written only when due (:func:`_step_token`)
         if self.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
-            due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
-            slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, self.k_cmp.shape[1] - 1)
-            new = self._compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype)
+            due, slot = _step_token(s, l, d)
+            slot = slot.clamp(max=self.k_cmp.shape[1] - 1)
+            new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
             for buf, tok in zip((self.k_cmp, self.v_cmp), new):
                 buf[rows, slot] = torch.where(due, tok[:, 0], buf[rows, slot])  # [B, H, D]
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
-
-    def _compress(self, phi_k: Phi, phi_v: Phi, blocks_k: torch.Tensor, blocks_v: torch.Tensor,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi over raw blocks ``[B, N, l, H, D]`` held in the cache's dtype: computed in ``dtype``
-        (the layer's), returned in the cache's."""
-        dt = self.k_cmp.dtype
-        return phi_k(blocks_k.to(dtype)).to(dt), phi_v(blocks_v.to(dtype)).to(dt)
 
 
 # ---------------------------------------------------------------------------------- paged
@@ -421,11 +429,11 @@ class PagedNSACache:
         if tc1 > tc0:
             new = torch.arange(tc0, tc1, device=dev)
             idx = (new * d - (s - tail))[:, None] + torch.arange(l, device=dev)  # [n_new, l]
-            ck, cv = phi_k(raw_k[idx][None].to(kc.dtype))[0], phi_v(raw_v[idx][None].to(kc.dtype))[0]
+            ck, cv = _compress(phi_k, phi_v, raw_k[idx][None], raw_v[idx][None], kc.dtype, dt)
             cpp = self.k_cmp.shape[1]
             rows = self._rows(slot, new, cpp, stride=d)
-            self.k_cmp.view(-1, H, self.k_cmp.shape[3])[rows] = ck.to(dt)
-            self.v_cmp.view(-1, H, self.v_cmp.shape[3])[rows] = cv.to(dt)
+            self.k_cmp.view(-1, H, self.k_cmp.shape[3])[rows] = ck[0]
+            self.v_cmp.view(-1, H, self.v_cmp.shape[3])[rows] = cv[0]
         if not self.shared_kv:
             keep = min(l - 1, s + C)
             self.k_tail[slot, l - 1 - keep:] = raw_k[raw_k.shape[0] - keep:]
@@ -548,17 +556,15 @@ class PagedBatch:
             c.k_win[idx, ring] = kw[:, 0].to(dt)
             c.v_win[idx, ring] = vw[:, 0].to(dt)
             win = (c.k_win[idx], c.v_win[idx])
-        # compression, computed every step and written only when due (as NSACache.append_step);
-        # when not due the row is the sequence's latest compressed token (or its first, on its
-        # own first page), rewritten with itself: no other sequence's row is touched
-        due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]  # [B, 1, 1]
-        i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
-        cpp = c.k_cmp.shape[1]
-        at_c = rows(i, cpp, stride=d)
-        new = (phi_k(raw_k[:, None].to(kc.dtype))[:, 0].to(dt), phi_v(raw_v[:, None].to(kc.dtype))[:, 0].to(dt))
+        # compression, computed every step and written only when due (:func:`_step_token`); when
+        # not due the row is the sequence's latest compressed token (or its first, on its own
+        # first page), rewritten with itself: no other sequence's row is touched
+        due, i = _step_token(s, l, d)
+        at_c = rows(i, c.k_cmp.shape[1], stride=d)
+        new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
         for buf, tok in zip((c.k_cmp, c.v_cmp), new):
             flat = buf.view(-1, H, buf.shape[3])
-            flat[at_c] = torch.where(due, tok, flat[at_c])
+            flat[at_c] = torch.where(due, tok[:, 0], flat[at_c])
         return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, table.to(torch.int32), (s + 1).to(torch.int32))
 
     def _take_pages(self, n: int, what: str) -> None:
