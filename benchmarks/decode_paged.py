@@ -10,18 +10,14 @@ issue's bar: within 10%).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from nsa import nsa_decode
-from nsa.apps.bench import gpu_tag
-from nsa.apps.bench_model import git_commit
+from nsa.apps.bench import gpu_tag, result_meta
 from nsa.reference import compress_mean
 
 PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512)
@@ -82,11 +78,8 @@ def main():
     p.add_argument("--out", default=None, help="default benchmarks/results/decode_paged_<gpu>.json")
     a = p.parse_args()
     a.out = a.out or f"benchmarks/results/decode_paged_{gpu_tag(torch.cuda.get_device_name())}.json"
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=git_commit(), command="python benchmarks/decode_paged.py " + " ".join(sys.argv[1:]),
-                timing="triton.testing.do_bench median (CUDA graph replay and eager), bf16, random inputs")
+    meta = dict(result_meta("triton.testing.do_bench median (CUDA graph replay and eager), bf16, random inputs"),
+                command="python benchmarks/decode_paged.py " + " ".join(sys.argv[1:]))
     rows = []
     for T in a.seqlens:
         for B in a.batch:

@@ -507,6 +507,18 @@ def _graphed(fn):
     return graph.replay
 
 
+def result_meta(timing: str) -> dict:
+    """The provenance of a GPU result file: GPU, torch, triton, Python, UTC date, git commit and
+    how it was timed."""
+    import torch
+    import triton
+
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=git_commit(), timing=timing)
+
+
 def gpu_tag(name: str) -> str:
     """Short GPU name for result files: "NVIDIA H200" -> "h200"."""
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
@@ -515,7 +527,6 @@ def gpu_tag(name: str) -> str:
 
 def run(name, args) -> int:
     import torch
-    import triton
 
     if max(args.new_tokens_per_step) > 8:
         print(f"nsa: error: --new-tokens-per-step takes S <= 8 (nsa_decode's limit), got "
@@ -526,9 +537,7 @@ def run(name, args) -> int:
         return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    meta = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=git_commit(), timing="triton.testing.do_bench median, bf16, batch 1, random inputs")
+    meta = result_meta("triton.testing.do_bench median, bf16, batch 1, random inputs")
     try:
         import fla
 
