@@ -64,6 +64,15 @@ def _step_token(s: torch.Tensor, l: int, d: int) -> tuple[torch.Tensor, torch.Te
     return due, torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
 
 
+def _pool_rows(table: torch.Tensor, pos: torch.Tensor, page_size: int, per_page: int,
+               stride: int = 1) -> torch.Tensor:
+    """Flat rows of a pool of pages of ``per_page`` rows for items ``pos`` (item i starts at
+    position i * stride): row i % per_page of page ``table[..., i * stride // page_size]``. table
+    int64 ``[P]`` with pos of any shape, or ``[B, P]`` with pos ``[B, ...]`` (one table row each)."""
+    at = (pos * stride // page_size).reshape(*table.shape[:-1], -1)
+    return table.gather(-1, at).view(pos.shape) * per_page + pos % per_page
+
+
 class CacheRead(NamedTuple):
     """What the attention reads after an append, in the cache's dtype.
 
@@ -402,10 +411,8 @@ class PagedNSACache:
             raise ValueError(f"slot {slot} holds no sequence (cache.add_sequence() gives a slot)")
 
     def _rows(self, slot: int, pos: torch.Tensor, per_page: int, stride: int = 1) -> torch.Tensor:
-        """Flat pool rows (of pages of ``per_page`` rows) of items ``pos`` of slot's sequence,
-        item i starting at position i * stride."""
-        pages = torch.tensor(self.pages[slot], dtype=torch.int64, device=self.k_slc.device)
-        return pages[pos * stride // self.page_size] * per_page + pos % per_page
+        """Flat pool rows of items ``pos`` of slot's sequence (:func:`_pool_rows`)."""
+        return _pool_rows(self.block_table[slot].long(), pos, self.page_size, per_page, stride)
 
     def _write(self, slot: int, s: int, kv, phi_k: Phi, phi_v: Phi) -> None:
         """Append one sequence's C tokens at positions s .. s + C - 1 (pages already taken)."""
@@ -538,7 +545,7 @@ class PagedBatch:
         k_flat, v_flat = c.k_slc.view(-1, H, Dk), c.v_slc.view(-1, H, Dv)
 
         def rows(pos, per_page, stride=1):  # pool rows of items pos [B, ...] of each sequence
-            return table.gather(1, (pos * stride // ps).reshape(len(idx), -1)).view(pos.shape) * per_page + pos % per_page
+            return _pool_rows(table, pos, ps, per_page, stride)
 
         at = rows(s, ps)
         k_flat[at] = ks[:, 0].to(dt)
