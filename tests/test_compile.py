@@ -163,6 +163,41 @@ def test_opcheck_nsa_decode_paged_several_tokens():
                            gates[:, -3:], lens, table, 24, *GEO.values(), 0.25))
 
 
+@needs_triton
+def test_decode_is_traced_as_the_op_and_runs_without_its_dispatch_eagerly():
+    """Eager nsa_decode runs the kernels without the custom op's dispatch (host time of a step);
+    torch.compile still sees the registered op (the graph holds it), with eager's result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, kc, vc, k, v, kw, vw, gates = _op_inputs()
+    lens = torch.tensor([24], dtype=torch.int32, device=DEV)
+
+    def step(q, g):
+        return nsa.nsa_decode(q, kc, vc, k, v, kw, vw, g, cache_seqlens=lens, max_seqlen=24, backend="triton",
+                              **GEO)
+
+    class Seen(TorchDispatchMode):
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        want = step(q[:, -1:], gates[:, -1:])
+    assert seen.ops and not any(o.startswith("nsa.") for o in seen.ops), seen.ops
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    got = torch.compile(step, backend=record, fullgraph=True)(q[:, -1:], gates[:, -1:])
+    targets = {n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.nsa.nsa_decode.default in targets or torch.ops.nsa.nsa_decode in targets, targets
+    _close(got, want, 1e-6)
+
+
 # --------------------------------------------------------------------------- torch backend (CPU CI)
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen-tables"])
 def test_compile_layer_forward_backward_torch(varlen):

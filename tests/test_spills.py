@@ -25,6 +25,7 @@ from sm90 import compile_sm90  # noqa: E402
 
 from nsa.triton import _common as C  # noqa: E402
 from nsa.triton import backward as BW  # noqa: E402
+from nsa.triton import decode as D  # noqa: E402
 
 GPU_TRITON = "3.6.0"
 TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32",
@@ -86,20 +87,24 @@ def test_backward_tiles_do_not_spill(geometry, gpu_triton):
 
 DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", S="*fp32", PM="*fp32", PL="*fp32",
                     PACC="*fp32", qk_scale="fp32", TC="i32", TS="i32", CH="i32", NSPLIT="i32", MAXP="i32",
-                    NPAGES="i32", TK="i32", TW="i32", N_SEL_MAX="i32")
+                    NPAGES="i32", TK="i32", TW="i32", N_SEL_MAX="i32", TUNE_R="i32", TUNE_T="i32")
 
 
 @pytest.mark.slow
 def test_decode_kernels_compile_for_sm90(gpu_triton):
     """The decode kernels compile for sm_90 in every cache layout (contiguous, paged with a window
     ring, paged with the window in the pages), with the top-n in the slots or read from IDX, and
-    keep no stack frame. The CPU interpreter does not type-check: a paged attend kernel whose two
-    branches gave the key rows different integer types ran there and failed to compile on GPUs."""
-    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
+    keep no stack frame; so do the scores, top-n and combine kernels. All with the programmatic
+    dependent launch waits (PDL) they run with on sm_90. The CPU interpreter does not type-check:
+    a paged attend kernel whose two branches gave the key rows different integer types ran there
+    and failed to compile on GPUs."""
+    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1,
+                PDL=True)
 
     def spec(kernel, **const):
-        return dict(module="nsa.triton.decode", kernel=kernel, types=DECODE_TYPES, constexprs={**dims, **const},
-                    num_warps=4, num_stages=2)
+        names = getattr(D, kernel).arg_names  # the shared dims that this kernel takes
+        return dict(module="nsa.triton.decode", kernel=kernel, types=DECODE_TYPES,
+                    constexprs={k: v for k, v in {**dims, **const}.items() if k in names}, num_warps=4, num_stages=2)
 
     specs = {f"attend-paged{int(p)}-win{int(w)}-slots{int(sl)}":
              spec("_decode_attend", N_SEL=16, NW=8, WINDOW=512, SEL_L=64, BS=64, NP=16, NSELP=64 if sl else 0,
@@ -107,6 +112,9 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
              for p, w, sl in [(False, False, True), (True, False, True), (True, True, False)]}
     specs.update({f"cmp-paged{int(p)}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4)
                   for p in (False, True)})
+    specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
+    specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
+    specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

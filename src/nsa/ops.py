@@ -339,6 +339,14 @@ def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: T
     [B] on the device, ``max_seqlen`` their upper bound (grids are sized by it: no host sync);
     ``block_table`` int32 [B, max_pages] for paged k/v pools (k_win/v_win None: the window
     reads them)."""
+    return _decode_kernels(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table,
+                           max_seqlen, cmp_block, cmp_stride, sel_block, sel_count, window, scale)
+
+
+def _decode_kernels(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table, max_seqlen,
+                    cmp_block, cmp_stride, sel_block, sel_count, window, scale):
+    """``nsa::nsa_decode``'s body. Eager calls run it directly: the custom op's dispatch cost a
+    decode step more host time than its four launches (torch 2.11, H200)."""
     from .triton.decode import nsa_decode_triton
 
     return nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens=cache_seqlens,
@@ -353,6 +361,12 @@ def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
 
 
 # --------------------------------------------------------------------------- public ops
+def _tracing(x: Tensor) -> bool:
+    """Whether a call must go through the registered op: torch.compile or torch.export traces it,
+    or x is a tensor subclass (fake, functional, distributed tensors dispatch through it)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or type(x) is not torch.Tensor
+
+
 def _expected_tc(tables: VarlenTables | None, n_keys: int, cmp_block: int, cmp_stride: int) -> int:
     if tables is None:
         return geometry.num_cmp_blocks(n_keys, cmp_block, cmp_stride)
@@ -693,8 +707,10 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
     if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
         if not isinstance(cache_seqlens, torch.Tensor):
             cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-        return torch.ops.nsa.nsa_decode(*args, cache_seqlens, block_table, n_max, cmp_block, cmp_stride,
-                                        sel_block, sel_count, window, _scale(scale, Dk))
+        # traced (torch.compile, export): the registered op; eager: its body, without the dispatch
+        op = torch.ops.nsa.nsa_decode if _tracing(q) else _decode_kernels
+        return op(*args, cache_seqlens, block_table, n_max, cmp_block, cmp_stride, sel_block, sel_count, window,
+                  _scale(scale, Dk))
     return reference.nsa_decode_ref(*args, cache_seqlens=cache_seqlens, cmp_block=cmp_block,
                                     cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
                                     window=window, scale=scale, max_seqlen=n_max, block_table=block_table)

@@ -25,6 +25,8 @@ Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,11 +107,16 @@ def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
 
 
 @triton.jit
-def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT, MAXP, NPAGES,
+def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT, MAXP, NPAGES, TUNE_R, TUNE_T,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr):
+                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr,
+                PDL: tl.constexpr):
+    """TUNE_R, TUNE_T: autotuning keys only (powers of two of the query-row groups and of the
+    visible compressed tokens). PDL: let the scores kernel launch now (it waits for our results)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     sp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
@@ -159,13 +166,16 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
 def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr):
+                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr, PDL: tl.constexpr):
     jb = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
     nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
+    if PDL:  # launched before the cmp kernel finished: wait for its partials and scores
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # each head's lse (log2 units) from the cmp partials
     sps = tl.arange(0, NSP)
     pmask = h_ok[:, None] & (sps[None, :] < NSPLIT)
@@ -207,8 +217,12 @@ def _top_n(SCORE, N_SEL_MAX, NP: tl.constexpr, NSELP: tl.constexpr):
 
 
 @triton.jit
-def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr):
+def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
+                  PDL: tl.constexpr):
     bg = tl.program_id(0).to(tl.int64)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ids = _top_n(SCORE + bg * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
     slots = tl.arange(0, NP)
     tl.store(IDX + bg * N_SEL + slots, ids, mask=slots < N_SEL)
@@ -216,21 +230,28 @@ def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, 
 
 @triton.jit
 def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, PACC, qk_scale, TK, TW,
-                   MAXP, NPAGES, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   MAXP, NPAGES, TUNE_R, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    N_SEL: tl.constexpr, NW: tl.constexpr, WINDOW: tl.constexpr,
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                    BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr,
-                   PAGED_WIN: tl.constexpr, PS: tl.constexpr):
+                   PAGED_WIN: tl.constexpr, PS: tl.constexpr, PDL: tl.constexpr):
     """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys).
     NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX.
     PAGED: k_slc/v_slc are pools of pages of PS rows addressed through BT; PAGED_WIN: the
-    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]."""
+    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]. PDL: launched before
+    the previous kernel finished; a slot waits for it before it reads its block, a window chunk
+    (which reads nothing it wrote) computes first and waits only before its stores."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
+    if PDL:
+        if pp < N_SEL:
+            tl.extra.cuda.gdc_wait()
     if NSELP > 0:
         blk = -1
         if pp < N_SEL:
@@ -276,6 +297,8 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
     if UPCAST:
         v = v.to(tl.float32)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if PDL:  # the partial buffers are this step's: write them after the kernels before us are done
+        tl.extra.cuda.gdc_wait()
     rows = rows * (N_SEL + NW) + pp
     tl.store(PM + rows, m, mask=h_ok)
     tl.store(PL + rows, tl.sum(p, 1), mask=h_ok)
@@ -300,24 +323,29 @@ def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constex
 @triton.jit
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
-                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
+                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     """One program per (sequence, query head): merge each branch's partials, mix by the gates."""
     row = tl.program_id(0).to(tl.int64)
-    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV)
-    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV)
-    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV)
     g0 = tl.load(GATES + row * 3).to(tl.float32)
     g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
     g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
+    if PDL:  # the gates are the layer's; the partials come from the kernels before us
+        tl.extra.cuda.gdc_wait()
+    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV)
+    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV)
+    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV)
     o = g0 * o_cmp + g1 * o_slc + g2 * o_win
     dv = tl.arange(0, BV)
     tl.store(O + row * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
 # 255 registers at 4 warps for Dk + Dv = 320 (spills in attend); 8 warps fit (cuobjdump, sm_90)
-_decode_cmp_tuned = C.autotuned(_decode_cmp, ["HQ", "G", "DK", "DV", "BN", "NQ", "PAGED"], [4, 8], [1, 2, 3])
-_decode_attend_tuned = C.autotuned(_decode_attend, ["HQ", "G", "DK", "DV", "BS", "NQ", "PAGED", "PAGED_WIN"],
-                                   [4, 8], [1, 2])
+# keyed by the rows too (and cmp by its length): batch 1 and batch 16 want other configs, and the
+# tuned ones persist on disk (a batch-16 step took batch 1's cmp config: 51 -> 96 us at 64k)
+_decode_cmp_tuned = C.autotuned(_decode_cmp, ["TUNE_R", "TUNE_T", "HQ", "G", "DK", "DV", "BN", "NQ", "PAGED"],
+                                [4, 8], [1, 2, 3])
+_decode_attend_tuned = C.autotuned(_decode_attend, ["TUNE_R", "HQ", "G", "DK", "DV", "BS", "NQ", "PAGED",
+                                                    "PAGED_WIN"], [4, 8], [1, 2])
 
 
 def _top_n_where(n_sel: int, slots: int, device) -> str:
@@ -327,6 +355,15 @@ def _top_n_where(n_sel: int, slots: int, device) -> str:
     return "slots" if slots <= 4 * _sms(device) else "kernel"
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl(device) -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch (sm_90 and later)."""
+    if C.interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
 def _sms(device) -> int:
     """Multiprocessors of the GPU (a small stand-in under the interpreter)."""
     if C.interpreting() or device.type != "cuda":
@@ -392,6 +429,10 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     f32 = dict(dtype=torch.float32, device=dev)
     common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), NQ=NQ)
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
+    # kernels 2-5 start while the one before them finishes (programmatic dependent launch, sm_90+):
+    # at batch 1 the step is 4 short kernels, and the gaps between them were a third of it
+    pdl = _pdl(dev)
+    dep = dict(launch, PDL=True, launch_pdl=True) if pdl else dict(launch, PDL=False)
 
     # 1. cmp partials and raw scores
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
@@ -403,9 +444,9 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     pacc = torch.empty(R, HQ, nsplit, Dv, **f32)
     tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
     _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, qk_scale, tc_bound, ts, ch,
-                                 nsplit,
-                                 maxp, npages, DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0,
-                                 BK1=BK1, BV=BV, BN=BN, PAGED=paged, CPP=cpp, **common, **launch)
+                                 nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts), DK=Dk, DV=Dv,
+                                 L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN,
+                                 PAGED=paged, CPP=cpp, PDL=pdl, **common, **launch)
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(R, H, n_sel_max, **f32)
@@ -414,7 +455,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     _decode_scores[(C.cdiv(n_sel_max, BJ), R * H)](
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-        KMAX=kmax, NQ=NQ, **launch)
+        KMAX=kmax, NQ=NQ, **dep)
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
@@ -423,7 +464,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
     elif where == "kernel":
         idx = torch.empty(R, H, sel_count, dtype=torch.int32, device=dev)
-        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
+        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **dep)
     else:  # "slots": in the attend kernel
         idx = score
     # 4. a partial softmax per selected block and per window chunk
@@ -433,12 +474,13 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     pm2, pl2 = torch.empty(R, HQ, np2, **f32), torch.empty(R, HQ, np2, **f32)
     pacc2 = torch.empty(R, HQ, np2, Dv, **f32)
     _decode_attend_tuned[(np2, R * H)](q, k_slc, v_slc, k_win, v_win, idx, score, n_sel_max, lens, bt, pm2, pl2,
-                                 pacc2, qk_scale, Tk, Tw, maxp, npages, DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw,
+                                 pacc2, qk_scale, Tk, Tw, maxp, npages, C.next_pow2(R * H), DK=Dk, DV=Dv,
+                                 N_SEL=sel_count, NW=nw,
                                  WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
                                  NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged,
-                                 PAGED_WIN=paged_win, PS=page_size, **common, **launch)
+                                 PAGED_WIN=paged_win, PS=page_size, **common, **dep)
     # 5. merge and mix, one program per (query row, query head)
     _decode_combine[(R * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
                                NW=nw, NSP=max(2, C.next_pow2(nsplit)), NS2=max(2, C.next_pow2(sel_count)),
-                               NW2=max(2, C.next_pow2(nw)), BV=BV, **launch)
+                               NW2=max(2, C.next_pow2(nw)), BV=BV, **dep)
     return o
