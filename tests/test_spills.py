@@ -85,8 +85,8 @@ def test_backward_tiles_do_not_spill(geometry, gpu_triton):
     assert all(r["regs"] > 0 for r in res.values()), res  # the report was read
 
 
-DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", TP="*fp32", TM="*fp32", PM="*fp32", PL="*fp32",
-                    PACC="*fp32", qk_scale="fp32", TC="i32", NT="i32", CH="i32", NSPLIT="i32", MAXP="i32",
+DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", S="*fp32", PM="*fp32", PL="*fp32",
+                    PACC="*fp32", qk_scale="fp32", TC="i32", TS="i32", CH="i32", NSPLIT="i32", MAXP="i32",
                     NPAGES="i32", TK="i32", TW="i32", N_SEL_MAX="i32", TUNE_R="i32", TUNE_T="i32")
 
 
@@ -110,11 +110,9 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
              spec("_decode_attend", N_SEL=16, NW=8, WINDOW=512, SEL_L=64, BS=64, NP=16, NSELP=64 if sl else 0,
                   PAGED=p, PAGED_WIN=w, PS=64)
              for p, w, sl in [(False, False, True), (True, False, True), (True, True, False)]}
-    specs.update({f"cmp-paged{int(p)}": spec("_decode_cmp", L_CMP=32, D_CMP=16, SEL_L=64, NBS=18, NB=32, BN=64,
-                                                              PAGED=p, CPP=4)
+    specs.update({f"cmp-paged{int(p)}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4)
                   for p in (False, True)})
-    specs["scores"] = dict(spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, BN=64, NBS=18,
-                                NTB=2), num_warps=8)  # as launched
+    specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
     with ThreadPoolExecutor(2) as pool:

@@ -5,13 +5,11 @@ would be B * H programs, each reading every compressed token alone: 4 of 132 SMs
 batch 1 in the paper configuration. Here the work of each (sequence, KV head) is split over
 keys, flash-decoding style, and the h query heads of a group share every key they load:
 
-1. cmp: NSPLIT programs per (b, g), each over a slice of the visible compressed tokens: a
-   partial softmax (max, sum, PV), and per tile of BN tokens the block-score partials of the
-   selection blocks it overlaps (overlap-weighted sums of exp2(s - m), m the running max; ~18
-   values a tile instead of its 64 raw scores).
-2. scores: programs over the selection blocks: the lse from the cmp partials, then the Eq. 9-10
-   block scores (group sum over heads of exp2(m - lse) times the partials of the one or two
-   tiles a block's tokens fall in), forced blocks +inf, ineligible -inf: ``[B, H, n_sel]``.
+1. cmp: NSPLIT programs per (b, g), each over a slice of the visible compressed tokens: raw
+   scores (log2 units) to a small buffer ``[B, HQ, Tc(max n)]`` and a partial softmax (max, sum, PV).
+2. scores: programs over the selection blocks: the lse from the cmp partials, then Eq. 9-10
+   block scores (group sum of exp(s - lse) times the overlap weights), forced blocks +inf,
+   ineligible -inf: ``[B, H, n_sel]``.
 3. top-n: the n best blocks by Triton's bitonic top-k on (score, -index) keys (ties to the
    lower index). While the slots' programs fit the GPU a few times over (batch 1), each
    selected-block program of step 4 finds its own block, so the top-n costs no launch; else
@@ -109,18 +107,13 @@ def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
 
 
 @triton.jit
-def _decode_cmp(Q, KC, VC, LENS, BT, TP, TM, PM, PL, PACC, qk_scale, TC, NT, CH, NSPLIT, MAXP, NPAGES, TUNE_R,
-                TUNE_T, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                L_CMP: tl.constexpr, D_CMP: tl.constexpr, SEL_L: tl.constexpr, NBS: tl.constexpr,
-                NB: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
+def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPLIT, MAXP, NPAGES, TUNE_R, TUNE_T,
+                HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr,
                 PDL: tl.constexpr):
-    """Per tile t of BN compressed tokens, besides the softmax partials: the Eq. 9 block-score
-    partials of the NBS selection blocks it overlaps, TP[row, t, jl] = sum_i w(i, j) *
-    exp2(s_i - TM[row, t]) (block j = the tile's first block + jl, w the overlap / d, TM the
-    running max after the tile), so the scores pass reads NBS values a tile, not its BN scores.
-    TUNE_R, TUNE_T: autotuning keys only (powers of two of the query-row groups and of the
+    """TUNE_R, TUNE_T: autotuning keys only (powers of two of the query-row groups and of the
     visible compressed tokens). PDL: let the scores kernel launch now (it waits for our results)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -141,7 +134,6 @@ def _decode_cmp(Q, KC, VC, LENS, BT, TP, TM, PM, PL, PACC, qk_scale, TC, NT, CH,
     l_i = tl.zeros([HP], dtype=tl.float32)
     acc = tl.zeros([HP, BV], dtype=tl.float32)
     ar = tl.arange(0, BN)
-    jb = tl.arange(0, NB)
     # paged: the next tile's pool rows are looked up one iteration ahead, so that the table load
     # is not a dependent round trip in front of every tile's key loads
     nxt = _page_rows(BT, b, sp * CH + ar, sp * CH + ar < hi, MAXP, NPAGES, CPP) if PAGED else ar.to(tl.int64)
@@ -154,21 +146,12 @@ def _decode_cmp(Q, KC, VC, LENS, BT, TP, TM, PM, PL, PACC, qk_scale, TC, NT, CH,
         else:
             keys = ii
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
+        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=h_ok[:, None] & ok[None, :])
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        # block partials: p [HP, BN] times the overlap weights [BN, NB] of the tile's blocks
-        t = i0 // BN
-        jj = (i0 * D_CMP) // SEL_L + jb
-        ov = tl.minimum(ii[:, None] * D_CMP + L_CMP, (jj[None, :] + 1) * SEL_L) - tl.maximum(ii[:, None] * D_CMP,
-                                                                                             jj[None, :] * SEL_L)
-        wt = tl.maximum(ov, 0).to(tl.float32) / D_CMP
-        bp = tl.dot(p, wt, input_precision="ieee")  # fp32: the selection must not see tf32 rounding
-        at = (rows * NT + t)
-        tl.store(TP + at[:, None] * NBS + jb[None, :], bp, mask=h_ok[:, None] & (jb[None, :] < NBS))
-        tl.store(TM + at, m_new, mask=h_ok)
         v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
@@ -180,25 +163,17 @@ def _decode_cmp(Q, KC, VC, LENS, BT, TP, TM, PM, PL, PACC, qk_scale, TC, NT, CH,
 
 
 @triton.jit
-def _decode_scores(TP, TM, PM, PL, LENS, SCORE, NT, NSPLIT, N_SEL_MAX,
+def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, BN: tl.constexpr, NBS: tl.constexpr, NTB: tl.constexpr,
-                   NQ: tl.constexpr, PDL: tl.constexpr):
-    """Eq. 9-10 block scores of BJ blocks from the cmp kernel's per-tile block partials: the
-    group sum over heads of exp2(TM - lse) * TP, over the (at most NTB) tiles a block's
-    compressed tokens fall in; forced blocks +inf, ineligible -inf."""
+                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr, PDL: tl.constexpr):
     jb = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
-    nvis = _visible_cmp(n, NT * BN, L_CMP, D_CMP)
-    j = jb * BJ + tl.arange(0, BJ)
-    # compressed tokens i overlapping block j: i*d < (j+1)*l' and i*d + l > j*l'
-    i_lo = tl.where(j * SEL_L >= L_CMP, (j * SEL_L - L_CMP) // D_CMP + 1, 0)
-    i_hi = tl.minimum(((j + 1) * SEL_L - 1) // D_CMP, nvis - 1)
-    if PDL:  # launched before the cmp kernel finished: wait for its partials
+    nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
+    if PDL:  # launched before the cmp kernel finished: wait for its partials and scores
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     # each head's lse (log2 units) from the cmp partials
@@ -209,15 +184,17 @@ def _decode_scores(TP, TM, PM, PL, LENS, SCORE, NT, NSPLIT, N_SEL_MAX,
     mx = tl.max(pm, 1)
     tot = tl.sum(pl * tl.exp2(pm - mx[:, None]), 1)
     lse = mx + tl.log2(tl.where(tot > 0, tot, 1.0))
+    # Eq. 9: block j overlaps compressed tokens i with i*d < (j+1)*l' and i*d + l > j*l'
+    j = jb * BJ + tl.arange(0, BJ)
+    i_lo = tl.where(j * SEL_L >= L_CMP, (j * SEL_L - L_CMP) // D_CMP + 1, 0)
     score = tl.zeros([BJ], dtype=tl.float32)
-    for u in tl.static_range(NTB):
-        t = i_lo // BN + u
-        ok = h_ok[:, None] & ((i_lo <= i_hi) & (t * BN <= i_hi))[None, :]
-        at = rows[:, None] * NT + t[None, :]
-        jl = j - (t * BN * D_CMP) // SEL_L  # block j among the tile's blocks
-        m = tl.load(TM + at, mask=ok, other=0.0)
-        bp = tl.load(TP + at * NBS + jl[None, :], mask=ok, other=0.0)
-        score += tl.sum(tl.where(ok, tl.exp2(m - lse[:, None]), 0.0) * bp, 0)  # padding heads: lse -1e30
+    for k in tl.static_range(KMAX):
+        i = i_lo + k
+        ov = tl.minimum(i * D_CMP + L_CMP, (j + 1) * SEL_L) - tl.maximum(i * D_CMP, j * SEL_L)
+        ok = (i < nvis) & (ov > 0)
+        s = tl.load(S + rows[:, None] * TS + i[None, :], mask=h_ok[:, None] & ok[None, :], other=float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # [HP, BJ]; 0 where masked
+        score += tl.sum(p, 0) * (tl.maximum(ov, 0).to(tl.float32) / D_CMP)
     cur = pos // SEL_L
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     score = tl.where(forced, float("inf"), tl.where(j * SEL_L <= pos, score, float("-inf")))
@@ -461,28 +438,24 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     nsplit = _n_split(tc_used, R * H, BN, dev)
     ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
-    ts = max(tc_used, 1)  # the visible tokens only (a cache's Tc may be far larger)
-    nt = C.cdiv(ts, BN)  # tiles of BN compressed tokens
-    nbs = ((BN - 1) * cmp_stride + cmp_block - 1) // sel_block + 2  # blocks a tile's tokens overlap
-    tp, tm = torch.empty(R, HQ, nt, nbs, **f32), torch.empty(R, HQ, nt, **f32)
+    ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
+    s_buf = torch.empty(R, HQ, ts, **f32)
     pm, pl = torch.empty(R, HQ, nsplit, **f32), torch.empty(R, HQ, nsplit, **f32)
     pacc = torch.empty(R, HQ, nsplit, Dv, **f32)
     tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
-    _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, tp, tm, pm, pl, pacc, qk_scale, tc_bound, nt, ch,
+    _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, qk_scale, tc_bound, ts, ch,
                                  nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts), DK=Dk, DV=Dv,
-                                 L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block, NBS=nbs,
-                                 NB=max(16, C.next_pow2(nbs)), BK0=BK0, BK1=BK1, BV=BV, BN=BN,
+                                 L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN,
                                  PAGED=paged, CPP=cpp, PDL=pdl, **common, **launch)
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(R, H, n_sel_max, **f32)
     BJ = 16 if interp else 64
-    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1  # compressed tokens a block overlaps, at most
+    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
     _decode_scores[(C.cdiv(n_sel_max, BJ), R * H)](
-        tp, tm, pm, pl, lens, score, nt, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
+        s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-        BN=BN, NBS=nbs, NTB=(kmax - 1) // BN + 2, NQ=NQ, **(dep if interp else dict(dep, num_warps=8)))
-    # (8 warps: at 4 the PDL wait left an 8-byte stack frame, sm_90, triton 3.6)
+        KMAX=kmax, NQ=NQ, **dep)
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
