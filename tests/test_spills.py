@@ -94,12 +94,10 @@ DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", S="*fp32"
 def test_decode_kernels_compile_for_sm90(gpu_triton):
     """The decode kernels compile for sm_90 in every cache layout (contiguous, paged with a window
     ring, paged with the window in the pages), with the top-n in the slots or read from IDX, and
-    keep no stack frame; so do the scores, top-n and combine kernels. All with the programmatic
-    dependent launch waits (PDL) they run with on sm_90. The CPU interpreter does not type-check:
-    a paged attend kernel whose two branches gave the key rows different integer types ran there
-    and failed to compile on GPUs."""
-    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1,
-                PDL=True)
+    keep no stack frame; so do the scores, top-n and combine kernels. The CPU interpreter does
+    not type-check: a paged attend kernel whose two branches gave the key rows different integer
+    types ran there and failed to compile on GPUs."""
+    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
 
     def spec(kernel, **const):
         names = getattr(D, kernel).arg_names  # the shared dims that this kernel takes

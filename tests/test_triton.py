@@ -478,6 +478,9 @@ DECODE_CASES = [
                  id="gqa64-3splits"),
     pytest.param(dict(lens=[50, 21], HQ=8, H=4, Dk=32, Dv=16, l=8, d=4, lp=8, n=4, w=12, ring=True, spare=40),
                  id="gqa2-cache-longer-than-lens"),
+    # the paper's l/d/l' ratios over several tiles of the cmp kernel and blocks of the scores
+    pytest.param(dict(lens=[1000, 555], HQ=4, H=1, Dk=32, Dv=32, l=32, d=16, lp=64, n=5, w=64, ring=True),
+                 id="paper-ratios-tiles"),
 ]
 
 

@@ -111,12 +111,9 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr,
-                PDL: tl.constexpr):
+                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr):
     """TUNE_R, TUNE_T: autotuning keys only (powers of two of the query-row groups and of the
-    visible compressed tokens). PDL: let the scores kernel launch now (it waits for our results)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    visible compressed tokens)."""
     sp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
@@ -166,16 +163,13 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
 def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr, PDL: tl.constexpr):
+                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr):
     jb = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
     nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
-    if PDL:  # launched before the cmp kernel finished: wait for its partials and scores
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     # each head's lse (log2 units) from the cmp partials
     sps = tl.arange(0, NSP)
     pmask = h_ok[:, None] & (sps[None, :] < NSPLIT)
@@ -217,12 +211,8 @@ def _top_n(SCORE, N_SEL_MAX, NP: tl.constexpr, NSELP: tl.constexpr):
 
 
 @triton.jit
-def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
-                  PDL: tl.constexpr):
+def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr):
     bg = tl.program_id(0).to(tl.int64)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     ids = _top_n(SCORE + bg * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
     slots = tl.arange(0, NP)
     tl.store(IDX + bg * N_SEL + slots, ids, mask=slots < N_SEL)
@@ -235,23 +225,16 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                    BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr,
-                   PAGED_WIN: tl.constexpr, PS: tl.constexpr, PDL: tl.constexpr):
+                   PAGED_WIN: tl.constexpr, PS: tl.constexpr):
     """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys).
     NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX.
     PAGED: k_slc/v_slc are pools of pages of PS rows addressed through BT; PAGED_WIN: the
-    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]. PDL: launched before
-    the previous kernel finished; a slot waits for it before it reads its block, a window chunk
-    (which reads nothing it wrote) computes first and waits only before its stores."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
+    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]."""
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
-    if PDL:
-        if pp < N_SEL:
-            tl.extra.cuda.gdc_wait()
     if NSELP > 0:
         blk = -1
         if pp < N_SEL:
@@ -297,8 +280,6 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
     if UPCAST:
         v = v.to(tl.float32)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    if PDL:  # the partial buffers are this step's: write them after the kernels before us are done
-        tl.extra.cuda.gdc_wait()
     rows = rows * (N_SEL + NW) + pp
     tl.store(PM + rows, m, mask=h_ok)
     tl.store(PL + rows, tl.sum(p, 1), mask=h_ok)
@@ -323,17 +304,15 @@ def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constex
 @triton.jit
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
-                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
+                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
     """One program per (sequence, query head): merge each branch's partials, mix by the gates."""
     row = tl.program_id(0).to(tl.int64)
-    g0 = tl.load(GATES + row * 3).to(tl.float32)
-    g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
-    g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
-    if PDL:  # the gates are the layer's; the partials come from the kernels before us
-        tl.extra.cuda.gdc_wait()
     o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV)
     o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV)
     o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV)
+    g0 = tl.load(GATES + row * 3).to(tl.float32)
+    g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
+    g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
     o = g0 * o_cmp + g1 * o_slc + g2 * o_win
     dv = tl.arange(0, BV)
     tl.store(O + row * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
@@ -353,14 +332,6 @@ def _top_n_where(n_sel: int, slots: int, device) -> str:
     if n_sel > 4096:
         return "torch"
     return "slots" if slots <= 4 * _sms(device) else "kernel"
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl(device) -> bool:
-    """Whether the decode kernels launch with programmatic dependent launch (sm_90 and later)."""
-    if C.interpreting() or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -429,10 +400,6 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     f32 = dict(dtype=torch.float32, device=dev)
     common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), NQ=NQ)
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
-    # kernels 2-5 start while the one before them finishes (programmatic dependent launch, sm_90+):
-    # at batch 1 the step is 4 short kernels, and the gaps between them were a third of it
-    pdl = _pdl(dev)
-    dep = dict(launch, PDL=True, launch_pdl=True) if pdl else dict(launch, PDL=False)
 
     # 1. cmp partials and raw scores
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
@@ -446,7 +413,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, qk_scale, tc_bound, ts, ch,
                                  nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts), DK=Dk, DV=Dv,
                                  L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN,
-                                 PAGED=paged, CPP=cpp, PDL=pdl, **common, **launch)
+                                 PAGED=paged, CPP=cpp, **common, **launch)
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     score = torch.empty(R, H, n_sel_max, **f32)
@@ -455,7 +422,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     _decode_scores[(C.cdiv(n_sel_max, BJ), R * H)](
         s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
         NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-        KMAX=kmax, NQ=NQ, **dep)
+        KMAX=kmax, NQ=NQ, **launch)
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
@@ -464,7 +431,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
     elif where == "kernel":
         idx = torch.empty(R, H, sel_count, dtype=torch.int32, device=dev)
-        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **dep)
+        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
     else:  # "slots": in the attend kernel
         idx = score
     # 4. a partial softmax per selected block and per window chunk
@@ -478,9 +445,9 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
                                  N_SEL=sel_count, NW=nw,
                                  WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
                                  NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged,
-                                 PAGED_WIN=paged_win, PS=page_size, **common, **dep)
+                                 PAGED_WIN=paged_win, PS=page_size, **common, **launch)
     # 5. merge and mix, one program per (query row, query head)
     _decode_combine[(R * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
                                NW=nw, NSP=max(2, C.next_pow2(nsplit)), NS2=max(2, C.next_pow2(sel_count)),
-                               NW2=max(2, C.next_pow2(nw)), BV=BV, **dep)
+                               NW2=max(2, C.next_pow2(nw)), BV=BV, **launch)
     return o
