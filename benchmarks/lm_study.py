@@ -1,7 +1,8 @@
 """The language-modelling study (docs/lm_study.md): NSA, full attention and window-only models of
-one preset, trained for the same tokens on the Python standard library's sources (``nsa train
---data stdlib``), compared by validation loss against tokens and against wall-clock, and by loss
-at each token position of the 8k window (does a model use context beyond its window?).
+one preset, trained for the same tokens on Python source (``nsa train --data python``: the
+standard library and the installed packages; ``--data stdlib``: the standard library alone),
+compared by validation loss against tokens and against wall-clock, and by loss at each token
+position of the 8k window (does a model use context beyond its window?).
 
 ``python benchmarks/lm_study.py [--steps N] [--out RUNS] [TRAIN OPTIONS...]`` trains the three
 models one after the other into RUNS/{nsa,full,window} (one ``nsa train`` each; any option this
@@ -9,13 +10,14 @@ script does not know is passed to it and overrides the defaults, e.g. ``--lr 2e-
 n_layers=6``), then writes RESULTS.json and
 RESULTS.png (``--results``, default benchmarks/results/lm_study_<gpu>). ``--resume`` continues
 stopped runs and keeps finished ones; ``--plot-only`` redraws the results from the runs' logs.
-``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token windows) that checks the
-whole pipeline.
+``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token windows, ``--data stdlib``
+unless given) that checks the whole pipeline.
 
 The defaults are sized for one H200: the small preset, batch 8 x 8192 tokens, bf16, 1200 steps
-(79M tokens, about 2.7 passes over the training split). Pick ``--steps`` from the slowest
-model's tokens/s (``nsa bench model-train --presets small --seqlens 8192 --batch 8``): a run
-takes steps * 8 * 8192 / (tokens/s) seconds.
+(79M tokens), ``--data python`` (its size depends on the installed packages, which the corpus
+record lists; the standard library alone was 9.2 MB on the GPU machine: 8.5 passes). Pick
+``--steps`` from the slowest model's tokens/s (``nsa bench model-train --presets small --seqlens
+8192 --batch 8``): a run takes steps * 8 * 8192 / (tokens/s) seconds.
 """
 from __future__ import annotations
 
@@ -45,9 +47,14 @@ def train_argv(a, extra: list[str], kind: str) -> list[str]:
     """The ``nsa train`` command line of one model of the study."""
     steps = a.steps or (4 if a.smoke else 1200)
     every = a.eval_every or max(1, steps // 12)
-    return ["train", "--data", "stdlib", "--attention", kind, "--steps", str(steps),
+    return ["train", "--data", corpus_name(a), "--attention", kind, "--steps", str(steps),
             "--eval-every", str(every), "--out", os.path.join(a.out, kind), "--seed", str(a.seed),
             *(SMOKE_ARGS if a.smoke else GPU_ARGS), *extra]
+
+
+def corpus_name(a) -> str:
+    """The corpus ``--data`` names: ``python`` by default, ``stdlib`` for ``--smoke`` (fast on a CPU)."""
+    return a.data or ("stdlib" if a.smoke else "python")
 
 
 def _saved_step(folder: str) -> int | None:
@@ -56,6 +63,17 @@ def _saved_step(folder: str) -> int | None:
         return None
     with open(p) as f:
         return json.load(f)["step"]
+
+
+def _check_kept_corpus(folder: str, name: str) -> None:
+    """A finished run kept by --resume must be on the corpus asked for (nsa train checks the others)."""
+    p, saved = os.path.join(folder, "corpus.json"), None
+    if os.path.exists(p):
+        with open(p) as f:
+            saved = json.load(f).get("name")
+    if saved != name:
+        raise ValueError(f"--resume: {folder} was trained on --data {saved}, not {name}: pass --data {saved} "
+                         f"or another --out")
 
 
 def _commit() -> str | None:
@@ -87,9 +105,10 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
         w = s["config"]["attn"]["window"]
         within = [v for i, v in enumerate(pos) if (i + 1) * b <= w]
         beyond = [v for i, v in enumerate(pos) if i * b >= w]
+        keys = ("name", "sha256", "bytes")
         if corpus is None:
             corpus = s["data"]
-        elif {k: corpus.get(k) for k in ("sha256", "bytes")} != {k: s["data"].get(k) for k in ("sha256", "bytes")}:
+        elif {k: corpus.get(k) for k in keys} != {k: s["data"].get(k) for k in keys}:
             raise ValueError(f"{folder} was trained on another corpus than {kinds[0]}")
         models[kind] = {
             "params": s["params"], "tokens": s["tokens"], "train_seconds": s["train_seconds"],
@@ -108,7 +127,7 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
     return {"study": "lm_study", "command": command, "device": first["device"], "torch": first["torch"],
             "triton": first["triton"], "python": corpus.get("python"), "commit": _commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "corpus": corpus, "models": models}
+            "data": corpus.get("name"), "corpus": corpus, "models": models}
 
 
 def table(res: dict) -> str:
@@ -121,6 +140,15 @@ def table(res: dict) -> str:
                      f"({m['val_loss'] / 0.6931471805599453:.3f}) | {f(m['position_loss_within_window'])} / "
                      f"{f(m['position_loss_beyond_window'])} | {m['position_loss'][-1]:.4f} |")
     return "\n".join(lines)
+
+
+def title(res: dict) -> str:
+    """The plot's title: the corpus (by its record's name) and its size, the device, versions, date."""
+    from nsa.apps.data import describe_corpus
+
+    c = res["corpus"]
+    return (f"{describe_corpus(c)} ({c['bytes']['train'] / 1e6:.1f} MB train, {c['bytes']['val'] / 1e6:.1f} MB "
+            f"validation); {res['device']}, torch {res['torch']}, {res['date'][:10]}, commit {res['commit']}")
 
 
 def plot(res: dict, path: str) -> None:
@@ -145,10 +173,7 @@ def plot(res: dict, path: str) -> None:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    c = res["corpus"]
-    fig.suptitle(f"Python {c.get('python')} standard library ({c['bytes']['train'] / 1e6:.1f} MB train, "
-                 f"{c['bytes']['val'] / 1e6:.1f} MB validation); {res['device']}, torch {res['torch']}, "
-                 f"{res['date'][:10]}, commit {res['commit']}", fontsize=8)
+    fig.suptitle(title(res), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -172,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps / 12)")
     p.add_argument("--kinds", default=",".join(KINDS), help="attention kinds (default nsa,full,window)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", choices=("stdlib", "python"), default=None,
+                   help="the corpus: python (default), the standard library and the installed packages' "
+                        ".py files; stdlib (default with --smoke), the standard library alone")
     p.add_argument("--smoke", action="store_true", help="a tiny CPU run of a few seconds")
     p.add_argument("--plot-only", action="store_true", help="only redraw RESULTS from the runs in --out")
     p.add_argument("--resume", action="store_true",
@@ -192,6 +220,7 @@ def main(argv=None) -> int:
         saved = _saved_step(os.path.join(a.out, kind))
         if a.resume and saved is not None:
             if saved >= int(argv_train[argv_train.index("--steps") + 1]):
+                _check_kept_corpus(os.path.join(a.out, kind), corpus_name(a))
                 print(f"{kind}: finished, kept", flush=True)
                 continue
             argv_train.append("--resume")

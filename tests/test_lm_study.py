@@ -1,6 +1,7 @@
 """The language-modelling study: the standard library corpus and its split, the sampler and exact
 resume on it, the validation loss (overall and by position) against a direct computation, the
-study script's CPU smoke run, and the model-level training benchmark's arithmetic."""
+study script's CPU smoke run and its --data option, and the model-level training benchmark's
+arithmetic (the python corpus: test_data.py)."""
 
 import hashlib
 import importlib.util
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nsa.apps import cli
+from nsa.apps import cli, data
 from nsa.apps.data import SEPARATOR, StdlibCorpus, TextCorpus, is_validation_file, stdlib_files
 from nsa.apps.runtime import Dist
 from nsa.apps.train import evaluate_text, read_log
@@ -37,6 +38,38 @@ def _fake_stdlib(root, n=40):
     (root / "README.txt").write_text("not python")
     (root / "pkg0" / "site-packages").mkdir()
     (root / "pkg0" / "site-packages" / "x.py").write_text("y = 1\n")
+
+
+def _fake_packages(root, n=30):
+    """An installed packages' folder: n modules, and what the python corpus leaves out (a cache,
+    a file holding a NUL, a FIFO, a dangling link, a non-.py file). Returns {rel: bytes} of the
+    files it keeps."""
+    rng = np.random.default_rng(1)
+    kept = {}
+    for i in range(n):
+        rel = f"pkg{i % 4}/sub/m{i}.py" if i % 3 else f"top{i}.py"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        kept[rel] = b"".join(b"def f%d(): return %d\n" % (j, v) for j, v in enumerate(rng.integers(0, 99, 5 + i)))
+        (root / rel).write_bytes(kept[rel])
+    (root / "pkg0" / "__pycache__").mkdir()
+    (root / "pkg0" / "__pycache__" / "m1.py").write_text("cached = 1\n")
+    (root / "pkg1" / "nul.py").write_bytes(b"x = 1\n\0y = 2\n")
+    os.mkfifo(root / "fifo.py")
+    os.symlink(root / "missing.py", root / "dangling.py")
+    (root / "pkg2" / "data.txt").write_text("not python")
+    return kept
+
+
+def _fake_roots(tmp_path, monkeypatch):
+    """The running Python's folders replaced by small fake ones (the real site-packages is 100s of MB)."""
+    std, pkgs = tmp_path / "lib", tmp_path / "site"
+    std.mkdir()
+    pkgs.mkdir()
+    _fake_stdlib(std, n=60)
+    _fake_packages(pkgs, n=60)
+    monkeypatch.setattr(data, "stdlib_root", lambda: str(std))
+    monkeypatch.setattr(data, "package_roots", lambda: [str(pkgs)])
+    return std, pkgs
 
 
 def test_corpus_split_is_by_file_disjoint_and_reproducible(tmp_path):
@@ -180,7 +213,9 @@ def test_study_smoke_writes_json_and_png(tmp_path, monkeypatch):
     out, res = str(tmp_path / "runs"), str(tmp_path / "res" / "lm")
     assert study.main(["--smoke", "--out", out, "--results", res]) == 0
     r = json.load(open(res + ".json"))
-    assert list(r["models"]) == ["nsa", "full", "window"] and r["corpus"]["name"] == "stdlib"
+    assert list(r["models"]) == ["nsa", "full", "window"] and r["corpus"]["name"] == r["data"] == "stdlib"
+    c = r["corpus"]
+    assert study.title(r).startswith(f"Python {c['python']} standard library ({c['bytes']['train'] / 1e6:.1f} MB train")
     assert os.path.getsize(res + ".png") > 10_000
     for kind, m in r["models"].items():
         log = read_log(os.path.join(out, kind))
@@ -215,6 +250,31 @@ def test_study_smoke_writes_json_and_png(tmp_path, monkeypatch):
     assert study.main(["--smoke", "--out", out2, "--kinds", "nsa", "--save-every", "2", "--resume",
                        "--results", res + "4"]) == 0
     assert [x["loss"] for x in read_log(os.path.join(out2, "nsa"))] == [x["loss"] for x in read_log(os.path.join(out, "nsa"))]
+
+
+def test_study_data_option(tmp_path, monkeypatch):
+    """--data picks the corpus: python for the GPU study, stdlib for --smoke unless given; the
+    results name it (JSON and title), and --resume does not keep a finished run on another."""
+    import argparse
+
+    study = _study()
+    a = argparse.Namespace(steps=None, eval_every=None, out="r", seed=0, smoke=False, data=None)
+    argv = study.train_argv(a, [], "nsa")
+    assert argv[argv.index("--data") + 1] == "python" and argv[argv.index("--steps") + 1] == "1200"
+    for smoke, given, want in ((True, None, "stdlib"), (True, "python", "python"), (False, "stdlib", "stdlib")):
+        argv = study.train_argv(argparse.Namespace(**dict(vars(a), smoke=smoke, data=given)), [], "nsa")
+        assert argv[argv.index("--data") + 1] == want
+    std, pkgs = _fake_roots(tmp_path, monkeypatch)
+    out, res = str(tmp_path / "runs"), str(tmp_path / "lm")
+    assert study.main(["--smoke", "--data", "python", "--kinds", "nsa", "--steps", "2", "--out", out,
+                       "--results", res]) == 0
+    r = json.load(open(res + ".json"))
+    assert r["data"] == r["corpus"]["name"] == "python" and r["train_commands"][0].startswith("nsa train --data python")
+    assert r["corpus"]["roots"] == {"stdlib": str(std), "site-packages": str(pkgs)}
+    mb = r["corpus"]["bytes"]["train"] / 1e6
+    assert study.title(r).startswith(f"Python {r['python']} standard library + installed packages ({mb:.1f} MB train")
+    with pytest.raises(ValueError, match="trained on --data python, not stdlib"):
+        study.main(["--smoke", "--data", "stdlib", "--kinds", "nsa", "--steps", "2", "--out", out, "--resume"])
 
 
 def test_model_train_timing_and_table():

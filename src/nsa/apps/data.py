@@ -1,5 +1,6 @@
 """Training data: the embedded passkey task (nothing to download), bytes of any text file, and
-the source files of the Python standard library (a real corpus on every machine).
+the source files of the Python standard library, alone or with the installed packages' (a real
+corpus on every machine).
 
 Tokens are bytes (vocabulary 256). Every batch is a pure function of (seed, step): batch i
 of a run is the same whether the run was resumed or not, and whatever the number of
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import stat
 import sys
 import sysconfig
 
@@ -217,8 +219,9 @@ class ByteText(TextCorpus):
                      "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
 
-# --------------------------------------------------------------------------- the stdlib corpus
+# --------------------------------------------------------------------------- the Python corpora
 STDLIB = "stdlib"  # what --data names it by
+PYTHON = "python"  # the standard library and the installed packages
 STDLIB_VAL_FRACTION = 0.05
 SEPARATOR = 0  # NUL: Python source may not contain it, so it marks file boundaries unambiguously
 
@@ -257,24 +260,98 @@ def is_validation_file(rel: str, val_fraction: float = STDLIB_VAL_FRACTION) -> b
     return h < val_fraction * 2**64
 
 
-@functools.lru_cache(maxsize=4)
-def _load_stdlib(root: str, val_fraction: float):
-    streams, info_files = {"train": [], "val": []}, {"train": [], "val": []}
-    for rel in stdlib_files(root):
-        with open(os.path.join(root, rel), "rb") as f:
+def package_roots() -> list[str]:
+    """The installed packages' folders of the running interpreter: ``sysconfig``'s "purelib"
+    and, when it is another folder, "platlib" (absolute paths; missing folders left out)."""
+    paths = sysconfig.get_paths()
+    return _distinct([paths[k] for k in ("purelib", "platlib") if os.path.isdir(paths[k])])
+
+
+def _distinct(folders: list[str]) -> list[str]:
+    """``folders`` as absolute paths, in order, each folder once (after symlinks)."""
+    out, seen = [], set()
+    for p in folders:
+        if os.path.realpath(p) not in seen:
+            seen.add(os.path.realpath(p))
+            out.append(os.path.abspath(p))
+    return out
+
+
+def package_files(root: str) -> list[str]:
+    """Every ``*.py`` under ``root`` (an installed packages' folder) as relative POSIX paths,
+    sorted; ``__pycache__`` left out. Unreadable files and files holding a NUL are dropped when
+    the corpus is loaded, not here (that needs their bytes)."""
+    if not os.path.isdir(root):
+        raise ValueError(f"the packages folder {root!r} does not exist")
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = [x for x in dirs if x != "__pycache__"]
+        out += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for f in files if f.endswith(".py")]
+    return sorted(out)
+
+
+def _read_source(path: str) -> bytes | None:
+    """The bytes of an installed package's file, or None when it is not a regular file (after
+    symlinks), cannot be read or holds a NUL (the file separator)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
             data = f.read()
+    except OSError:
+        return None
+    return None if bytes([SEPARATOR]) in data else data
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sources(name: str, sources: tuple[tuple[str, str, bool], ...], val_fraction: float):
+    """(train, val, info) of the corpus made of ``sources``: (prefix, root, packages) each. A
+    file is named ``prefix/rel`` (``rel`` alone for the prefix ""), split by that name and
+    streamed in name order. ``packages`` picks :func:`package_files` and drops the files
+    :func:`_read_source` rejects; otherwise :func:`stdlib_files`, each read as is."""
+    prefixes = [s[0] for s in sources]
+    if len(set(prefixes)) != len(prefixes):
+        raise ValueError(f"sources: each needs its own prefix, got {prefixes}")
+    picked = []  # (name, prefix, path, packages)
+    for prefix, root, packages in sources:
+        for rel in (package_files if packages else stdlib_files)(root):
+            picked.append((f"{prefix}/{rel}" if prefix else rel, prefix, os.path.join(root, rel), packages))
+    streams, info_files = {"train": [], "val": []}, {"train": [], "val": []}
+    source_files, source_bytes, skipped = ({p: 0 for p in prefixes} for _ in range(3))
+    for rel, prefix, path, packages in sorted(picked):
+        if packages:
+            data = _read_source(path)
+            if data is None:
+                skipped[prefix] += 1
+                continue
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
         split = "val" if is_validation_file(rel, val_fraction) else "train"
         streams[split] += [data, bytes([SEPARATOR])]
         info_files[split].append(f"{rel} {len(data)}")
+        source_bytes[prefix] += len(data) + 1
+        source_files[prefix] += 1
     arrays = {k: np.frombuffer(b"".join(v), dtype=np.uint8) for k, v in streams.items()}
     listing = "".join(f"{k} {line}\n" for k in ("train", "val") for line in info_files[k])
-    info = {"name": STDLIB, "python": platform.python_version(), "implementation": sys.implementation.name,
-            "root": root, "val_fraction": val_fraction, "separator": SEPARATOR,
-            "files": {k: len(v) for k, v in info_files.items()},
-            "bytes": {k: int(len(a)) for k, a in arrays.items()},
-            "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(),
-            "sha256": {k: hashlib.sha256(a.tobytes()).hexdigest() for k, a in arrays.items()}}
+    info = {"name": name, "python": platform.python_version(), "implementation": sys.implementation.name}
+    if len(sources) == 1 and not prefixes[0]:
+        info["root"] = sources[0][1]
+    else:
+        info.update(roots={p: r for p, r, _ in sources}, source_files=source_files,
+                    source_bytes=source_bytes, skipped_files=skipped)
+    info.update({"val_fraction": val_fraction, "separator": SEPARATOR,
+                 "files": {k: len(v) for k, v in info_files.items()},
+                 "bytes": {k: int(len(a)) for k, a in arrays.items()},
+                 "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+                 "sha256": {k: hashlib.sha256(a.tobytes()).hexdigest() for k, a in arrays.items()}})
     return arrays["train"], arrays["val"], info
+
+
+def _val_fraction(val_fraction: float) -> float:
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    return float(val_fraction)
 
 
 class StdlibCorpus(TextCorpus):
@@ -290,12 +367,51 @@ class StdlibCorpus(TextCorpus):
 
     def __init__(self, seq_len: int, seed: int = 0, root: str | None = None,
                  val_fraction: float = STDLIB_VAL_FRACTION):
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        val_fraction = _val_fraction(val_fraction)
         root = os.path.abspath(stdlib_root() if root is None else root)
-        train, val, info = _load_stdlib(root, float(val_fraction))
+        train, val, info = _load_sources(STDLIB, (("", root, False),), val_fraction)
         super().__init__(train, val, seq_len, seed, f"the standard library corpus at {root!r}")
         self.info = dict(info)
+
+
+class PythonCorpus(TextCorpus):
+    """The standard library's files (:func:`stdlib_files` of ``root``, named ``stdlib/REL``)
+    and the ``*.py`` files of the installed packages (:func:`package_files` of each folder of
+    ``packages``, default :func:`package_roots`, a folder given twice counted once; named
+    ``site-packages/REL``, then ``site-packages-2/REL`` ... for further folders), less those that
+    are not regular files, cannot be read or hold a NUL byte. Split by file on the prefixed name
+    (:func:`is_validation_file`); streams as :class:`StdlibCorpus`'s, in name order.
+
+    ``info`` is :class:`StdlibCorpus`'s record with ``roots`` (prefix -> folder) in place of
+    ``root``, and per prefix ``source_files``, ``source_bytes`` (separators included) and
+    ``skipped_files``. It depends on the installed packages as much as on the Python version.
+    """
+
+    def __init__(self, seq_len: int, seed: int = 0, root: str | None = None, packages: list[str] | None = None,
+                 val_fraction: float = STDLIB_VAL_FRACTION):
+        val_fraction = _val_fraction(val_fraction)
+        if isinstance(packages, str):
+            raise ValueError(f"packages must be a list of folders, got the string {packages!r}")
+        root = os.path.abspath(stdlib_root() if root is None else root)
+        pkgs = _distinct(package_roots() if packages is None else list(packages))
+        sources = [("stdlib", root, False)]
+        sources += [("site-packages" + (f"-{i + 1}" if i else ""), p, True) for i, p in enumerate(pkgs)]
+        train, val, info = _load_sources(PYTHON, tuple(sources), val_fraction)
+        super().__init__(train, val, seq_len, seed, f"the Python corpus at {root!r} + {pkgs}")
+        self.info = dict(info)
+
+
+CORPORA = {STDLIB: StdlibCorpus, PYTHON: PythonCorpus}  # --data NAME -> its class
+
+
+def describe_corpus(info: dict) -> str:
+    """A short human name of the corpus of ``info`` (a corpus record, e.g. ``corpus.json``)."""
+    name = info.get("name", STDLIB)
+    if name == STDLIB:
+        return f"Python {info.get('python')} standard library"
+    if name == PYTHON:
+        return f"Python {info.get('python')} standard library + installed packages"
+    return f"{name} {os.path.basename(str(info.get('path', '')))}".strip()
 
 
 def _local(batch_size: int, world_size: int) -> int:

@@ -1,6 +1,7 @@
 """``nsa train``: train the small model, NSA next to its baselines, on the embedded passkey task,
-the Python standard library's sources (``--data stdlib``) or any text file, then measure needle
-retrieval (:mod:`nsa.apps.needle`) or validation loss.
+the Python standard library's sources (``--data stdlib``), those and the installed packages'
+(``--data python``) or any text file, then measure needle retrieval (:mod:`nsa.apps.needle`) or
+validation loss.
 
 ``nsa train`` with no arguments is the project's main command: it trains the tiny preset
 with NSA attention and with window-only attention on the embedded passkey task, then
@@ -16,7 +17,7 @@ in nats per byte over ``--eval-windows`` fixed validation windows, the same for 
 ``val_position_loss`` (the same mean per bucket of ``val_position_bucket`` token positions of
 the window: position t predicts byte t + 1 from t + 1 bytes of context) and ``eval_seconds``.
 At the end ``summary.json`` holds the totals, training tokens/s and, for text data,
-``corpus.json``'s record of the data (for the standard library: Python version, files, bytes
+``corpus.json``'s record of the data (for the Python corpora: Python version, roots, files, bytes
 and hashes).
 
 Distributed: ``torchrun --nproc_per_node N -m nsa train ...`` runs data parallel (DDP, or
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from ..model import ATTENTIONS, ModelConfig, NSAModel, PRESETS
 from .checkpoint import init_path, init_weights, load_checkpoint, resume_checkpoint, save_checkpoint
-from .data import STDLIB, ByteText, PasskeyTask, StdlibCorpus, TextCorpus
+from .data import CORPORA, ByteText, PasskeyTask, TextCorpus, describe_corpus
 from .needle import add_grid_arguments, needle_accuracy, needle_grid, report
 from .runtime import (Dist, all_sum, comma_list, fraction, init_distributed, nonnegative_float, nonnegative_int,
                       out_folder, positive_float, positive_int, resolve_device, wrap_model)
@@ -69,7 +70,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="train byte-level on this text file instead of the embedded passkey task; "
                         "'stdlib': on the .py files of the running Python's standard library, split "
-                        "by file (docs/lm_study.md; a file named stdlib: ./stdlib)")
+                        "by file; 'python': on those and the .py files of its installed packages "
+                        "(site-packages), a larger corpus that depends on what is installed "
+                        "(docs/lm_study.md; a file named stdlib or python: ./stdlib, ./python)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per sequence (preset default: {defaults(0)})")
     p.add_argument("--min-seq-len", type=positive_int, default=None,
@@ -164,8 +167,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def make_task(args, seq_len: int):
-    if args.data == STDLIB:
-        return StdlibCorpus(seq_len, seed=args.seed)
+    if args.data in CORPORA:
+        return CORPORA[args.data](seq_len, seed=args.seed)
     if args.data:
         if not os.path.isfile(args.data):
             raise ValueError(f"--data {args.data!r} is not a file")
@@ -250,11 +253,12 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
         print(f"training {config.attention} ({model.num_params() / 1e6:.2f}M parameters, "
               f"{d.world} process{'es' if d.world > 1 else ''}, {device}) for {args.steps} steps "
               f"of {args.batch_size} x {f'{lo}..' if lo != args.seq_len else ''}{args.seq_len} tokens -> {out}")
-        if text and task.info["name"] == STDLIB:
+        if text and task.info["name"] in CORPORA:
             i = task.info
-            print(f"corpus: Python {i['python']} standard library, {i['files']['train']} + {i['files']['val']} "
-                  f"files, {i['bytes']['train']:,} + {i['bytes']['val']:,} bytes (train + validation), "
-                  f"file list sha256 {i['file_list_sha256'][:12]}")
+            per_source = "".join(f", {k} {v / 1e6:.1f} MB" for k, v in i.get("source_bytes", {}).items())
+            print(f"corpus: {describe_corpus(i)}, {i['files']['train']} + {i['files']['val']} "
+                  f"files, {i['bytes']['train']:,} + {i['bytes']['val']:,} bytes (train + validation"
+                  f"{per_source}), file list sha256 {i['file_list_sha256'][:12]}")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.dtype == "bfloat16"
                 else contextlib.nullcontext())
     if args.dtype == "bfloat16" and not device.startswith("cuda"):
@@ -357,8 +361,9 @@ def evaluate_text(model, task: TextCorpus, windows: int, bucket: int, batch: int
 
 
 def _check_corpus(out: str, info: dict, resume: bool) -> None:
-    """--resume must continue on the data the run started on (a standard library corpus
-    differs between Python versions)."""
+    """--resume must continue on the data the run started on: the same corpus name, bytes and
+    hashes (a Python corpus differs between Python versions and, for ``python``, between sets of
+    installed packages)."""
     path = os.path.join(out, "corpus.json")
     if not (resume and os.path.exists(path)):
         return
@@ -366,9 +371,9 @@ def _check_corpus(out: str, info: dict, resume: bool) -> None:
         saved = json.load(f)
     keys = ("name", "bytes", "sha256", "file_list_sha256")
     if any(saved.get(k) != info.get(k) for k in keys):
-        raise ValueError(f"--resume: the data differs from the saved run's ({path}: Python "
-                         f"{saved.get('python', '?')}, {saved.get('bytes')} bytes; now Python "
-                         f"{info.get('python', '?')}, {info.get('bytes')} bytes)")
+        raise ValueError(f"--resume: the data differs from the saved run's ({path}: {saved.get('name')!r}, "
+                         f"Python {saved.get('python', '?')}, {saved.get('bytes')} bytes; now "
+                         f"{info.get('name')!r}, Python {info.get('python', '?')}, {info.get('bytes')} bytes)")
 
 
 def _logged_seconds(path: str, step: int) -> float:
