@@ -97,3 +97,25 @@ def test_first_call_arithmetic_and_table():
     assert table[2] == "| paper | 8k | empty | 50.0 (4.0 / 26.5 / 19.5) | 52.0 | 12 | 60 | yes |"
     assert table[3] == "| paper | 8k | warm | 6.5 (3.0 / 2.0 / 1.5) over | 8.0 | 10 | 5 | no |"
     assert table[4] == "| paper | 8k | warm | error: boom | 1.0 | - | 5 | no |"
+
+
+def test_first_op_call_does_not_import_dynamo():
+    """The registered ops are defined with torch.library.define + impl, not custom_op, whose
+    implementation wrapper imports torch._dynamo (and sympy) on its first call: seconds of a
+    fresh process's first forward. A fresh process runs one op through its registration and
+    checks what got imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, nsa\n"
+            "from nsa.reference import compress_mean\n"
+            "q, k = torch.randn(1, 64, 2, 16), torch.randn(1, 64, 1, 16)\n"
+            "kc = compress_mean(k, 8, 4)\n"
+            "ref = nsa.select_blocks(q, kc, cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, backend='torch')\n"
+            "got = torch.ops.nsa.select_blocks(q, kc, None, 8, 4, 8, 3, 0.25, 0)\n"
+            "assert torch.equal(got, ref), (got, ref)\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout

@@ -219,7 +219,36 @@ def as_varlen_tables(cu_seqlens, total: int, batch: int, device, cmp_block: int,
 # (nsa.triton needs the triton package); the fake implementations give the outputs' shapes
 # from the inputs' alone, for torch.compile's tracing.
 
-@torch.library.custom_op("nsa::nsa_fwd", mutates_args=())
+_LIB = torch.library.Library("nsa", "DEF")  # owns the namespace's definitions (kept alive here)
+
+
+class _Op:
+    """``torch.ops.nsa.<name>`` defined from ``fn``'s annotations (``torch.library.infer_schema``,
+    then ``define`` and a CompositeExplicitAutograd ``impl``), with ``register_fake`` and
+    ``register_autograd`` as ``torch.library.custom_op``'s. Not custom_op itself: it wraps the
+    implementation in ``torch._disable_dynamo``, whose first call imports ``torch._dynamo`` (about
+    1,000 modules, sympy among them: 4 of the 5.9 s of a warm first forward on the H200) and
+    whose every call goes through dynamo's frame hooks."""
+
+    def __init__(self, name: str, fn):
+        self.name = f"nsa::{name}"
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        functools.update_wrapper(self, fn)
+
+    def register_fake(self, fake):
+        torch.library.register_fake(self.name, fake, lib=_LIB)
+        return fake
+
+    def register_autograd(self, backward, *, setup_context):
+        torch.library.register_autograd(self.name, backward, setup_context=setup_context, lib=_LIB)
+
+
+def _op(name: str):
+    return lambda fn: _Op(name, fn)
+
+
+@_op("nsa_fwd")
 def _nsa_fwd(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
              v_win: Tensor, gates: Tensor, cu_seqlens_cpu: Optional[Tensor], cmp_block: int,
              cmp_stride: int, sel_block: int, sel_count: int, window: int, scale: float,
@@ -249,7 +278,7 @@ def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens_cpu, cmp_bl
             torch.empty_like(o), torch.empty_like(lse))
 
 
-@torch.library.custom_op("nsa::nsa_bwd", mutates_args=())
+@_op("nsa_bwd")
 def _nsa_bwd(grad_o: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
              k_win: Tensor, v_win: Tensor, gates: Tensor, o_cmp: Tensor, lse_cmp: Tensor,
              block_indices: Tensor, o_slc: Tensor, lse_slc: Tensor, cu_seqlens_cpu: Optional[Tensor],
@@ -312,7 +341,7 @@ def _reference_grads(grad_o, inputs, need, cu, geo):
 _nsa_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-@torch.library.custom_op("nsa::select_blocks", mutates_args=())
+@_op("select_blocks")
 def _select_blocks(q: Tensor, k_cmp: Tensor, cu_seqlens_cpu: Optional[Tensor], cmp_block: int,
                    cmp_stride: int, sel_block: int, sel_count: int, scale: float,
                    q_offset: int) -> Tensor:
@@ -330,7 +359,7 @@ def _(q, k_cmp, cu_seqlens_cpu, cmp_block, cmp_stride, sel_block, sel_count, sca
     return q.new_empty(B, T, k_cmp.shape[2], sel_count, dtype=torch.int64)
 
 
-@torch.library.custom_op("nsa::nsa_decode", mutates_args=())
+@_op("nsa_decode")
 def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
                 k_win: Optional[Tensor], v_win: Optional[Tensor], gates: Tensor, cache_seqlens: Tensor,
                 block_table: Optional[Tensor], max_seqlen: int, cmp_block: int, cmp_stride: int,
@@ -345,8 +374,8 @@ def _nsa_decode(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: T
 
 def _decode_kernels(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table, max_seqlen,
                     cmp_block, cmp_stride, sel_block, sel_count, window, scale):
-    """``nsa::nsa_decode``'s body. Eager calls run it directly: the custom op's dispatch cost a
-    decode step more host time than its four launches (torch 2.11, H200)."""
+    """``nsa::nsa_decode``'s body. Eager calls run it directly: dispatch through the op (then a
+    custom_op) cost a decode step more host time than its four launches (torch 2.11, H200)."""
     from .triton.decode import nsa_decode_triton
 
     return nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens=cache_seqlens,
