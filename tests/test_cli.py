@@ -114,17 +114,19 @@ def test_bench_train_speedups_and_table():
 
 
 def test_bench_compile_table():
-    """Speedup = eager ms / compiled ms; tokens/s and the compiled first call per step."""
+    """Speedup = eager ms / compiled ms; tokens/s and the compiled first call per step; the
+    decode step's CUDA-graph times where measured."""
     from nsa.apps import bench
 
     runs = (("train", 1, False, 30.0, 136533.3, 2.0), ("train", 1, True, 20.0, 204800.0, 55.5),
             ("decode", 4, False, 4.0, 1000.0, 0.1), ("decode", 4, True, 1.0, 4000.0, 20.25))
     rows = [dict(preset="small", step=step, compiled=c, T=4096, batch=b, ms=ms, tokens_per_s=tok, first_call_s=fc)
             for step, b, c, ms, tok, fc in runs]
+    rows[2]["graph_ms"], rows[3]["graph_ms"] = 0.75, 0.3125
     table = bench.markdown_table_compile(dict(results=rows[::-1]))
     lines = table.splitlines()
-    assert lines[2] == "| small | train | 4096 | 1 | 30.000 | 20.000 | 1.50x | 136533 / 204800 | 55.5 |"
-    assert lines[3] == "| small | decode | 4096 | 4 | 4.000 | 1.000 | 4.00x | 1000 / 4000 | 20.2 |"
+    assert lines[2] == "| small | train | 4096 | 1 | 30.000 | 20.000 | 1.50x | 136533 / 204800 | 55.5 | - / - |"
+    assert lines[3] == "| small | decode | 4096 | 4 | 4.000 | 1.000 | 4.00x | 1000 / 4000 | 20.2 | 0.750 / 0.312 |"
 
 
 def test_bench_decode_table():

@@ -748,11 +748,13 @@ def _compile_sweep(args, meta, out_path, dev) -> int:
 
     rows = []
 
-    def record(res, fn, tokens):
+    def record(res, fn, tokens, graph=False):
         try:
             res["first_call_s"] = _timed_first_call(fn)
             res["ms"], res["peak_gb"] = _bench(fn, args.rep)
             res["tokens_per_s"] = tokens * 1e3 / res["ms"]
+            if graph:  # replayed as a CUDA graph, as generate(cuda_graph=True) runs it: GPU time alone
+                res["graph_ms"] = _bench(_graphed(fn), args.rep)[0]
         except Exception as e:  # keep going: report what failed
             traceback.print_exc()
             res["error"] = repr(e)[:300]
@@ -790,7 +792,8 @@ def _compile_sweep(args, meta, out_path, dev) -> int:
                 seqlens.fill_(T)  # the same position every call (decode_step advances it)
                 decode(nxt, cache, seqlens)
 
-            record(dict(preset=args.preset, step="decode", compiled=compiled, T=T, batch=B), decode_step, B)
+            record(dict(preset=args.preset, step="decode", compiled=compiled, T=T, batch=B), decode_step, B,
+                   graph=True)
         del model, cache
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -798,9 +801,10 @@ def _compile_sweep(args, meta, out_path, dev) -> int:
 
 
 def markdown_table_compile(out) -> str:
-    """One row per (step, T): ms eager and compiled, the speedup, tokens/s, first-call seconds."""
+    """One row per (step, T): ms eager and compiled, the speedup, tokens/s, first-call seconds,
+    and (decode) the step replayed as a CUDA graph, eager and compiled."""
     lines = ["| preset | step | T | batch | eager ms | compiled ms | speedup | tokens/s eager / compiled | "
-             "compiled first call s |", "|---|---|---|---|---|---|---|---|---|"]
+             "compiled first call s | CUDA graph ms eager / compiled |", "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["step"], r["T"], r["compiled"]): r for r in out["results"] if "ms" in r}
     for step, T in sorted({(r["step"], r["T"]) for r in out["results"]}, key=lambda k: (k[0] != "train", k[1])):
         e, c = by.get((step, T, False)), by.get((step, T, True))
@@ -808,10 +812,12 @@ def markdown_table_compile(out) -> str:
         if any_r is None:
             continue
         f = lambda r, k, fmt: fmt.format(r[k]) if r else "-"  # noqa: E731
+        g = lambda r: f"{r['graph_ms']:.3f}" if r and "graph_ms" in r else "-"  # noqa: E731
         sp = f"{e['ms'] / c['ms']:.2f}x" if e and c else "-"
         lines.append(f"| {any_r['preset']} | {step} | {T} | {any_r['batch']} | {f(e, 'ms', '{:.3f}')} | "
                      f"{f(c, 'ms', '{:.3f}')} | {sp} | {f(e, 'tokens_per_s', '{:.0f}')} / "
-                     f"{f(c, 'tokens_per_s', '{:.0f}')} | {f(c, 'first_call_s', '{:.1f}')} |")
+                     f"{f(c, 'tokens_per_s', '{:.0f}')} | {f(c, 'first_call_s', '{:.1f}')} | "
+                     f"{g(e)} / {g(c)} |")
     return "\n".join(lines)
 
 
