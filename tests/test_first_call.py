@@ -70,6 +70,14 @@ def test_autotuned_builds_a_noticing_autotuner_that_caches(monkeypatch, caplog):
     assert [r.levelname for r in caplog.records].count("WARNING") == 1
     assert sum("first call of _noop at N=16" in r.getMessage() for r in caplog.records) == 1
     assert sum("_noop ready after" in r.getMessage() for r in caplog.records) == 1
+    # the known key's launches took the direct path (no second key of triton's built for them);
+    # a new key value or another tensor dtype is a new key: tuned again, then direct (the bf16
+    # tensor's key is triton's key of the stand-in T above: found in triton's cache, not retuned)
+    assert len(tuned._fast) == 1
+    for x in (T(), torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float16)):
+        for _ in range(2):
+            tuned.run(x, N=32, grid=(1,), warmup=False)
+    assert len(pruned) == 3 and len(timed) == 6 and len(tuned._fast) == 4 and launched == [4] * 9
 
 
 def test_notice_once_per_key_and_one_warning_per_process(monkeypatch, caplog):
