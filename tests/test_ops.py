@@ -552,6 +552,36 @@ def test_nsa_decode_bad_input(mut, exc, words):
         assert word in str(e.value), (word, str(e.value))
 
 
+def test_nsa_decode_checks_a_signature_once(monkeypatch):
+    """With tensor lengths and max_seqlen (nothing read back) a signature that passed the checks
+    skips them on later calls, with the same result; any other shape, dtype or argument type is
+    a new signature and is checked."""
+    from nsa import ops
+
+    a, kw = _decode_args()
+    kw = dict(kw, max_seqlen=10)
+    monkeypatch.setattr(ops, "_DECODE_CHECKED", {})
+    first = nsa.nsa_decode(*a, **kw)
+    assert len(ops._DECODE_CHECKED) == 1
+    checked = []
+    monkeypatch.setattr(ops, "_check_geometry", lambda *g: checked.append(g) or (_ for _ in ()).throw(AssertionError))
+    torch.testing.assert_close(nsa.nsa_decode(*a, **kw), first, rtol=0, atol=0)  # no check ran
+    assert not checked
+    monkeypatch.undo()
+    monkeypatch.setattr(ops, "_DECODE_CHECKED", {})
+    nsa.nsa_decode(*a, **kw)  # the valid signature cached again; the calls below differ from it
+    bad = list(a)
+    bad[3] = bad[3].float()
+    with pytest.raises(TypeError, match="k_slc"):
+        nsa.nsa_decode(*bad, **kw)
+    with pytest.raises(ValueError, match="max_seqlen = 30"):
+        nsa.nsa_decode(*a, **dict(kw, max_seqlen=30))
+    with pytest.raises((TypeError, ValueError), match="cmp_block"):
+        nsa.nsa_decode(*a, **dict(kw, cmp_block=float(kw["cmp_block"])))
+    with pytest.raises((TypeError, ValueError), match="cmp_block"):
+        nsa.nsa_decode(*a, **dict(kw, cmp_block=[kw["cmp_block"]]))  # unhashable: checked, not cached
+
+
 # --------------------------------------------------------------------------- nsa_decode: S new tokens, paged
 def _last_rows(x, lens, S, w):
     """nsa_decode's arguments for the last S positions of each sequence of a full input x, the

@@ -568,6 +568,25 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
 
 MAX_NEW_TOKENS = 8  # new positions per sequence one nsa_decode call takes (speculative decoding, MTP)
 
+# nsa_decode calls that read nothing back (tensor cache_seqlens and max_seqlen) check nothing that
+# depends on values: their checks pass or fail alike for every call of the same signature, so a
+# signature that passed once skips them (a decode step runs them once per token otherwise)
+_DECODE_CHECKED: dict = {}  # signature -> (backend resolved, scale resolved)
+_DECODE_CHECKED_MAX = 256
+
+
+def _decode_signature(tensors, geometry_args, max_seqlen, backend):
+    """Everything nsa_decode's checks read on its no-host-read path: each tensor's shape, dtype
+    and device, each other argument with its type (True is not 1). None when unhashable (the
+    checks then say what is wrong)."""
+    try:
+        key = (tuple(None if x is None else (x.shape, x.dtype, x.device) for x in tensors),
+               tuple((type(v), v) for v in geometry_args), type(max_seqlen), max_seqlen, backend)
+        hash(key)
+    except (AttributeError, TypeError):
+        return None
+    return key
+
 
 def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, sel_count: int = 16,
@@ -620,6 +639,15 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
     Returns:
         ``[B, S, HQ, Dv]`` in q's dtype.
     """
+    tensors = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table)
+    sig = None
+    if isinstance(cache_seqlens, torch.Tensor) and max_seqlen is not None and not _tracing(q):
+        sig = _decode_signature(tensors, (cmp_block, cmp_stride, sel_block, sel_count, window, scale),
+                                max_seqlen, backend)
+        known = _DECODE_CHECKED.get(sig) if sig is not None else None
+        if known is not None:
+            return _decode_dispatch(*tensors, max_seqlen, cmp_block, cmp_stride, sel_block, sel_count, window,
+                                    scale, *known)
     _check_geometry(cmp_block, cmp_stride, sel_block, sel_count, window)
     _check_tensor("q", q, 4, "[B, S, HQ, Dk]")
     if q.dtype not in _FLOATS:
@@ -730,16 +758,28 @@ def nsa_decode(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seql
                         f"got {gates.dtype}, {gates.device}")
     if paged and lens:  # eager: the pages each length needs exist (reads the table back)
         reference.check_block_table(block_table, lens, k_slc.shape[0], k_slc.shape[1])
-    if not paged and k_win is None:  # contiguous shared k/v: position p at row p of k_slc
+    known = (resolve_backend(backend, q.device), _scale(scale, Dk))
+    if sig is not None:
+        if len(_DECODE_CHECKED) >= _DECODE_CHECKED_MAX:
+            _DECODE_CHECKED.clear()
+        _DECODE_CHECKED[sig] = known
+    if not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    return _decode_dispatch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table, n_max,
+                            cmp_block, cmp_stride, sel_block, sel_count, window, scale, *known)
+
+
+def _decode_dispatch(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_seqlens, block_table, n_max,
+                     cmp_block, cmp_stride, sel_block, sel_count, window, scale, resolved, scale_value):
+    """A checked nsa_decode call on its backend (``resolved``), n_max the lengths' bound."""
+    if block_table is None and k_win is None:  # contiguous shared k/v: position p at row p of k_slc
         k_win, v_win = k_slc, v_slc
     args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    if resolve_backend(backend, q.device) == "triton" and q.dtype != torch.float64:
-        if not isinstance(cache_seqlens, torch.Tensor):
-            cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if resolved == "triton" and q.dtype != torch.float64:
         # traced (torch.compile, export): the registered op; eager: its body, without the dispatch
         op = torch.ops.nsa.nsa_decode if _tracing(q) else _decode_kernels
         return op(*args, cache_seqlens, block_table, n_max, cmp_block, cmp_stride, sel_block, sel_count, window,
-                  _scale(scale, Dk))
+                  scale_value)
     return reference.nsa_decode_ref(*args, cache_seqlens=cache_seqlens, cmp_block=cmp_block,
                                     cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
                                     window=window, scale=scale, max_seqlen=n_max, block_table=block_table)

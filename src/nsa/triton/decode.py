@@ -26,6 +26,7 @@ Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -350,6 +351,76 @@ def _n_split(tc: int, bh: int, BN: int, device) -> int:
     return max(1, min(C.cdiv(tc, BN), C.cdiv(2 * _sms(device), max(bh, 1))))
 
 
+class _Plan(NamedTuple):
+    """What a decode step's launches take besides its tensors, a function of the shapes and the
+    geometry alone (:func:`_plan`, cached): host arithmetic done once per signature, not per
+    step."""
+
+    R: int  # query rows B * S
+    ts: int  # visible compressed tokens of the longest sequence (score buffer width)
+    nsplit: int  # cmp programs per (row, group)
+    n_sel_max: int  # selection blocks of the longest sequence
+    np2: int  # attend programs per (row, group): selected slots + window chunks
+    where: str  # where the top-n runs (_top_n_where)
+    shapes: tuple  # of the fp32 partial buffers: s, pm, pl, pacc, score, pm2, pl2, pacc2
+    cmp: tuple  # (grid, positional ints, constexprs) of each launch
+    scores: tuple
+    top_n: tuple
+    attend: tuple
+    combine: tuple
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, maxp, npages, page_size, cpp, n_max,
+          cmp_block, cmp_stride, sel_block, sel_count, window, scale, interp) -> _Plan:
+    G = HQ // H
+    R = B * NQ  # query rows
+    HP = max(16, C.next_pow2(G))  # the tensor-core minimum of rows
+    BK0, BK1 = C.split_dim(Dk)
+    BV = max(16, C.next_pow2(Dv))
+    BN = 16 if interp else 64
+    qk_scale = default_scale(scale, Dk) * LOG2E.value
+    common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(dtype), UPCAST=C.upcast(dtype), NQ=NQ)
+    launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
+    # 1. cmp partials and raw scores
+    tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
+    nsplit = _n_split(tc_used, R * H, BN, device)
+    ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
+    ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
+    tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
+    cmp = ((nsplit, R * H), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts)),
+           dict(DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN, PAGED=paged,
+                CPP=cpp, **common, **launch))
+    # 2. block scores
+    n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
+    BJ = 16 if interp else 64
+    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
+    nsp = max(2, C.next_pow2(nsplit))
+    scores = ((C.cdiv(n_sel_max, BJ), R * H), (ts, nsplit, n_sel_max),
+              dict(HQ=HQ, G=G, HP=HP, NSP=nsp, BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
+                   KMAX=kmax, NQ=NQ, **launch))
+    # 3. the top n (ties to the lower index, as the reference)
+    np_ = C.next_pow2(sel_count)
+    nselp = max(16, np_, C.next_pow2(n_sel_max))
+    where = _top_n_where(n_sel_max, R * H * sel_count, device)
+    top_n = ((R * H,), (n_sel_max,), dict(N_SEL=sel_count, NP=np_, NSELP=nselp, **launch))
+    # 4. a partial softmax per selected block and per window chunk
+    BS = max(16, C.next_pow2(sel_block))
+    nw = C.cdiv(window, BS)
+    np2 = sel_count + nw
+    attend = ((np2, R * H), (qk_scale, Tk, Tw, maxp, npages, C.next_pow2(R * H)),
+              dict(DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1,
+                   BV=BV, NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged, PAGED_WIN=paged_win,
+                   PS=page_size, **common, **launch))
+    # 5. merge and mix, one program per (query row, query head)
+    combine = ((R * HQ,), (nsplit,), dict(DV=Dv, N_SEL=sel_count, NW=nw, NSP=nsp,
+                                          NS2=max(2, C.next_pow2(sel_count)), NW2=max(2, C.next_pow2(nw)), BV=BV,
+                                          **launch))
+    shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
+              (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
+    return _Plan(R, ts, nsplit, n_sel_max, np2, where, shapes, cmp, scores, top_n, attend, combine)
+
+
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
                       cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16, window=512, scale=None,
                       max_seqlen=None, block_table=None):
@@ -370,9 +441,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         k_win, v_win = k_slc, v_slc
     k_win, v_win = k_win.contiguous(), v_win.contiguous()
     B, NQ, HQ, Dk = q.shape
-    H, Dv, Tc, Tk, Tw = k_cmp.shape[2], v_cmp.shape[3], k_cmp.shape[1], k_slc.shape[1], k_win.shape[1]
-    G = HQ // H
-    R = B * NQ  # query rows
+    H, Dv = k_cmp.shape[2], v_cmp.shape[3]
     if paged:
         bt = block_table.contiguous()
         maxp, npages, page_size = bt.shape[1], k_slc.shape[0], k_slc.shape[1]
@@ -391,63 +460,27 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     o = torch.empty(B, NQ, HQ, Dv, dtype=q.dtype, device=dev)
     if B == 0:
         return o
-    interp = C.interpreting()
-    HP = max(16, C.next_pow2(G))  # the tensor-core minimum of rows
-    BK0, BK1 = C.split_dim(Dk)
-    BV = max(16, C.next_pow2(Dv))
-    BN = 16 if interp else 64
-    qk_scale = default_scale(scale, Dk) * LOG2E.value
-    f32 = dict(dtype=torch.float32, device=dev)
-    common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), NQ=NQ)
-    launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
-
-    # 1. cmp partials and raw scores
-    tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
-    nsplit = _n_split(tc_used, R * H, BN, dev)
-    ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
-    ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
-    s_buf = torch.empty(R, HQ, ts, **f32)
-    pm, pl = torch.empty(R, HQ, nsplit, **f32), torch.empty(R, HQ, nsplit, **f32)
-    pacc = torch.empty(R, HQ, nsplit, Dv, **f32)
-    tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
-    _decode_cmp_tuned[(nsplit, R * H)](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, qk_scale, tc_bound, ts, ch,
-                                 nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts), DK=Dk, DV=Dv,
-                                 L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN,
-                                 PAGED=paged, CPP=cpp, **common, **launch)
-    # 2. block scores
-    n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
-    score = torch.empty(R, H, n_sel_max, **f32)
-    BJ = 16 if interp else 64
-    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
-    _decode_scores[(C.cdiv(n_sel_max, BJ), R * H)](
-        s_buf, pm, pl, lens, score, ts, nsplit, n_sel_max, HQ=HQ, G=G, HP=HP,
-        NSP=max(2, C.next_pow2(nsplit)), BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-        KMAX=kmax, NQ=NQ, **launch)
-    # 3. the top n (ties to the lower index, as the reference)
-    np_ = C.next_pow2(sel_count)
-    nselp = max(16, np_, C.next_pow2(n_sel_max))
-    where = _top_n_where(n_sel_max, R * H * sel_count, dev)
-    if where == "torch":
+    p = _plan(B, NQ, HQ, Dk, H, Dv, k_cmp.shape[1], k_slc.shape[1], k_win.shape[1], q.dtype, dev, paged, paged_win,
+              maxp, npages, page_size, cpp, n_max, cmp_block, cmp_stride, sel_block, sel_count, window, scale,
+              C.interpreting())
+    # (eight allocations: cheaper on the host than views of one workspace, ~2 against ~3 us each)
+    s_buf, pm, pl, pacc, score, pm2, pl2, pacc2 = (torch.empty(x, dtype=torch.float32, device=dev) for x in p.shapes)
+    grid, ints, const = p.cmp
+    _decode_cmp_tuned[grid](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, *ints, **const)
+    grid, ints, const = p.scores
+    _decode_scores[grid](s_buf, pm, pl, lens, score, *ints, **const)
+    if p.where == "torch":
         idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
-    elif where == "kernel":
-        idx = torch.empty(R, H, sel_count, dtype=torch.int32, device=dev)
-        _decode_top_n[(R * H,)](score, idx, n_sel_max, N_SEL=sel_count, NP=np_, NSELP=nselp, **launch)
+    elif p.where == "kernel":
+        idx = torch.empty(p.R, H, sel_count, dtype=torch.int32, device=dev)
+        grid, ints, const = p.top_n
+        _decode_top_n[grid](score, idx, *ints, **const)
     else:  # "slots": in the attend kernel
         idx = score
-    # 4. a partial softmax per selected block and per window chunk
-    BS = max(16, C.next_pow2(sel_block))
-    nw = C.cdiv(window, BS)
-    np2 = sel_count + nw
-    pm2, pl2 = torch.empty(R, HQ, np2, **f32), torch.empty(R, HQ, np2, **f32)
-    pacc2 = torch.empty(R, HQ, np2, Dv, **f32)
-    _decode_attend_tuned[(np2, R * H)](q, k_slc, v_slc, k_win, v_win, idx, score, n_sel_max, lens, bt, pm2, pl2,
-                                 pacc2, qk_scale, Tk, Tw, maxp, npages, C.next_pow2(R * H), DK=Dk, DV=Dv,
-                                 N_SEL=sel_count, NW=nw,
-                                 WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
-                                 NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged,
-                                 PAGED_WIN=paged_win, PS=page_size, **common, **launch)
-    # 5. merge and mix, one program per (query row, query head)
-    _decode_combine[(R * HQ,)](pm, pl, pacc, pm2, pl2, pacc2, gates, o, nsplit, DV=Dv, N_SEL=sel_count,
-                               NW=nw, NSP=max(2, C.next_pow2(nsplit)), NS2=max(2, C.next_pow2(sel_count)),
-                               NW2=max(2, C.next_pow2(nw)), BV=BV, **launch)
+    grid, ints, const = p.attend
+    qk_scale, rest = ints[0], ints[1:]
+    _decode_attend_tuned[grid](q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2,
+                               qk_scale, *rest, **const)
+    grid, ints, const = p.combine
+    _decode_combine[grid](pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints, **const)
     return o
