@@ -80,6 +80,38 @@ def test_autotuned_builds_a_noticing_autotuner_that_caches(monkeypatch, caplog):
     assert len(pruned) == 3 and len(timed) == 6 and len(tuned._fast) == 4 and launched == [4] * 9
 
 
+def test_notice_only_when_the_timings_are_not_on_disk(monkeypatch, caplog):
+    """With the timings persisted (cache_results), a key found on disk loads without the notice
+    (a warm cache takes seconds); a key missing there is tuned after it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    tuned = C.autotuned(_noop, ["N"], [4, 8], [1])
+    on_disk, timed = {(16,)}, []
+
+    def disk(self, key, configs, bench_fn):  # triton's lookup, with the disk a set of keys
+        if key[:1] in on_disk:
+            self.cache[key] = configs[1]
+            return True
+        bench_fn()
+        return False
+
+    class Kernel:
+        def run(self, *a, **k):
+            pass
+
+    tuned.fn, tuned.cache_results = Kernel(), True
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "check_disk_cache", disk)
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **k: timed.append(config) or [float(config.num_warps)])
+    monkeypatch.setattr(C, "_SEEN", set())
+    monkeypatch.setattr(C, "_ANNOUNCED", [False])
+    with caplog.at_level(logging.INFO, logger="nsa"):
+        tuned.run(torch.empty(1), N=16, grid=(1,), warmup=False)
+        assert not [r for r in caplog.records if "compiling and autotuning" in r.getMessage()] and not timed
+        assert tuned.best_config.num_warps == 8  # the disk's choice
+        tuned.run(torch.empty(1), N=32, grid=(1,), warmup=False)
+    assert len(timed) == 2 and [r.levelname for r in caplog.records].count("WARNING") == 1
+
+
 def test_notice_once_per_key_and_one_warning_per_process(monkeypatch, caplog):
     monkeypatch.setattr(C, "_SEEN", set())
     monkeypatch.setattr(C, "_ANNOUNCED", [False])

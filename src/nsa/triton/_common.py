@@ -257,15 +257,27 @@ class _Autotuner(triton.runtime.autotuner.Autotuner):
     triton's run altogether (:meth:`run`)."""
 
     _t_first = None  # perf_counter at the start of a first call, until it returns
+    _pending = None  # (kernel name, key, key names) of the key being tuned, for the notice
 
     def prune_configs(self, kwargs, *rest, **kw):
         named = {k: v for k, v in {**self.nargs, **kwargs}.items() if k in self.arg_names}
         # the key as triton's Autotuner.run builds it: the key arguments, then tensor dtypes
         key = tuple([named[k] for k in self.keys if k in named]
                     + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
-        notice_first_call(self.base_fn.__name__, key, [k for k in self.keys if k in named])
+        self._pending = (self.base_fn.__name__, key, [k for k in self.keys if k in named])
+        if not self.cache_results:  # triton times every config next
+            notice_first_call(*self._pending)
         self._t_first = time.perf_counter()
         return super().prune_configs(kwargs, *rest, **kw)
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        """Triton's lookup of the timings on disk; the notice only when they are not there
+        (then every config compiles and is timed): a warm cache loads in seconds, silently."""
+        def tune():
+            notice_first_call(*self._pending)
+            bench_fn()
+
+        return super().check_disk_cache(tuning_key, configs, tune)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
