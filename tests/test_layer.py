@@ -171,6 +171,25 @@ def test_prefill_equals_chunked_prefill_equals_decode(phi, shared_kv):
     assert (layer(torch.randn(2, T, 32)) - y).abs().max().item() > 1e-2
 
 
+@pytest.mark.parametrize("shared_kv", SHARED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_projection_from_the_rope_table_is_bitwise_the_computed_one(shared_kv, dtype):
+    """A decode step gathers cos/sin from a table of the cache's positions and rotates q and every
+    branch's keys in one pass: bit for bit what the computed cos/sin and separate rotations give."""
+    layer = make_layer(seed=2, shared_kv=shared_kv, dtype=dtype)
+    x = torch.randn(3, 1, 32, dtype=dtype)
+    pos = torch.tensor([[0], [17], [40]])
+    with torch.no_grad():
+        q, pairs, gates = layer._project(x, pos)
+        q2, pairs2, gates2 = layer._project(x, pos, table_len=41)
+    assert torch.equal(q, q2) and torch.equal(gates, gates2)
+    for (k, v), (k2, v2) in zip(pairs, pairs2):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    with torch.no_grad():  # rotated: position 0 keeps the projection, position 17 does not
+        raw = layer.q_proj(x).view(q.shape)
+    assert torch.equal(q[0], raw[0]) and not torch.allclose(q[1], raw[1])
+
+
 @pytest.mark.parametrize("phi,shared_kv", VARIANTS)
 def test_decode_step_with_device_lengths_equals_full(phi, shared_kv):
     """decode_step (lengths as a tensor, fixed shapes: what a CUDA graph replays) after a prefill,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,17 +72,30 @@ class NSAAttention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, bias=c.bias)
 
     # ------------------------------------------------------------------ projections
-    def _project(self, x: torch.Tensor, pos: torch.Tensor):
-        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates."""
+    def _project(self, x: torch.Tensor, pos: torch.Tensor, table_len: int | None = None):
+        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates. ``table_len``
+        (a decode step: the cache's capacity): cos/sin are gathered from a table of that many
+        positions instead of computed, and q and every branch's keys rotate in one pass; the
+        same values, a few kernels instead of ~40 a layer (a step replayed as a graph is
+        launch-bound)."""
         c = self.config
         B, T, _ = x.shape
         H, Dk, Dv = c.n_kv_heads, c.head_dim, c.v_head_dim
-        cos, sin = rope_cos_sin(pos, Dk, c.rope_theta,
-                                dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-        q = apply_rope(self.q_proj(x).view(B, T, c.n_heads, Dk), cos, sin)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q = self.q_proj(x).view(B, T, c.n_heads, Dk)
         kv = self.kv_proj(x).split([H * Dk, H * Dv] * self.n_branches, dim=-1)
-        pairs = [(apply_rope(kv[2 * i].view(B, T, H, Dk), cos, sin), kv[2 * i + 1].view(B, T, H, Dv))
-                 for i in range(self.n_branches)]
+        keys = [kv[2 * i].view(B, T, H, Dk) for i in range(self.n_branches)]
+        if table_len is None:
+            cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
+            q, keys = apply_rope(q, cos, sin), [apply_rope(k, cos, sin) for k in keys]
+        else:
+            if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
+                cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
+            else:
+                cos, sin = (t[pos] for t in _rope_table(table_len, Dk, c.rope_theta, x.device, acc))
+            rotated = apply_rope(torch.cat([q, *keys], 2), cos, sin)
+            q, *keys = rotated.split([c.n_heads] + [H] * self.n_branches, dim=2)
+        pairs = [(keys[i], kv[2 * i + 1].view(B, T, H, Dv)) for i in range(self.n_branches)]
         if self.n_branches == 1:
             pairs = pairs * 3
         gates = torch.sigmoid(self.gate(x)).view(B, T, c.n_heads, 3)
@@ -248,14 +263,22 @@ class NSAAttention(nn.Module):
             raise TypeError("a paged cache is passed as cache.batch(slots): the sequences the step continues")
         check_decode_step(x, c.d_model, cache.batch_size, seqlens)
         s = seqlens.long()  # [B] this token's position
-        q, branches, gates = self._project(x, s[:, None])
-        kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
         paged = isinstance(cache, PagedBatch)
+        capacity = (cache.cache if paged else cache).max_seq_len
+        q, branches, gates = self._project(x, s[:, None], table_len=capacity)
+        kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
         dt = kv.k_slc.dtype
         o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
-                           cache_seqlens=s + 1, max_seqlen=(cache.cache if paged else cache).max_seq_len,
+                           cache_seqlens=s + 1, max_seqlen=capacity,
                            block_table=kv.block_table if paged else None, backend=c.backend, **self._geometry())
         return self._out(o.to(x.dtype))
+
+
+@functools.lru_cache(maxsize=2)
+def _rope_table(n: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype):
+    """cos, sin [n, dim // 2] of positions 0..n-1 (:func:`rope_cos_sin`), shared by every layer
+    of one geometry; the two latest tables are kept."""
+    return rope_cos_sin(torch.arange(n, device=device), dim, theta, dtype=dtype)
 
 
 def check_decode_step(x: torch.Tensor, d_model: int, cache_batch: int, seqlens) -> None:
