@@ -546,6 +546,15 @@ def test_decode_selection_ties_go_to_the_lower_block(where, monkeypatch):
     from nsa.triton import decode as D
 
     monkeypatch.setattr(D, "_top_n_where", lambda *a: where)
+    D._plan.cache_clear()  # the launch plans hold where the top-n runs
+    seen, kernel = [], D._decode_top_n
+
+    class Recorded:  # the top-n kernel, its launches counted
+        def __getitem__(self, grid):
+            seen.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(D, "_decode_top_n", Recorded())
     g = torch.Generator(device=DEV).manual_seed(3)
     mk = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
     B, T, HQ, H, Dk, Dv = 2, 700, 4, 2, 32, 16
@@ -557,6 +566,8 @@ def test_decode_selection_ties_go_to_the_lower_block(where, monkeypatch):
     args = (q, kc, vc, k, v, k, v, gates)
     expect = R.nsa_decode_ref(*args, cache_seqlens=lens, **geo)
     _close(nsa.nsa_decode(*args, cache_seqlens=lens, backend="triton", **geo), expect, 1e-5)
+    assert bool(seen) == (where == "kernel")  # the top-n ran where it was sent
+    D._plan.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
