@@ -157,7 +157,7 @@ def test_bench_generate_step_time_and_table(monkeypatch):
     clock = {"t": 0.0}
 
     class Fake:
-        def generate(self, prompt, n, cuda_graph=False):
+        def generate(self, prompt, n, cuda_graph=False, compile=False):
             clock["t"] += (prefill + (once if n > 1 else 0.0) + (n - 1) * step) / 1e3
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -168,9 +168,14 @@ def test_bench_generate_step_time_and_table(monkeypatch):
             dict(preset="small", attention="nsa", graph=True, T=4096, batch=2, step_ms=0.25, once_ms=12.0,
                  tokens_per_s=8000.0),
             dict(preset="small", attention="full", graph=False, T=4096, batch=2, step_ms=1.0, prefill_ms=20.0),
-            dict(preset="small", attention="full", graph=True, T=4096, batch=2, step_ms=0.75)]
-    assert ("| small | 4096 | 2 | 2.000 / 0.250 | 1.000 / 0.750 | 8000 | 3.0x | 12.0 | 30.0 / 20.0 |"
-            in bench.markdown_table_generate(dict(results=rows)))
+            dict(preset="small", attention="full", graph=True, T=4096, batch=2, step_ms=0.75),
+            dict(preset="small", attention="nsa", graph=True, compiled=True, T=4096, batch=2, step_ms=0.125),
+            dict(preset="small", attention="full", graph=True, compiled=True, T=4096, batch=2, step_ms=0.5)]
+    assert ("| small | 4096 | 2 | 2.000 / 0.250 / 0.125 | 1.000 / 0.750 / 0.500 | 8000 | 3.0x / 4.0x | 12.0 | "
+            "30.0 / 20.0 |" in bench.markdown_table_generate(dict(results=rows)))
+    # rows of older files, without "compiled": the compiled columns stay empty
+    assert ("| small | 4096 | 2 | 2.000 / 0.250 / - | 1.000 / 0.750 / - | 8000 | 3.0x / - | 12.0 | 30.0 / 20.0 |"
+            in bench.markdown_table_generate(dict(results=rows[:4])))
 
 
 def test_demo_short_sequence_lists_valid_forced_blocks(capsys):

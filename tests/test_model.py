@@ -116,6 +116,8 @@ def test_generate_cuda_graph_needs_cuda():
     model = NSAModel(small("nsa")).eval()
     with pytest.raises(ValueError, match="cuda_graph"):
         model.generate(torch.randint(0, 256, (1, 5)), 4, cuda_graph=True)
+    with pytest.raises(ValueError, match="compile=True needs cuda_graph=True"):
+        model.generate(torch.randint(0, 256, (1, 5)), 4, compile=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -135,6 +137,23 @@ def test_gpu_generate_cuda_graph_equals_eager(attention, shared_kv):
     g1, g2 = (torch.Generator("cuda").manual_seed(1) for _ in range(2))
     assert torch.equal(model.generate(prompt, 30, temperature=1.0, top_k=20, generator=g1),
                        model.generate(prompt, 30, temperature=1.0, top_k=20, generator=g2, cuda_graph=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["nsa", "full"])
+def test_gpu_generate_compiled_cuda_graph_equals_eager(attention):
+    """The compiled step (inductor) captured in the graph gives the eager tokens (fp32: its
+    reordered sums move the logits by ~1e-6, far from a greedy tie), and a second call reuses the
+    model's compiled step."""
+    torch.manual_seed(7)
+    model = NSAModel(small(attention, backend="triton")).cuda().eval()
+    prompt = torch.randint(0, 256, (2, 37), device="cuda")
+    eager = model.generate(prompt, 24)
+    assert torch.equal(model.generate(prompt, 24, cuda_graph=True, compile=True), eager)
+    compiled = model._decode_compiled
+    assert compiled is not None
+    assert torch.equal(model.generate(prompt, 24, cuda_graph=True, compile=True), eager)
+    assert model._decode_compiled is compiled
 
 
 def test_sampling_is_seeded_and_respects_top_k_top_p():

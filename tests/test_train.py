@@ -147,6 +147,8 @@ def test_train_two_kinds_then_needle_and_generate(tmp_path, capsys):
     # the CPU has no CUDA graphs
     assert "cuda_graph" in cli_error(["generate", os.path.join(out, "nsa"), "--prompt", "ab", "--cuda-graph",
                                       "--device", "cpu"], capsys)
+    assert "compile=True needs cuda_graph=True" in cli_error(["generate", os.path.join(out, "nsa"), "--prompt",
+                                                              "ab", "--compile", "--device", "cpu"], capsys)
 
 
 def test_train_on_a_text_file(tmp_path, capsys):

@@ -345,6 +345,7 @@ class NSAModel(nn.Module):
         self._init_weights()
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._decode_compiled = None  # torch.compile of decode_step, made by the first generate(compile=True)
 
     def _init_weights(self) -> None:
         c = self.config
@@ -452,7 +453,7 @@ class NSAModel(nn.Module):
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None, stop_token: int | None = None,
-                 cuda_graph: bool = False) -> torch.Tensor:
+                 cuda_graph: bool = False, compile: bool = False) -> torch.Tensor:
         """Continue ``prompt`` [B, T] by ``max_new_tokens`` tokens; returns [B, T + new].
 
         ``temperature=0`` is greedy; otherwise sample from softmax(logits / temperature)
@@ -467,6 +468,11 @@ class NSAModel(nn.Module):
         a step costs its GPU time instead of dozens of launches a layer from Python. The same tokens
         as without it, up to the last bits of the logits. The full and window baselines attend
         over the whole preallocated cache under a mask in that mode.
+
+        ``compile=True`` (with ``cuda_graph``): the step is compiled first with ``torch.compile``
+        (inductor, ``fullgraph``), so the graph replays a few fused kernels a layer instead of
+        dozens of small ones. The first call pays the compilation (tens of seconds); the model
+        keeps the compiled step for later calls (a new batch size or cache length recompiles).
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a non-empty integer tensor [B, T], got "
@@ -479,6 +485,8 @@ class NSAModel(nn.Module):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if compile and not cuda_graph:
+            raise ValueError("compile=True needs cuda_graph=True: the compiled step is what the graph replays")
         if cuda_graph:
             if not (use_cache and prompt.is_cuda):
                 raise ValueError("cuda_graph=True needs use_cache=True and a CUDA prompt, got "
@@ -493,7 +501,7 @@ class NSAModel(nn.Module):
         out = prompt
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         logits = self(prompt, cache=cache)[:, -1]
-        step = _GraphedStep(self, cache, T) if cuda_graph and max_new_tokens > 1 else None
+        step = _GraphedStep(self, cache, T, compile) if cuda_graph and max_new_tokens > 1 else None
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         for _ in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
@@ -516,10 +524,16 @@ class NSAModel(nn.Module):
 class _GraphedStep:
     """NSAModel.decode_step captured in a CUDA graph: static token and length buffers, the
     first call run eagerly on a side stream (it compiles and autotunes the kernels, which a
-    capture must not do) and the graph captured after it."""
+    capture must not do) and the graph captured after it. ``compiled``: the step is the model's
+    torch.compile of decode_step (made once per model)."""
 
-    def __init__(self, model: NSAModel, cache: "ModelCache", length: int):
+    def __init__(self, model: NSAModel, cache: "ModelCache", length: int, compiled: bool = False):
         self.model, self.cache = model, cache
+        self.step = model.decode_step
+        if compiled:
+            if model._decode_compiled is None:
+                model._decode_compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
+            self.step = model._decode_compiled
         B, dev = cache.last.shape[0], cache.last.device
         self.tok = torch.zeros(B, 1, dtype=torch.int64, device=dev)
         self.seqlens = torch.full((B,), length, dtype=torch.int64, device=dev)
@@ -532,13 +546,13 @@ class _GraphedStep:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = self.model.decode_step(self.tok, self.cache, self.seqlens)
+                logits = self.step(self.tok, self.cache, self.seqlens)
             torch.cuda.current_stream().wait_stream(side)
             return logits
         if self.graph is None:  # capture records the step without running it
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.logits = self.model.decode_step(self.tok, self.cache, self.seqlens)
+                self.logits = self.step(self.tok, self.cache, self.seqlens)
         self.graph.replay()
         return self.logits
 

@@ -674,7 +674,7 @@ def _decode_sweep(args, meta, baselines, out_path, dev) -> int:
                    lambda out, path: plot(out, path, decode=True), markdown_table_decode)
 
 
-def _generate_ms(model, prompt, new: int, graph: bool) -> tuple[float, float, float]:
+def _generate_ms(model, prompt, new: int, graph: bool, compiled: bool = False) -> tuple[float, float, float]:
     """(prefill ms, one-time ms, ms per decode step) of model.generate, from calls with 1,
     new // 2 + 1 and new + 1 new tokens (the first new token needs no decode step)."""
     import statistics
@@ -685,7 +685,7 @@ def _generate_ms(model, prompt, new: int, graph: bool) -> tuple[float, float, fl
     def call(n):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(prompt, n, cuda_graph=graph and n > 1)
+        model.generate(prompt, n, cuda_graph=graph and n > 1, compile=compiled and n > 1)
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
@@ -709,11 +709,12 @@ def _generate_sweep(args, meta, out_path, dev) -> int:
         model = NSAModel(cfg).to(dev, torch.bfloat16).eval()
         for T in args.seqlens:
             prompt = torch.randint(0, cfg.vocab_size, (args.batch, T), device=dev)
-            for graph in (False, True):
-                res = dict(preset=args.preset, attention=attention, graph=graph, T=T, batch=args.batch,
-                           new_tokens=args.new_tokens)
+            for graph, compiled in ((False, False), (True, False), (True, True)):
+                res = dict(preset=args.preset, attention=attention, graph=graph, compiled=compiled, T=T,
+                           batch=args.batch, new_tokens=args.new_tokens)
                 try:
-                    res["prefill_ms"], res["once_ms"], res["step_ms"] = _generate_ms(model, prompt, args.new_tokens, graph)
+                    res["prefill_ms"], res["once_ms"], res["step_ms"] = _generate_ms(model, prompt, args.new_tokens,
+                                                                                     graph, compiled)
                     if not graph:  # warmed up, eager has no one-time cost: the estimate is noise (H200: -396..+847 ms)
                         del res["once_ms"]
                     res["tokens_per_s"] = args.batch * 1e3 / res["step_ms"]
@@ -851,22 +852,26 @@ def _write_results(out, out_path, plot_fn, table_fn) -> int:
 
 
 def markdown_table_generate(out) -> str:
-    """One row per prompt length: ms per decode step of NSA and full attention, eager and as a
-    CUDA graph, NSA's graphed tokens/s and speedup, the graph's one-time cost, the prefill."""
-    lines = ["| preset | T | batch | NSA ms/step eager / graph | full ms/step eager / graph | "
-             "tokens/s NSA graph | NSA vs full (graphs) | NSA graph one-time ms | prefill ms NSA / full |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["T"], r["attention"], r["graph"]): r for r in out["results"] if "step_ms" in r}
+    """One row per prompt length: ms per decode step of NSA and full attention, eager, as a CUDA
+    graph and as a graph of the compiled step; NSA's graphed tokens/s and speedups over full
+    attention (graphs, compiled graphs), the graph's one-time cost, the prefill."""
+    lines = ["| preset | T | batch | NSA ms/step eager / graph / compiled graph | full ms/step eager / graph / "
+             "compiled graph | tokens/s NSA graph | NSA vs full (graphs / compiled) | NSA graph one-time ms | "
+             "prefill ms NSA / full |", "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["T"], r["attention"], r["graph"], r.get("compiled", False)): r for r in out["results"] if "step_ms" in r}
     f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if r else "-"  # noqa: E731
+    vs = lambda a, b: f"{a['step_ms'] / b['step_ms']:.1f}x" if a and b else "-"  # noqa: E731
+    modes = ((False, False), (True, False), (True, True))
     for T in sorted({r["T"] for r in out["results"]}):
-        ne, ng, fe, fg = (by.get((T, a, g)) for a in ("nsa", "full") for g in (False, True))
-        any_r = ne or ng or fe or fg
+        (ne, ng, nc), (fe, fg, fc) = ([by.get((T, a, *m)) for m in modes] for a in ("nsa", "full"))
+        any_r = ne or ng or nc or fe or fg or fc
         if any_r is None:
             continue
-        vs = f"{fg['step_ms'] / ng['step_ms']:.1f}x" if ng and fg else "-"
-        lines.append(f"| {any_r['preset']} | {T} | {any_r['batch']} | {f(ne, 'step_ms')} / {f(ng, 'step_ms')} | "
-                     f"{f(fe, 'step_ms')} / {f(fg, 'step_ms')} | {f(ng, 'tokens_per_s', '{:.0f}')} | {vs} | "
-                     f"{f(ng, 'once_ms', '{:.1f}')} | {f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
+        lines.append(f"| {any_r['preset']} | {T} | {any_r['batch']} | "
+                     f"{' / '.join(f(r, 'step_ms') for r in (ne, ng, nc))} | "
+                     f"{' / '.join(f(r, 'step_ms') for r in (fe, fg, fc))} | {f(ng, 'tokens_per_s', '{:.0f}')} | "
+                     f"{vs(fg, ng)} / {vs(fc, nc)} | {f(ng, 'once_ms', '{:.1f}')} | "
+                     f"{f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
     return "\n".join(lines)
 
 
@@ -877,11 +882,14 @@ def plot_generate(out, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for attention, graph, label in (("nsa", False, "NSA eager"), ("nsa", True, "NSA, CUDA graph"),
-                                    ("full", False, "full attention eager"),
-                                    ("full", True, "full attention, CUDA graph")):
+    for attention, graph, compiled, label in (
+            ("nsa", False, False, "NSA eager"), ("nsa", True, False, "NSA, CUDA graph"),
+            ("nsa", True, True, "NSA, compiled CUDA graph"), ("full", False, False, "full attention eager"),
+            ("full", True, False, "full attention, CUDA graph"),
+            ("full", True, True, "full attention, compiled CUDA graph")):
         pts = sorted((r["T"], r["step_ms"]) for r in out["results"]
-                     if r["attention"] == attention and r["graph"] == graph and "step_ms" in r)
+                     if (r["attention"], r["graph"], r.get("compiled", False)) == (attention, graph, compiled)
+                     and "step_ms" in r)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)

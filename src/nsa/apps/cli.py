@@ -126,7 +126,7 @@ def cmd_generate(args) -> int:
     x = encode_(prompt)[None].to(device)
     y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, use_cache=not args.no_cache, generator=g,
-                       cuda_graph=args.cuda_graph)
+                       cuda_graph=args.cuda_graph, compile=args.compile)
     new = y[0, x.shape[1]:].tolist()
     # labelled, each on its own lines: where the prompt ends is visible in a pipe too
     unit = "bytes" if decode_ is decode else "tokens"
@@ -199,6 +199,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step as a CUDA graph (CUDA; NSA on the Triton "
                         "backend, or a baseline)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --cuda-graph: torch.compile the decode step before capturing it "
+                        "(fused kernels; the first step compiles for tens of seconds)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
