@@ -120,6 +120,9 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
             "position_bucket": b, "position_loss": pos,
             "position_loss_within_window": sum(within) / len(within) if within else None,
             "position_loss_beyond_window": sum(beyond) / len(beyond) if beyond else None,
+            # per validation window: the mean loss of its buckets beyond w (for paired comparisons)
+            "window_loss_beyond_window": [sum(r[i] for i in range(len(r)) if i * b >= w) / len(beyond)
+                                          for r in last.get("val_window_position_loss", [])] if beyond else [],
             "device": s["device"], "torch": s["torch"], "triton": s.get("triton"), "dtype": s["dtype"], "config": s["config"],
             "steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"], "lr": s["lr"],
         }
@@ -127,7 +130,22 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
     return {"study": "lm_study", "command": command, "device": first["device"], "torch": first["torch"],
             "triton": first["triton"], "python": corpus.get("python"), "commit": _commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "data": corpus.get("name"), "corpus": corpus, "models": models}
+            "data": corpus.get("name"), "corpus": corpus, "models": models,
+            "beyond_window_vs_nsa": {k: paired(models[k]["window_loss_beyond_window"],
+                                               models["nsa"]["window_loss_beyond_window"])
+                                     for k in models if k != "nsa" and "nsa" in models}}
+
+
+def paired(a: list[float], b: list[float]) -> dict | None:
+    """Mean of a - b over paired validation windows, its standard error and the windows: a model's
+    loss beyond the window against NSA's on the same bytes (``measurably worse``: mean > 2 se)."""
+    if not a or len(a) != len(b) or len(a) < 2:
+        return None
+    diff = [x - y for x, y in zip(a, b)]
+    n = len(diff)
+    mean = sum(diff) / n
+    sd = (sum((x - mean) ** 2 for x in diff) / (n - 1)) ** 0.5
+    return {"mean": mean, "se": sd / n ** 0.5, "windows": n}
 
 
 def table(res: dict) -> str:
@@ -139,6 +157,10 @@ def table(res: dict) -> str:
                      f"{m['train_seconds']:.0f} | {m['tokens_per_s_steady']:,.0f} | {m['val_loss']:.4f} "
                      f"({m['val_loss'] / 0.6931471805599453:.3f}) | {f(m['position_loss_within_window'])} / "
                      f"{f(m['position_loss_beyond_window'])} | {m['position_loss'][-1]:.4f} |")
+    for kind, p in res.get("beyond_window_vs_nsa", {}).items():
+        if p:
+            lines.append(f"\n{LABELS.get(kind, kind)} minus NSA beyond the window, paired over {p['windows']} "
+                         f"validation windows: {p['mean']:+.4f} +- {p['se']:.4f} nats/byte (se)")
     return "\n".join(lines)
 
 

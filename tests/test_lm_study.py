@@ -158,6 +158,14 @@ def test_eval_loss_equals_direct_computation(bucket):
     assert got["position_bucket"] == bucket and len(got["position_loss"]) == len(edges)
     for s, v in zip(edges, got["position_loss"]):
         assert v == pytest.approx(float(per_pos[s:s + bucket].mean()), rel=1e-6)
+    # per window: each window's own bucket means, which average back to the buckets
+    per_win = got["window_position_loss"]
+    assert len(per_win) == 5 and all(len(r) == len(edges) for r in per_win)
+    for j in (0, 4):
+        for s, v in zip(edges, per_win[j]):
+            assert v == pytest.approx(float(ce[j, s:s + bucket].double().mean()), rel=1e-6)
+    for i, v in enumerate(got["position_loss"]):
+        assert sum(r[i] for r in per_win) / 5 == pytest.approx(v, rel=1e-9)
     # the buckets, weighted by their sizes, average back to the overall mean
     sizes = [min(bucket, 112 - s) for s in edges]
     assert sum(v * n for v, n in zip(got["position_loss"], sizes)) / 112 == pytest.approx(got["loss"], rel=1e-9)
@@ -225,6 +233,17 @@ def test_study_smoke_writes_json_and_png(tmp_path, monkeypatch):
         b, pos = m["position_bucket"], m["position_loss"]
         beyond = [v for i, v in enumerate(pos) if i * b >= m["window"]]
         assert m["position_loss_beyond_window"] == pytest.approx(sum(beyond) / len(beyond))
+        # per window beyond w, from the last evaluation's per-window buckets; they average back
+        per = m["window_loss_beyond_window"]
+        assert len(per) == evals[-1]["val_window_position_loss"].__len__() > 1
+        assert sum(per) / len(per) == pytest.approx(m["position_loss_beyond_window"], rel=1e-9)
+    # paired differences against NSA over the same windows
+    for kind in ("full", "window"):
+        p = r["beyond_window_vs_nsa"][kind]
+        diff = [x - y for x, y in zip(r["models"][kind]["window_loss_beyond_window"],
+                                      r["models"]["nsa"]["window_loss_beyond_window"])]
+        assert p["windows"] == len(diff) and p["mean"] == pytest.approx(sum(diff) / len(diff))
+        assert p["se"] == pytest.approx(float(np.std(diff, ddof=1)) / len(diff) ** 0.5)
     # the three models differ in attention alone
     cfgs = [dict(m["config"], attention=None) for m in r["models"].values()]
     assert cfgs[0] == cfgs[1] == cfgs[2]

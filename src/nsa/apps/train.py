@@ -15,8 +15,8 @@ this process started training, evaluations included). On text data (``--data``) 
 evaluation steps (every ``--eval-every`` steps and the last) add ``val_loss`` (mean cross-entropy
 in nats per byte over ``--eval-windows`` fixed validation windows, the same for every model),
 ``val_position_loss`` (the same mean per bucket of ``val_position_bucket`` token positions of
-the window: position t predicts byte t + 1 from t + 1 bytes of context) and ``eval_seconds``.
-At the end ``summary.json`` holds the totals, training tokens/s and, for text data,
+the window: position t predicts byte t + 1 from t + 1 bytes of context) and ``eval_seconds``;
+the last evaluation's line also ``val_window_position_loss`` (those means per window). At the end ``summary.json`` holds the totals, training tokens/s and, for text data,
 ``corpus.json``'s record of the data (for the Python corpora: Python version, roots, files, bytes
 and hashes).
 
@@ -297,6 +297,8 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
                                 device, d, autocast)
             rec.update(val_loss=val["loss"], val_position_loss=val["position_loss"],
                        val_position_bucket=val["position_bucket"], eval_seconds=round(val["seconds"], 3))
+            if done == args.steps:  # the last evaluation also per window (paired comparisons)
+                rec["val_window_position_loss"] = val["window_position_loss"]
         if d.main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -337,7 +339,9 @@ def evaluate_text(model, task: TextCorpus, windows: int, bucket: int, batch: int
     Returns {"loss": mean cross-entropy (nats per byte) over every position of every window,
     "position_loss": the mean over windows and over the positions [i * b, (i + 1) * b) of each
     bucket i, b = ``bucket`` (0: seq_len // 64, at least 1; the last bucket may be shorter),
-    "position_bucket": b, "windows", "seconds"}. The model is put back in training mode."""
+    "window_position_loss": the same per window ([windows][buckets]: paired comparisons of two
+    models on the same bytes), "position_bucket": b, "windows", "seconds"}. The model is put
+    back in training mode."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -345,19 +349,21 @@ def evaluate_text(model, task: TextCorpus, windows: int, bucket: int, batch: int
     T = x.shape[1]
     b = bucket or max(1, T // 64)
     mine = list(range(d.rank, windows, d.world))
-    ce_pos = torch.zeros(T, dtype=torch.float64, device=device)  # summed over windows
+    ce_win = torch.zeros(windows, T, dtype=torch.float64, device=device)  # this process's rows filled
     for i in range(0, len(mine), batch):
         rows = mine[i:i + batch]
         xb, yb = x[rows].to(device), y[rows].to(device)
         with autocast or contextlib.nullcontext():
             logits = model(xb)
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
-        ce_pos += ce.view(len(rows), T).double().sum(0)
-    ce_pos = all_sum(ce_pos, d) / windows  # [T] mean over windows
+        ce_win[rows] = ce.view(len(rows), T).double()
+    ce_win = all_sum(ce_win, d)  # [windows, T]
+    ce_pos = ce_win.sum(0) / windows  # [T] mean over windows
     buckets = [float(ce_pos[s:s + b].mean()) for s in range(0, T, b)]
+    per_window = torch.stack([ce_win[:, s:s + b].mean(1) for s in range(0, T, b)], 1).tolist()
     model.train(was_training)
-    return {"loss": float(ce_pos.mean()), "position_loss": buckets, "position_bucket": b, "windows": windows,
-            "seconds": time.perf_counter() - t0}
+    return {"loss": float(ce_pos.mean()), "position_loss": buckets, "window_position_loss": per_window,
+            "position_bucket": b, "windows": windows, "seconds": time.perf_counter() - t0}
 
 
 def _check_corpus(out: str, info: dict, resume: bool) -> None:
