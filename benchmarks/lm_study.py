@@ -104,7 +104,8 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
         b, pos = last["val_position_bucket"], last["val_position_loss"]
         w = s["config"]["attn"]["window"]
         within = [v for i, v in enumerate(pos) if (i + 1) * b <= w]
-        beyond = [v for i, v in enumerate(pos) if i * b >= w]
+        far = [i for i in range(len(pos)) if i * b >= w]  # the buckets beyond the window
+        beyond = [pos[i] for i in far]
         keys = ("name", "sha256", "bytes")
         if corpus is None:
             corpus = s["data"]
@@ -121,8 +122,8 @@ def summarize(runs: str, kinds, command: str = "") -> dict:
             "position_loss_within_window": sum(within) / len(within) if within else None,
             "position_loss_beyond_window": sum(beyond) / len(beyond) if beyond else None,
             # per validation window: the mean loss of its buckets beyond w (for paired comparisons)
-            "window_loss_beyond_window": [sum(r[i] for i in range(len(r)) if i * b >= w) / len(beyond)
-                                          for r in last.get("val_window_position_loss", [])] if beyond else [],
+            "window_loss_beyond_window": [sum(r[i] for i in far) / len(far)
+                                          for r in last.get("val_window_position_loss", [])] if far else [],
             "device": s["device"], "torch": s["torch"], "triton": s.get("triton"), "dtype": s["dtype"], "config": s["config"],
             "steps": s["steps"], "batch_size": s["batch_size"], "seq_len": s["seq_len"], "lr": s["lr"],
         }

@@ -528,7 +528,7 @@ class _GraphedStep:
     torch.compile of decode_step (made once per model)."""
 
     def __init__(self, model: NSAModel, cache: "ModelCache", length: int, compiled: bool = False):
-        self.model, self.cache = model, cache
+        self.cache = cache
         self.step = model.decode_step
         if compiled:
             if model._decode_compiled is None:

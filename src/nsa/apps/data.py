@@ -271,8 +271,9 @@ def _distinct(folders: list[str]) -> list[str]:
     """``folders`` as absolute paths, in order, each folder once (after symlinks)."""
     out, seen = [], set()
     for p in folders:
-        if os.path.realpath(p) not in seen:
-            seen.add(os.path.realpath(p))
+        real = os.path.realpath(p)
+        if real not in seen:
+            seen.add(real)
             out.append(os.path.abspath(p))
     return out
 

@@ -16,7 +16,8 @@ evaluation steps (every ``--eval-every`` steps and the last) add ``val_loss`` (m
 in nats per byte over ``--eval-windows`` fixed validation windows, the same for every model),
 ``val_position_loss`` (the same mean per bucket of ``val_position_bucket`` token positions of
 the window: position t predicts byte t + 1 from t + 1 bytes of context) and ``eval_seconds``;
-the last evaluation's line also ``val_window_position_loss`` (those means per window). At the end ``summary.json`` holds the totals, training tokens/s and, for text data,
+the last evaluation's line also ``val_window_position_loss`` (those means per window). At the
+end ``summary.json`` holds the totals, training tokens/s and, for text data,
 ``corpus.json``'s record of the data (for the Python corpora: Python version, roots, files, bytes
 and hashes).
 

@@ -357,10 +357,7 @@ class _Plan(NamedTuple):
     step."""
 
     R: int  # query rows B * S
-    ts: int  # visible compressed tokens of the longest sequence (score buffer width)
-    nsplit: int  # cmp programs per (row, group)
     n_sel_max: int  # selection blocks of the longest sequence
-    np2: int  # attend programs per (row, group): selected slots + window chunks
     where: str  # where the top-n runs (_top_n_where)
     shapes: tuple  # of the fp32 partial buffers: s, pm, pl, pacc, score, pm2, pl2, pacc2
     cmp: tuple  # (grid, positional ints, constexprs) of each launch
@@ -418,7 +415,7 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
                                           **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
-    return _Plan(R, ts, nsplit, n_sel_max, np2, where, shapes, cmp, scores, top_n, attend, combine)
+    return _Plan(R, n_sel_max, where, shapes, cmp, scores, top_n, attend, combine)
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
