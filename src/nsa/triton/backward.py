@@ -452,13 +452,18 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool) -> tuple[di
     for dk^T-shaped products, which 32-key tiles ran half empty) walking 128-row query tiles,
     1 stage. Timed on an H200 at the paper geometry, 64k (cmp dk/dv 54.7 -> 40.8 ms with 2
     stages, which spill; 1 stage measured 41.6 before), spill-free with triton 3.6 for sm_90
-    (tests/test_spills.py), which the 2-stage and the 64-row tiles of the window were not."""
+    (tests/test_spills.py). The window's dk/dv walks 32-row tiles, 3 stages: its 128-row tile
+    spills 4 registers with 4 kv heads (an H200 ran it in 12.9 ms at 64k, the spill-free 32-row
+    tile 16.0; every other spill-free tile measured slower still: bwd_band_tiles_h200.json)."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
         cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
         return cfg, cfg
     HP, BT, _ = C.rows_for(h, 64)
     cfg_q = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=3)
+    if mode == 1:  # the window's 128-row tile spills 4 registers with the paper's 4 kv heads
+        HP, BT, _ = C.rows_for(h, 32)
+        return cfg_q, dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=3)
     HP, BT, _ = C.rows_for(h, 128)
     cfg_kv = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=1)
     return cfg_q, cfg_kv
