@@ -99,7 +99,8 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     keep no stack frame; so do the scores, top-n and combine kernels. The CPU interpreter does
     not type-check: a paged attend kernel whose two branches gave the key rows different integer
     types ran there and failed to compile on GPUs."""
-    dims = dict(HQ=16, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
+    # the paper geometry with its 4 kv heads (they enter the address arithmetic)
+    dims = dict(HQ=64, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
 
     def spec(kernel, **const):
         names = getattr(D, kernel).arg_names  # the shared dims that this kernel takes

@@ -710,6 +710,33 @@ def test_gpu_decode_cuda_graph_with_new_lengths():
 
 @gpu
 @pytest.mark.gpu
+def test_gpu_decode_relaunch_equals_first_launch():
+    """Eager steps after the first launch the kept compiled kernels directly (C.relaunch): on
+    new tensors (other addresses, other values) they equal the reference as the first step
+    did, and a q that is not 16-byte aligned goes through triton's run and is right too."""
+    c = dict(lens=[4097, 640], HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=True)
+    for seed in range(3):
+        args, kw, _ = _decode_inputs(c, torch.bfloat16, seed=seed, full=False)
+        kw = dict(kw, max_seqlen=4097)
+        _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, args, kw)
+    from nsa.triton import decode as D
+    assert any(p.compiled for p in _plans(D)), "no step kept its kernels"
+    q = args[0]
+    q_odd = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)[1:].view(q.shape)
+    q_odd.copy_(q)
+    assert q_odd.data_ptr() % 16  # 2 bytes past a 16-byte boundary
+    _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, (q_odd, *args[1:]), kw)
+
+
+def _plans(D):
+    """The decode plans alive in the launcher's cache (lru_cache keeps no list: walk the GC)."""
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, D._Plan)]
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("S", [1, 4, 8])
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "sharedkv"])
 def test_gpu_decode_paged_equals_contiguous(S, ring):

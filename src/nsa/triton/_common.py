@@ -321,3 +321,58 @@ def autotuned(kernel, key: list[str], warps: list[int], stages: list[int]):
         return kernel
     return _Autotuner(kernel, kernel.arg_names, kw["configs"], kw["key"], reset_to_zero=None, restore_value=None,
                       cache_results=kw["cache_results"])
+
+
+
+def _launch_hooked() -> bool:
+    """Whether triton's launch hooks are set (profilers such as proton read them)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        hooks = (getattr(triton.compiler.CompiledKernel, "launch_enter_hook", None),)
+    else:
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    # triton 3.6 holds its hooks in HookChains, always there: set means a chain that holds calls
+    return any(h is not None and getattr(h, "calls", True) for h in hooks)
+
+
+def _current_stream() -> int:
+    """The current CUDA stream of the current device, where triton launches too."""
+    return torch.cuda.current_stream().cuda_stream
+
+
+def aligned(*tensors) -> bool:
+    """Whether every tensor's data is 16-byte aligned (what triton specialises pointers on)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def relaunch(compiled: dict, key, kernel, grid: tuple, args: tuple, const: dict, is_aligned: bool) -> None:
+    """``kernel[grid](*args, **const)``, past ``JITFunction.run`` when ``compiled`` holds the
+    kernel for ``key`` (launchers that repeat one signature many times: the decode step).
+
+    triton's run binds every argument, builds the specialisation key, looks the kernel up and
+    checks its globals on each launch: with the CUDA launch about 30 us of host time a decode
+    launch on the H200's host, where a whole graphed step takes 20-40 us of GPU time. The
+    caller's ``key`` must name everything the launch is specialised on besides the tensors
+    (shapes, dtypes, integer arguments, constexprs). Its first launch goes through triton's run
+    (compiling, autotuning) and keeps the compiled kernel it returns in ``compiled``; later
+    launches call that kernel's C launcher. Pointers are specialised on 16-byte alignment:
+    ``is_aligned`` says that every tensor of ``args`` is (:func:`aligned` of the caller's
+    inputs, once for all its launches; buffers from torch's allocator are 512-byte aligned). A
+    kernel is kept only from an aligned launch, and an unaligned launch goes through triton's
+    run; so does every launch while triton's launch hooks are set and every launch under the
+    CPU interpreter.
+    """
+    hit = compiled.get(key)
+    if hit is not None and is_aligned and not _launch_hooked():
+        ck, tail = hit
+        g = (*grid, 1, 1)
+        ck.run(g[0], g[1], g[2], _current_stream(), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+        return
+    ck = kernel[grid](*args, **const)
+    if hit is None and is_aligned and not interpreting():
+        names = (kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel).arg_names
+        rest = names[len(args):]
+        # every parameter after the positional ones passed by name (none left to a default),
+        # and a compiled kernel of the layout that triton 3.2 and later return
+        if all(n in const for n in rest) and all(hasattr(ck, a) for a in ("run", "function", "packed_metadata")):
+            compiled[key] = (ck, tuple(const[n] for n in rest))

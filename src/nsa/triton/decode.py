@@ -365,6 +365,7 @@ class _Plan(NamedTuple):
     top_n: tuple
     attend: tuple
     combine: tuple
+    compiled: dict  # the launches' compiled kernels (C.relaunch), filled by the first step
 
 
 @functools.lru_cache(maxsize=256)
@@ -415,7 +416,7 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
                                           **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
-    return _Plan(R, n_sel_max, where, shapes, cmp, scores, top_n, attend, combine)
+    return _Plan(R, n_sel_max, where, shapes, cmp, scores, top_n, attend, combine, {})
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
@@ -462,22 +463,31 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
               C.interpreting())
     # (eight allocations: cheaper on the host than views of one workspace, ~2 against ~3 us each)
     s_buf, pm, pl, pacc, score, pm2, pl2, pacc2 = (torch.empty(x, dtype=torch.float32, device=dev) for x in p.shapes)
+    # the plan fixes every integer and constexpr; the tensors add their dtypes (lens and the
+    # block table may be int32 or int64)
+    key = (lens.dtype, bt.dtype, k_slc.dtype, v_slc.dtype, k_win.dtype, gates.dtype)
+    # the inputs' alignment, once for the five launches (the buffers come from torch's allocator)
+    ok = C.aligned(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lens, bt)
     grid, ints, const = p.cmp
-    _decode_cmp_tuned[grid](q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, *ints, **const)
+    C.relaunch(p.compiled, (key, 0), _decode_cmp_tuned, grid, (q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, *ints),
+               const, ok)
     grid, ints, const = p.scores
-    _decode_scores[grid](s_buf, pm, pl, lens, score, *ints, **const)
+    C.relaunch(p.compiled, (key, 1), _decode_scores, grid, (s_buf, pm, pl, lens, score, *ints), const, ok)
     if p.where == "torch":
         idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
     elif p.where == "kernel":
         idx = torch.empty(p.R, H, sel_count, dtype=torch.int32, device=dev)
         grid, ints, const = p.top_n
-        _decode_top_n[grid](score, idx, *ints, **const)
+        C.relaunch(p.compiled, (key, 2), _decode_top_n, grid, (score, idx, *ints), const, ok)
     else:  # "slots": in the attend kernel
         idx = score
     grid, ints, const = p.attend
     qk_scale, rest = ints[0], ints[1:]
-    _decode_attend_tuned[grid](q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2,
-                               qk_scale, *rest, **const)
+    C.relaunch(p.compiled, (key, 3, idx.dtype), _decode_attend_tuned, grid,
+               (q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2, qk_scale, *rest),
+               const, ok)
     grid, ints, const = p.combine
-    _decode_combine[grid](pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints, **const)
+    C.relaunch(p.compiled, (key, 4, o.dtype), _decode_combine, grid, (pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints),
+               const, ok)
     return o
+
