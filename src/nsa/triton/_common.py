@@ -323,7 +323,6 @@ def autotuned(kernel, key: list[str], warps: list[int], stages: list[int]):
                       cache_results=kw["cache_results"])
 
 
-
 def _launch_hooked() -> bool:
     """Whether triton's launch hooks are set (profilers such as proton read them)."""
     knobs = getattr(triton, "knobs", None)

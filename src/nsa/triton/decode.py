@@ -481,13 +481,10 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         C.relaunch(p.compiled, (key, 2), _decode_top_n, grid, (score, idx, *ints), const, ok)
     else:  # "slots": in the attend kernel
         idx = score
-    grid, ints, const = p.attend
-    qk_scale, rest = ints[0], ints[1:]
-    C.relaunch(p.compiled, (key, 3, idx.dtype), _decode_attend_tuned, grid,
-               (q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2, qk_scale, *rest),
-               const, ok)
+    grid, ints, const = p.attend  # idx's dtype follows p.where, o's is q's: both in the plan
+    C.relaunch(p.compiled, (key, 3), _decode_attend_tuned, grid,
+               (q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2, *ints), const, ok)
     grid, ints, const = p.combine
-    C.relaunch(p.compiled, (key, 4, o.dtype), _decode_combine, grid, (pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints),
+    C.relaunch(p.compiled, (key, 4), _decode_combine, grid, (pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints),
                const, ok)
     return o
-
