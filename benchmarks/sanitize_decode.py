@@ -1,6 +1,7 @@
 """Paged and multi-token decode at odd shapes, for compute-sanitizer memcheck: the kernels must
-read nothing outside the pools, also with out-of-range table entries (clamped) past and within
-what the lengths need (the max_seqlen path does not check the table).
+read nothing outside the pools, on the first call and when relaunched, also with out-of-range
+table entries (clamped) past and within what the lengths need (the max_seqlen path does not
+check the table).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py
 """
@@ -28,8 +29,11 @@ for S in (1, 3, 8):
     ring = (mk(B, 100 + S - 1, H, Dk), mk(B, 100 + S - 1, H, Dv))
     for win in (ring, (None, None)):
         o = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=table, **geo)
+        # the same plan again: the relaunch path (kept compiled kernels, C launchers)
+        again = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=table, **geo)
         bad = table.clone()
         bad[0, 3], bad[1, 0], bad[2, -1] = 10 ** 7, -3, 2 ** 31 - 1
         o2 = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=bad, max_seqlen=P * ps, **geo)
         torch.cuda.synchronize()
-        print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()), bool(torch.isfinite(o2).all()))
+        print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()), bool(torch.isfinite(o2).all()),
+              "relaunch equal", bool(torch.equal(o, again)))

@@ -53,10 +53,10 @@ def test_second_launch_goes_to_the_c_launcher_with_every_parameter_in_order(gpu_
     k = _Kernel(["X", "Y", "n", "A", "B"])
     x, y = torch.zeros(64), torch.zeros(32)
     store = {}
-    C.relaunch(store, "key", k, (3, 2), (x, y, 7), dict(B=2, A=1), C.aligned(x, y))
+    C.relaunch(store, "key", k, (3, 2), (x, y, 7), dict(B=2, A=1), C.launch_stream(x, y))
     assert len(k.launches) == 1 and not k.compiled.calls
     x2 = torch.ones(64)
-    C.relaunch(store, "key", k, (3, 2), (x2, y, 7), dict(B=2, A=1), C.aligned(x2, y))
+    C.relaunch(store, "key", k, (3, 2), (x2, y, 7), dict(B=2, A=1), C.launch_stream(x2, y))
     assert len(k.launches) == 1  # not through triton's run again
     (call,) = k.compiled.calls
     assert call[:8] == (3, 2, 1, 1234, "fn-handle", "meta", None, None)
@@ -68,13 +68,14 @@ def test_unaligned_tensors_hooks_and_other_keys_take_triton_s_run(gpu_like):
     k = _Kernel(["X", "n", "A"])
     store = {}
     x = torch.zeros(64)
-    C.relaunch(store, "key", k, (1,), (x, 5), dict(A=1), C.aligned(x))
+    C.relaunch(store, "key", k, (1,), (x, 5), dict(A=1), C.launch_stream(x))
     odd = torch.zeros(65)[1:]
-    assert not C.aligned(x, odd)
-    C.relaunch(store, "key", k, (1,), (odd, 5), dict(A=1), C.aligned(odd))  # unaligned: triton's run
-    C.relaunch(store, "other", k, (1,), (x, 5), dict(A=1), True)  # another key: triton's run
+    assert C.launch_stream(x) == 1234 and C.launch_stream(x, odd) is None
+    C.relaunch(store, "key", k, (1,), (odd, 5), dict(A=1), C.launch_stream(odd))  # unaligned: triton's run
+    C.relaunch(store, "other", k, (1,), (x, 5), dict(A=1), 1234)  # another key: triton's run
     gpu_like.setattr(C, "_launch_hooked", lambda: True)
-    C.relaunch(store, "key", k, (1,), (x, 5), dict(A=1), True)  # a profiler's hooks: triton's run
+    assert C.launch_stream(x) is None
+    C.relaunch(store, "key", k, (1,), (x, 5), dict(A=1), C.launch_stream(x))  # a profiler's hooks: triton's run
     assert len(k.launches) == 4 and not k.compiled.calls
 
 
@@ -82,8 +83,8 @@ def test_nothing_kept_when_first_launch_is_unaligned_or_a_parameter_is_left_to_i
     k = _Kernel(["X", "n", "A", "B"])
     store = {}
     odd = torch.zeros(65)[1:]
-    C.relaunch(store, "key", k, (1,), (odd, 5), dict(A=1, B=2), C.aligned(odd))
-    C.relaunch(store, "k2", k, (1,), (torch.zeros(64), 5), dict(A=1), True)  # B left to a default
+    C.relaunch(store, "key", k, (1,), (odd, 5), dict(A=1, B=2), C.launch_stream(odd))
+    C.relaunch(store, "k2", k, (1,), (torch.zeros(64), 5), dict(A=1), 1234)  # B left to a default
     assert store == {}
 
 
@@ -106,6 +107,8 @@ def test_interpreter_never_keeps_a_kernel(monkeypatch):
     monkeypatch.setattr(C, "interpreting", lambda: True)
     k = _Kernel(["X", "A"])
     store = {}
+    x = torch.zeros(64)
+    assert C.launch_stream(x) is None
     for _ in range(2):
-        C.relaunch(store, "key", k, (1,), (torch.zeros(64),), dict(A=1), True)
+        C.relaunch(store, "key", k, (1,), (x,), dict(A=1), C.launch_stream(x))
     assert store == {} and len(k.launches) == 2

@@ -391,6 +391,30 @@ def test_layer_cache_triton(seed, B, T, sel_count, bounds):
     _close(torch.cat(parts, 1), full, 1e-5)
 
 
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_layer_decode_steps_keep_one_launch_plan(shared_kv):
+    """The layer's eager one-token steps pass nsa_decode the whole cache buffers and a length
+    bound that moves once per DECODE_BUCKET tokens: one launch plan serves token after token
+    (on a GPU its kept kernels are relaunched), not a new one per token."""
+    from nsa.triton import decode as D
+
+    torch.manual_seed(4)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, compress="mean", shared_kv=shared_kv,
+                        backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    x = torch.randn(1, 26, 32, device=DEV)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(1, 40)
+        parts = [layer(x[:, :20], cache=cache)]
+        D._plan.cache_clear()
+        parts += [layer(x[:, t:t + 1], cache=cache) for t in range(20, 26)]
+    info = D._plan.cache_info()
+    assert (info.misses, info.hits) == (1, 5)
+    _close(torch.cat(parts, 1), full, 1e-5)
+
+
 # shared k/v (the window read from the pages) runs under the interpreter at the op level
 # (MULTI_CASES "sharedkv"); here on a GPU only, for CI's time
 @pytest.mark.parametrize("shared_kv", [False, pytest.param(True, marks=gpu)], ids=["separate-kv", "shared-kv"])

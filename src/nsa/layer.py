@@ -13,6 +13,8 @@ from .cache import MAX_NEW, NSACache, PagedBatch, PagedNSACache
 from .config import NSAConfig
 from .rope import apply_rope, rope_cos_sin
 
+DECODE_BUCKET = 1024  # tokens: an eager decode step's grids are sized to its length rounded up to this
+
 
 class Compressor(nn.Module):
     """phi of semantics §1: pools a block of l rotated keys (or values) into one token.
@@ -220,8 +222,14 @@ class NSAAttention(nn.Module):
         dt = cache.k_slc.dtype
         qd = q.to(dt)
         if C == 1:  # a decode step: nsa_decode reads the window's ring buffer in place
-            o = ops.nsa_decode(qd, kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
-                               cache_seqlens=s + 1, backend=c.backend, **geom)
+            # the whole buffers, lengths on the device and a bound that moves once per
+            # DECODE_BUCKET tokens: the shapes stay, so the step skips nsa_decode's checks and
+            # keeps the kernels' launch plan (relaunched) from token to token
+            bound = min(cache.max_seq_len, -(-(s + 1) // DECODE_BUCKET) * DECODE_BUCKET)
+            lens = torch.full((x.shape[0],), s + 1, dtype=torch.int32, device=x.device)
+            k_w, v_w = (None, None) if cache.shared_kv else (kv.k_win, kv.v_win)
+            o = ops.nsa_decode(qd, cache.k_cmp, cache.v_cmp, cache.k_slc, cache.v_slc, k_w, v_w, gates.to(dt),
+                               cache_seqlens=lens, max_seqlen=bound, backend=c.backend, **geom)
         elif 1 < C <= MAX_NEW:  # a few tokens (speculative verification): the decode path, split over keys
             if c.shared_kv:
                 k_w, v_w = kv.k_slc, kv.v_slc  # position p at row p

@@ -339,12 +339,18 @@ def _current_stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def aligned(*tensors) -> bool:
-    """Whether every tensor's data is 16-byte aligned (what triton specialises pointers on)."""
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
+def launch_stream(*tensors) -> int | None:
+    """The CUDA stream that :func:`relaunch` may launch kept kernels on, for launches whose
+    tensors are ``tensors`` (and buffers from torch's allocator, 512-byte aligned); None where
+    each launch must go through triton's run: a tensor's data not 16-byte aligned (what triton
+    specialises pointers on), triton's launch hooks set (profilers read them), the CPU
+    interpreter. Read once per step, not per launch (~1 us of host time each)."""
+    if interpreting() or _launch_hooked() or any(t.data_ptr() % 16 for t in tensors):
+        return None
+    return _current_stream()
 
 
-def relaunch(compiled: dict, key, kernel, grid: tuple, args: tuple, const: dict, is_aligned: bool) -> None:
+def relaunch(compiled: dict, key, kernel, grid: tuple, args: tuple, const: dict, stream: int | None) -> None:
     """``kernel[grid](*args, **const)``, past ``JITFunction.run`` when ``compiled`` holds the
     kernel for ``key`` (launchers that repeat one signature many times: the decode step).
 
@@ -354,21 +360,18 @@ def relaunch(compiled: dict, key, kernel, grid: tuple, args: tuple, const: dict,
     caller's ``key`` must name everything the launch is specialised on besides the tensors
     (shapes, dtypes, integer arguments, constexprs). Its first launch goes through triton's run
     (compiling, autotuning) and keeps the compiled kernel it returns in ``compiled``; later
-    launches call that kernel's C launcher. Pointers are specialised on 16-byte alignment:
-    ``is_aligned`` says that every tensor of ``args`` is (:func:`aligned` of the caller's
-    inputs, once for all its launches; buffers from torch's allocator are 512-byte aligned). A
-    kernel is kept only from an aligned launch, and an unaligned launch goes through triton's
-    run; so does every launch while triton's launch hooks are set and every launch under the
-    CPU interpreter.
+    launches call that kernel's C launcher on ``stream`` (:func:`launch_stream` of the caller's
+    inputs, once for all its launches). With ``stream`` None every launch goes through
+    triton's run and nothing is kept.
     """
     hit = compiled.get(key)
-    if hit is not None and is_aligned and not _launch_hooked():
+    if hit is not None and stream is not None:
         ck, tail = hit
         g = (*grid, 1, 1)
-        ck.run(g[0], g[1], g[2], _current_stream(), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+        ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
         return
     ck = kernel[grid](*args, **const)
-    if hit is None and is_aligned and not interpreting():
+    if hit is None and stream is not None:
         names = (kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel).arg_names
         rest = names[len(args):]
         # every parameter after the positional ones passed by name (none left to a default),

@@ -466,8 +466,8 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     # the plan fixes every integer and constexpr; the tensors add their dtypes (lens and the
     # block table may be int32 or int64)
     key = (lens.dtype, bt.dtype, k_slc.dtype, v_slc.dtype, k_win.dtype, gates.dtype)
-    # the inputs' alignment, once for the five launches (the buffers come from torch's allocator)
-    ok = C.aligned(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lens, bt)
+    # alignment, hooks and stream once for the five launches (the buffers come from torch's allocator)
+    ok = C.launch_stream(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lens, bt)
     grid, ints, const = p.cmp
     C.relaunch(p.compiled, (key, 0), _decode_cmp_tuned, grid, (q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, *ints),
                const, ok)
