@@ -10,7 +10,7 @@ from nsa.triton.nsa import _nsa_forward
 out, cfg = sys.argv[1], json.load(open(sys.argv[2]))
 if cfg.get("band"):
     bq, bkv = cfg["band"]
-    BW._band_configs = lambda h, Dk, Dv, mode, interp: (dict(bq, HP=16), dict(bkv, HP=16))
+    BW._band_configs = lambda h, Dk, Dv, mode, interp, tma=False: (dict(bq, HP=16), dict({"TMA": False}, **bkv, HP=16))
 if cfg.get("slc"):
     sq, skv = cfg["slc"]
     BW._slc_configs = lambda h, Dk, Dv, interp: (dict(sq, HP=16), dict(skv, HP=16))

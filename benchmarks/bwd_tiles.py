@@ -1,6 +1,6 @@
 """GPU: backward kernels' time per tile config (torch.profiler per kernel), regs/spills (bwd_tiles_h200.json).
 
-python benchmarks/bwd_tiles.py OUT.json [T ...]
+python benchmarks/bwd_tiles.py OUT.json [T ...] [--band-only] [--tma]
 """
 import json
 import sys
@@ -12,8 +12,8 @@ import torch
 from nsa.apps import bench
 from nsa.triton import backward as BW
 
-band_only = "--band-only" in sys.argv  # the cmp and win tiles only
-argv = [a for a in sys.argv[1:] if a != "--band-only"]
+band_only = "--band-only" in sys.argv or "--tma" in sys.argv  # the cmp and win tiles only
+argv = [a for a in sys.argv[1:] if a not in ("--band-only", "--tma")]
 out_path = argv[0]
 Ts = [int(x) for x in argv[1:]] or [65536]
 dev = "cuda"
@@ -63,10 +63,16 @@ band_q = [dict(BT=4, BN=32, num_warps=4, num_stages=3)]
 band_kv = [dict(BT=8, BN=64, num_warps=8, num_stages=1), dict(BT=2, BN=64, num_warps=8, num_stages=2),
            dict(BT=2, BN=64, num_warps=8, num_stages=3), dict(BT=4, BN=32, num_warps=8, num_stages=2),
            dict(BT=8, BN=32, num_warps=8, num_stages=1)]
+band_kv = [dict(cfg, TMA=False) for cfg in band_kv]
+if "--tma" in sys.argv:  # query tiles through tensor descriptors (group-major copies), against the plain tile
+    band_kv = [dict(BT=8, BN=64, num_warps=8, num_stages=1, TMA=False), dict(BT=2, BN=64, num_warps=8, num_stages=3,
+                                                                           TMA=False)] + [
+        dict(BT=bt, BN=64, num_warps=8, num_stages=st, TMA=True) for bt, st in ((8, 2), (4, 3))]
 slc_q = [dict(BT=1, num_warps=4, num_stages=2)]
 slc_kv = [dict(BT=4, num_warps=8, num_stages=2, chunk=256), dict(BT=8, num_warps=8, num_stages=1, chunk=256),
           dict(BT=2, num_warps=4, num_stages=1, chunk=256)]
 orig_band, orig_slc = BW._band_configs, BW._slc_configs
+first_grads = {}  # mode -> (dk, dv) of the first band config run
 
 for T in Ts:
     x = bench._inputs(T, c, dev)
@@ -76,7 +82,7 @@ for T in Ts:
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     def run_band(mode, cq, ckv):
-        BW._band_configs = lambda h, Dk, Dv, mode, interp: (dict(cq, HP=16), dict(ckv, HP=16))
+        BW._band_configs = lambda h, Dk, Dv, mode, interp, tma=False: (dict(cq, HP=16), dict(ckv, HP=16))
         try:
             if mode == 0:
                 f = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,  # noqa
@@ -86,6 +92,9 @@ for T in Ts:
             dq.zero_()
             _, dk, dv = f()
             chk = (dk.float().norm().item(), dv.float().norm().item())
+            first = first_grads.setdefault(mode, (dk.clone(), dv.clone()))  # the first config's, to compare
+            chk += tuple(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                         for a, b in zip((dk, dv), first))
             kt = kernel_times(f)
             return dict(kernels=kt, wall=wall(f), check=chk)
         finally:

@@ -56,24 +56,40 @@ def _specs(HQ, H, Dk, Dv):
     band = dict(dims, CMP_L=32, CMP_D=16, WINDOW=512)
     cq, ckv = BW._band_configs(h, Dk, Dv, 0, False)
     _, ckv_win = BW._band_configs(h, Dk, Dv, 1, False)
+    # the descriptor tiles (bf16 on Hopper), where the launcher takes them
+    tma = {mode: BW._band_configs(h, Dk, Dv, mode, False, True)[1] for mode in (0, 1)}
     sq, skv = BW._slc_configs(h, Dk, Dv, False)
     skv = {k: v for k, v in skv.items() if k != "chunk"}
     slc = dict(dims, SEL_L=64, BS=64)
 
-    def spec(kernel, cfg, **const):
+    def spec(kernel, cfg, types=TYPES, **const):
         tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-        return dict(module="nsa.triton.backward", kernel=kernel, types=TYPES, constexprs={**const, **tiles},
+        return dict(module="nsa.triton.backward", kernel=kernel, types=types, constexprs={**const, **tiles},
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    return {
+    plain = dict(EDGES=False, ADD=False, **band)
+    specs = {
         "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, **band),
         "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, **band),
-        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **band),
-        "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **band),
-        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **band),
+        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
+        "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
+        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, **slc),
     }
+    for mode, cfg in tma.items():
+        if not cfg["TMA"]:
+            continue
+        blk = f"{cfg['BT']}, {h}"  # [positions, the group's heads, columns] blocks of q and do
+        descs = dict(TYPES, QD=f"tensordesc<bf16[{blk}, {BK0}]>", QD1=f"tensordesc<bf16[{blk}, {BK1 or BK0}]>",
+                     DOD=f"tensordesc<bf16[{blk}, {dims['BV']}]>")
+        name = ("cmp", "win")[mode]
+        for qch in ((1024, 0) if mode == 0 else (0,)):
+            specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch,
+                                                         **dict(band, EDGES=False, ADD=False))
+        specs[f"band_dkdv_{name}_edges"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1), MODE=mode,
+                                                QCH=0, **dict(band, EDGES=True, ADD=True))
+    return specs
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ CASES = [
 BAND_CASES = CASES + [
     pytest.param(300, 4, 2, 32, 32, 8, 2, 16, 3, 70, None, id="long-unmasked-tiles"),
     pytest.param(260, 2, 1, 48, 32, 4, 2, 16, 3, 60, [0, 120, 121, 260], id="varlen-unmasked-tiles"),
+    # 3 heads a group: the dk/dv reads its query tiles row by row (padded), not as blocks
+    pytest.param(70, 6, 2, 48, 32, 8, 4, 16, 3, 20, [0, 33, 70], id="gqa3-varlen-row-loads"),
 ]
 
 
@@ -158,6 +160,22 @@ def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
     sequences do on GPUs)."""
     q, _, _, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     _check_compressed_backward(q, kc, vc, do, q_chunk, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
+
+
+@pytest.mark.parametrize("HQ,H", [(8, 2), (6, 2)], ids=["block-rows", "row-loads"])
+def test_band_backward_batch_rows_are_independent(HQ, H):
+    """Batch 2 without cu_seqlens: the dk/dv's query blocks of the group-major copies start at
+    each sequence's rows (b * T + t), for cmp and win, as the reference on each sequence."""
+    g = torch.Generator().manual_seed(5)
+    T, Dk, Dv, l, d, w = 41, 32, 16, 8, 4, 10
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    q, k, v, do = mk(2, T, HQ, Dk), mk(2, T, H, Dk), mk(2, T, H, Dv), mk(2, T, HQ, Dv)
+    kc, vc = R.compress_mean(k, l, d), R.compress_mean(v, l, d)
+    _check_compressed_backward(q, kc, vc, do, None, cmp_block=l, cmp_stride=d)
+    got = BW.sliding_window_backward(q, k, v, do, window=w)
+    ref = _ref_grads(lambda a, b, c: R.sliding_window_ref(a, b, c, window=w), (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -571,7 +571,8 @@ def run(name, args) -> int:
     stem = args.what.replace('-', '_') + ("_realistic" if realistic else "")
     out_path = out_stem(args.out or f"benchmarks/results/{stem}_{gpu_tag(props.name)}", (".json", ".png"))
     meta["timing"] += {"train": ", forward + backward", "prefill": ", forward"}.get(
-        args.what, f", one decode step, batch {args.batch}")
+        args.what, f", one decode step, batch {args.batch}; eager rows: 200 calls back to back, one sync "
+                   f"(max of host and GPU time); graph rows: do_bench of the replay")
     if args.what == "generate":
         args.seqlens = args.seqlens or GENERATE_T
         meta["timing"] = (f"wall clock, median of 3 generate calls, bf16 weights, batch {args.batch}, "

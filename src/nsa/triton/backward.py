@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from . import _common as C
 from ._common import LOG2E
 from .selected import tile_block, tile_lists
@@ -81,11 +83,15 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
 def _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale,
                    BK1: tl.constexpr, PREC: tl.constexpr):
     """One query tile's share of a key tile's dk/dv (unscaled by sm_scale), kept in registers
-    by the key-centric kernels; ``vis`` [rows, keys] already holds the row and key masks."""
+    by the key-centric kernels; ``vis`` [rows, keys] already holds the row and key masks (None:
+    every row sees every key)."""
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
-    p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    if vis is None:  # every row sees every key
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+    else:
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
     acc_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     dsq = (p * (dp - delta[:, None])).to(q0.dtype)
@@ -182,19 +188,70 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
 
 
 @triton.jit
-def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset, k_offset,
-                   part_k, part_v, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                   MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+def _store_rows(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, x, ADD: tl.constexpr):
+    """Columns col0..col0+BK of row-major rows of width D: ``x`` stored (ADD: added to what
+    is there), cast to base's dtype, masked as :func:`._common.load_cols` reads them."""
+    cols = col0 + tl.arange(0, BK)
+    ptr = base + rows[:, None] + cols[None, :]
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    if ADD:
+        x += tl.load(ptr, mask=mask, other=0.0)
+    tl.store(ptr, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kv_walk(Q, DO, LSE, DELTA, lo, n_first, n_tiles, lo2, g, q_start, q_len, q_offset, k_offset, n, k_len, k0,
+             k1, v, acc_k0, acc_k1, acc_v, qk_scale, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr,
+             BT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
+             BV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+             WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EDGES: tl.constexpr):
+    """The band dk/dv over query tiles of BT positions, masked (rows past the sequence or seeing
+    no key, keys past k_len or out of each row's band): EDGES, n_tiles tiles, n_first from
+    position lo and the others from lo2; otherwise the tiles from lo to lo2."""
+    BM: tl.constexpr = BT * HP
+    for i in range(0, n_tiles if EDGES else (lo2 - lo + BT - 1) // BT):
+        if EDGES:
+            tq0 = tl.where(i < n_first, lo + i * BT, lo2 + (i - n_first) * BT)
+        else:
+            tq0 = lo + i * BT
+        tq, row_ok, pos, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, DO, row0, rel, row_ok, DK, DV,
+                                                 BK0, BK1, BV, UPCAST, False)
+        if MODE == 0:
+            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
+        else:
+            u = n + k_offset
+            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
+        vis = vis & ok[:, None] & (n < k_len)[None, :]
+        acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1,
+                                               acc_v, qk_scale, BK1, PREC)
+    return acc_k0, acc_k1, acc_v
+
+
+@triton.jit
+def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset,
+                   k_offset, part_k, part_v, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
+                   DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                   BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr, QCH: tl.constexpr):
+                   BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr, QCH: tl.constexpr, TMA: tl.constexpr, EDGES: tl.constexpr,
+                   ADD: tl.constexpr):
     """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
     the query tiles that see them, so dk/dv stay in registers. QCH = 0: one program walks every
     such tile and stores dk/dv. QCH > 0 (cmp at long T, where the first key tiles are seen by
     every query and one program would walk them all): program_id(2) takes the query positions
     [c * QCH, (c + 1) * QCH) only and stores its share into chunk c's fp32 slice of GK/GV
     (part_k / part_v elements apart), which the launcher sums in chunk order: deterministic,
-    and without atomics, whose addresses would cost the 64-key tiles their spill-free fit."""
+    and without atomics, whose addresses would cost the 64-key tiles their spill-free fit.
+
+    TMA (HP = G): the query tiles in which every row sees every key of the tile (all but the
+    few at the tile's diagonal and the sequence's end) are walked without masks, and read
+    through QD, QD1 (q's columns BK0..) and DOD, tensor descriptors of q and do viewed
+    ``[B * T, HQ, D]``: a tile's rows are the block [BT positions, the group's G heads, D],
+    which the copy engine loads into shared memory ahead of use (the loop is pipelined), with
+    no per-row addresses in registers. The masked walks read q and do row by row with
+    EDGE_STAGES stages (1 with TMA: the masks' registers and a pipeline do not fit together);
+    without TMA they are the whole walk."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -205,13 +262,10 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     n = n0 + bn
     n_ok = n < k_len
     kv_row = (k_start + n0).to(tl.int64) * H + g
-    dk0 = tl.arange(0, BK0)
-    dv = tl.arange(0, BV)
     Kb = K + kv_row * DK
     k0 = C.load_cols(Kb, bn * (H * DK), n_ok, 0, BK0, DK, UPCAST)
     k1 = k0
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
         k1 = C.load_cols(Kb, bn * (H * DK), n_ok, BK0, BK1, DK, UPCAST)
     v = C.load_cols(V + kv_row * DV, bn * (H * DV), n_ok, 0, BV, DV, UPCAST)
     qk_scale = sm_scale * LOG2E
@@ -224,39 +278,66 @@ def _band_bwd_dkdv(Q, K, V, DO, O, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_of
     else:
         tq_lo = tl.maximum(n0 + k_offset - q_offset, 0)
         tq_hi = tl.minimum(n_last + k_offset + WINDOW - q_offset, q_len)
-    if QCH > 0:  # this program's chunk; tiles stay BT-aligned inside it, so none crosses its end
+    # tiles on one grid of BT positions from 0, whatever the launch: the chunks (QCH a multiple
+    # of BT) and the edge launch of TMA walk parts of the same tiles
+    tq_lo = (tq_lo // BT) * BT
+    if QCH > 0:  # this program's chunk
         c0 = tl.program_id(2) * QCH
-        tq_lo = c0 + (tl.maximum(tq_lo - c0, 0) // BT) * BT
+        tq_lo = tl.maximum(tq_lo, c0)
         tq_hi = tl.minimum(tq_hi, c0 + QCH)
 
     acc_k0 = tl.zeros([BN, BK0], dtype=tl.float32)
     acc_k1 = tl.zeros([BN, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     acc_v = tl.zeros([BN, BV], dtype=tl.float32)
-    for tq0 in range(tq_lo, tq_hi, BT):
-        tq, row_ok, pos, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
-        q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
-                                                 BK0, BK1, BV, UPCAST, False)
-        if MODE == 0:
-            vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
-        else:
-            u = n + k_offset
-            vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
-        vis = vis & ok[:, None] & n_ok[None, :]
-        acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1,
-                                               acc_v, qk_scale, BK1, PREC)
+    t_a = tq_hi  # [t_a, t_b): the query tiles in which every row sees every key of the tile
+    t_b = tq_hi
+    if TMA or EDGES:
+        if MODE == 0:  # positions from the last key's completion on, whole tiles
+            t_a = n_last * CMP_D + CMP_L - 1 - q_offset
+            t_b = tq_hi
+        else:  # positions that see the last key and still the first: [n_last, n0 + w - 1] + k_offset
+            t_a = n_last + k_offset - q_offset
+            t_b = tl.minimum(n0 + k_offset + WINDOW - q_offset, tq_hi)
+        t_a = tl.minimum(((tl.maximum(t_a, tq_lo) + BT - 1) // BT) * BT, tq_hi)  # whole tiles, in [tq_lo, tq_hi]
+        t_b = tl.maximum((tl.minimum(t_b, tq_hi) // BT) * BT, t_a)
+    if TMA:
+        for tq0 in range(t_a, t_b, BT):
+            t = (q_start + tq0).to(tl.int32)  # a [BT, G, D] block of q / do viewed [B * T, HQ, D]
+            q0 = QD.load([t, g * G, 0]).reshape(BM, BK0)
+            q1 = q0
+            if BK1 > 0:
+                q1 = QD1.load([t, g * G, 0]).reshape(BM, BK1)
+            do = DOD.load([t, g * G, 0]).reshape(BM, BV)
+            if UPCAST:
+                q0, q1, do = q0.to(tl.float32), q1.to(tl.float32), do.to(tl.float32)
+            rel = tl.arange(0, BM)  # (position, head) rows of q's layout, from row0
+            rel = (rel // G) * HQ + g * G + rel % G
+            row0 = (q_start + tq0).to(tl.int64) * HQ
+            lse2 = tl.load(LSE + row0 + rel) * LOG2E
+            delta = tl.load(DELTA + row0 + rel)
+            acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, None, k0, k1, v, acc_k0, acc_k1,
+                                                   acc_v, qk_scale, BK1, PREC)
+    elif EDGES:  # the masked tiles: [tq_lo, t_a), then [t_b, tq_hi)
+        n_first = (t_a - tq_lo + BT - 1) // BT
+        n_tiles = n_first + (tq_hi - t_b + BT - 1) // BT
+        acc_k0, acc_k1, acc_v = _kv_walk(Q, DO, LSE, DELTA, tq_lo, n_first, n_tiles, t_b, g, q_start, q_len,
+                                         q_offset, k_offset, n, k_len, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale,
+                                         HQ, G, HP, BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC,
+                                         UPCAST, True)
+    else:  # every tile, masked
+        acc_k0, acc_k1, acc_v = _kv_walk(Q, DO, LSE, DELTA, tq_lo, 0, 0, tq_hi, g, q_start, q_len, q_offset,
+                                         k_offset, n, k_len, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale, HQ, G, HP,
+                                         BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC, UPCAST, False)
 
     GKb = GK + kv_row * DK
     GVb = GV + kv_row * DV
     if QCH > 0:  # chunk c's own fp32 slice, written once (zeros from chunks before the keys' queries)
         GKb += tl.program_id(2).to(tl.int64) * part_k
         GVb += tl.program_id(2).to(tl.int64) * part_v
-    tl.store(GKb + bn[:, None] * (H * DK) + dk0[None, :], (acc_k0 * sm_scale).to(GK.dtype.element_ty),
-             mask=n_ok[:, None] & (dk0[None, :] < DK))
+    _store_rows(GKb, bn * (H * DK), n_ok, 0, BK0, DK, acc_k0 * sm_scale, ADD)
     if BK1 > 0:
-        tl.store(GKb + bn[:, None] * (H * DK) + dk1[None, :], (acc_k1 * sm_scale).to(GK.dtype.element_ty),
-                 mask=n_ok[:, None] & (dk1[None, :] < DK))
-    tl.store(GVb + bn[:, None] * (H * DV) + dv[None, :], acc_v.to(GV.dtype.element_ty),
-             mask=n_ok[:, None] & (dv[None, :] < DV))
+        _store_rows(GKb, bn * (H * DK), n_ok, BK0, BK1, DK, acc_k1 * sm_scale, ADD)
+    _store_rows(GVb, bn * (H * DV), n_ok, 0, BV, DV, acc_v, ADD)
 
 
 @triton.jit
@@ -444,7 +525,19 @@ def _gates_bwd(DO, G, OC, OS, OW, DG, DOC, DOS, DOW, n_rows, DV: tl.constexpr, B
 
 
 # ------------------------------------------------------------------------------ launchers
-def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool) -> tuple[dict, dict]:
+def _tma_rows(h: int, dtype: torch.dtype, device, interp: bool) -> bool:
+    """Whether the band dk/dv reads its query tiles through tensor descriptors (``TMA`` of
+    :func:`_band_bwd_dkdv`): heads a group a power of two up to 128 (tiles without padding
+    rows), and on a GPU a Hopper or later one with 16-bit inputs (fp32 tiles would not fit two
+    stages in shared memory). The interpreter takes it for every dtype (so CI runs it)."""
+    if h & (h - 1) or h > 128:
+        return False
+    if interp:
+        return True
+    return dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool = False) -> tuple[dict, dict]:
     """Tiles of the band backward: (dq kernel, dk/dv kernel), each HP, BT (query positions a
     tile), BN (keys a tile), num_warps, num_stages. The two kernels hold different
     accumulators (dq [BT*HP, Dk] against dk/dv [BN, Dk + Dv]), so they get their own tiles:
@@ -454,18 +547,27 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool) -> tuple[di
     stages, which spill; 1 stage measured 41.6 before), spill-free with triton 3.6 for sm_90
     (tests/test_spills.py). The window's dk/dv walks 32-row tiles, 3 stages: its 128-row tile
     spills 4 registers with 4 kv heads (an H200 ran it in 12.9 ms at 64k, the spill-free 32-row
-    tile 16.0; every other spill-free tile measured slower still: bwd_band_tiles_h200.json)."""
+    tile 16.0; every other spill-free tile measured slower still: bwd_band_tiles_h200.json).
+
+    ``tma`` (:func:`_tma_rows`): the dk/dv of both branches walks its unmasked tiles through
+    tensor descriptors, 128 rows with 2 stages (3 do not fit in shared memory at Dk 192), and
+    its masked edge tiles in a second launch of the plain 128-row, 1-stage tile: H200, 64k,
+    paper: cmp 43.2 -> 32.5 ms, win 12.2 -> 9.5 (bwd_tma_h200.json, with copies of q and do
+    then, since dropped)."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
         cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
-        return cfg, cfg
+        return cfg, dict(cfg, TMA=tma)
     HP, BT, _ = C.rows_for(h, 64)
     cfg_q = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=3)
+    if tma:  # 128-row tiles, loads overlapped with the previous tile's products
+        HP, BT, _ = C.rows_for(h, 128)
+        return cfg_q, dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=2, TMA=True)
     if mode == 1:  # the window's 128-row tile spills 4 registers with the paper's 4 kv heads
         HP, BT, _ = C.rows_for(h, 32)
-        return cfg_q, dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=3)
+        return cfg_q, dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=3, TMA=False)
     HP, BT, _ = C.rows_for(h, 128)
-    cfg_kv = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=1)
+    cfg_kv = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=1, TMA=False)
     return cfg_q, cfg_kv
 
 
@@ -507,7 +609,9 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
     o = o.contiguous()
     lse = lse.contiguous()
-    cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, C.interpreting())
+    interp = C.interpreting()
+    tma = _tma_rows(HQ // H, q.dtype, q.device, interp) and B * T < 2 ** 31  # descriptor coordinates: int32
+    cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, interp, tma)
     BK0, BK1 = C.split_dim(Dk)
     const = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
                  WINDOW=window, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
@@ -522,15 +626,32 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         return dq, dk, dv
     qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
     n_ch = C.cdiv(max(lens), qch) if qch else 1
-    if qch:  # zeros: key rows that no program owns (past a sequence's keys) stay 0
+    tma = cfg_kv.pop("TMA")
+    # zeros: key rows that no program owns (past a sequence's keys) stay 0; fp32 where launches
+    # add up (chunks, TMA's two launches)
+    if qch or tma:
         gk = torch.zeros((n_ch, *k.shape), dtype=torch.float32, device=q.device)
         gv = torch.zeros((n_ch, *v.shape), dtype=torch.float32, device=q.device)
     else:
         gk, gv = dk, dv
-    _band_bwd_dkdv[(ktbl.shape[0], H, n_ch)](
-        q, k, v, do, do, lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset),
-        k.numel(), v.numel(), QCH=qch, **const, **cfg_kv)
-    if qch:
+    grid = (ktbl.shape[0], H, n_ch)
+    args = (lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset), k.numel(), v.numel())
+    if tma:  # q and do as [B * T, HQ, D]: a tile's rows are one [BT, G, D] block of each
+        blk = (cfg_kv["BT"], HQ // H)
+        q3 = q.view(B * T, HQ, Dk)
+        qd = TensorDescriptor.from_tensor(q3, [*blk, BK0])
+        qd1 = TensorDescriptor.from_tensor(q3[..., BK0:], [*blk, BK1]) if BK1 else qd
+        dod = TensorDescriptor.from_tensor(do.view(B * T, HQ, Dv), [*blk, const["BV"]])
+        _band_bwd_dkdv[grid](q, k, v, do, qd, qd1, dod, *args, QCH=qch, TMA=True, EDGES=False, ADD=False,
+                             **const, **cfg_kv)
+        # the masked tiles, added into chunk 0's slice, one program per key tile (its own rows)
+        edge = dict(cfg_kv, num_stages=1)
+        _band_bwd_dkdv[grid[:2] + (1,)](q, k, v, do, q, q, do, *args, QCH=0, TMA=False, EDGES=True, ADD=True,
+                                        **const, **edge)
+    else:
+        _band_bwd_dkdv[grid](q, k, v, do, q, q, do, *args, QCH=qch, TMA=False, EDGES=False, ADD=False,
+                             **const, **cfg_kv)
+    if qch or tma:
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
     return dq, dk, dv
