@@ -26,6 +26,7 @@ Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -360,6 +361,8 @@ class _Plan(NamedTuple):
     n_sel_max: int  # selection blocks of the longest sequence
     where: str  # where the top-n runs (_top_n_where)
     shapes: tuple  # of the fp32 partial buffers: s, pm, pl, pacc, score, pm2, pl2, pacc2
+    offsets: tuple  # of each buffer in the step's one workspace (elements, 128-byte aligned)
+    ws_numel: int  # the workspace's elements
     cmp: tuple  # (grid, positional ints, constexprs) of each launch
     scores: tuple
     top_n: tuple
@@ -416,7 +419,40 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
                                           **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
-    return _Plan(R, n_sel_max, where, shapes, cmp, scores, top_n, attend, combine, {})
+    sizes = [math.prod(x) for x in shapes]
+    offsets = tuple(sum(-(-n // 32) * 32 for n in sizes[:i]) for i in range(len(sizes)))
+    ws_numel = offsets[-1] + sizes[-1]
+    return _Plan(R, n_sel_max, where, shapes, offsets, ws_numel, cmp, scores, top_n, attend, combine, {})
+
+
+class _Buffer:
+    """A pointer into a step's workspace, as triton reads a tensor argument (its address and
+    dtype): one allocation and eight of these cost the host less than eight allocations or
+    eight views (~3 us each)."""
+
+    __slots__ = ("ptr",)
+    dtype = torch.float32
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+def _buffers(p: _Plan, device) -> list:
+    """The step's eight fp32 partial buffers (``p.shapes``), in one workspace: pointers into it
+    on a GPU, views under the interpreter (which copies tensor arguments) and where the top-n
+    runs in torch (which reads the scores as a tensor)."""
+    ws = torch.empty(p.ws_numel, dtype=torch.float32, device=device)
+    if C.interpreting():
+        return [ws[o:o + math.prod(x)].view(x) for o, x in zip(p.offsets, p.shapes)]
+    base = ws.data_ptr()
+    out = [_Buffer(base + 4 * o) for o in p.offsets]
+    out.append(ws)  # kept alive until the launches are enqueued (the allocator orders reuse by stream)
+    if p.where == "torch":
+        out[4] = ws[p.offsets[4]:p.offsets[4] + math.prod(p.shapes[4])].view(p.shapes[4])
+    return out
 
 
 def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cache_seqlens,
@@ -461,8 +497,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     p = _plan(B, NQ, HQ, Dk, H, Dv, k_cmp.shape[1], k_slc.shape[1], k_win.shape[1], q.dtype, dev, paged, paged_win,
               maxp, npages, page_size, cpp, n_max, cmp_block, cmp_stride, sel_block, sel_count, window, scale,
               C.interpreting())
-    # (eight allocations: cheaper on the host than views of one workspace, ~2 against ~3 us each)
-    s_buf, pm, pl, pacc, score, pm2, pl2, pacc2 = (torch.empty(x, dtype=torch.float32, device=dev) for x in p.shapes)
+    s_buf, pm, pl, pacc, score, pm2, pl2, pacc2, *_ = _buffers(p, dev)
     # the plan fixes every integer and constexpr; the tensors add their dtypes (lens and the
     # block table may be int32 or int64)
     key = (lens.dtype, bt.dtype, k_slc.dtype, v_slc.dtype, k_win.dtype, gates.dtype)
