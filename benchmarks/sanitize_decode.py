@@ -35,5 +35,5 @@ for S in (1, 3, 8):
         bad[0, 3], bad[1, 0], bad[2, -1] = 10 ** 7, -3, 2 ** 31 - 1
         o2 = nsa_decode(q, *pools, *win, g, cache_seqlens=seqlens, block_table=bad, max_seqlen=P * ps, **geo)
         torch.cuda.synchronize()
-        print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()), bool(torch.isfinite(o2).all()),
-              "relaunch equal", bool(torch.equal(o, again)))
+        print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()),
+              bool(torch.isfinite(o2).all()), "relaunch equal", bool(torch.equal(o, again)))

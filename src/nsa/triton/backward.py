@@ -249,9 +249,9 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
     through QD, QD1 (q's columns BK0..) and DOD, tensor descriptors of q and do viewed
     ``[B * T, HQ, D]``: a tile's rows are the block [BT positions, the group's G heads, D],
     which the copy engine loads into shared memory ahead of use (the loop is pipelined), with
-    no per-row addresses in registers. The masked walks read q and do row by row with
-    EDGE_STAGES stages (1 with TMA: the masks' registers and a pipeline do not fit together);
-    without TMA they are the whole walk."""
+    no per-row addresses in registers. EDGES: the other (masked) tiles only, read row by row,
+    added into GK/GV (ADD), a second launch after the TMA one (a mask's registers and the
+    pipeline do not fit in one kernel). Neither: every tile, masked."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -552,8 +552,7 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
     ``tma`` (:func:`_tma_rows`): the dk/dv of both branches walks its unmasked tiles through
     tensor descriptors, 128 rows with 2 stages (3 do not fit in shared memory at Dk 192), and
     its masked edge tiles in a second launch of the plain 128-row, 1-stage tile: H200, 64k,
-    paper: cmp 43.2 -> 32.5 ms, win 12.2 -> 9.5 (bwd_tma_h200.json, with copies of q and do
-    then, since dropped)."""
+    paper, dk/dv kernels: cmp 43.5 -> 37.2 ms, win 16.2 -> 10.3 (bwd_tma_h200.json)."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
         cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)

@@ -502,24 +502,25 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
     # block table may be int32 or int64)
     key = (lens.dtype, bt.dtype, k_slc.dtype, v_slc.dtype, k_win.dtype, gates.dtype)
     # alignment, hooks and stream once for the five launches (the buffers come from torch's allocator)
-    ok = C.launch_stream(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lens, bt)
+    stream = C.launch_stream(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lens, bt)
     grid, ints, const = p.cmp
     C.relaunch(p.compiled, (key, 0), _decode_cmp_tuned, grid, (q, k_cmp, v_cmp, lens, bt, s_buf, pm, pl, pacc, *ints),
-               const, ok)
+               const, stream)
     grid, ints, const = p.scores
-    C.relaunch(p.compiled, (key, 1), _decode_scores, grid, (s_buf, pm, pl, lens, score, *ints), const, ok)
+    C.relaunch(p.compiled, (key, 1), _decode_scores, grid, (s_buf, pm, pl, lens, score, *ints), const, stream)
     if p.where == "torch":
         idx = geometry.top_blocks(score, sel_count).contiguous()  # [R, H, n]
     elif p.where == "kernel":
         idx = torch.empty(p.R, H, sel_count, dtype=torch.int32, device=dev)
         grid, ints, const = p.top_n
-        C.relaunch(p.compiled, (key, 2), _decode_top_n, grid, (score, idx, *ints), const, ok)
+        C.relaunch(p.compiled, (key, 2), _decode_top_n, grid, (score, idx, *ints), const, stream)
     else:  # "slots": in the attend kernel
         idx = score
     grid, ints, const = p.attend  # idx's dtype follows p.where, o's is q's: both in the plan
     C.relaunch(p.compiled, (key, 3), _decode_attend_tuned, grid,
-               (q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2, *ints), const, ok)
+               (q, k_slc, v_slc, k_win, v_win, idx, score, p.n_sel_max, lens, bt, pm2, pl2, pacc2, *ints), const,
+               stream)
     grid, ints, const = p.combine
     C.relaunch(p.compiled, (key, 4), _decode_combine, grid, (pm, pl, pacc, pm2, pl2, pacc2, gates, o, *ints),
-               const, ok)
+               const, stream)
     return o
