@@ -85,8 +85,7 @@ def _specs(HQ, H, Dk, Dv):
                      DOD=f"tensordesc<bf16[{blk}, {dims['BV']}]>")
         name = ("cmp", "win")[mode]
         for qch in ((1024, 0) if mode == 0 else (0,)):
-            specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch,
-                                                         **dict(band, EDGES=False, ADD=False))
+            specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch, **plain)
         specs[f"band_dkdv_{name}_edges"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1), MODE=mode,
                                                 QCH=0, **dict(band, EDGES=True, ADD=True))
     return specs

@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
@@ -310,9 +309,7 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
             do = DOD.load([t, g * G, 0]).reshape(BM, BV)
             if UPCAST:
                 q0, q1, do = q0.to(tl.float32), q1.to(tl.float32), do.to(tl.float32)
-            rel = tl.arange(0, BM)  # (position, head) rows of q's layout, from row0
-            rel = (rel // G) * HQ + g * G + rel % G
-            row0 = (q_start + tq0).to(tl.int64) * HQ
+            _, _, _, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)  # all rows valid
             lse2 = tl.load(LSE + row0 + rel) * LOG2E
             delta = tl.load(DELTA + row0 + rel)
             acc_k0, acc_k1, acc_v = _kv_tile_grads(q0, q1, do, lse2, delta, None, k0, k1, v, acc_k0, acc_k1,
