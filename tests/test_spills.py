@@ -1,4 +1,4 @@
-"""The shipped backward tiles compile for sm_90 without register spills (no GPU needed).
+"""The shipped backward, decode and selection tiles compile for sm_90 without spills (no GPU needed).
 
 The kernels are compiled on the CPU (``tests/sm90.py``) with the triton of the GPU machine the
 tiles were timed on: 3.6.0, the version torch 2.11 pins. Other triton versions allocate
@@ -131,6 +131,37 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
+    assert not {name: r for name, r in res.items() if r["stack"]}, res
+    assert all(r["regs"] > 0 for r in res.values()), res
+
+
+SELECT_TYPES = dict(LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32", sm_scale="fp32", q_offset="i32")
+
+
+@pytest.mark.slow
+def test_select_tiles_do_not_spill(gpu_triton):
+    """The selection kernel at the paper geometry with 16 heads a group (fp32 Eq. 9 mapping) and
+    one head a group (the mapping as bf16 tensor-core dots), at every num_warps its autotuner
+    keeps after pruning (2 stages, the tuned choice at 64k): no stack frame."""
+    from triton import Config
+
+    from nsa.triton import select as S
+
+    specs = {}
+    for h in (16, 1):
+        cfg = S._config(h, 16, 32, 16, 64, False)
+        assert cfg["EQ9_DOT"] == (h == 1)
+        tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+        const = dict(HQ=4 * h, G=h, DK=192, CMP_L=32, CMP_D=16, SEL_L=64, N_SEL=16, BK0=128, BK1=64, PREC="tf32",
+                     INTERP=False, UPCAST=False, **tiles)
+        kept = S._prune([Config({}, num_warps=w, num_stages=2) for w in (4, 8)], {}, G=h)
+        for c in kept:
+            specs[f"h{h}-warps{c.num_warps}"] = dict(module="nsa.triton.select", kernel="_select_fwd",
+                                                     types=SELECT_TYPES, constexprs=const, num_warps=c.num_warps,
+                                                     num_stages=2)
+    assert set(specs) == {"h16-warps4", "h16-warps8", "h1-warps8"}  # small groups: 8 warps only
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

@@ -181,6 +181,7 @@ def test_selected(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
 @pytest.mark.parametrize("T,HQ,H,l,d,lp,n", [
     pytest.param(1100, 2, 1, 32, 16, 64, 16, id="paper-geometry-h2-2chunks"),
     pytest.param(1300, 8, 1, 32, 16, 64, 16, id="paper-geometry-h8-2chunks"),
+    pytest.param(2100, 4, 1, 32, 16, 64, 16, id="paper-geometry-h4-3chunks"),
     pytest.param(700, 16, 1, 32, 16, 64, 16, id="paper-geometry-h16"),
     pytest.param(520, 4, 4, 8, 4, 16, 6, id="mha-3chunks"),
     pytest.param(700, 8, 2, 8, 8, 8, 5, id="fla-geometry-2chunks"),  # l = d = l': Eq. 9 is the identity
@@ -207,10 +208,11 @@ import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nsa.triton import select as S
-HP, BT, G = (int(a) for a in sys.argv[1:4])
+HP, BT, G, EQ9_DOT = (int(a) for a in sys.argv[1:5])
 cfg = S._config(G, 16, 32, 16, 64, False)
 const = dict(HQ=G, G=G, DK=128, CMP_L=32, CMP_D=16, SEL_L=64, N_SEL=16, HP=HP, BT=BT, BC=cfg["BC"],
-             BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False)
+             BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False,
+             EQ9_DOT=bool(EQ9_DOT))
 sig = dict(Q="*bf16", KC="*bf16", LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32",
            sm_scale="fp32", q_offset="i32", **{k: "constexpr" for k in const})
 names = S._select_fwd.arg_names
@@ -226,7 +228,8 @@ print("\n".join(line for line in k.asm["ttir"].splitlines() if "tt.dot" in line)
     pytest.param(8, 16, 8, id="h8-16-positions"),
     pytest.param(16, 8, 16, id="h16-8-positions"),
 ])
-def test_select_eq9_mapping_not_tf32(HP, BT, G):
+@pytest.mark.parametrize("eq9_dot", [False, True], ids=["eq9-fp32", "eq9-bf16-pieces"])
+def test_select_eq9_mapping_not_tf32(HP, BT, G, eq9_dot):
     """The GPU tiles (the launcher's, checked here) compile without a tf32 fp32 dot. From 16
     positions per tile, triton's combine pass rewrote the Eq. 9 mapping sum(pg[:, :, None] * w,
     1) into a tf32 dot (triton <= 3.6, triton-lang/triton#9831): 0.3-2% of rows took a wrong
@@ -239,12 +242,17 @@ def test_select_eq9_mapping_not_tf32(HP, BT, G):
     cfg = S._config(G, 16, 32, 16, 64, False)
     assert (cfg["HP"], cfg["BT"]) == (HP, BT)  # the launcher's GPU tiles for this group size
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _SELECT_TTIR_DOTS, str(HP), str(BT), str(G)],
+    res = subprocess.run([sys.executable, "-c", _SELECT_TTIR_DOTS, str(HP), str(BT), str(G), str(int(eq9_dot))],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    f32 = [d for d in res.stdout.splitlines() if "xf32> * tensor<" in d and "xbf16>" not in d]
-    assert len(f32) == (BT >= 16), res.stdout  # the mapping is an explicit dot from 16 positions
+    dots = res.stdout.splitlines()
+    f32 = [d for d in dots if "xf32> * tensor<" in d and "xbf16>" not in d]
     assert not any("tf32" in d for d in f32), f32
+    if eq9_dot:  # the QK dot and the three bf16 pieces times the overlaps, no fp32 dot
+        assert not f32 and len(dots) == 4, res.stdout
+        assert sum(f"tensor<{BT * HP}x64xbf16> * tensor<64x16xbf16>" in d for d in dots) == 3, res.stdout
+    else:
+        assert len(f32) == (BT >= 16), res.stdout  # the mapping is an explicit dot from 16 positions
 
 
 @triton.jit
@@ -817,3 +825,14 @@ def test_gpu_layer_paged_decode_step_cuda_graph(shared_kv):
             seqlens += 1
         view.advance(n + 1)
         assert view.lengths == [m + n + 1 for m in lens]
+
+
+def test_select_autotuner_keeps_8_warps_for_small_groups():
+    """Groups of 1-2 heads time only 8-warp configs (their 4-warp tiles spill on sm_90); larger
+    groups keep every config."""
+    from triton import Config
+    configs = [Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
+    for h in (1, 2):
+        assert [(c.num_warps, c.num_stages) for c in S._prune(configs, {}, G=h)] == [(8, 1), (8, 2), (8, 3)]
+    for h in (4, 16):
+        assert S._prune(configs, {}, G=h) == configs

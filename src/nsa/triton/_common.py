@@ -310,17 +310,20 @@ class _Autotuner(triton.runtime.autotuner.Autotuner):
         return out
 
 
-def autotuned(kernel, key: list[str], warps: list[int], stages: list[int]):
+def autotuned(kernel, key: list[str], warps: list[int], stages: list[int], prune=None):
     """``kernel`` autotuned over num_warps x num_stages on GPUs (first call per key times each;
     the timings persist in the Triton cache, :func:`autotune_kwargs`; the first call logs a
     notice, :func:`notice_first_call`); under the interpreter the plain kernel (the launcher
-    passes fixed values there). The configs are listed by :func:`tuned_variants`."""
+    passes fixed values there). The configs are listed by :func:`tuned_variants`. ``prune``:
+    triton's ``early_config_prune`` (configs, positional arguments by name, keyword arguments
+    -> the configs to time), for configs that spill at some constexprs."""
     kw = autotune_kwargs(key, warps, stages)
     TUNED[kernel.__name__] = [dict(num_warps=c.num_warps, num_stages=c.num_stages) for c in kw["configs"]]
     if interpreting():
         return kernel
     return _Autotuner(kernel, kernel.arg_names, kw["configs"], kw["key"], reset_to_zero=None, restore_value=None,
-                      cache_results=kw["cache_results"])
+                      cache_results=kw["cache_results"],
+                      prune_configs_by={"early_config_prune": prune} if prune else None)
 
 
 def _launch_hooked() -> bool:

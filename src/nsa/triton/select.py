@@ -5,8 +5,10 @@ compressed branch as input. The program walks the selection blocks in chunks of 
 For a chunk it recomputes the scores of the BC compressed tokens that touch those blocks
 (``i0 = j0*l'/d - (l/d - 1)``, so every block of the chunk is complete inside it), turns
 them into probabilities ``exp(s - lse)``, sums the group's heads (Eq. 10), maps them onto
-blocks with the Eq. 9 overlap weights (exact fp32 products; W is built from indices) and merges the chunk's blocks into a
-running top-n kept in registers. No [T, Tc] or [T, n_sel_blocks] matrix is written.
+blocks with the Eq. 9 overlap weights (exact fp32 products; W is built from indices) and merges
+the chunk's blocks into a running top-n kept in registers. With one head a group the mapping
+runs on tensor cores instead (``EQ9_DOT``: p in three bf16 pieces times the integer overlaps,
+fp32 accumulation). No [T, Tc] or [T, n_sel_blocks] matrix is written.
 
 Top-n: each block becomes one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - j)``; scores
 are >= 0, so the float bits order like the floats, and equal scores order the lower j first.
@@ -125,7 +127,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                 CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
                 HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr, NB: tl.constexpr,
                 BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
-                INTERP: tl.constexpr, UPCAST: tl.constexpr):
+                INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr):
     BM: tl.constexpr = BT * HP
     A: tl.constexpr = SEL_L // CMP_D  # compressed-token starts per selection block
     CM1: tl.constexpr = CMP_L // CMP_D - 1  # compressed tokens reaching into the next block
@@ -156,6 +158,15 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     cj = tl.arange(0, BJ)
     cb = tl.arange(0, NB)
     best = tl.zeros([BT, NB], dtype=tl.int64)  # running top NB keys, sorted descending
+    # Eq. 9 overlaps of [i*d, i*d+l) with [j*l', (j+1)*l'): the same [BC, BJ] for every chunk
+    # (i and j shift together by j0 * l'/d and j0)
+    lo0 = tl.maximum((ci[:, None] - CM1) * CMP_D, cj[None, :] * SEL_L)
+    hi0 = tl.minimum((ci[:, None] - CM1) * CMP_D + CMP_L, cj[None, :] * SEL_L + SEL_L)
+    ov = tl.maximum(hi0 - lo0, 0)  # [BC, BJ] int
+    if INTERP:  # the CPU interpreter's bf16 dot is wrong (triton 3.9): the pieces go in as fp32
+        ovb = ov.to(tl.float32)
+    else:
+        ovb = ov.to(tl.bfloat16)  # integers <= 256: exact
     for j0 in range(0, n_blocks, BJE):
         i = j0 * A - CM1 + ci  # compressed tokens of this chunk
         i_ok = (i >= 0) & (i < c_len)
@@ -171,21 +182,35 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
         vis = i_ok[None, :] & ((i[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]) & row_ok[:, None]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # [BM, BC]
-        # Eq. 9 weights of this chunk: overlap of [i*d, i*d+l) with [j*l', (j+1)*l'), over d
         j = j0 + cj
-        lo = tl.maximum(i[:, None] * CMP_D, j[None, :] * SEL_L)
-        hi = tl.minimum(i[:, None] * CMP_D + CMP_L, j[None, :] * SEL_L + SEL_L)
-        w = tl.maximum(hi - lo, 0).to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
-        pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
-        # Eq. 9: [BT, BJ] in fp32 with exact products. From 16 rows on, triton's combine pass turns
-        # sum(pg[:, :, None] * w[None], 1) into a dot of its own, with tf32 operands up to triton
-        # 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows took another
-        # block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16 rows (tl.dot's
-        # minimum) the pattern does not match and the broadcast product stays.
-        if BT >= 16:
-            sc = tl.dot(pg, w, input_precision="ieee")
+        if EQ9_DOT:
+            # Eq. 9 before Eq. 10, on tensor cores: p = p1 + p2 + p3 in bf16 pieces holds p's 24
+            # bits, each piece times the integer overlaps is exact, accumulated in fp32; then the
+            # group's sum runs over [BM, BJ] instead of [BM, BC]
+            p1 = p.to(tl.bfloat16)
+            r1 = p - p1.to(tl.float32)
+            p2 = r1.to(tl.bfloat16)
+            p3 = (r1 - p2.to(tl.float32)).to(tl.bfloat16)
+            if INTERP:
+                p1, p2, p3 = p1.to(tl.float32), p2.to(tl.float32), p3.to(tl.float32)
+            # bf16 operands (tf32 is what the flag says for them); the interpreter's fp32 pieces
+            # and overlaps are bf16 values, which tf32 holds exactly
+            sm = tl.dot(p1, ovb, input_precision="tf32")
+            sm = tl.dot(p2, ovb, sm, input_precision="tf32")
+            sm = tl.dot(p3, ovb, sm, input_precision="tf32")  # [BM, BJ]
+            sc = tl.sum(tl.reshape(sm, [BT, HP, BJ]), 1) * (1.0 / CMP_D)
         else:
-            sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
+            pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
+            w = ov.to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
+            # Eq. 9: [BT, BJ] in fp32 with exact products. From 16 rows on, triton's combine pass
+            # turns sum(pg[:, :, None] * w[None], 1) into a dot of its own, with tf32 operands up
+            # to triton 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows
+            # took another block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16
+            # rows (tl.dot's minimum) the pattern does not match and the broadcast product stays.
+            if BT >= 16:
+                sc = tl.dot(pg, w, input_precision="ieee")
+            else:
+                sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         sc = tl.where(forced, float("inf"), sc)
         elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
@@ -209,7 +234,16 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 
 
 
-_select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8], [1, 2, 3])
+def _prune(configs, named_args, **kwargs):
+    """Groups of 1-2 heads (64-128 positions a tile) spill at 4 warps (sm_90 compile: 24-560
+    bytes a thread, tests/test_spills.py): they tune over 8 warps only."""
+    if kwargs.get("G", named_args.get("G", 16)) <= 2:
+        return [c for c in configs if c.num_warps == 8]
+    return configs
+
+
+_select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8],
+                                [1, 2, 3], prune=_prune)
 
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
@@ -221,7 +255,12 @@ def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, int
     BC = max(64, C.next_pow2(a + cm1))
     BJE = (BC - cm1) // a
     BJ = max(16, C.next_pow2(BJE), C.next_pow2(n))
-    return dict(HP=HP, BT=BT, BC=BC, BJ=BJ, NB=max(C.next_pow2(n), BJ // 8), BJE=BJE, num_warps=8, num_stages=2)
+    # Eq. 9 on tensor cores (the overlaps, integers <= min(l, l'), exact in bf16) pays with one
+    # head a group, where no head sum follows: H200, paper geometry at 64k, select 3.6 -> 2.3 ms
+    # at h = 1, but 18.5 -> 20.9 at h = 16, 5.9 -> 7.6 at h = 4 and 5.8 -> 11.6 with l = l' = d
+    eq9_dot = HP == 1 and min(cmp_block, sel_block) <= 256
+    return dict(HP=HP, BT=BT, BC=BC, BJ=BJ, NB=max(C.next_pow2(n), BJ // 8), BJE=BJE, EQ9_DOT=eq9_dot,
+                num_warps=8, num_stages=2)
 
 
 def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, sel_count=16,
@@ -253,6 +292,7 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     _select_fwd_tuned[(tbl.shape[0], H)](
         q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
-        HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"], BK0=BK0, BK1=BK1,
+        HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"],
+        EQ9_DOT=cfg["EQ9_DOT"], BK0=BK0, BK1=BK1,
         PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), INTERP=C.interpreting(), **launch)
     return out
