@@ -163,10 +163,11 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     lo0 = tl.maximum((ci[:, None] - CM1) * CMP_D, cj[None, :] * SEL_L)
     hi0 = tl.minimum((ci[:, None] - CM1) * CMP_D + CMP_L, cj[None, :] * SEL_L + SEL_L)
     ov = tl.maximum(hi0 - lo0, 0)  # [BC, BJ] int
-    if INTERP:  # the CPU interpreter's bf16 dot is wrong (triton 3.9): the pieces go in as fp32
-        ovb = ov.to(tl.float32)
-    else:
-        ovb = ov.to(tl.bfloat16)  # integers <= 256: exact
+    if EQ9_DOT:
+        if INTERP:  # the CPU interpreter's bf16 dot is wrong (triton 3.9): the pieces go in as fp32
+            ovb = ov.to(tl.float32)
+        else:
+            ovb = ov.to(tl.bfloat16)  # integers <= 256: exact
     for j0 in range(0, n_blocks, BJE):
         i = j0 * A - CM1 + ci  # compressed tokens of this chunk
         i_ok = (i >= 0) & (i < c_len)
@@ -237,7 +238,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 def _prune(configs, named_args, **kwargs):
     """Groups of 1-2 heads (64-128 positions a tile) spill at 4 warps (sm_90 compile: 24-560
     bytes a thread, tests/test_spills.py): they tune over 8 warps only."""
-    if kwargs.get("G", named_args.get("G", 16)) <= 2:
+    if {**named_args, **kwargs}["G"] <= 2:
         return [c for c in configs if c.num_warps == 8]
     return configs
 
