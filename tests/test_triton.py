@@ -201,6 +201,29 @@ def test_select_many_chunks(T, HQ, H, l, d, lp, n, tiles, monkeypatch):
     _check_selection(got, R.select_blocks_ref(q, kc, **kw), _scores64(q, kc, l, d, lp))
 
 
+@pytest.mark.parametrize("HQ,H,q_offset,T", [
+    pytest.param(16, 1, 3000, 40, id="h16"),
+    pytest.param(4, 1, 2900, 70, id="h4"),
+    pytest.param(32, 2, 3001, 9, id="h16-2groups-partial-tile"),
+])
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
+def test_select_interior_chunks(HQ, H, q_offset, T, tiles, monkeypatch):
+    """Queries far into a sequence (q_offset): between the first chunk (tokens before 0) and the
+    last ones, every chunk is interior (each token complete before every row's position) and
+    runs without the visibility mask; the blocks equal the reference's either way, with full
+    tiles and with a tile cut by the sequence's end."""
+    if tiles == "gpu":
+        config = S._config
+        monkeypatch.setattr(S, "_config", lambda *a: config(*a[:-1], False))
+    l, d, lp, n = 32, 16, 64, 16
+    g = torch.Generator().manual_seed(q_offset + T)
+    q = torch.randn(1, T, HQ, 32, generator=g).to(DEV)
+    kc = R.compress_mean(torch.randn(1, q_offset + T, H, 32, generator=g).to(DEV), l, d)
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, q_offset=q_offset)
+    got = nsa.select_blocks(q, kc, backend="triton", **kw)
+    _check_selection(got, R.select_blocks_ref(q, kc, **kw), _scores64(q, kc, l, d, lp, q_offset))
+
+
 # Compiles _select_fwd for sm_90 (no GPU needed) in a clean process (no interpreter) and prints
 # the TTIR's dots.
 _SELECT_TTIR_DOTS = r"""
@@ -225,8 +248,8 @@ print("\n".join(line for line in k.asm["ttir"].splitlines() if "tt.dot" in line)
 @pytest.mark.parametrize("HP,BT,G", [
     pytest.param(1, 128, 1, id="h1-128-positions"),
     pytest.param(2, 64, 2, id="h2-64-positions"),
-    pytest.param(8, 16, 8, id="h8-16-positions"),
-    pytest.param(16, 8, 16, id="h16-8-positions"),
+    pytest.param(8, 8, 8, id="h8-8-positions"),
+    pytest.param(16, 4, 16, id="h16-4-positions"),
 ])
 def test_select_eq9_mapping_not_tf32(HP, BT, G):
     """The GPU tiles (the launcher's, checked here) compile without a tf32 fp32 dot. From 16
@@ -249,11 +272,14 @@ def test_select_eq9_mapping_not_tf32(HP, BT, G):
     dots = res.stdout.splitlines()
     f32 = [d for d in dots if "xf32> * tensor<" in d and "xbf16>" not in d]
     assert not any("tf32" in d for d in f32), f32
+    # one QK dot per copy of the chunk's body (the masked and the interior chunks' loops)
+    bodies = sum(f"tensor<{BT * HP}x128xbf16> * tensor<128x64xbf16>" in d for d in dots)
+    assert bodies >= 2, res.stdout
     if eq9_dot:  # the QK dot and the three bf16 pieces times the overlaps, no fp32 dot
-        assert not f32 and len(dots) == 4, res.stdout
-        assert sum(f"tensor<{BT * HP}x64xbf16> * tensor<64x16xbf16>" in d for d in dots) == 3, res.stdout
+        assert not f32 and len(dots) == 4 * bodies, res.stdout
+        assert sum(f"tensor<{BT * HP}x64xbf16> * tensor<64x16xbf16>" in d for d in dots) == 3 * bodies, res.stdout
     else:
-        assert len(f32) == (BT >= 16), res.stdout  # the mapping is an explicit dot from 16 positions
+        assert len(f32) == bodies * (BT >= 16), res.stdout  # the mapping is an explicit dot from 16 positions
 
 
 @triton.jit

@@ -10,6 +10,13 @@ the chunk's blocks into a running top-n kept in registers. With one head a group
 runs on tensor cores instead (``EQ9_DOT``: p in three bf16 pieces times the integer overlaps,
 fp32 accumulation). No [T, Tc] or [T, n_sel_blocks] matrix is written.
 
+Interior chunks (every token complete before the tile's first position and in the sequence,
+every row a position of the sequence) run without the [BM, BC] visibility mask and the key
+loads' masks: a third fewer instructions in the loop (sm_90 SASS) and, with 64-row tiles for
+groups of 4+ heads, the paper geometry's select at 64k from 18.3 to 14.5 ms on an H100
+(`benchmarks/select_parts.py`, select_parts_h100.json). The first chunk (tokens before 0) and
+the last ones keep the masks.
+
 Top-n: each block becomes one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - j)``; scores
 are >= 0, so the float bits order like the floats, and equal scores order the lower j first.
 Forced blocks get score +inf, blocks that are not eligible get key 0. The running list keeps
@@ -122,6 +129,84 @@ def _halve(x, R: tl.constexpr, M: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _load_keys(ptr, mask, MASKED: tl.constexpr):
+    """A key tile, masked (0 outside) or, for interior chunks, not."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, ci, cj, dk0, dk1,
+                 qk_scale, H, DK: tl.constexpr, A: tl.constexpr, CM1: tl.constexpr, CMP_L: tl.constexpr,
+                 CMP_D: tl.constexpr, SEL_L: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                 BJ: tl.constexpr, NB: tl.constexpr, BJE: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
+                 INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """One chunk of selection blocks from j0 on: its scores, their group sum and Eq. 9 mapping,
+    merged into the running top list ``best`` [BT, NB] (returned). MASKED: rows, tokens and
+    visibility masked; otherwise the chunk is interior (every row sees every token)."""
+    i = j0 * A - CM1 + ci  # compressed tokens of this chunk
+    i_ok = (i >= 0) & (i < c_len)
+    KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
+    # interior chunks: every token is in the sequence, the loads need no mask
+    k0 = _load_keys(KCb + ci[:, None] * (H * DK) + dk0[None, :], i_ok[:, None], MASKED)
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        k0 = k0.to(tl.float32)
+    s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
+    if BK1 > 0:
+        k1 = _load_keys(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None], MASKED)
+        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+            k1 = k1.to(tl.float32)
+        s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if MASKED:
+        vis = i_ok[None, :] & ((i[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]) & row_ok[:, None]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # [BM, BC]
+    else:  # an interior chunk: every row sees every token
+        p = tl.exp2(s * qk_scale - lse[:, None])
+    j = j0 + cj
+    if EQ9_DOT:
+        # Eq. 9 before Eq. 10, on tensor cores: p = p1 + p2 + p3 in bf16 pieces holds p's 24
+        # bits, each piece times the integer overlaps is exact, accumulated in fp32; then the
+        # group's sum runs over [BM, BJ] instead of [BM, BC]
+        p1 = p.to(tl.bfloat16)
+        r1 = p - p1.to(tl.float32)
+        p2 = r1.to(tl.bfloat16)
+        p3 = (r1 - p2.to(tl.float32)).to(tl.bfloat16)
+        if INTERP:
+            p1, p2, p3 = p1.to(tl.float32), p2.to(tl.float32), p3.to(tl.float32)
+        # bf16 operands (tf32 is what the flag says for them); the interpreter's fp32 pieces
+        # and overlaps are bf16 values, which tf32 holds exactly
+        sm = tl.dot(p1, ovb, input_precision="tf32")
+        sm = tl.dot(p2, ovb, sm, input_precision="tf32")
+        sm = tl.dot(p3, ovb, sm, input_precision="tf32")  # [BM, BJ]
+        sc = tl.sum(tl.reshape(sm, [BT, HP, BJ]), 1) * (1.0 / CMP_D)
+    else:
+        pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
+        # Eq. 9: [BT, BJ] in fp32 with exact products. From 16 rows on, triton's combine pass
+        # turns sum(pg[:, :, None] * w[None], 1) into a dot of its own, with tf32 operands up
+        # to triton 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows
+        # took another block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16
+        # rows (tl.dot's minimum) the pattern does not match and the broadcast product stays.
+        if BT >= 16:
+            sc = tl.dot(pg, w, input_precision="ieee")
+        else:
+            sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
+    forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
+    sc = tl.where(forced, float("inf"), sc)
+    elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
+    bits = (sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+    key = tl.where(elig, ((bits + 1) << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), 0)
+    # every chunk merges: skipping chunks whose keys all fall below the rows' n-th best
+    # (a tile-wide test and branch) measured slower on the H200 (fla geometry 9.0 vs 6.9 ms)
+    top = _chunk_top(key, NB, INTERP)  # the chunk's NB best, ascending
+    # max(descending, ascending) holds the top NB of both as a bitonic sequence: one merge
+    # sorts it
+    best = _bitonic_merge_rows(tl.maximum(best, top), True)
+    return best
+
+
+@triton.jit
 def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                 CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
@@ -141,6 +226,8 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     Qb = Q + row0 * DK
     dk0 = tl.arange(0, BK0)
     q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
+    q1 = q0
+    dk1 = dk0
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
@@ -152,7 +239,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     posp = q_offset + tp
     cur = posp // SEL_L
     t_hi = q_offset + tl.minimum(t0 + BT, q_len) - 1
-    n_blocks = t_hi // SEL_L + 1  # eligible blocks of the tile's last position
+    n_blocks = (t_hi // SEL_L + 1).to(tl.int32)  # eligible blocks of the tile's last position
 
     ci = tl.arange(0, BC)
     cj = tl.arange(0, BJ)
@@ -163,66 +250,38 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     lo0 = tl.maximum((ci[:, None] - CM1) * CMP_D, cj[None, :] * SEL_L)
     hi0 = tl.minimum((ci[:, None] - CM1) * CMP_D + CMP_L, cj[None, :] * SEL_L + SEL_L)
     ov = tl.maximum(hi0 - lo0, 0)  # [BC, BJ] int
+    w = ov.to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ] Eq. 9 weights
+    ovb = w
     if EQ9_DOT:
         if INTERP:  # the CPU interpreter's bf16 dot is wrong (triton 3.9): the pieces go in as fp32
             ovb = ov.to(tl.float32)
         else:
             ovb = ov.to(tl.bfloat16)  # integers <= 256: exact
-    for j0 in range(0, n_blocks, BJE):
-        i = j0 * A - CM1 + ci  # compressed tokens of this chunk
-        i_ok = (i >= 0) & (i < c_len)
-        KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
-        k0 = tl.load(KCb + ci[:, None] * (H * DK) + dk0[None, :], mask=i_ok[:, None] & (dk0[None, :] < DK), other=0.0)
-        if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-            k0 = k0.to(tl.float32)
-        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
-        if BK1 > 0:
-            k1 = tl.load(KCb + ci[:, None] * (H * DK) + dk1[None, :], mask=i_ok[:, None] & (dk1[None, :] < DK), other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-                k1 = k1.to(tl.float32)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
-        vis = i_ok[None, :] & ((i[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]) & row_ok[:, None]
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # [BM, BC]
-        j = j0 + cj
-        if EQ9_DOT:
-            # Eq. 9 before Eq. 10, on tensor cores: p = p1 + p2 + p3 in bf16 pieces holds p's 24
-            # bits, each piece times the integer overlaps is exact, accumulated in fp32; then the
-            # group's sum runs over [BM, BJ] instead of [BM, BC]
-            p1 = p.to(tl.bfloat16)
-            r1 = p - p1.to(tl.float32)
-            p2 = r1.to(tl.bfloat16)
-            p3 = (r1 - p2.to(tl.float32)).to(tl.bfloat16)
-            if INTERP:
-                p1, p2, p3 = p1.to(tl.float32), p2.to(tl.float32), p3.to(tl.float32)
-            # bf16 operands (tf32 is what the flag says for them); the interpreter's fp32 pieces
-            # and overlaps are bf16 values, which tf32 holds exactly
-            sm = tl.dot(p1, ovb, input_precision="tf32")
-            sm = tl.dot(p2, ovb, sm, input_precision="tf32")
-            sm = tl.dot(p3, ovb, sm, input_precision="tf32")  # [BM, BJ]
-            sc = tl.sum(tl.reshape(sm, [BT, HP, BJ]), 1) * (1.0 / CMP_D)
-        else:
-            pg = tl.sum(tl.reshape(p, [BT, HP, BC]), 1)  # Eq. 10 first: sum over the group's heads
-            w = ov.to(tl.float32) * (1.0 / CMP_D)  # [BC, BJ]
-            # Eq. 9: [BT, BJ] in fp32 with exact products. From 16 rows on, triton's combine pass
-            # turns sum(pg[:, :, None] * w[None], 1) into a dot of its own, with tf32 operands up
-            # to triton 3.6 (triton-lang/triton#9831): pg lost 13 mantissa bits and 0.3-2% of rows
-            # took another block. So there the dot is explicit and IEEE (CUDA-core FMAs); below 16
-            # rows (tl.dot's minimum) the pattern does not match and the broadcast product stays.
-            if BT >= 16:
-                sc = tl.dot(pg, w, input_precision="ieee")
-            else:
-                sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
-        forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
-        sc = tl.where(forced, float("inf"), sc)
-        elig = (cj[None, :] < BJE) & (j[None, :] * SEL_L <= posp[:, None])
-        bits = (sc.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        key = tl.where(elig, ((bits + 1) << 32) | (0x7FFFFFFF - j[None, :]).to(tl.int64), 0)
-        # every chunk merges: skipping chunks whose keys all fall below the rows' n-th best
-        # (a tile-wide test and branch) measured slower on the H200 (fla geometry 9.0 vs 6.9 ms)
-        top = _chunk_top(key, NB, INTERP)  # the chunk's NB best, ascending
-        # max(descending, ascending) holds the top NB of both as a bitonic sequence: one merge
-        # sorts it
-        best = _bitonic_merge_rows(tl.maximum(best, top), True)
+    # Chunks [j_a, j_b) are interior: every token of the chunk is in the sequence and complete
+    # before the tile's first position, and every row is a position of the sequence, so their
+    # scores need no [BM, BC] visibility mask (its index arithmetic was a fifth of the loop's
+    # instructions); the first chunk (tokens before 0) and the last ones are masked.
+    J_A: tl.constexpr = ((CM1 + A - 1) // A + BJE - 1) // BJE * BJE  # first chunk with no token before 0
+    full = (t0 + BT <= q_len) & (HP == G)
+    # the last token complete at the tile's first position, and in the sequence (divisions of
+    # non-negative ints only: triton's // truncates)
+    i_end = tl.minimum((tl.maximum(q_offset + t0 - CMP_L + 1, 0)) // CMP_D, c_len - 1)
+    interior = full & (q_offset + t0 >= CMP_L - 1) & (i_end >= J_A * A - CM1 + BC - 1)
+    n_int = tl.where(interior, ((i_end + CM1 - BC + 1) // A - J_A) // BJE + 1, 0)  # interior chunks
+    j_b = tl.minimum(J_A + n_int * BJE, n_blocks).to(tl.int32)
+    j_a = tl.minimum(J_A, j_b)
+    for j0 in range(0, j_a, BJE):
+        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
+                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, True)
+    for j0 in range(j_a, j_b, BJE):
+        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
+                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, False)
+    for j0 in range(j_b, n_blocks, BJE):
+        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
+                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, True)
 
     # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
     BIG: tl.constexpr = 0x7FFFFFFF
@@ -252,10 +311,14 @@ def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, int
     # tile (h = 1: 128), so the QK recompute does no masked work. (Tiles of 16+ positions used to
     # pick wrong blocks on GPUs: the tf32 Eq. 9 mapping, see _select_fwd.)
     # The interpreter pays per op, not per element: big tiles, few chunks.
-    HP, BT, _ = C.rows_for(h, 256 if interp else 128)
     BC = max(64, C.next_pow2(a + cm1))
     BJE = (BC - cm1) // a
     BJ = max(16, C.next_pow2(BJE), C.next_pow2(n))
+    # 64 rows for groups of 4+ heads with few blocks a chunk (the paper's 15): 3 CTAs an SM instead
+    # of 2 (H100, paper geometry at 64k: 15.8 -> 14.5 ms; 4 heads 5.3 -> 5.2); 128 rows for fla's
+    # 64 blocks a chunk (5.6 against 5.8 ms) and for 1-2 heads (select_parts_h100.json)
+    rows = 64 if C.next_pow2(h) >= 4 and BJ <= 16 else 128
+    HP, BT, _ = C.rows_for(h, 256 if interp else rows)
     # Eq. 9 on tensor cores (the overlaps, integers <= min(l, l'), exact in bf16) pays with one
     # head a group, where no head sum follows: H200, paper geometry at 64k, select 3.6 -> 2.3 ms
     # at h = 1, but 18.5 -> 20.9 at h = 16, 5.9 -> 7.6 at h = 4 and 5.8 -> 11.6 with l = l' = d
