@@ -14,8 +14,9 @@ Interior chunks (every token complete before the tile's first position and in th
 every row a position of the sequence) run without the [BM, BC] visibility mask and the key
 loads' masks: a third fewer instructions in the loop (sm_90 SASS) and, with 64-row tiles for
 groups of 4+ heads, the paper geometry's select at 64k from 18.3 to 14.5 ms on an H100
-(`benchmarks/select_parts.py`, select_parts_h100.json). The first chunk (tokens before 0) and
-the last ones keep the masks.
+(`benchmarks/select_parts.py`, select_parts_h100.json), and to 12.2 ms with the Eq. 9 mapping
+reduced within a warp's lanes. The first chunk (tokens before 0) and the last ones keep the
+masks.
 
 Top-n: each block becomes one int64 key ``(bits(score) + 1) << 32 | (2^31 - 1 - j)``; scores
 are >= 0, so the float bits order like the floats, and equal scores order the lower j first.
@@ -190,7 +191,10 @@ def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp
         # rows (tl.dot's minimum) the pattern does not match and the broadcast product stays.
         if BT >= 16:
             sc = tl.dot(pg, w, input_precision="ieee")
-        else:
+        elif BT * HP <= 64:  # reduced over the last axis: the tokens lie in one warp's lanes, no
+            # shared-memory round trip or barrier (H100, paper geometry at 64k: 14.6 -> 12.2 ms)
+            sc = tl.sum(pg[:, None, :] * tl.trans(w)[None, :, :], 2)
+        else:  # 128 rows: the form above spills (fla's geometry 5.6 -> 7.7 ms)
             sc = tl.sum(pg[:, :, None] * w[None, :, :], 1)
     forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
     sc = tl.where(forced, float("inf"), sc)
