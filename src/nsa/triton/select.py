@@ -139,14 +139,18 @@ def _load_keys(ptr, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, ci, cj, dk0, dk1,
-                 qk_scale, H, DK: tl.constexpr, A: tl.constexpr, CM1: tl.constexpr, CMP_L: tl.constexpr,
-                 CMP_D: tl.constexpr, SEL_L: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                 BJ: tl.constexpr, NB: tl.constexpr, BJE: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
+def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, qk_scale, H,
+                 DK: tl.constexpr, A: tl.constexpr, CM1: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
+                 SEL_L: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
+                 NB: tl.constexpr, BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
                  INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr, MASKED: tl.constexpr):
     """One chunk of selection blocks from j0 on: its scores, their group sum and Eq. 9 mapping,
     merged into the running top list ``best`` [BT, NB] (returned). MASKED: rows, tokens and
     visibility masked; otherwise the chunk is interior (every row sees every token)."""
+    ci = tl.arange(0, BC)
+    cj = tl.arange(0, BJ)
+    dk0 = tl.arange(0, BK0)
+    dk1 = BK0 + tl.arange(0, BK1 if BK1 > 0 else 16)  # unused when BK1 = 0
     i = j0 * A - CM1 + ci  # compressed tokens of this chunk
     i_ok = (i >= 0) & (i < c_len)
     KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
@@ -228,12 +232,9 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
     Qb = Q + row0 * DK
-    dk0 = tl.arange(0, BK0)
     q0 = C.load_cols(Qb, q_row, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
     q1 = q0
-    dk1 = dk0
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
         q1 = C.load_cols(Qb, q_row, row_ok, BK0, BK1, DK, UPCAST)  # [BM, BK1]
     qk_scale = sm_scale * LOG2E
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=0.0) * LOG2E
@@ -276,16 +277,16 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     j_a = tl.minimum(J_A, j_b)
     for j0 in range(0, j_a, BJE):
         best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
-                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
-                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, True)
+                            qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
+                            INTERP, UPCAST, EQ9_DOT, True)
     for j0 in range(j_a, j_b, BJE):
         best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
-                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
-                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, False)
+                            qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
+                            INTERP, UPCAST, EQ9_DOT, False)
     for j0 in range(j_b, n_blocks, BJE):
         best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
-                            ci, cj, dk0, dk1, qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB,
-                            BJE, BK1, PREC, INTERP, UPCAST, EQ9_DOT, True)
+                            qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
+                            INTERP, UPCAST, EQ9_DOT, True)
 
     # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
     BIG: tl.constexpr = 0x7FFFFFFF
