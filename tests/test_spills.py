@@ -59,6 +59,7 @@ def _specs(HQ, H, Dk, Dv):
     # the descriptor tiles (bf16 on Hopper), where the launcher takes them
     tma = {mode: BW._band_configs(h, Dk, Dv, mode, False, True)[1] for mode in (0, 1)}
     sq, skv = BW._slc_configs(h, Dk, Dv, False)
+    ch = C.next_pow2(skv["chunk"])  # the slc dk/dv item's positions, a constexpr of the kernel
     skv = {k: v for k, v in skv.items() if k != "chunk"}
     slc = dict(dims, SEL_L=64, BS=64)
 
@@ -75,7 +76,7 @@ def _specs(HQ, H, Dk, Dv):
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, **slc),
-        "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, **slc),
+        "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     for mode, cfg in tma.items():
         if not cfg["TMA"]:
