@@ -855,11 +855,15 @@ def test_gpu_layer_paged_decode_step_cuda_graph(shared_kv):
 
 
 def test_select_autotuner_keeps_8_warps_for_small_groups():
-    """Groups of 1-2 heads time only 8-warp configs (their 4-warp tiles spill on sm_90); larger
-    groups keep every config."""
+    """Groups of 1-2 heads time only 8-warp configs (their 4-warp tiles spill on sm_90), the
+    64-row tiles of larger groups only 4-warp ones; 128-row tiles keep every config."""
     from triton import Config
     configs = [Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3)]
     for h in (1, 2):
-        assert [(c.num_warps, c.num_stages) for c in S._prune(configs, {}, G=h)] == [(8, 1), (8, 2), (8, 3)]
-    for h in (4, 16):
-        assert S._prune(configs, {}, G=h) == configs
+        tiles = S._config(h, 16, 32, 16, 64, False)
+        assert [(c.num_warps, c.num_stages) for c in S._prune(configs, {}, G=h, **tiles)] == [(8, 1), (8, 2), (8, 3)]
+    for h in (4, 16):  # the paper geometry's 64-row tiles
+        tiles = S._config(h, 16, 32, 16, 64, False)
+        assert [(c.num_warps, c.num_stages) for c in S._prune(configs, {}, G=h, **tiles)] == [(4, 1), (4, 2), (4, 3)]
+    tiles = S._config(16, 16, 64, 64, 64, False)  # fla's geometry: 128 rows
+    assert tiles["BT"] * tiles["HP"] == 128 and S._prune(configs, {}, G=16, **tiles) == configs

@@ -301,9 +301,14 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 
 def _prune(configs, named_args, **kwargs):
     """Groups of 1-2 heads (64-128 positions a tile) spill at 4 warps (sm_90 compile: 24-560
-    bytes a thread, tests/test_spills.py): they tune over 8 warps only."""
-    if {**named_args, **kwargs}["G"] <= 2:
+    bytes a thread, tests/test_spills.py): they tune over 8 warps only. 64-row tiles tune over 4
+    warps only: 8 took twice as long (H100, paper geometry at 64k: 34.9 against 16.1 ms,
+    select_parts_h100.json), and each config is a compile on the first call."""
+    args = {**named_args, **kwargs}
+    if args["G"] <= 2:
         return [c for c in configs if c.num_warps == 8]
+    if args["BT"] * args["HP"] <= 64:
+        return [c for c in configs if c.num_warps == 4]
     return configs
 
 
