@@ -113,6 +113,31 @@ def test_bench_train_speedups_and_table():
     assert "| 3.5x | 0.50 / 0.25 / 2.00 (4.50) / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))
 
 
+def test_bench_prefill_kernel_rates_and_table():
+    """Each kernel of the prefill breakdown gets its useful TFLOP/s from its own FLOP count, and
+    slc its gathered bytes per second: (Dk + Dv) bf16 values of n * l' keys per (position, group)
+    once a position sees that many."""
+    from nsa.apps import bench
+
+    c = bench.CONFIGS["paper"]
+    T = 65536
+    r = dict(config="paper", T=T, flops_nsa=bench.nsa_flops(T, c)["total"], flops_full=bench.full_flops(T, c),
+             nsa_ms=50.0, k_cmp_ms=10.0,
+             k_select_ms=8.0, k_slc_ms=20.0, k_win_ms=4.0, sdpa_cudnn_ms=150.0)
+    bench._finish_prefill(r, ["sdpa_cudnn"], T, c)
+    f = bench.nsa_flops(T, c)
+    for k, ms in (("cmp", 10.0), ("select", 8.0), ("slc", 20.0), ("win", 4.0)):
+        assert r[f"k_{k}_tflops"] == pytest.approx(f[k] / ms / 1e9)
+    S = c["n"] * c["lp"]
+    keys = sum(t + 1 for t in range(S)) + (T - S) * S  # selected keys summed over positions
+    assert bench.slc_gather_bytes(T, c) == keys * c["H"] * (c["Dk"] + c["Dv"]) * 2
+    assert r["k_slc_gather_tb_s"] == pytest.approx(keys * c["H"] * (c["Dk"] + c["Dv"]) * 2 / 20.0e-3 / 1e12)
+    assert r["speedup_vs_sdpa_cudnn"] == pytest.approx(3.0)
+    row = bench.markdown_table(dict(results=[r])).splitlines()[-1]
+    rates = " / ".join(f"{r[f'k_{k}_tflops']:.0f}" for k in ("cmp", "select", "slc", "win"))
+    assert f"| 10.00 / 8.00 / 20.00 / 4.00 | {rates} | {r['k_slc_gather_tb_s']:.1f} | - | 150.00 |" in row, row
+
+
 def test_bench_compile_table():
     """Speedup = eager ms / compiled ms; tokens/s and the compiled first call per step; the
     decode step's CUDA-graph times where measured."""

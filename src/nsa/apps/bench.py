@@ -645,13 +645,7 @@ def run(name, args) -> int:
                     traceback.print_exc(limit=3)
                     res[f"{b}_error"] = repr(e)[:300]
             del x
-            if "nsa_ms" in res:
-                res["nsa_tflops"] = res["flops_nsa"] / res["nsa_ms"] / 1e9
-                for b in baselines:
-                    if f"{b}_ms" in res:
-                        res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
-                        if b != "fla":
-                            res[f"{b}_tflops"] = res["flops_full"] / res[f"{b}_ms"] / 1e9
+            _finish_prefill(res, baselines, T, c)
             rows.append(res)
             print(_row_line(res), flush=True)
             _save(dict(meta=meta, configs=CONFIGS, results=rows), out_path)  # partial results survive
@@ -946,6 +940,32 @@ def markdown_table_decode(out) -> str:
     return "\n".join(lines)
 
 
+def slc_gather_bytes(T, c, elem_bytes: int = 2) -> int:
+    """Bytes the slc kernel reads for its selected blocks, one position and group at a time
+    (each (position, group) loads its own blocks' keys and values: from L2 mostly)."""
+    return nsa_flops(T, c)["slc"] // (2 * c["HQ"]) * c["H"] * elem_bytes
+
+
+def _finish_prefill(res, baselines, T, c) -> None:
+    """Useful TFLOP/s of the forward and of each kernel of the breakdown (:func:`nsa_flops`;
+    win's time holds the gate epilogue), the slc kernel's gathered bytes per second
+    (:func:`slc_gather_bytes`), and the speedups against each baseline."""
+    if "nsa_ms" not in res:
+        return
+    f = nsa_flops(T, c)
+    res["nsa_tflops"] = res["flops_nsa"] / res["nsa_ms"] / 1e9
+    for k in ("cmp", "select", "slc", "win"):
+        if f"k_{k}_ms" in res:
+            res[f"k_{k}_tflops"] = f[k] / res[f"k_{k}_ms"] / 1e9
+    if "k_slc_ms" in res:
+        res["k_slc_gather_tb_s"] = slc_gather_bytes(T, c) / res["k_slc_ms"] / 1e9
+    for b in baselines:
+        if f"{b}_ms" in res:
+            res[f"speedup_vs_{b}"] = res[f"{b}_ms"] / res["nsa_ms"]
+            if b != "fla":
+                res[f"{b}_tflops"] = res["flops_full"] / res[f"{b}_ms"] / 1e9
+
+
 def _finish_train(res, baselines, T, c) -> None:
     """Speedups of forward + backward and of the backward alone (train mode), and the useful
     TFLOP/s of the backward and of each branch's backward (:func:`nsa_bwd_flops`)."""
@@ -981,17 +1001,20 @@ def _row_line(r) -> str:
 def markdown_table(out) -> str:
     if any("nsa_bwd_ms" in r for r in out["results"]):
         return _markdown_table_train(out)
-    lines = ["| config | T | NSA ms | TFLOP/s | peak GiB | cmp / select / slc / win ms | SDPA flash ms | "
-             "SDPA cuDNN ms | Flex ms | fla ms | speedup vs best SDPA | vs fla |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | T | NSA ms | TFLOP/s | peak GiB | cmp / select / slc / win ms | its TFLOP/s | slc TB/s | "
+             "SDPA flash ms | SDPA cuDNN ms | Flex ms | fla ms | speedup vs best SDPA | vs fla |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
+    kernels = ("k_cmp", "k_select", "k_slc", "k_win")
     for r in out["results"]:
         sp = _vs_best_sdpa(r)
         spf = f"{r['speedup_vs_fla']:.2f}x" if "speedup_vs_fla" in r else "-"
-        br = " / ".join(f(r, k) for k in ("k_cmp", "k_select", "k_slc", "k_win"))
+        br = " / ".join(f(r, k) for k in kernels)
+        tf = " / ".join(f"{r[k + '_tflops']:.0f}" if k + "_tflops" in r else "-" for k in kernels)
+        gb = f"{r['k_slc_gather_tb_s']:.1f}" if "k_slc_gather_tb_s" in r else "-"
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {f(r, 'nsa')} | "
-                     f"{r.get('nsa_tflops', 0):.0f} | {r.get('nsa_peak_gb', 0):.1f} | {br} | {f(r, 'sdpa_flash')} | "
-                     f"{f(r, 'sdpa_cudnn')} | {f(r, 'flex')} | {f(r, 'fla')} | {sp} | {spf} |")
+                     f"{r.get('nsa_tflops', 0):.0f} | {r.get('nsa_peak_gb', 0):.1f} | {br} | {tf} | {gb} | "
+                     f"{f(r, 'sdpa_flash')} | {f(r, 'sdpa_cudnn')} | {f(r, 'flex')} | {f(r, 'fla')} | {sp} | {spf} |")
     return "\n".join(lines)
 
 
