@@ -264,7 +264,7 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
             ovb = ov.to(tl.bfloat16)  # integers <= 256: exact
     # Chunks [j_a, j_b) are interior: every token of the chunk is in the sequence and complete
     # before the tile's first position, and every row is a position of the sequence, so their
-    # scores need no [BM, BC] visibility mask (its index arithmetic was a fifth of the loop's
+    # scores need no [BM, BC] visibility mask (its index arithmetic was a third of the loop's
     # instructions); the first chunk (tokens before 0) and the last ones are masked.
     J_A: tl.constexpr = ((CM1 + A - 1) // A + BJE - 1) // BJE * BJE  # first chunk with no token before 0
     full = (t0 + BT <= q_len) & (HP == G)
