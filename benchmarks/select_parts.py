@@ -20,6 +20,8 @@ for fla's and smaller groups), bf16, batch 1, random inputs. Writes {"meta", "re
 """
 
 import argparse
+import importlib
+import importlib.util
 import inspect
 import json
 
@@ -51,11 +53,12 @@ CONFIGS = {"paper": (64, 4, 192, 32, 16, 64, 16), "fla": (64, 4, 128, 64, 64, 64
 
 
 def variant(name: str):
-    """The select module's namespace with `_select_fwd` rebuilt from edited source."""
+    """`_select_fwd` of the variant `name`: rebuilt from edited source (with the `_merge_chunk` it
+    calls), or taken from another module ("module:M")."""
     import triton
 
     if name.startswith("module:"):  # another version of the kernel, e.g. a copy of an earlier commit's select.py
-        return __import__("importlib").import_module(name[len("module:"):])._select_fwd
+        return importlib.import_module(name[len("module:"):])._select_fwd
     # the chunk's work is in _merge_chunk, which _select_fwd calls: both are rebuilt
     src = inspect.getsource(S._merge_chunk.fn) + "\n\n" + inspect.getsource(S._select_fwd.fn)
     for part in name.split("+"):  # "no_exp+no_sort": both edits
@@ -68,12 +71,13 @@ def variant(name: str):
             else:
                 src = src.replace(old, new)
     # triton reads a jitted function's source from its file: exec a file of its own
-    path = f"/tmp/select_{name.replace('+', '_')}.py"
+    mod = f"select_{name.replace('+', '_')}"
+    path = f"/tmp/{mod}.py"
     with open(path, "w") as fh:
         fh.write("import triton\nimport triton.language as tl\nimport nsa.triton.select as _S\n"
                  "globals().update({k: v for k, v in vars(_S).items() if not k.startswith('__')})\n\n\n" + src)
-    spec = __import__("importlib.util").util.spec_from_file_location(f"select_{name.replace('+', '_')}", path)
-    m = __import__("importlib.util").util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location(mod, path)
+    m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
     assert isinstance(m._select_fwd, triton.runtime.JITFunction)
     return m._select_fwd

@@ -74,6 +74,16 @@ def round_out(x, dtype: tl.constexpr, EMU_RTNE: tl.constexpr):
 
 
 @triton.jit
+def load_tile(ptr, mask, FULL: tl.constexpr):
+    """A tile load, without a mask when FULL (every address valid: no predicates), else 0 where
+    ``mask`` is off."""
+    if FULL:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAST: tl.constexpr):
     """Tile [len(rows), BK] of columns col0..col0+BK of row-major rows of width D (masked).
 

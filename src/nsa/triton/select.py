@@ -130,15 +130,6 @@ def _halve(x, R: tl.constexpr, M: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(ptr, mask, MASKED: tl.constexpr):
-    """A key tile, masked (0 outside) or, for interior chunks, not."""
-    if MASKED:
-        return tl.load(ptr, mask=mask, other=0.0)
-    else:
-        return tl.load(ptr)
-
-
-@triton.jit
 def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, qk_scale, H,
                  DK: tl.constexpr, A: tl.constexpr, CM1: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                  SEL_L: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
@@ -155,12 +146,12 @@ def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp
     i_ok = (i >= 0) & (i < c_len)
     KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
     # interior chunks: every token is in the sequence, the loads need no mask
-    k0 = _load_keys(KCb + ci[:, None] * (H * DK) + dk0[None, :], i_ok[:, None], MASKED)
+    k0 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk0[None, :], i_ok[:, None], not MASKED)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         k0 = k0.to(tl.float32)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
-        k1 = _load_keys(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None], MASKED)
+        k1 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None], not MASKED)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             k1 = k1.to(tl.float32)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)

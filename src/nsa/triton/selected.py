@@ -75,15 +75,6 @@ def tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H: tl.const
 
 
 @triton.jit
-def _load(ptr, mask, FULL: tl.constexpr):
-    """A tile load, without a mask when FULL (every address valid)."""
-    if FULL:
-        return tl.load(ptr)
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
@@ -127,7 +118,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
             kr = tl.minimum(ar, (k_len - 1 - blk_row).to(tl.int32))
         kb = K + ((k_start + blk_row) * H + g) * DK
         vb = V + ((k_start + blk_row) * H + g) * DV
-        kt0 = _load(kb + dk0[:, None] + kr[None, :] * (H * DK), u_ok[None, :] & (dk0[:, None] < DK), K0_FULL)
+        kt0 = C.load_tile(kb + dk0[:, None] + kr[None, :] * (H * DK), u_ok[None, :] & (dk0[:, None] < DK), K0_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             kt0 = kt0.to(tl.float32)
         s = tl.dot(q0, kt0, input_precision=PREC)
@@ -145,7 +136,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(vb + kr[:, None] * (H * DV) + dv[None, :], u_ok[:, None] & (dv[None, :] < DV), V_FULL)
+        v = C.load_tile(vb + kr[:, None] * (H * DV) + dv[None, :], u_ok[:, None] & (dv[None, :] < DV), V_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
