@@ -21,9 +21,9 @@ for T in [int(t) for t in sys.argv[3:]]:
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
                scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
     with torch.no_grad():
-        o, aux = _nsa_forward(*x, aux=True, **geo)
+        o, aux = _nsa_forward(*x, aux=True, save_win=True, **geo)
     do = torch.randn_like(o)
-    fwd = do_bench(lambda: _nsa_forward(*x, aux=True, **geo), warmup=25, rep=200, return_mode="median")
+    fwd = do_bench(lambda: _nsa_forward(*x, aux=True, save_win=True, **geo), warmup=25, rep=200, return_mode="median")
     r = dict(T=T, fwd_ms=fwd, cfg=cfg)
     for det in (False, True):
         kw = dict(geo, deterministic=det)

@@ -113,15 +113,17 @@ GEO = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, window=8)
 
 
 @needs_triton
+@pytest.mark.parametrize("save_win", [True, False], ids=["saved-window", "recomputed-window"])
 @pytest.mark.parametrize("cu", [None, [0, 9, 9, 24]], ids=["dense", "varlen"])
-def test_opcheck_nsa_fwd_and_bwd(cu):
+def test_opcheck_nsa_fwd_and_bwd(cu, save_win):
     x = _op_inputs(cu=cu)
     cpu = None if cu is None else nsa.varlen_tables(torch.tensor(cu, dtype=torch.int32, device=DEV),
                                                     cmp_block=8, cmp_stride=4).cu_seqlens_cpu
     geo = (*GEO.values(), 0.25, 0, 0, False)
     leaves = [a.clone().requires_grad_() for a in x]
-    torch.library.opcheck(torch.ops.nsa.nsa_fwd.default, (*leaves, cpu, *geo))
-    o, *aux = torch.ops.nsa.nsa_fwd(*x, cpu, *geo)
+    torch.library.opcheck(torch.ops.nsa.nsa_fwd.default, (*leaves, cpu, *geo, save_win))
+    o, *aux = torch.ops.nsa.nsa_fwd(*x, cpu, *geo, save_win)
+    assert (aux[-2].numel() > 0) == save_win
     torch.library.opcheck(torch.ops.nsa.nsa_bwd.default, (torch.randn_like(o), *x, *aux, cpu, *geo))
 
 
@@ -131,7 +133,7 @@ def test_opcheck_nsa_fwd_with_offsets():
     q, kc, vc, k, v, kw, vw, gates = _op_inputs()
     args = (q[:, 10:], kc, vc, k, v, kw[:, 3:], vw[:, 3:], gates[:, 10:])
     leaves = [a.clone().requires_grad_() for a in args]
-    torch.library.opcheck(torch.ops.nsa.nsa_fwd.default, (*leaves, None, *GEO.values(), 0.25, 10, 3, True))
+    torch.library.opcheck(torch.ops.nsa.nsa_fwd.default, (*leaves, None, *GEO.values(), 0.25, 10, 3, True, True))
 
 
 @needs_triton

@@ -435,11 +435,56 @@ def test_layer_parameter_gradients_triton_equal_torch(compress):
         _close(grads[0][n], grads[1][n])
 
 
+@pytest.mark.parametrize("cu", [None, [0, 17, 47]], ids=["dense", "varlen"])
+def test_forward_keeps_the_window_branch_for_the_backward(cu, monkeypatch):
+    """A forward whose output will be differentiated keeps o_win and its lse (the gated epilogue
+    writes them; the backward then skips the window's recompute): they equal the window branch
+    of the reference and the recomputed lse, and the gradients through the kept state equal
+    those through the recompute. Without grad (inference) nothing is kept."""
+    from nsa.ops import needs_backward
+    from nsa.triton.band import band_attention
+    from nsa.triton.nsa import _nsa_forward
+
+    T, HQ, H, Dk, Dv, l, d = 47, 4, 2, 32, 16, 8, 4
+    q, k, v, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
+    kw_, vw_ = torch.randn_like(k), torch.randn_like(v)
+    gates = torch.rand(1, T, HQ, 3, generator=torch.Generator().manual_seed(3)).to(DEV)
+    args = (q, kc, vc, k, v, kw_, vw_, gates)
+    cu_cpu = None if cu is None else torch.tensor(cu, dtype=torch.int32)  # as the op receives it
+    geo = dict(cmp_block=l, cmp_stride=d, sel_block=8, sel_count=3, window=9, scale=None, q_offset=0,
+               win_k_offset=0)
+    o, aux = _nsa_forward(*args, cu_seqlens=cu_cpu, aux=True, save_win=True, **geo)
+    o_win, lse_win = aux[5:]
+    _close(o_win, R.sliding_window_ref(q, kw_, vw_, window=9, cu_seqlens=cu_t))
+    seq, lens = BW._seq(q, k, kw_, kc, cu_cpu, l, d)
+    _, lse_ref = band_attention(q, kw_, vw_, mode=1, scale=Dk ** -0.5, seq=seq, lens=lens, window=9,
+                                write_lse=True)
+    _close(lse_win, lse_ref)
+    kwb = dict(geo, cu_seqlens=cu_cpu, deterministic=False)
+    import nsa.triton.band as band_module
+
+    def recompute(*a, **k):
+        raise AssertionError("the backward recomputed the window although the forward kept it")
+
+    monkeypatch.setattr(band_module, "band_attention", recompute)
+    kept = BW.nsa_backward(do, args, aux, kwb, needs=(True,) * 8)
+    monkeypatch.undo()
+    redone = BW.nsa_backward(do, args, (*aux[:5], o_win.new_empty(0), lse_win.new_empty(0)), kwb, needs=(True,) * 8)
+    for a, b in zip(kept, redone):
+        _close(a, b)
+    _, aux = _nsa_forward(*args, cu_seqlens=cu_cpu, aux=True, save_win=False, **geo)
+    assert aux[5].numel() == 0 and aux[6].numel() == 0
+    leaves = [x.clone().requires_grad_() for x in args]
+    assert needs_backward(leaves) and not needs_backward(args)
+    with torch.no_grad():
+        assert not needs_backward(leaves)
+
+
 def test_backward_materialises_no_gradient_for_the_saved_outputs():
-    """The op's five saved outputs (o_cmp, lse_cmp, block indices, o_slc, lse_slc) get no zero
-    gradients: autograd materialised them by default (two [B, T, HQ, Dv] tensors among them,
-    2.2 GB at 64k in the paper configuration), and the backward does not read them. Counted as
-    the zero tensors created outside the backward op while it runs."""
+    """The op's seven saved outputs (o_cmp, lse_cmp, block indices, o_slc, lse_slc, o_win,
+    lse_win) get no zero gradients: autograd materialised them by default (three [B, T, HQ, Dv]
+    tensors among them, 3.2 GB at 64k in the paper configuration), and the backward does not
+    read them. Counted as the zero tensors created outside the backward op while it runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Zeros(TorchDispatchMode):

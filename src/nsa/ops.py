@@ -11,7 +11,8 @@ registered with :mod:`torch.library` in the namespace ``nsa``, each with a fake 
 implementation, so ``torch.compile`` traces them as single nodes:
 
 * ``torch.ops.nsa.nsa_fwd``: the forward; returns o and what the backward reuses (o_cmp, its
-  lse, the block indices, o_slc and its lse). Differentiable (``register_autograd``).
+  lse, the block indices, o_slc and its lse, and when a backward will run o_win and its lse).
+  Differentiable (``register_autograd``).
 * ``torch.ops.nsa.nsa_bwd``: the eight input gradients from the forward's saved state.
 * ``torch.ops.nsa.select_blocks``: the block indices alone.
 * ``torch.ops.nsa.nsa_decode``: one decode step (1-8 new tokens per sequence, contiguous or paged).
@@ -182,6 +183,12 @@ def _cached_tables(c: tuple[int, ...], l: int, d: int, device: torch.device) -> 
     return _build_tables(torch.tensor(c, dtype=torch.int32, device=device), c, l, d)
 
 
+def needs_backward(tensors) -> bool:
+    """Whether autograd will take a backward through an op of ``tensors``: grad mode on and one
+    of them requiring grad (the forward then keeps the window branch's output for it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def as_varlen_tables(cu_seqlens, total: int, batch: int, device, cmp_block: int,
                      cmp_stride: int) -> VarlenTables | None:
     """``cu_seqlens`` as the :class:`VarlenTables` of a call on ``batch`` x ``total`` tokens on
@@ -252,49 +259,54 @@ def _op(name: str):
 def _nsa_fwd(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor,
              v_win: Tensor, gates: Tensor, cu_seqlens_cpu: Optional[Tensor], cmp_block: int,
              cmp_stride: int, sel_block: int, sel_count: int, window: int, scale: float,
-             q_offset: int, win_k_offset: int,
-             deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             q_offset: int, win_k_offset: int, deterministic: bool,
+             save_win: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """NSA forward through the Triton kernels: (o [B, T, HQ, Dv], o_cmp [B, T, HQ, Dv], lse_cmp
     [B, T, HQ] fp32, block indices [B, T, H, n] int64, o_slc [B, T, HQ, Dv], lse_slc [B, T, HQ]
-    fp32). ``cu_seqlens_cpu``: :attr:`VarlenTables.cu_seqlens_cpu` or None; ``deterministic``
-    is the backward's (kept with the saved state)."""
+    fp32, o_win [B, T, HQ, Dv], lse_win [B, T, HQ] fp32; the last two empty unless
+    ``save_win``: what a backward reuses instead of recomputing the window). ``cu_seqlens_cpu``:
+    :attr:`VarlenTables.cu_seqlens_cpu` or None; ``deterministic`` is the backward's (kept with
+    the saved state)."""
     from .triton.nsa import _nsa_forward
 
     o, aux = _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cmp_block=cmp_block,
                           cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count, window=window,
                           scale=scale, cu_seqlens=cu_seqlens_cpu, q_offset=q_offset,
-                          win_k_offset=win_k_offset, aux=True)
+                          win_k_offset=win_k_offset, aux=True, save_win=save_win)
     return (o, *aux)
 
 
 @_nsa_fwd.register_fake
 def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens_cpu, cmp_block, cmp_stride,
-      sel_block, sel_count, window, scale, q_offset, win_k_offset, deterministic):
+      sel_block, sel_count, window, scale, q_offset, win_k_offset, deterministic, save_win):
     B, T, HQ, _ = q.shape
     H, Dv = k_cmp.shape[2], v_cmp.shape[3]
     o = q.new_empty(B, T, HQ, Dv)
     lse = q.new_empty(B, T, HQ, dtype=torch.float32)
+    o_win, lse_win = (torch.empty_like(o), torch.empty_like(lse)) if save_win else (o.new_empty(0), lse.new_empty(0))
     return (o, torch.empty_like(o), lse, q.new_empty(B, T, H, sel_count, dtype=torch.int64),
-            torch.empty_like(o), torch.empty_like(lse))
+            torch.empty_like(o), torch.empty_like(lse), o_win, lse_win)
 
 
 @_op("nsa_bwd")
 def _nsa_bwd(grad_o: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, k_slc: Tensor, v_slc: Tensor,
              k_win: Tensor, v_win: Tensor, gates: Tensor, o_cmp: Tensor, lse_cmp: Tensor,
-             block_indices: Tensor, o_slc: Tensor, lse_slc: Tensor, cu_seqlens_cpu: Optional[Tensor],
+             block_indices: Tensor, o_slc: Tensor, lse_slc: Tensor, o_win: Tensor, lse_win: Tensor,
+             cu_seqlens_cpu: Optional[Tensor],
              cmp_block: int, cmp_stride: int, sel_block: int, sel_count: int, window: int,
              scale: float, q_offset: int, win_k_offset: int, deterministic: bool
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win and gates (each in its
     input's dtype) from grad_o and the state ``nsa_fwd`` returned, through the Triton backward
-    kernels (:func:`nsa.triton.backward.nsa_backward`); fp16/bf16/fp32."""
+    kernels (:func:`nsa.triton.backward.nsa_backward`); fp16/bf16/fp32. Empty o_win / lse_win:
+    the window's forward is recomputed."""
     from .triton.backward import nsa_backward
 
     kw = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block, sel_count=sel_count,
               window=window, scale=scale, cu_seqlens=cu_seqlens_cpu, q_offset=q_offset,
               win_k_offset=win_k_offset, deterministic=deterministic)
     inputs = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
-    return nsa_backward(grad_o, inputs, (o_cmp, lse_cmp, block_indices, o_slc, lse_slc), kw,
+    return nsa_backward(grad_o, inputs, (o_cmp, lse_cmp, block_indices, o_slc, lse_slc, o_win, lse_win), kw,
                         needs=(True,) * 8)
 
 
@@ -304,10 +316,10 @@ def _(grad_o, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    (*tensors, cu, l, d, lp, n, w, scale, qo, wo, det) = inputs
+    (*tensors, cu, l, d, lp, n, w, scale, qo, wo, det, _save_win) = inputs
     ctx.mark_non_differentiable(*output[1:])
-    # no zero gradients for the five saved outputs (autograd would materialise them: 2.2 GB at
-    # 64k in the paper configuration, two [B, T, HQ, Dv] tensors among them)
+    # no zero gradients for the seven saved outputs (autograd would materialise them: 3.2 GB at
+    # 64k in the paper configuration, three [B, T, HQ, Dv] tensors among them)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*tensors, *output[1:], cu)
     ctx.geometry = (l, d, lp, n, w, scale, qo, wo, det)
@@ -315,15 +327,15 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, grad_o, *_aux_grads):
     saved = ctx.saved_tensors
-    inputs, aux, cu = saved[:8], saved[8:13], saved[13]
+    inputs, aux, cu = saved[:8], saved[8:15], saved[15]
     need = ctx.needs_input_grad[:8]
     if grad_o is None:  # o itself got no gradient (not materialised): neither do the inputs
-        return (None,) * 18
+        return (None,) * 19
     if inputs[0].dtype == torch.float64:  # no fp64 backward kernels: the reference, recomputed
         grads = _reference_grads(grad_o, inputs, need, cu, ctx.geometry)
     else:
         grads = torch.ops.nsa.nsa_bwd(grad_o, *inputs, *aux, cu, *ctx.geometry)
-    return (*[g if nd else None for g, nd in zip(grads, need)], *([None] * 10))
+    return (*[g if nd else None for g, nd in zip(grads, need)], *([None] * 11))
 
 
 def _reference_grads(grad_o, inputs, need, cu, geo):
@@ -560,7 +572,7 @@ def nsa_func(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block: i
     if resolve_backend(backend, q.device) == "triton":
         return torch.ops.nsa.nsa_fwd(*args, None if tables is None else tables.cu_seqlens_cpu, cmp_block,
                                      cmp_stride, sel_block, sel_count, window, _scale(scale, Dk), q_offset,
-                                     wo, bool(deterministic))[0]
+                                     wo, bool(deterministic), needs_backward(args))[0]
     return reference.nsa_ref(*args, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
                              sel_count=sel_count, window=window, scale=scale, q_offset=q_offset,
                              win_k_offset=wo, cu_seqlens=None if tables is None else tables.bounds)

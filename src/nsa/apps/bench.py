@@ -298,38 +298,35 @@ def backward_state(c, x) -> tuple:
     import torch
 
     from ..triton import backward as BW
-    from ..triton.band import band_attention
     from ..triton.nsa import _nsa_forward
 
     q, kc, vc, k, v, kw, vw, gates = x  # [B, T, heads, D] (no grad)
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"],
                scale=None, cu_seqlens=None, q_offset=0, win_k_offset=0)
-    o, (o_cmp, lse_cmp, idx, o_slc, lse_slc) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates, aux=True, **geo)
+    o, (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win) = _nsa_forward(q, kc, vc, k, v, kw, vw, gates,
+                                                                             aux=True, save_win=True, **geo)
     do = torch.randn_like(o)
     sc = 1.0 / math.sqrt(c["Dk"])
     seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
     win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
-    o_win, lse_win = band_attention(q, kw, vw, write_lse=True, **win)
     _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
     return o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens, win
 
 
 def _bwd_breakdown(c, x, rep) -> dict:
     """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
-    forward state: win recompute (o_win, lse), gates (Eq. 5, torch), cmp dq + dk/dv (and with
-    dk/dv unsplit over query chunks, not part of the backward), slc dq +
-    dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
+    forward state (which keeps o_win and its lse, as a training forward does): gates (Eq. 5),
+    cmp dq + dk/dv (and with dk/dv unsplit over query chunks, not part of the backward), slc
+    dq + dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
     import torch
 
     from ..triton import backward as BW
-    from ..triton.band import band_attention
 
     q, kc, vc, k, v, kw, vw, gates = x
     (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
      win) = backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     pieces = {
-        "bwd_win_recompute": lambda: band_attention(q, kw, vw, write_lse=True, **win),
         "bwd_gates": lambda: BW.gates_backward(do, gates, o_cmp, o_slc, o_win),
         "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,
                                             lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq),
@@ -1018,13 +1015,12 @@ def markdown_table(out) -> str:
     return "\n".join(lines)
 
 
-BWD_PIECES = ("bwd_win_recompute", "bwd_gates", "bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index",
-              "bwd_win")
+BWD_PIECES = ("bwd_gates", "bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index", "bwd_win")
 
 
 def _markdown_table_train(out) -> str:
     lines = ["| config | T | NSA fwd / bwd ms | SDPA flash fwd / bwd ms | SDPA cuDNN fwd / bwd ms | "
-             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: win recompute / gates / cmp (unsplit) / "
+             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: gates / cmp (unsplit) / "
              "slc (its index) / win ms |", "|---|---|---|---|---|---|---|---|"]
     fb = lambda r, k: (f"{r[k + '_fwd_ms']:.2f} / {r[k + '_bwd_ms']:.2f}" if k + "_ms" in r else "-")  # noqa: E731
     for r in out["results"]:
@@ -1033,7 +1029,7 @@ def _markdown_table_train(out) -> str:
         sp = f"{r[best + '_ms'] / r['nsa_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         bsp = f"{r[best + '_bwd_ms'] / r['nsa_bwd_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         f = lambda k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
-        br = (" / ".join(f(k) for k in BWD_PIECES[:3]) + f" ({f('bwd_cmp_unsplit')}) / {f('bwd_slc')} "
+        br = (" / ".join(f(k) for k in BWD_PIECES[:2]) + f" ({f('bwd_cmp_unsplit')}) / {f('bwd_slc')} "
               f"({f('bwd_slc_index')}) / {f('bwd_win')}")
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {fb(r, 'nsa')} | {fb(r, 'sdpa_flash')} | "
                      f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} | {br} |")

@@ -893,8 +893,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     """Backward of :func:`nsa.triton.nsa_triton` through the Triton kernels.
 
     inputs: (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) as in the forward; saved:
-    (o_cmp, lse_cmp, block_indices, o_slc) of the forward; kw: the forward's keywords.
-    o_win (fused into the gate epilogue by the forward) and its lse are recomputed here.
+    (o_cmp, lse_cmp, block_indices, o_slc, lse_slc, o_win, lse_win) of the forward; kw: the
+    forward's keywords. Empty o_win / lse_win (a forward that did not keep them): recomputed.
     Returns the 8 gradients in the inputs' dtypes (None for inputs that need none: ``needs``,
     8 bools, default each input's ``requires_grad``).
     kw["deterministic"] (default False): no atomics whose order varies from run to run (only
@@ -902,15 +902,16 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     """
     from .band import band_attention, default_scale
     q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates = (x.contiguous() for x in inputs)
-    o_cmp, lse_cmp, idx, o_slc, lse_slc = saved
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win = saved
     B, T, HQ, Dk = q.shape
     sc = default_scale(kw["scale"], Dk)
     l, d, qo = kw["cmp_block"], kw["cmp_stride"], kw["q_offset"]
     det = bool(kw.get("deterministic", False))
     seq, lens = _seq(q, k_slc, k_win, k_cmp, kw["cu_seqlens"], l, d)
-    o_win, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens,
-                                    q_offset=qo, k_offset=kw["win_k_offset"], window=kw["window"],
-                                    write_lse=True)
+    if not o_win.numel():
+        o_win, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens,
+                                        q_offset=qo, k_offset=kw["win_k_offset"], window=kw["window"],
+                                        write_lse=True)
     d_gates, (do_cmp, do_slc, do_win) = gates_backward(grad_o, gates, o_cmp, o_slc, o_win)
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,

@@ -7,7 +7,8 @@ each key/value tile it loads serves all heads of the group. Two modes (constexpr
   i iff i*d + l - 1 <= t. Writes o and the natural-log log-sum-exp (-inf for empty rows).
 * MODE 1, sliding window (semantics §6): keys at positions u in [t - w + 1, t]; the key rows start
   at position ``k_offset``. With FUSE_GATES the epilogue also reads o_cmp, o_slc and the gates
-  and writes g0*o_cmp + g1*o_slc + g2*o_win (semantics §7): one pass less over the outputs.
+  and writes g0*o_cmp + g1*o_slc + g2*o_win (semantics §7): one pass less over the outputs;
+  with WRITE_BRANCH also o_win itself (what the backward needs: no recompute when trained).
 
 Key tiles that every valid row of the program sees (all compressed tiles but the last; the
 window's middle) run without the visibility mask and the key-row load masks (:func:`_band_step`
@@ -85,13 +86,14 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_sca
 
 
 @triton.jit
-def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
+def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, TUNE_T,
               sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-              WRITE_LSE: tl.constexpr, FUSE_GATES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+              WRITE_LSE: tl.constexpr, FUSE_GATES: tl.constexpr, WRITE_BRANCH: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -152,6 +154,8 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
         lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         tl.store(LSE + row0 + rel, lse, mask=row_ok)
+    if WRITE_BRANCH:  # the branch's own output too (o_win, before the gates mix it in)
+        tl.store(OBR + row0 * DV + o_off, o.to(OBR.dtype.element_ty), mask=o_mask)
     if FUSE_GATES:
         Gb = GATES + row0 * 3
         g0 = tl.load(Gb + rel * 3, mask=row_ok, other=0.0).to(tl.float32)
@@ -164,7 +168,8 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, TBL, SEQ, TUNE_T,
 
 
 
-_band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WINDOW'], [4, 8], [2, 3])
+_band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WRITE_BRANCH',
+                                          'WINDOW'], [4, 8], [2, 3])
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
@@ -179,8 +184,11 @@ def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
 
 def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens: list[int],
                    q_offset: int = 0, k_offset: int = 0, cmp_block: int = 1, cmp_stride: int = 1,
-                   window: int = 1, write_lse: bool = False, gates=None, o_cmp=None, o_slc=None):
+                   window: int = 1, write_lse: bool = False, gates=None, o_cmp=None, o_slc=None,
+                   o_branch=None):
     """Launch :func:`_band_fwd`. q [B, T, HQ, Dk], k [B, Tk, H, Dk], v [B, Tk, H, Dv] contiguous.
+    With gates (and o_cmp, o_slc) o is the gated mix; ``o_branch`` ([B, T, HQ, Dv], contiguous)
+    then receives the branch's own output as well.
 
     Returns (o [B, T, HQ, Dv] in q's dtype, lse [B, T, HQ] fp32 or None).
     """
@@ -199,11 +207,12 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _band_fwd_tuned[(tbl.shape[0], H)](
         q, k if k.numel() else q, v if v.numel() else o, o, lse if write_lse else dummy,
-        gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy, tbl, seq, C.next_pow2(T),
+        gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy,
+        o_branch if o_branch is not None else dummy, tbl, seq, C.next_pow2(T),
         float(scale), int(q_offset), int(k_offset),
         HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
         HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        WRITE_LSE=write_lse, FUSE_GATES=fuse, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
+        WRITE_LSE=write_lse, FUSE_GATES=fuse, WRITE_BRANCH=o_branch is not None, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
     return o, lse
 
 

@@ -4,10 +4,11 @@
 2. select: scores + top-n in one pass over the compressed tokens, using that lse (:mod:`.select`).
 3. slc: selected attention over the chosen blocks (:mod:`.selected`).
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
-   o = g0*o_cmp + g1*o_slc + g2*o_win, so no separate combine pass (:mod:`.band`).
+   o = g0*o_cmp + g1*o_slc + g2*o_win, so no separate combine pass (:mod:`.band`); when the
+   backward will run, also o_win and its lse (no window recompute there).
 
 Autograd lives at the op boundary (:mod:`nsa.ops`): the registered op ``torch.ops.nsa.nsa_fwd``
-runs :func:`_nsa_forward` and keeps o_cmp, the block indices, o_slc and the two lse;
+runs :func:`_nsa_forward` and keeps o_cmp, the block indices, o_slc, o_win and the three lse;
 ``torch.ops.nsa.nsa_bwd`` runs the Triton backward kernels of :mod:`.backward` (fp64 inputs
 recompute through the PyTorch reference :func:`nsa.reference.nsa_ref` instead).
 Reference: :func:`nsa.reference.nsa_ref` (same signature).
@@ -24,7 +25,12 @@ from .selected import selected_attention_triton
 
 
 def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block, cmp_stride,
-                 sel_block, sel_count, window, scale, cu_seqlens, q_offset, win_k_offset, aux=False):
+                 sel_block, sel_count, window, scale, cu_seqlens, q_offset, win_k_offset, aux=False,
+                 save_win=False):
+    """o, and with ``aux`` also what the backward reuses: (o_cmp, lse_cmp, block indices, o_slc,
+    lse_slc, o_win, lse_win); o_win and lse_win are empty tensors unless ``save_win`` (the
+    window's output and lse written by its gated epilogue, so that the backward does not
+    recompute them: 4.5 ms of a 64k backward on an H100, train_h100.json)."""
     q, k_cmp, v_cmp = q.contiguous(), k_cmp.contiguous(), v_cmp.contiguous()
     k_slc, v_slc, k_win, v_win = (x.contiguous() for x in (k_slc, v_slc, k_win, v_win))
     gates = gates.contiguous()
@@ -41,10 +47,16 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     o_slc = selected_attention_triton(q, k_slc, v_slc, idx, sel_block=sel_block, scale=sc,
                                       cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux)
     o_slc, lse_slc = o_slc if aux else (o_slc, None)
-    o, _ = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
-                          k_offset=win_k_offset, window=window, gates=gates, o_cmp=o_cmp,
-                          o_slc=o_slc)
-    return (o, (o_cmp, lse, idx, o_slc, lse_slc)) if aux else o  # aux: what the Triton backward reuses
+    save_win = aux and save_win
+    o_win = torch.empty_like(o_cmp) if save_win else o_cmp.new_empty(0)
+    o, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
+                                k_offset=win_k_offset, window=window, gates=gates, o_cmp=o_cmp,
+                                o_slc=o_slc, write_lse=save_win, o_branch=o_win if save_win else None)
+    if not aux:
+        return o
+    if not save_win:
+        lse_win = lse.new_empty(0)
+    return o, (o_cmp, lse, idx, o_slc, lse_slc, o_win, lse_win)  # what the Triton backward reuses
 
 
 def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=32, cmp_stride=16,
@@ -59,11 +71,12 @@ def nsa_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block=
     scale = 1/sqrt(Dk). Differentiable (Triton backward kernels); ``deterministic``: a
     backward without order-dependent atomics (bitwise the same gradients on every run).
     """
-    from ..ops import as_varlen_tables
+    from ..ops import as_varlen_tables, needs_backward
 
     B, T = q.shape[:2]
     tables = as_varlen_tables(cu_seqlens, T, B, q.device, cmp_block, cmp_stride)
-    return torch.ops.nsa.nsa_fwd(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,
-                                 None if tables is None else tables.cu_seqlens_cpu, cmp_block, cmp_stride,
+    args = (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
+    return torch.ops.nsa.nsa_fwd(*args, None if tables is None else tables.cu_seqlens_cpu, cmp_block, cmp_stride,
                                  sel_block, sel_count, window, default_scale(scale, q.shape[-1]), int(q_offset),
-                                 0 if win_k_offset is None else int(win_k_offset), bool(deterministic))[0]
+                                 0 if win_k_offset is None else int(win_k_offset), bool(deterministic),
+                                 needs_backward(args))[0]
