@@ -30,7 +30,7 @@ from nsa.triton import decode as D  # noqa: E402
 GPU_TRITON = "3.6.0"
 TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32",
              SEQ="*i64", ITEMS="*i64", QPOS="*i64", IDX="*i64", LSEBUF="*fp32", sm_scale="fp32",
-             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64")
+             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32")
 # (query heads, kv heads, Dk, Dv) as the benchmarks run them: the kv heads enter the address
 # arithmetic (H = 4 made the window dk/dv tiles of H = 1 spill), so they are the real ones
 GEOMETRIES = {"paper": (64, 4, 192, 128), "d128": (64, 4, 128, 128), "gqa4-d64": (16, 4, 64, 64)}
@@ -48,7 +48,8 @@ def gpu_triton():
 
 
 def _specs(HQ, H, Dk, Dv):
-    """(name, spec) of every backward kernel as the launchers configure it for bf16 on a GPU."""
+    """(name, spec) of every backward kernel as the launchers configure it for bf16 on a GPU, in
+    NSA's backward (each dq kernel applying its branch's gate: GIDX 0 cmp, 1 slc, 2 win)."""
     BK0, BK1 = C.split_dim(Dk)
     h = HQ // H
     dims = dict(HQ=HQ, G=h, DK=Dk, DV=Dv, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC="tf32",
@@ -70,12 +71,12 @@ def _specs(HQ, H, Dk, Dv):
 
     plain = dict(EDGES=False, ADD=False, **band)
     specs = {
-        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, **band),
-        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, **band),
+        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, **band),
+        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, **band),
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
-        "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, **slc),
+        "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     for mode, cfg in tma.items():

@@ -242,33 +242,6 @@ def test_branch_backward_offsets():
         _check_compressed_backward(qs, kc, vc, dos, q_chunk, cmp_block=8, cmp_stride=4, q_offset=off)
 
 
-@pytest.mark.parametrize("shape", [(1, 5, 4, 8), (2, 37, 3, 48), (1, 3, 2, 192), (1, 0, 2, 16)],
-                         ids=["small", "odd-Dv48", "Dv192", "empty"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gates_backward(shape, dtype):
-    """The fused Triton pass equals autograd through combine_gates (fp32) and the torch
-    version's single rounding of fp32 products (bf16: at most one bf16 ulp apart)."""
-    g = torch.Generator().manual_seed(1)
-    do, oc, os_, ow = (torch.randn(*shape, generator=g).to(dtype).to(DEV) for _ in range(4))
-    gates = torch.rand(*shape[:-1], 3, generator=g).to(dtype).to(DEV)
-    dg, dos = BW.gates_backward(do, gates, oc, os_, ow)
-    assert dg.dtype == gates.dtype and all(x.dtype == do.dtype for x in dos)
-    if dtype == torch.float32:
-        ref = _ref_grads(lambda a, b, c, e: R.combine_gates(a, b, c, e), (gates, oc, os_, ow), do)
-        _close(dg, ref[0], 1e-6)
-        for a, b in zip(dos, ref[1:]):
-            _close(a, b, 1e-6)
-    rdg, rdos = BW.gates_backward_torch(do, gates, oc, os_, ow)
-    for a, b in zip(dos, rdos):  # the same fp32 product, rounded once to nearest: identical
-        assert torch.equal(a, b)
-    # sums of Dv products differ by their fp32 order only: within one bf16 ulp (2^-7
-    # relative) after rounding, plus 1e-5 of the scale for sums that cancel
-    a, b = dg.double(), rdg.double()
-    ulp = 0 if dtype == torch.float32 else 2 ** -7
-    floor = 1e-5 * max(1.0, b.abs().max().item()) if b.numel() else 0
-    assert ((a - b).abs() <= ulp * b.abs() + floor).all()
-
-
 NSA_CASES = [
     pytest.param(dict(T=53, HQ=4, H=2, Dk=32, Dv=48, l=8, d=4, lp=16, n=3, w=12), False, id="gqa2-ownkv"),
     pytest.param(dict(T=31, HQ=16, H=1, Dk=48, Dv=32, l=8, d=4, lp=8, n=3, w=8), True, id="gqa16-48/32-sharedkv"),

@@ -294,7 +294,8 @@ def backward_state(c, x) -> tuple:
     """What :func:`nsa.triton.backward.nsa_backward` starts from, for timing its pieces alone:
     (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq,
     lens, win) from the forward kernels on the inputs ``x`` of :func:`_inputs`, a random
-    output gradient do, and ``win`` the window launches' keywords."""
+    output gradient do, each branch's gated do_i (for timing a branch's kernels alone; the
+    backward forms them in its dq kernels) and ``win`` the window launches' keywords."""
     import torch
 
     from ..triton import backward as BW
@@ -309,15 +310,16 @@ def backward_state(c, x) -> tuple:
     sc = 1.0 / math.sqrt(c["Dk"])
     seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
     win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
-    _, (do_cmp, do_slc, do_win) = BW.gates_backward(do, gates, o_cmp, o_slc, o_win)
+    do_cmp, do_slc, do_win = ((gates[..., i:i + 1].float() * do.float()).to(do.dtype) for i in range(3))
     return o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens, win
 
 
 def _bwd_breakdown(c, x, rep) -> dict:
     """The pieces of :func:`nsa.triton.backward.nsa_backward`, each timed alone on the saved
-    forward state (which keeps o_win and its lse, as a training forward does): gates (Eq. 5),
-    cmp dq + dk/dv (and with dk/dv unsplit over query chunks, not part of the backward), slc
-    dq + dk/dv (transposed index included), the transposed index alone, win dq + dk/dv."""
+    forward state (which keeps o_win and its lse, as a training forward does), each branch from
+    the gated output's do as the backward runs it (Eq. 5 in its dq kernel): cmp dq + dk/dv (and
+    with dk/dv unsplit over query chunks, not part of the backward), slc dq + dk/dv (transposed
+    index included), the transposed index alone, win dq + dk/dv."""
     import torch
 
     from ..triton import backward as BW
@@ -326,18 +328,18 @@ def _bwd_breakdown(c, x, rep) -> dict:
     (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
      win) = backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
     pieces = {
-        "bwd_gates": lambda: BW.gates_backward(do, gates, o_cmp, o_slc, o_win),
-        "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,
-                                            lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq),
+        "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,
+                                            lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g),
         # the same without splitting dk/dv over query chunks (what the split buys)
-        "bwd_cmp_unsplit": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
+        "bwd_cmp_unsplit": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc,
                                                     seq=seq, lens=lens, cmp_block=c["l"], cmp_stride=c["d"],
-                                                    dq_acc=dq, q_chunk=0),
-        "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do_slc, sel_block=c["lp"], scale=sc,
-                                                seq=seq, lens=lens, dq_acc=dq, lse=lse_slc),
+                                                    dq_acc=dq, q_chunk=0, gate=0, **g),
+        "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc,
+                                                seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g),
         "bwd_slc_index": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
-        "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do_win, dq_acc=dq, **win),
+        "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2, **g, **win),
     }
     out = {}
     for name, fn in pieces.items():
@@ -1015,12 +1017,12 @@ def markdown_table(out) -> str:
     return "\n".join(lines)
 
 
-BWD_PIECES = ("bwd_gates", "bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index", "bwd_win")
+BWD_PIECES = ("bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index", "bwd_win")
 
 
 def _markdown_table_train(out) -> str:
     lines = ["| config | T | NSA fwd / bwd ms | SDPA flash fwd / bwd ms | SDPA cuDNN fwd / bwd ms | "
-             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: gates / cmp (unsplit) / "
+             "fwd+bwd speedup vs best SDPA | bwd speedup | NSA bwd: cmp (unsplit) / "
              "slc (its index) / win ms |", "|---|---|---|---|---|---|---|---|"]
     fb = lambda r, k: (f"{r[k + '_fwd_ms']:.2f} / {r[k + '_bwd_ms']:.2f}" if k + "_ms" in r else "-")  # noqa: E731
     for r in out["results"]:
@@ -1029,7 +1031,7 @@ def _markdown_table_train(out) -> str:
         sp = f"{r[best + '_ms'] / r['nsa_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         bsp = f"{r[best + '_bwd_ms'] / r['nsa_bwd_ms']:.1f}x" if best and "nsa_ms" in r else "-"
         f = lambda k: f"{r[k + '_ms']:.2f}" if k + "_ms" in r else "-"  # noqa: E731
-        br = (" / ".join(f(k) for k in BWD_PIECES[:2]) + f" ({f('bwd_cmp_unsplit')}) / {f('bwd_slc')} "
+        br = (f"{f('bwd_cmp')} ({f('bwd_cmp_unsplit')}) / {f('bwd_slc')} "
               f"({f('bwd_slc_index')}) / {f('bwd_win')}")
         lines.append(f"| {r['config']} | {r['T'] // 1024}k | {fb(r, 'nsa')} | {fb(r, 'sdpa_flash')} | "
                      f"{fb(r, 'sdpa_cudnn')} | {sp} | {bsp} | {br} |")

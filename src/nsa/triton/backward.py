@@ -19,9 +19,10 @@ the reference backward).
   the slc forward, or recomputing it in a first pass when not given); dk/dv key-centric
   over a transposed index (per group and block, the positions that selected it, in chunks),
   added into fp32 buffers with one ``tl.atomic_add`` per chunk (blocks are scattered).
-* :func:`gates_backward` - Eq. 5: d_gates and the per-branch output gradients in one pass
-  over the rows (reads do and the three branch outputs once); reference
-  :func:`gates_backward_torch`.
+* the gates (Eq. 5) have no pass of their own: :func:`nsa_backward` gives each branch the
+  gated output's do and the gates, and the branch's dq kernel, which owns its rows and runs
+  first, writes the gate's gradient rowsum(do * o_i) and the branch's do_i = g_i do (rounded
+  once to do's dtype) that its dk/dv kernel reads.
 
 Atomics make the launches non-idempotent: they are never autotuned (an autotuner reruns the
 kernel while timing it). Reference: torch autograd through :mod:`nsa.reference`.
@@ -103,10 +104,14 @@ def _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1, acc_
 @triton.jit
 def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
                BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
-               MAKE_DELTA: tl.constexpr):
+               MAKE_DELTA: tl.constexpr, GATES=None, DG=None, DOB=None, GIDX: tl.constexpr = -1):
     """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile.
     MAKE_DELTA: delta = rowsum(do * o) from O, stored to DELTA (the dq kernels, which run
-    first and own their rows); otherwise read from DELTA (the dk/dv kernels)."""
+    first and own their rows); otherwise read from DELTA (the dk/dv kernels).
+    GIDX >= 0 (with MAKE_DELTA; Eq. 5 in the dq kernel's loads): DO is the gradient of the gated
+    NSA output; the gate's gradient rowsum(DO * o) goes to DG[row, GIDX] (fp32) and the
+    branch's own do, DO's rows times GATES[row, GIDX] rounded once to DO's dtype, is what the
+    tile uses and what DOB receives for the dk/dv kernel."""
     dv = tl.arange(0, BV)
     q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
     q1 = q0
@@ -118,6 +123,13 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
     lse2 = tl.where(ok, lse * LOG2E, 0.0)
     if MAKE_DELTA:
         o = tl.load(O + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        if GIDX >= 0:
+            tl.store(DG + (row0 + rel) * 3 + GIDX, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=row_ok)
+            gt = tl.load(GATES + (row0 + rel) * 3 + GIDX, mask=row_ok, other=0.0).to(tl.float32)
+            do = C.round_out(do.to(tl.float32) * gt[:, None], DOB.dtype.element_ty, UPCAST)
+            _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
+            if UPCAST:
+                do = do.to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + row0 + rel, delta, mask=row_ok)
     else:
@@ -141,12 +153,14 @@ def _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: 
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_offset, k_offset,
+def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr):
+    """Query-centric dq of the band; GIDX >= 0: DO is the gated output's gradient and the
+    branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -156,7 +170,7 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, TBL, SEQ, sm_scale, q_o
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
-                                             BK0, BK1, BV, UPCAST, True)
+                                             BK0, BK1, BV, UPCAST, True, GATES, DG, DOB, GIDX)
     qk_scale = sm_scale * LOG2E
 
     t_lo = q_offset + t0
@@ -338,14 +352,15 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
 
 
 @triton.jit
-def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
+def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
-                  HAVE_LSE: tl.constexpr):
+                  HAVE_LSE: tl.constexpr, GIDX: tl.constexpr):
     """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group).
-    Without HAVE_LSE a first pass computes the slc lse into LSEBUF."""
+    Without HAVE_LSE a first pass computes the slc lse into LSEBUF. GIDX >= 0: DO is the gated
+    output's gradient (:func:`_load_rows`: DG, DOB)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -384,7 +399,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, IDX, TBL, SEQ, LSEBUF, sm_s
 
     # pass 2: gradients, block by block in the same order
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSEBUF, DELTA, O, row0, rel, row_ok, DK, DV,
-                                             BK0, BK1, BV, UPCAST, True)
+                                             BK0, BK1, BV, UPCAST, True, GATES, DG, DOB, GIDX)
     dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
     dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     for ps in range(0, BT * N_SEL):
@@ -535,30 +550,6 @@ def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, 
     tl.store(OUT + (row + ar[:, None] * H) * D + col[None, :], acc, mask=u_ok[:, None] & col_ok)
 
 
-@triton.jit
-def _gates_bwd(DO, G, OC, OS, OW, DG, DOC, DOS, DOW, n_rows, DV: tl.constexpr, BR: tl.constexpr,
-               BV: tl.constexpr, EMU_RTNE: tl.constexpr):
-    """Eq. 5 backward for BR rows (one row = one (b, t, head)): dg_i = <do, o_i>, do_i = g_i do."""
-    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    r_ok = r < n_rows
-    c = tl.arange(0, BV)
-    off = r[:, None] * DV + c[None, :]
-    m = r_ok[:, None] & (c[None, :] < DV)
-    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)  # [BR, BV]
-    g0 = tl.load(G + r * 3, mask=r_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(G + r * 3 + 1, mask=r_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(G + r * 3 + 2, mask=r_ok, other=0.0).to(tl.float32)
-    oc = tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(DG + r * 3, C.round_out(tl.sum(do * oc, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
-    tl.store(DOC + off, C.round_out(g0[:, None] * do, DOC.dtype.element_ty, EMU_RTNE), mask=m)
-    osl = tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(DG + r * 3 + 1, C.round_out(tl.sum(do * osl, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
-    tl.store(DOS + off, C.round_out(g1[:, None] * do, DOS.dtype.element_ty, EMU_RTNE), mask=m)
-    ow = tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(DG + r * 3 + 2, C.round_out(tl.sum(do * ow, 1), DG.dtype.element_ty, EMU_RTNE), mask=r_ok)
-    tl.store(DOW + off, C.round_out(g2[:, None] * do, DOW.dtype.element_ty, EMU_RTNE), mask=m)
-
-
 # ------------------------------------------------------------------------------ launchers
 def _tma_rows(h: int, dtype: torch.dtype, device, interp: bool) -> bool:
     """Whether the band dk/dv reads its query tiles through tensor descriptors (``TMA`` of
@@ -619,7 +610,8 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
 
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
-                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None):
+                  k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
+                  gates=None, gate=0, d_gates=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
     query-centric and dk/dv key-centric (flash-attention-2), deterministic on every path (no
     atomics). q_chunk (cmp only; None picks it from the GPU's size, 0 turns it off): query
@@ -631,6 +623,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
     dk, dv in k's / v's dtype); dq is added into ``dq_acc`` when given.
+
+    gates ``[B, T, HQ, 3]`` (with ``gate``, the branch's index, and ``d_gates``, fp32 of gates'
+    shape): do is the gradient of the gated NSA output (Eq. 5); the dq kernel forms the
+    branch's do_i = gates[..., gate] * do as it loads its rows (for the dk/dv kernel too) and
+    writes the gate's gradient rowsum(do * o) into d_gates[..., gate]: no separate pass.
     """
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     B, T, HQ, Dk = q.shape
@@ -643,6 +640,8 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
     o = o.contiguous()
     lse = lse.contiguous()
+    gated, do_in = _gated_launch(do, gates, gate, d_gates, delta)
+    do = gated["DOB"]  # the branch's do, written by the dq kernel when gated
     interp = C.interpreting()
     tma = _tma_rows(HQ // H, q.dtype, q.device, interp) and B * T < 2 ** 31  # descriptor coordinates: int32
     cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, interp, tma)
@@ -652,8 +651,8 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
                  PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
-        q, k, v, do, o, lse, delta, dq, dk, dv, tbl, seq, float(scale), int(q_offset), int(k_offset),
-        **const, **cfg_q)
+        q, k, v, do_in, o, lse, delta, dq, dk, dv, gated["GATES"], gated["DG"], do, tbl, seq, float(scale),
+        int(q_offset), int(k_offset), GIDX=gated["GIDX"], **const, **cfg_q)
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
     ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
     if not ktbl.shape[0]:
@@ -689,6 +688,17 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
     return dq, dk, dv
+
+
+def _gated_launch(do, gates, gate: int, d_gates, stand_in) -> tuple[dict, torch.Tensor]:
+    """The dq kernels' gate arguments (GATES, DG, DOB, GIDX) and the do they read: with gates,
+    the gated output's do, and DOB a new tensor for the branch's do; without, do itself (DOB
+    = do, never written; the stand-in pointers are never read)."""
+    if gates is None:
+        return dict(GATES=stand_in, DG=stand_in, DOB=do, GIDX=-1), do
+    if d_gates is None or d_gates.dtype != torch.float32 or d_gates.shape != gates.shape:
+        raise ValueError("gates needs d_gates, an fp32 tensor of the gates' shape")
+    return dict(GATES=gates.contiguous(), DG=d_gates, DOB=torch.empty_like(do), GIDX=gate), do
 
 
 def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
@@ -752,7 +762,7 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
                       q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None,
-                      deterministic=False):
+                      deterministic=False, gates=None, d_gates=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
@@ -764,6 +774,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     deterministic ("transposed" only): each work item stores its share into a buffer of its
     own and :func:`_segment_sum` adds a block's shares in item order (bitwise the same
     gradients on every run, at the cost of that buffer: n_items x l' x (Dk + Dv) fp32).
+    gates / d_gates: as :func:`band_backward`'s, for the slc gate (index 1).
     """
     if deterministic and dkdv != "transposed":
         raise ValueError("deterministic=True needs dkdv='transposed'")
@@ -782,6 +793,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     o = o.contiguous()
     have_lse = lse is not None
     lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    gated, do_in = _gated_launch(do, gates, 1, d_gates, delta)
+    do = gated["DOB"]  # the branch's do, written by the dq kernel when gated
     cfg_q, cfg_kv = _slc_configs(HQ // H, Dk, Dv, C.interpreting())
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
@@ -789,8 +802,9 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
                   UPCAST=C.upcast(q.dtype))
     _selected_bwd[(tbl.shape[0], H)](
-        q, k, v, do, o, delta, dq, dk, dv, block_indices, tbl, seq, lse, float(scale), int(q_offset),
-        N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic", HAVE_LSE=have_lse, **common, **cfg_q)
+        q, k, v, do_in, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], do, block_indices, tbl, seq, lse,
+        float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic", HAVE_LSE=have_lse,
+        GIDX=gated["GIDX"], **common, **cfg_q)
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)
         chunk = chunk or cfg_kv["chunk"]
@@ -814,33 +828,6 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
 
 
 # ------------------------------------------------------------------------------ functions
-def gates_backward(do, gates, o_cmp, o_slc, o_win):
-    """Eq. 5 backward in one Triton pass. do ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``, o_*
-    ``[B, T, HQ, Dv]``. Returns (d_gates in gates' dtype, (do_cmp, do_slc, do_win) in do's
-    dtype): products in fp32, rounded once. Reference: :func:`gates_backward_torch`."""
-    do, gates = do.contiguous(), gates.contiguous()
-    o_cmp, o_slc, o_win = o_cmp.contiguous(), o_slc.contiguous(), o_win.contiguous()
-    Dv = do.shape[-1]
-    n_rows = do.numel() // Dv if Dv else 0
-    dg = torch.empty_like(gates)
-    dos = tuple(torch.empty_like(do) for _ in range(3))
-    if n_rows == 0:
-        return dg.zero_(), tuple(x.zero_() for x in dos)
-    BV = max(16, C.next_pow2(Dv))
-    BR = max(1, min(64, 4096 // BV))  # rows per program: ~4k elements per tensor
-    _gates_bwd[(C.cdiv(n_rows, BR),)](do, gates, o_cmp, o_slc, o_win, dg, *dos, n_rows,
-                                           DV=Dv, BR=BR, BV=BV, EMU_RTNE=C.upcast(do.dtype), num_warps=4)
-    return dg, dos
-
-
-def gates_backward_torch(do, gates, o_cmp, o_slc, o_win):
-    """Reference of :func:`gates_backward` in torch ops (same signature and rounding)."""
-    d = do.float()
-    g = gates.float()
-    dg = torch.stack([(d * o.float()).sum(-1) for o in (o_cmp, o_slc, o_win)], -1)
-    return dg.to(gates.dtype), tuple((g[..., i:i + 1] * d).to(do.dtype) for i in range(3))
-
-
 def _seq(q, k_slc, k_win, k_cmp, cu_seqlens, cmp_block, cmp_stride):
     B, T = q.shape[:2]
     return C.seq_table(B, T, k_slc.shape[1], k_win.shape[1], k_cmp.shape[1], cu_seqlens,
@@ -912,17 +899,20 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
         o_win, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens,
                                         q_offset=qo, k_offset=kw["win_k_offset"], window=kw["window"],
                                         write_lse=True)
-    d_gates, (do_cmp, do_slc, do_win) = gates_backward(grad_o, gates, o_cmp, o_slc, o_win)
+    # Eq. 5 in the branches' dq kernels: each reads grad_o and its gate per row, writes the
+    # gate's gradient <grad_o, o_i> and the branch's do_i = g_i grad_o: no pass of its own
+    d_gates = torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
-    _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc,
+    gkw = dict(gates=gates, d_gates=d_gates)
+    _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq)
-    _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, do_slc, sel_block=kw["sel_block"],
+                                      dq_acc=dq, gate=0, **gkw)
+    _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
-                                          lse=lse_slc, deterministic=det)
-    _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, do_win, mode=1, scale=sc,
+                                          lse=lse_slc, deterministic=det, **gkw)
+    _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
-                                      window=kw["window"], dq_acc=dq)
+                                      window=kw["window"], dq_acc=dq, gate=2, **gkw)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))
