@@ -212,7 +212,8 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
         float(scale), int(q_offset), int(k_offset),
         HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
         HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
-        WRITE_LSE=write_lse, FUSE_GATES=fuse, WRITE_BRANCH=o_branch is not None, PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), **launch)
+        WRITE_LSE=write_lse, FUSE_GATES=fuse, WRITE_BRANCH=o_branch is not None, PREC=C.dot_precision(q.dtype),
+        UPCAST=C.upcast(q.dtype), **launch)
     return o, lse
 
 
