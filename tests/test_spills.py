@@ -49,7 +49,8 @@ def gpu_triton():
 
 def _specs(HQ, H, Dk, Dv):
     """(name, spec) of every backward kernel as the launchers configure it for bf16 on a GPU, in
-    NSA's backward (each dq kernel applying its branch's gate: GIDX 0 cmp, 1 slc, 2 win)."""
+    NSA's backward (each dq kernel applying its branch's gate: GIDX 0 cmp, 1 slc, 2 win; cmp
+    storing dq first, win adding the last share and writing q's dtype: DQ_MODE 1 and 2)."""
     BK0, BK1 = C.split_dim(Dk)
     h = HQ // H
     dims = dict(HQ=HQ, G=h, DK=Dk, DV=Dv, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC="tf32",
@@ -71,8 +72,9 @@ def _specs(HQ, H, Dk, Dv):
 
     plain = dict(EDGES=False, ADD=False, **band)
     specs = {
-        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, **band),
-        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, **band),
+        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, **band),  # stores dq
+        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, **band),  # adds, writes bf16
+        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, **band),  # a branch alone
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),

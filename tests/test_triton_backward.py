@@ -219,6 +219,29 @@ def test_compressed_backward_T_lt_l():
     assert (dq == 0).all() and dk.shape == kc.shape and dv.shape == vc.shape
 
 
+def test_nsa_func_backward_without_compressed_tokens():
+    """T < l: the cmp branch has no key, so its dq kernel (the one that starts the dq buffer in
+    NSA's backward) never runs; the buffer is zeroed instead and the gradients still equal the
+    reference's. The window branch, the last, writes dq in q's dtype."""
+    T, HQ, H, D, l, d = 6, 4, 2, 16, 8, 4
+    q, k, v, kc, vc, do, _ = _inputs(T, HQ, H, D, D, l, d)
+    assert kc.shape[1] == 0
+    gates = torch.rand(1, T, HQ, 3, generator=torch.Generator().manual_seed(4)).to(DEV)
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=4, sel_count=3, window=3)
+    args = (q, kc, vc, k, v, k, v, gates)
+    got = _ref_grads(lambda *a: nsa.nsa_func(*a, backend="triton", **kw), args, do)
+    ref = _ref_grads(lambda *a: R.nsa_ref(*a, **kw), args, do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+    seq, lens = BW._seq(q, k, k, kc, None, l, d)
+    buf = torch.full(q.shape, float("nan"), device=DEV)  # what an uninitialised buffer may hold
+    dq, _, _ = BW.band_backward(q, kc, vc, do, do[..., 0], do, mode=0, scale=0.25, seq=seq, lens=lens,
+                                cmp_block=l, cmp_stride=d, dq_acc=buf, dq_mode=1)
+    assert (dq == 0).all()
+    with pytest.raises(ValueError, match="dq_mode"):
+        BW.band_backward(q, kc, vc, do, do[..., 0], do, mode=0, scale=0.25, seq=seq, lens=lens, dq_mode=2)
+
+
 def test_branch_backward_offsets():
     """q_offset (queries continuing a sequence) and the window's k_offset."""
     T, off, w = 40, 25, 10

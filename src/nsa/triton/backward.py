@@ -7,10 +7,10 @@ Per (rows, keys) tile p = exp(s - lse) is recomputed from the saved log-sum-exp,
     dv += p^T do,   dp = do v^T,   ds = p * (dp - delta),   dq += ds k,   dk += ds^T q
 
 with delta = rowsum(do * o), computed by the dq kernel (which runs first) and read by the
-dk/dv kernel. dq rows belong to one program, so dq is accumulated in registers and added to
-an fp32 buffer shared by the three branches. Everything accumulates in fp32 and is cast to
-the input dtype at the end (fp64 inputs are computed in fp32 too: nsa_triton sends them to
-the reference backward).
+dk/dv kernel. dq rows belong to one program, so dq is accumulated in registers and stored
+into an fp32 buffer shared by the three branches (the first stores, the next adds, the last
+adds and writes q's dtype: :func:`_store_dq`). Everything accumulates in fp32 and is cast to
+the input dtype at the end (fp64 inputs go to the reference backward instead).
 
 * :func:`band_backward` - cmp (MODE 0, causal by block completion) and win (MODE 1): dq
   query-centric, dk/dv key-centric (flash-attention-2 style, no atomics: a compressed key is
@@ -138,29 +138,41 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
 
 
 @triton.jit
-def _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: tl.constexpr,
-              BK1: tl.constexpr):
-    """dq += sm_scale * acc into the fp32 buffer (the program owns these rows: no atomics)."""
-    dk0 = tl.arange(0, BK0)
-    p0 = GQ + row0 * DK + rel[:, None] * DK + dk0[None, :]
-    m0 = row_ok[:, None] & (dk0[None, :] < DK)
-    tl.store(p0, tl.load(p0, mask=m0, other=0.0) + dq0 * sm_scale, mask=m0)
+def _store_dq(GQ, OUT, row0, rel, row_ok, dq0, dq1, sm_scale, DK: tl.constexpr, BK0: tl.constexpr,
+              BK1: tl.constexpr, DQ_MODE: tl.constexpr, EMU_RTNE: tl.constexpr = False):
+    """This branch's sm_scale * acc into the rows of dq (the program owns them: no atomics).
+    DQ_MODE 0: added into the fp32 buffer GQ; 1 (the first branch): stored there (no zeroed
+    buffer to read); 2 (the last): added to GQ's sum and written to OUT in OUT's dtype (no
+    fp32 write, no separate cast; rounded to nearest even, emulated under the interpreter:
+    :func:`._common.round_out`)."""
+    _store_dq_cols(GQ, OUT, row0, rel, row_ok, 0, dq0 * sm_scale, DK, BK0, DQ_MODE, EMU_RTNE)
     if BK1 > 0:
-        dk1 = BK0 + tl.arange(0, BK1)
-        p1 = GQ + row0 * DK + rel[:, None] * DK + dk1[None, :]
-        m1 = row_ok[:, None] & (dk1[None, :] < DK)
-        tl.store(p1, tl.load(p1, mask=m1, other=0.0) + dq1 * sm_scale, mask=m1)
+        _store_dq_cols(GQ, OUT, row0, rel, row_ok, BK0, dq1 * sm_scale, DK, BK1, DQ_MODE, EMU_RTNE)
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale, q_offset, k_offset,
+def _store_dq_cols(GQ, OUT, row0, rel, row_ok, col0, x, DK: tl.constexpr, BK: tl.constexpr,
+                   DQ_MODE: tl.constexpr, EMU_RTNE: tl.constexpr):
+    if DQ_MODE == 2:
+        cols = col0 + tl.arange(0, BK)
+        at = row0 * DK + rel[:, None] * DK + cols[None, :]
+        m = row_ok[:, None] & (cols[None, :] < DK)
+        x += tl.load(GQ + at, mask=m, other=0.0)
+        tl.store(OUT + at, C.round_out(x, OUT.dtype.element_ty, EMU_RTNE), mask=m)
+    else:  # 0: add into the fp32 buffer, 1: store
+        _store_rows(GQ + row0 * DK, rel * DK, row_ok, col0, BK, DK, x, DQ_MODE == 0)
+
+
+@triton.jit
+def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale, q_offset,
+              k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr, DQ_MODE: tl.constexpr):
     """Query-centric dq of the band; GIDX >= 0: DO is the gated output's gradient and the
-    branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB)."""
+    branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB); DQ_MODE: :func:`_store_dq`."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -197,7 +209,7 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GK, GV, GATES, DG, DOB, TBL, SE
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, bn, n < n_hi, vis, qk_scale,
                                sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False)
-    _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+    _store_dq(GQ, GQOUT, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, DQ_MODE, UPCAST)
 
 
 @triton.jit
@@ -410,7 +422,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
                                sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, KV)
-    _store_dq(GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1)
+    _store_dq(GQ, GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, 0)
 
 
 @triton.jit
@@ -611,7 +623,7 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
                   k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
-                  gates=None, gate=0, d_gates=None):
+                  gates=None, gate=0, d_gates=None, dq_mode=0, dq_out=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
     query-centric and dk/dv key-centric (flash-attention-2), deterministic on every path (no
     atomics). q_chunk (cmp only; None picks it from the GPU's size, 0 turns it off): query
@@ -622,7 +634,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, o and do ``[B, T, HQ, Dv]``,
     lse ``[B, T, HQ]`` (natural log, -inf for empty rows). Returns (dq fp32 ``[B, T, HQ, Dk]``,
-    dk, dv in k's / v's dtype); dq is added into ``dq_acc`` when given.
+    dk, dv in k's / v's dtype); dq is added into ``dq_acc`` when given. ``dq_mode`` (with
+    dq_acc), for the branches of one backward: 1, the first, stores its dq into dq_acc (which
+    may be uninitialised); 2, the last, adds dq_acc's sum and writes it to ``dq_out`` (q's
+    shape, any float dtype), which is then the dq returned. Each saves a pass over the fp32
+    buffer (3.2 GB at 64k in the paper configuration).
 
     gates ``[B, T, HQ, 3]`` (with ``gate``, the branch's index, and ``d_gates``, fp32 of gates'
     shape): do is the gradient of the gated NSA output (Eq. 5); the dq kernel forms the
@@ -632,10 +648,16 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[3]
+    if dq_mode and dq_acc is None or (dq_mode == 2) != (dq_out is not None):
+        raise ValueError("dq_mode 1 and 2 need dq_acc, and 2 (alone) dq_out")
     dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device) if dq_acc is None else dq_acc
     dk = torch.zeros_like(k)  # keys no query sees keep 0
     dv = torch.zeros_like(v)
-    if B * T == 0 or k.numel() == 0:
+    if B * T == 0 or k.numel() == 0:  # no dq kernel: what it would have done to dq
+        if dq_mode == 1:
+            dq.zero_()
+        elif dq_mode == 2:
+            dq = dq_out.copy_(dq)
         return dq, dk, dv
     delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
     o = o.contiguous()
@@ -651,8 +673,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
                  PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
-        q, k, v, do_in, o, lse, delta, dq, dk, dv, gated["GATES"], gated["DG"], do, tbl, seq, float(scale),
-        int(q_offset), int(k_offset), GIDX=gated["GIDX"], **const, **cfg_q)
+        q, k, v, do_in, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
+        do, tbl, seq, float(scale), int(q_offset), int(k_offset), GIDX=gated["GIDX"], DQ_MODE=dq_mode, **const,
+        **cfg_q)
+    if dq_mode == 2:
+        dq = dq_out
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
     ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
     if not ktbl.shape[0]:
@@ -902,17 +927,19 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     # Eq. 5 in the branches' dq kernels: each reads grad_o and its gate per row, writes the
     # gate's gradient <grad_o, o_i> and the branch's do_i = g_i grad_o: no pass of its own
     d_gates = torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
-    dq = torch.zeros(B, T, HQ, Dk, dtype=torch.float32, device=q.device)  # the 3 branches add
+    # dq: cmp's kernel stores the fp32 buffer, slc's adds, win's adds and writes q's dtype
+    dq = torch.empty(B, T, HQ, Dk, dtype=torch.float32, device=q.device)
     gkw = dict(gates=gates, d_gates=d_gates)
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq, gate=0, **gkw)
+                                      dq_acc=dq, gate=0, dq_mode=1, **gkw)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det, **gkw)
-    _, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
-                                      seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
-                                      window=kw["window"], dq_acc=dq, gate=2, **gkw)
+    dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
+                                       seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
+                                       window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
+                                       dq_out=torch.empty_like(q), **gkw)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))
