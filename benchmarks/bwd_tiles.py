@@ -77,18 +77,18 @@ first_grads = {}  # mode -> (dk, dv) of the first band config run
 for T in Ts:
     x = bench._inputs(T, c, dev)
     q, kc, vc, k, v, kw, vw, gates = x
-    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
-     win) = bench.backward_state(c, x)
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = bench.backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))  # as shipped
 
     def run_band(mode, cq, ckv):
         BW._band_configs = lambda h, Dk, Dv, mode, interp, tma=False: (dict(cq, HP=16), dict(ckv, HP=16))
         try:
             if mode == 0:
-                f = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, mode=0, scale=sc, seq=seq,  # noqa
-                                             lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq)
+                f = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,  # noqa
+                                             lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g)
             else:
-                f = lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do_win, dq_acc=dq, **win)  # noqa
+                f = lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2, **g, **win)  # noqa
             dq.zero_()
             _, dk, dv = f()
             chk = (dk.float().norm().item(), dv.float().norm().item())
@@ -103,8 +103,8 @@ for T in Ts:
     def run_slc(cq, ckv):
         BW._slc_configs = lambda h, Dk, Dv, interp: (dict(cq, HP=16), dict(ckv, HP=16))
         try:
-            f = lambda: BW.selected_backward(q, k, v, idx, o_slc, do_slc, sel_block=c["lp"], scale=sc,  # noqa
-                                             seq=seq, lens=lens, dq_acc=dq, lse=lse_slc)
+            f = lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc,  # noqa
+                                             seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g)
             dq.zero_()
             _, dk, dv = f()
             chk = (dk.float().norm().item(), dv.float().norm().item())

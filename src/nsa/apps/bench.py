@@ -292,10 +292,10 @@ def _fwd_bwd(fn, leaves, rep):
 
 def backward_state(c, x) -> tuple:
     """What :func:`nsa.triton.backward.nsa_backward` starts from, for timing its pieces alone:
-    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq,
-    lens, win) from the forward kernels on the inputs ``x`` of :func:`_inputs`, a random
-    output gradient do, each branch's gated do_i (for timing a branch's kernels alone; the
-    backward forms them in its dq kernels) and ``win`` the window launches' keywords."""
+    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win) from the
+    forward kernels on the inputs ``x`` of :func:`_inputs`, a random output gradient do (of the
+    gated output: each branch's backward takes it with the gates) and ``win`` the window
+    launches' keywords."""
     import torch
 
     from ..triton import backward as BW
@@ -310,8 +310,7 @@ def backward_state(c, x) -> tuple:
     sc = 1.0 / math.sqrt(c["Dk"])
     seq, lens = BW._seq(q, k, kw, kc, None, c["l"], c["d"])
     win = dict(mode=1, scale=sc, seq=seq, lens=lens, window=c["w"])
-    do_cmp, do_slc, do_win = ((gates[..., i:i + 1].float() * do.float()).to(do.dtype) for i in range(3))
-    return o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens, win
+    return o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win
 
 
 def _bwd_breakdown(c, x, rep) -> dict:
@@ -325,8 +324,7 @@ def _bwd_breakdown(c, x, rep) -> dict:
     from ..triton import backward as BW
 
     q, kc, vc, k, v, kw, vw, gates = x
-    (o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, do_cmp, do_slc, do_win, sc, seq, lens,
-     win) = backward_state(c, x)
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
     pieces = {

@@ -122,15 +122,17 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
     ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
     lse2 = tl.where(ok, lse * LOG2E, 0.0)
     if MAKE_DELTA:
-        o = tl.load(O + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        o = tl.load(O + row0 * DV + rel[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                    other=0.0).to(tl.float32)
         if GIDX >= 0:
-            tl.store(DG + (row0 + rel) * 3 + GIDX, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=row_ok)
+            d32 = do.to(tl.float32)
+            tl.store(DG + (row0 + rel) * 3 + GIDX, tl.sum(d32 * o, 1), mask=row_ok)
             gt = tl.load(GATES + (row0 + rel) * 3 + GIDX, mask=row_ok, other=0.0).to(tl.float32)
-            do = C.round_out(do.to(tl.float32) * gt[:, None], DOB.dtype.element_ty, UPCAST)
+            do = C.round_out(d32 * gt[:, None], DOB.dtype.element_ty, UPCAST)
             _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
             if UPCAST:
                 do = do.to(tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        delta = tl.sum(do.to(tl.float32) * o, 1)
         tl.store(DELTA + row0 + rel, delta, mask=row_ok)
     else:
         delta = tl.load(DELTA + row0 + rel, mask=ok, other=0.0)
