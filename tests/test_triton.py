@@ -91,6 +91,21 @@ def _scores64(q, kc, l, d, lp, q_offset=0):
     return torch.einsum("bhgcs,sj->bchj", p, W)
 
 
+def _varlen_scores64(q, kc, l, d, lp, cu):
+    """_scores64 per sequence of ``cu`` (a list, or None: one sequence a batch row), padded to the
+    longest sequence's block count."""
+    if cu is None:
+        return _scores64(q, kc, l, d, lp)
+    parts, c0 = [], 0
+    nmax = G.num_sel_blocks(max(b - a for a, b in zip(cu[:-1], cu[1:])), lp)
+    for a, b in zip(cu[:-1], cu[1:]):
+        tc = G.num_cmp_blocks(b - a, l, d)
+        s = _scores64(q[:, a:b], kc[:, c0:c0 + tc], l, d, lp)
+        parts.append(torch.nn.functional.pad(s, (0, nmax - s.shape[-1])))
+        c0 += tc
+    return torch.cat(parts, 1)
+
+
 def _check_selection(got, ref, scores, tol=1e-5):
     """Identical, except near-tie swaps: every differing block's score is within tol of the
     score of a block the other side took instead."""
@@ -154,19 +169,32 @@ def test_select(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, kc, vc, _, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, cu_seqlens=cu_t)
     got = nsa.select_blocks(q, kc, backend="triton", **kw)
-    ref = R.select_blocks_ref(q, kc, **kw)
-    if cu is None:
-        scores = _scores64(q, kc, l, d, lp)
-    else:  # per sequence, padded to the longest sequence's block count
-        parts, c0 = [], 0
-        nmax = G.num_sel_blocks(max(b - a for a, b in zip(cu[:-1], cu[1:])), lp)
-        for a, b in zip(cu[:-1], cu[1:]):
-            tc = G.num_cmp_blocks(b - a, l, d)
-            s = _scores64(q[:, a:b], kc[:, c0:c0 + tc], l, d, lp)
-            parts.append(torch.nn.functional.pad(s, (0, nmax - s.shape[-1])))
-            c0 += tc
-        scores = torch.cat(parts, 1)
-    _check_selection(got, ref, scores)
+    _check_selection(got, R.select_blocks_ref(q, kc, **kw), _varlen_scores64(q, kc, l, d, lp, cu))
+
+
+def _nan_fenced(x):
+    """x copied into the middle of a NaN-filled buffer: a kernel that reads past either end
+    of x multiplies NaN into its result (bare tensor ends read arbitrary memory instead)."""
+    buf = torch.full((3 * x.numel(),), float("nan"), dtype=x.dtype, device=x.device)
+    y = buf[x.numel():2 * x.numel()].view(x.shape)
+    y.copy_(x)
+    return y
+
+
+@pytest.mark.parametrize("Dk,cu", [pytest.param(40, [0, 7, 8, 90], id="D40-varlen"),
+                                   pytest.param(80, None, id="D80"),
+                                   pytest.param(192, [0, 33, 90], id="D192-varlen")])
+def test_select_reads_within_keys(Dk, cu):
+    """Inputs fenced by NaN: no load runs past q, the keys or lse. With Dk = 40 (dot chunks
+    32 + 16) the second chunk's columns past Dk are masked; unmasked, the last compressed row's
+    load ran past the keys and rows took other blocks when the bytes there were NaN (a CI run).
+    80 and 192 split exactly (64 + 16, 128 + 64)."""
+    q, _, _, kc, _, _, cu_t = _inputs(90, 16, 1, Dk, 24, 8, 4, cu)
+    kw = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_count=4, cu_seqlens=cu_t)
+    lse = compressed_attention_triton(q, kc, kc, cmp_block=8, cmp_stride=4, cu_seqlens=cu_t)[1]
+    got = select_blocks_triton(_nan_fenced(q), _nan_fenced(kc), lse=_nan_fenced(lse), **kw)
+    assert torch.equal(got, select_blocks_triton(q, kc, lse=lse, **kw))
+    _check_selection(got, R.select_blocks_ref(q, kc, **kw), _varlen_scores64(q, kc, 8, 4, 8, cu))
 
 
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)

@@ -151,7 +151,9 @@ def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp
         k0 = k0.to(tl.float32)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
-        k1 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None], not MASKED)
+        # columns past DK (Dk = 40: 32 + 16) would read the next row, or past the tensor's end
+        k1 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None] & (dk1[None, :] < DK),
+                         (not MASKED) and BK0 + BK1 == DK)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             k1 = k1.to(tl.float32)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
