@@ -232,3 +232,16 @@ def to_pages(k_cmp, v_cmp, k_slc, v_slc, page_size: int, cmp_stride: int, *, spa
         return out
 
     return (pool(k_cmp, cpp), pool(v_cmp, cpp), pool(k_slc, page_size), pool(v_slc, page_size), table)
+
+
+def nan_fenced(x):
+    """x copied into the middle of a NaN-filled buffer (integers: -1): a kernel that reads past
+    either end of x pulls NaN into its result, where a bare tensor's ends hold whatever memory
+    follows (the CPU interpreter reads it; on a GPU compute-sanitizer would flag it)."""
+    if x is None:
+        return None
+    fill = float("nan") if x.is_floating_point() else -1
+    buf = torch.full((3 * x.numel(),), fill, dtype=x.dtype, device=x.device)
+    y = buf[x.numel():2 * x.numel()].view(x.shape)
+    y.copy_(x)
+    return y

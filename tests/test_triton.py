@@ -40,7 +40,7 @@ from nsa import reference as R  # noqa: E402
 from nsa.triton import (compressed_attention_triton, nsa_triton, select_blocks_triton,  # noqa: E402
                         selected_attention_triton, sliding_window_triton)
 from nsa.triton import select as S  # noqa: E402
-from conftest import to_pages  # noqa: E402
+from conftest import nan_fenced, to_pages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -172,15 +172,6 @@ def test_select(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     _check_selection(got, R.select_blocks_ref(q, kc, **kw), _varlen_scores64(q, kc, l, d, lp, cu))
 
 
-def _nan_fenced(x):
-    """x copied into the middle of a NaN-filled buffer: a kernel that reads past either end
-    of x multiplies NaN into its result (bare tensor ends read arbitrary memory instead)."""
-    buf = torch.full((3 * x.numel(),), float("nan"), dtype=x.dtype, device=x.device)
-    y = buf[x.numel():2 * x.numel()].view(x.shape)
-    y.copy_(x)
-    return y
-
-
 @pytest.mark.parametrize("Dk,cu", [pytest.param(40, [0, 7, 8, 90], id="D40-varlen"),
                                    pytest.param(80, None, id="D80"),
                                    pytest.param(192, [0, 33, 90], id="D192-varlen")])
@@ -192,7 +183,7 @@ def test_select_reads_within_keys(Dk, cu):
     q, _, _, kc, _, _, cu_t = _inputs(90, 16, 1, Dk, 24, 8, 4, cu)
     kw = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_count=4, cu_seqlens=cu_t)
     lse = compressed_attention_triton(q, kc, kc, cmp_block=8, cmp_stride=4, cu_seqlens=cu_t)[1]
-    got = select_blocks_triton(_nan_fenced(q), _nan_fenced(kc), lse=_nan_fenced(lse), **kw)
+    got = select_blocks_triton(nan_fenced(q), nan_fenced(kc), lse=nan_fenced(lse), **kw)
     assert torch.equal(got, select_blocks_triton(q, kc, lse=lse, **kw))
     _check_selection(got, R.select_blocks_ref(q, kc, **kw), _varlen_scores64(q, kc, 8, 4, 8, cu))
 
@@ -707,6 +698,23 @@ def test_decode_paged_bad_table_never_reads_outside_the_pool():
     table[0, 0], table[1, -1] = 10 ** 6, -5
     out = nsa.nsa_decode(*pargs, block_table=table, max_seqlen=table.shape[1] * 8, backend="triton", **kw)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_reads_within_its_inputs(paged, S):
+    """Every input fenced by NaN (integers by -1): the step reads nothing past any of them, so
+    its output is the unfenced one, bit for bit. Odd head dims (40 / 24: masked dot chunks),
+    GQA 4, a sequence shorter than a compressed block."""
+    c = dict(lens=[6, 75, 43], HQ=8, H=2, Dk=40, Dv=24, l=8, d=4, lp=8, n=4, w=12, ring=True)
+    args, kw, _ = _decode_inputs(c, full=False, S=S)
+    if paged:
+        args, table = _paged(args, c, 16)
+        kw = dict(kw, block_table=table)
+    want = nsa.nsa_decode(*args, backend="triton", **kw)
+    fenced = {k: nan_fenced(x) if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+    got = nsa.nsa_decode(*[nan_fenced(a) for a in args], backend="triton", **fenced)
+    assert not torch.isnan(want).any() and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
