@@ -190,6 +190,21 @@ def test_decode_projection_from_the_rope_table_is_bitwise_the_computed_one(share
     assert torch.equal(q[0], raw[0]) and not torch.allclose(q[1], raw[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rope_table_rotation_is_bitwise_apply_rope(dtype):
+    """apply_rope_table (x * [cos, cos] + [x2, x1] * [-sin, sin] from table rows) equals
+    apply_rope (fp32 math, fp64 for fp64) bit for bit, far positions and every dtype included."""
+    from nsa.rope import apply_rope, apply_rope_table, rope_cos_sin, rope_table
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(3, 2, 5, 48, dtype=torch.float64).to(dtype)
+    pos = torch.tensor([[0, 1], [777, 4095], [70000, 131071]])
+    want = apply_rope(x, *rope_cos_sin(pos, 48, 1e6, dtype=acc))
+    got = apply_rope_table(x, rope_table(131072, 48, 1e6, torch.device("cpu"), acc)[pos])
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.equal(got[1:], x[1:])  # the positions do rotate
+
+
 @pytest.mark.parametrize("phi,shared_kv", VARIANTS)
 def test_decode_step_with_device_lengths_equals_full(phi, shared_kv):
     """decode_step (lengths as a tensor, fixed shapes: what a CUDA graph replays) after a prefill,

@@ -23,6 +23,7 @@ return a :class:`CacheRead`: what the attention op reads next.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -55,13 +56,34 @@ def _compress(phi_k: Phi, phi_v: Phi, blocks_k: torch.Tensor, blocks_v: torch.Te
     return phi_k(blocks_k.to(dtype)).to(out_dtype), phi_v(blocks_v.to(dtype)).to(out_dtype)
 
 
-def _step_token(s: torch.Tensor, l: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1], i [B]), compressed token
+@functools.lru_cache(maxsize=8)
+def _step_table(n: int, l: int, d: int, ring: int, tc: int | None, device: torch.device) -> torch.Tensor:
+    """int64 ``[n, 3]``: for a one-token step at position s < n, (due, i, s % ring). Compressed token
     i = (s + 1 - l) / d is the one the token completes where due (s + 1 >= l, (s + 1 - l) % d == 0);
-    elsewhere i is the latest complete one, or 0 (clamped). Steps compute the token every time and
-    write it only where due: a data-dependent branch would sync."""
-    due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]
-    return due, torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
+    elsewhere i is the latest complete one, or 0; ``tc``: i clamped below it too (a contiguous
+    cache's rows). Steps compute the token every time and write it only where due (a
+    data-dependent branch would sync), and gather the row of their positions from this table:
+    one launch instead of a dozen integer ops (a step replayed as a CUDA graph pays per launch).
+    The latest tables are kept (one per cache geometry, shared by every layer)."""
+    s = torch.arange(n, device=device)
+    due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
+    i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
+    if tc is not None:
+        i = i.clamp(max=max(tc - 1, 0))
+    return torch.stack([due.long(), i, s % ring], 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """torch.arange(n) kept per device (a step's batch rows, made once: one launch fewer)."""
+    return torch.arange(n, device=device)
+
+
+def _step_rows(s: torch.Tensor, n: int, l: int, d: int, ring: int, tc: int | None = None):
+    """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1] bool, i [B], ring
+    row [B]) from :func:`_step_table` (``n`` positions)."""
+    row = _step_table(n, l, d, ring, tc, s.device)[s]  # [B, 3]
+    return row[:, 0, None, None].bool(), row[:, 1], row[:, 2]
 
 
 def _pool_rows(table: torch.Tensor, pos: torch.Tensor, page_size: int, per_page: int,
@@ -239,13 +261,15 @@ class NSACache:
         l, d, w = self.cmp_block, self.cmp_stride, self.window
         dev, dt = ks.device, self.k_slc.dtype
         s = seqlens.long()  # [B] the token's position
-        rows = torch.arange(s.shape[0], device=dev)
+        rows = _arange(s.shape[0], dev)
         self.k_slc[rows, s] = ks[:, 0].to(dt)
         self.v_slc[rows, s] = vs[:, 0].to(dt)
+        tc = self.k_cmp.shape[1]
+        due, slot, ring = _step_rows(s, self.max_seq_len, l, d, w, tc)
 
         # the raw block ending at s and the window's keys
         if self.shared_kv:  # both read the selection's keys
-            at = (s[:, None] - (l - 1) + torch.arange(l, device=dev)).clamp_min(0)  # [B, l]
+            at = (s[:, None] - (l - 1) + _arange(l, dev)).clamp_min(0)  # [B, l]
             raw_k, raw_v = self.k_slc[rows[:, None], at], self.v_slc[rows[:, None], at]
             ring_k, ring_v = self.k_slc, self.v_slc
         else:
@@ -254,12 +278,10 @@ class NSACache:
             self.k_tail.copy_(raw_k[:, 1:])
             self.v_tail.copy_(raw_v[:, 1:])
             ring_k, ring_v = self.k_win, self.v_win
-            ring_k[rows, s % w] = kw[:, 0].to(dt)
-            ring_v[rows, s % w] = vw[:, 0].to(dt)
-        # compression: computed every step, written only when due (:func:`_step_token`)
-        if self.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
-            due, slot = _step_token(s, l, d)
-            slot = slot.clamp(max=self.k_cmp.shape[1] - 1)
+            ring_k[rows, ring] = kw[:, 0].to(dt)
+            ring_v[rows, ring] = vw[:, 0].to(dt)
+        # compression: computed every step, written only when due (:func:`_step_table`)
+        if tc:  # (a cache shorter than one block never compresses)
             new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
             for buf, tok in zip((self.k_cmp, self.v_cmp), new):
                 buf[rows, slot] = torch.where(due, tok[:, 0], buf[rows, slot])  # [B, H, D]
@@ -547,11 +569,12 @@ class PagedBatch:
         def rows(pos, per_page, stride=1):  # pool rows of items pos [B, ...] of each sequence
             return _pool_rows(table, pos, ps, per_page, stride)
 
+        due, i, ring = _step_rows(s, c.max_seq_len, l, d, 1 if c.shared_kv else c.k_win.shape[1])
         at = rows(s, ps)
         k_flat[at] = ks[:, 0].to(dt)
         v_flat[at] = vs[:, 0].to(dt)
         if c.shared_kv:  # the raw block ending at s, read back from the pages
-            src = rows((s[:, None] - (l - 1) + torch.arange(l, device=dev)).clamp_min(0), ps)  # [B, l]
+            src = rows((s[:, None] - (l - 1) + _arange(l, dev)).clamp_min(0), ps)  # [B, l]
             raw_k, raw_v = k_flat[src], v_flat[src]
             win = (None, None)
         else:
@@ -559,14 +582,12 @@ class PagedBatch:
             raw_v = torch.cat([c.v_tail[idx], vc.to(dt)], 1)
             c.k_tail[idx] = raw_k[:, 1:]
             c.v_tail[idx] = raw_v[:, 1:]
-            ring = s % c.k_win.shape[1]
             c.k_win[idx, ring] = kw[:, 0].to(dt)
             c.v_win[idx, ring] = vw[:, 0].to(dt)
             win = (c.k_win[idx], c.v_win[idx])
-        # compression, computed every step and written only when due (:func:`_step_token`); when
+        # compression, computed every step and written only when due (:func:`_step_table`); when
         # not due the row is the sequence's latest compressed token (or its first, on its own
         # first page), rewritten with itself: no other sequence's row is touched
-        due, i = _step_token(s, l, d)
         at_c = rows(i, c.k_cmp.shape[1], stride=d)
         new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
         for buf, tok in zip((c.k_cmp, c.v_cmp), new):

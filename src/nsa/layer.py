@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import nn
 from . import geometry, ops, reference
 from .cache import MAX_NEW, NSACache, PagedBatch, PagedNSACache
 from .config import NSAConfig
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, apply_rope_table, rope_cos_sin, rope_table
 
 DECODE_BUCKET = 1024  # tokens: an eager decode step's grids are sized to its length rounded up to this
 
@@ -91,11 +90,11 @@ class NSAAttention(nn.Module):
             cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
             q, keys = apply_rope(q, cos, sin), [apply_rope(k, cos, sin) for k in keys]
         else:
+            qk = torch.cat([q, *keys], 2)
             if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
-                cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
+                rotated = apply_rope(qk, *rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc))
             else:
-                cos, sin = (t[pos] for t in _rope_table(table_len, Dk, c.rope_theta, x.device, acc))
-            rotated = apply_rope(torch.cat([q, *keys], 2), cos, sin)
+                rotated = apply_rope_table(qk, rope_table(table_len, Dk, c.rope_theta, x.device, acc)[pos])
             q, *keys = rotated.split([c.n_heads] + [H] * self.n_branches, dim=2)
         pairs = [(keys[i], kv[2 * i + 1].view(B, T, H, Dv)) for i in range(self.n_branches)]
         if self.n_branches == 1:
@@ -280,13 +279,6 @@ class NSAAttention(nn.Module):
                            cache_seqlens=s + 1, max_seqlen=capacity,
                            block_table=kv.block_table if paged else None, backend=c.backend, **self._geometry())
         return self._out(o.to(x.dtype))
-
-
-@functools.lru_cache(maxsize=2)
-def _rope_table(n: int, dim: int, theta: float, device: torch.device, dtype: torch.dtype):
-    """cos, sin [n, dim // 2] of positions 0..n-1 (:func:`rope_cos_sin`), shared by every layer
-    of one geometry; the two latest tables are kept."""
-    return rope_cos_sin(torch.arange(n, device=device), dim, theta, dtype=dtype)
 
 
 def check_decode_step(x: torch.Tensor, d_model: int, cache_batch: int, seqlens) -> None:

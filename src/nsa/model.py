@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import NSAConfig, check_positive_int
 from .layer import NSAAttention, check_decode_step
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, apply_rope_table, rope_cos_sin, rope_table
 
 ATTENTIONS = ("nsa", "full", "window")
 
@@ -258,11 +258,17 @@ class DenseAttention(nn.Module):
         H, HQ, D = self.n_kv, self.n_heads, self.head_dim
         check_decode_step(x, self.q_proj.in_features, cache.k.shape[0], seqlens)
         s = seqlens.long()
-        cos, sin = rope_cos_sin(s[:, None], D, self.theta)
-        q = apply_rope(self.q_proj(x).view(B, 1, HQ, D), cos, sin)
         k, v = self.kv_proj(x).view(B, 1, 2, H, D).unbind(2)
+        # q and k rotated in one pass by rows of a cos/sin table, as NSA's step does
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        qk = torch.cat([self.q_proj(x).view(B, 1, HQ, D), k], 2)
+        if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
+            qk = apply_rope(qk, *rope_cos_sin(s[:, None], D, self.theta, dtype=acc))
+        else:
+            qk = apply_rope_table(qk, rope_table(cache.max_seq_len, D, self.theta, x.device, acc)[s[:, None]])
+        q, k = qk.split([HQ, H], 2)
         rows = torch.arange(B, device=x.device)
-        cache.k[rows, s] = apply_rope(k, cos, sin)[:, 0].to(cache.k.dtype)
+        cache.k[rows, s] = k[:, 0].to(cache.k.dtype)
         cache.v[rows, s] = v[:, 0].to(cache.v.dtype)
         u = torch.arange(cache.max_seq_len, device=x.device)[None]  # [1, max]
         ok = (u <= s[:, None]) & (u > s[:, None] - (self.window or cache.max_seq_len))  # [B, max]
