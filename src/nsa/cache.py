@@ -73,15 +73,26 @@ def _step_table(n: int, l: int, d: int, ring: int, tc: int | None, device: torch
     return torch.stack([due.long(), i, s % ring], 1)
 
 
-@functools.lru_cache(maxsize=8)
 def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """torch.arange(n) kept per device (a step's batch rows, made once: one launch fewer)."""
+    """torch.arange(n), kept per device outside torch.compile (a step's batch rows, made once:
+    one launch fewer); traced, made in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device)
+    return _arange_kept(n, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _arange_kept(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
 def _step_rows(s: torch.Tensor, n: int, l: int, d: int, ring: int, tc: int | None = None):
     """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1] bool, i [B], ring
     row [B]) from :func:`_step_table` (``n`` positions)."""
+    if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
+        due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
+        i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
+        return due[:, None, None], i if tc is None else i.clamp(max=max(tc - 1, 0)), s % ring
     row = _step_table(n, l, d, ring, tc, s.device)[s]  # [B, 3]
     return row[:, 0, None, None].bool(), row[:, 1], row[:, 2]
 
