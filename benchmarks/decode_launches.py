@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_host as DH  # noqa: E402
 from nsa.model import ModelConfig, NSAModel  # noqa: E402
 from nsa.triton import _common as C  # noqa: E402
+from nsa.triton import append as A  # noqa: E402
 from nsa.triton import decode as D  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,6 +78,7 @@ class _CountedStub(DH._Stub):
 def _stub_kernels() -> None:
     for name in DH.KERNELS:
         setattr(D, name, _CountedStub(getattr(D, name)))
+    A._decode_append = _CountedStub(A._decode_append)
     C.interpreting = lambda: False  # the launcher as on a GPU
     C._current_stream = lambda: 0
 
@@ -130,7 +132,8 @@ def main(out_path: str | None = None) -> int:
                 commit=git("rev-parse", "--short", "HEAD"), dirty=bool(git("status", "--porcelain", "--", "src")),
                 command="python benchmarks/decode_launches.py",
                 what="kernel launches of one decode step: aten ops other than views/allocations, plus the "
-                     "Triton launches of nsa_decode (stubbed, counted); bf16, batch 1, after a 300-token prefill")
+                     "Triton launches (nsa_decode's and the cache append's, stubbed, counted); bf16, batch 1, "
+                     "after a 300-token prefill")
     out_path = out_path or os.path.join(HERE, "results", "decode_launches_cpu.json")
     with open(out_path, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)

@@ -37,3 +37,20 @@ for S in (1, 3, 8):
         torch.cuda.synchronize()
         print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()),
               bool(torch.isfinite(o2).all()), "relaunch equal", bool(torch.equal(o, again)))
+
+# a layer's graph-ready decode steps (the cache append kernel, then nsa_decode) at odd sizes:
+# positions 0 and 1 (a block before position 0), a ring wrap, sequences at different lengths
+import nsa  # noqa: E402
+
+for shared in (False, True):
+    cfg = nsa.NSAConfig(d_model=96, n_heads=6, n_kv_heads=2, head_dim=40, v_head_dim=24, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=12, shared_kv=shared, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(dev, torch.bfloat16)
+    cache = layer.new_cache(3, 41)
+    pos = torch.tensor([0, 1, 17], device=dev)
+    with torch.no_grad():
+        for _ in range(24):
+            y = layer.decode_step(torch.randn(3, 1, 96, device=dev, dtype=torch.bfloat16), cache, pos)
+            pos += 1
+    torch.cuda.synchronize()
+    print("ok layer steps", "shared" if shared else "separate", float(y.float().norm()))

@@ -17,6 +17,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -467,6 +468,72 @@ def test_layer_decode_steps_keep_one_launch_plan(shared_kv):
     info = D._plan.cache_info()
     assert (info.misses, info.hits) == (1, 5)
     _close(torch.cat(parts, 1), full, 1e-5)
+
+
+# (HQ, H, Dk, Dv, l, w, layer dtype, cache dtype, shared k/v)
+APPEND_CASES = [
+    pytest.param(6, 2, 40, 24, 8, 12, torch.float32, torch.float32, False, id="gqa3-oddD-separate"),
+    pytest.param(6, 2, 40, 24, 8, 12, torch.float32, torch.float32, True, id="gqa3-oddD-shared"),
+    pytest.param(16, 1, 64, 32, 16, 20, torch.bfloat16, torch.bfloat16, False, id="gqa16-bf16-separate"),
+    pytest.param(4, 4, 32, 32, 4, 6, torch.float32, torch.bfloat16, False, id="mha-fp32-layer-bf16-cache"),
+    pytest.param(8, 2, 192, 128, 32, 40, torch.bfloat16, torch.bfloat16, True, id="paper-dims-shared"),
+]
+
+
+@pytest.mark.parametrize("HQ,H,Dk,Dv,l,w,dtype,cache_dtype,shared", APPEND_CASES)
+def test_decode_append_equals_reference(HQ, H, Dk, Dv, l, w, dtype, cache_dtype, shared):
+    """One launch rotating q and the new keys and writing the cache (selection rows, the window's
+    ring, the raw tail moved up) equals its reference: the rotated q, the raw blocks and every
+    buffer, over steps at positions 0, l - 2, a ring wrap and far ones, sequences at different
+    positions in one batch."""
+    from nsa.cache import decode_append_ref
+    from nsa.rope import rope_table
+    from nsa.triton.append import decode_append_triton
+
+    B, cap, n = 3, 2 * w + 8, 1 if shared else 3
+    g = torch.Generator().manual_seed(HQ + Dk + l)
+    mk = lambda *sh, dt=cache_dtype: torch.randn(*sh, generator=g).to(dt).to(DEV)  # noqa: E731
+    bufs = [mk(B, cap, H, Dk), mk(B, cap, H, Dv)]
+    bufs += [None] * 4 if shared else [mk(B, w, H, Dk), mk(B, w, H, Dv), mk(B, l - 1, H, Dk), mk(B, l - 1, H, Dv)]
+    ref_bufs = [None if t is None else t.clone() for t in bufs]
+    rope = rope_table(cap, Dk, 1e4, torch.device(DEV), torch.float32)
+    for pos in ([0, l - 2, w], [1, w + 3, cap - 1], [l - 1, 2 * w + 1, 5]):
+        qp, kvp = mk(B, 1, HQ * Dk, dt=dtype), mk(B, 1, n * H * (Dk + Dv), dt=dtype)
+        s = torch.tensor(pos, device=DEV)
+        got = decode_append_triton(qp, kvp, s, rope, *bufs, n_heads=HQ, cmp_block=l)
+        want = decode_append_ref(qp, kvp, s, rope, *ref_bufs, n_heads=HQ, cmp_block=l)
+        for a, b in zip([*got, *bufs], [*want, *ref_bufs]):
+            if b is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape
+                torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-6)
+        assert not torch.equal(got[0], qp.view_as(got[0]))  # q did rotate
+
+
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_layer_decode_step_triton_equals_torch(shared_kv):
+    """The layer's decode_step on the Triton backend (the rotation and the cache's writes in one
+    launch, then nsa_decode) equals the PyTorch backend's step, and both the full layer, over
+    steps that complete compression blocks and wrap the window's ring."""
+    torch.manual_seed(7)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=8, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    torch.nn.init.normal_(layer.phi_k.fc2.weight, std=0.1)  # the MLP's last layer starts at zero
+    ref = nsa.NSAAttention(dataclasses.replace(cfg, backend="torch")).to(DEV)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 30, 32, device=DEV)
+    with torch.no_grad():
+        full = ref(x)
+        caches = [m.new_cache(2, 32) for m in (layer, ref)]
+        for m, c in zip((layer, ref), caches):
+            m(x[:, :17], cache=c)
+        seqlens = [torch.full((2,), 17, device=DEV) for _ in caches]
+        for t in range(17, 30):
+            y, y_ref = (m.decode_step(x[:, t:t + 1], c, n) for m, c, n in zip((layer, ref), caches, seqlens))
+            _close(y, y_ref, 1e-5)
+            _close(y[:, 0], full[:, t], 1e-5)
+            for n in seqlens:
+                n += 1
 
 
 # shared k/v (the window read from the pages) runs under the interpreter at the op level

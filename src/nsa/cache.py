@@ -31,6 +31,7 @@ import torch
 
 from . import geometry
 from .config import NSAConfig, check_positive_int
+from .rope import apply_rope_table
 
 # (k, v) of the new tokens for the cmp, slc and win branches: [B, C, H, Dk], [B, C, H, Dv], keys
 # rotated (the layer's projections)
@@ -268,35 +269,97 @@ class NSACache:
         Returns the :class:`CacheRead` of the whole buffers (``max_seq_len`` rows, the ring):
         :func:`nsa.nsa_decode` with ``cache_seqlens = seqlens + 1`` reads what each sequence holds.
         """
-        (kc, vc), (ks, vs), (kw, vw) = branches
-        l, d, w = self.cmp_block, self.cmp_stride, self.window
-        dev, dt = ks.device, self.k_slc.dtype
         s = seqlens.long()  # [B] the token's position
-        rows = _arange(s.shape[0], dev)
-        self.k_slc[rows, s] = ks[:, 0].to(dt)
-        self.v_slc[rows, s] = vs[:, 0].to(dt)
-        tc = self.k_cmp.shape[1]
-        due, slot, ring = _step_rows(s, self.max_seq_len, l, d, w, tc)
+        rows = _arange(s.shape[0], s.device)
+        due, slot, ring = _step_rows(s, self.max_seq_len, self.cmp_block, self.cmp_stride, self.window,
+                                     self.k_cmp.shape[1])
+        raw_k, raw_v = _append_rows(s, rows, ring, branches, self.k_slc, self.v_slc, self.k_win, self.v_win,
+                                    self.k_tail, self.v_tail, self.cmp_block)
+        return self._compress_step(rows, due, slot, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype)
 
-        # the raw block ending at s and the window's keys
-        if self.shared_kv:  # both read the selection's keys
-            at = (s[:, None] - (l - 1) + _arange(l, dev)).clamp_min(0)  # [B, l]
-            raw_k, raw_v = self.k_slc[rows[:, None], at], self.v_slc[rows[:, None], at]
-            ring_k, ring_v = self.k_slc, self.v_slc
+    def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
+                              rope: torch.Tensor, *, n_heads: int, phi_k: Phi, phi_v: Phi,
+                              backend: str = "torch") -> tuple[torch.Tensor, CacheRead]:
+        """:meth:`append_step` from the projections before the rotation, which it applies too:
+        ``(q rotated [B, 1, n_heads, Dk], the CacheRead)``. ``q_proj`` ``[B, 1, n_heads * Dk]`` and
+        ``kv_proj`` ``[B, 1, n * H * (Dk + Dv)]`` are the layer's projections (n = 3 branches, in
+        the order cmp, slc, win, each its keys then its values; n = 1 with shared k/v), ``rope``
+        the rotation table (:func:`nsa.rope.rope_table`, ``max_seq_len`` rows). ``backend``
+        "triton" does the rotation and every write but the compressed token's in one launch
+        (:func:`nsa.triton.append.decode_append_triton`), "torch" runs its reference
+        :func:`decode_append_ref`."""
+        if backend == "triton":
+            from .triton.append import decode_append_triton as append
         else:
-            raw_k = torch.cat([self.k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
-            raw_v = torch.cat([self.v_tail, vc.to(dt)], 1)
-            self.k_tail.copy_(raw_k[:, 1:])
-            self.v_tail.copy_(raw_v[:, 1:])
-            ring_k, ring_v = self.k_win, self.v_win
-            ring_k[rows, ring] = kw[:, 0].to(dt)
-            ring_v[rows, ring] = vw[:, 0].to(dt)
-        # compression: computed every step, written only when due (:func:`_step_table`)
-        if tc:  # (a cache shorter than one block never compresses)
-            new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
+            append = decode_append_ref
+        s = seqlens.long()
+        q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, self.k_slc, self.v_slc, self.k_win, self.v_win,
+                                 self.k_tail, self.v_tail, n_heads=n_heads, cmp_block=self.cmp_block)
+        rows = _arange(s.shape[0], s.device)
+        due, slot, _ = _step_rows(s, self.max_seq_len, self.cmp_block, self.cmp_stride, self.window,
+                                  self.k_cmp.shape[1])
+        return q, self._compress_step(rows, due, slot, raw_k, raw_v, phi_k, phi_v, q_proj.dtype)
+
+    def _compress_step(self, rows, due, slot, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype) -> CacheRead:
+        """A step's compressed token: computed every step from the raw block ending at the new
+        position, written only where due (:func:`_step_table`); the CacheRead of the buffers."""
+        if self.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
+            new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, self.k_slc.dtype)
             for buf, tok in zip((self.k_cmp, self.v_cmp), new):
                 buf[rows, slot] = torch.where(due, tok[:, 0], buf[rows, slot])  # [B, H, D]
+        ring_k, ring_v = (self.k_slc, self.v_slc) if self.shared_kv else (self.k_win, self.v_win)
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
+
+
+def _append_rows(s, rows, ring, branches: Branches, k_slc, v_slc, k_win, v_win, k_tail, v_tail, l: int):
+    """A one-token step's writes to a contiguous cache's buffers (rows ``rows`` at positions ``s``,
+    window ring rows ``ring``): the selection keys, the ring and the raw tail (separate k/v).
+    Returns the raw block ending at s, ``[B, l, H, D]`` in the cache's dtype (positions before 0
+    read as position 0)."""
+    (kc, vc), (ks, vs), (kw, vw) = branches
+    dt = k_slc.dtype
+    k_slc[rows, s] = ks[:, 0].to(dt)
+    v_slc[rows, s] = vs[:, 0].to(dt)
+    if k_win is None:  # shared k/v: the block from the selection's keys
+        at = (s[:, None] - (l - 1) + _arange(l, s.device)).clamp_min(0)  # [B, l]
+        return k_slc[rows[:, None], at], v_slc[rows[:, None], at]
+    raw_k = torch.cat([k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
+    raw_v = torch.cat([v_tail, vc.to(dt)], 1)
+    k_tail.copy_(raw_k[:, 1:])
+    v_tail.copy_(raw_v[:, 1:])
+    k_win[rows, ring] = kw[:, 0].to(dt)
+    v_win[rows, ring] = vw[:, 0].to(dt)
+    return raw_k, raw_v
+
+
+def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win, k_tail, v_tail, *,
+                      n_heads: int, cmp_block: int):
+    """Reference of :func:`nsa.triton.append.decode_append_triton`: one token per sequence at
+    positions ``seqlens`` [B] (device), from the layer's projections before the rotation.
+
+    Rotates q and the new keys by the rows ``rope[seqlens]`` of the rotation table
+    (:func:`nsa.rope.rope_table`, fp32), writes the selection keys/values at row ``seqlens`` of
+    ``k_slc``/``v_slc`` ``[B, max_seq_len, H, D]`` and, with separate k/v (``k_win`` not None), the
+    window's at row ``seqlens % rows`` of the rings ``k_win``/``v_win`` ``[B, rows, H, D]`` and the
+    compression's into the raw tails ``k_tail``/``v_tail`` ``[B, l - 1, H, D]`` (moved up by one).
+    ``q_proj`` ``[B, 1, n_heads * Dk]``; ``kv_proj`` ``[B, 1, n * H * (Dk + Dv)]``, branches cmp,
+    slc, win (n = 3) or one shared (n = 1), each its keys then its values.
+
+    Returns (q ``[B, 1, n_heads, Dk]`` rotated, in q_proj's dtype; the raw blocks ending at the
+    new positions, ``[B, l, H, Dk]`` and ``[B, l, H, Dv]`` in the cache's dtype).
+    """
+    B = q_proj.shape[0]
+    H, Dk, Dv = k_slc.shape[2], k_slc.shape[3], v_slc.shape[3]
+    n = kv_proj.shape[-1] // (H * (Dk + Dv))
+    kv = kv_proj.reshape(B, 1, -1).split([H * Dk, H * Dv] * n, dim=-1)
+    qk = torch.cat([q_proj.reshape(B, 1, n_heads, Dk), *(kv[2 * i].view(B, 1, H, Dk) for i in range(n))], 2)
+    s = seqlens.long()
+    q, *keys = apply_rope_table(qk, rope[s[:, None]]).split([n_heads] + [H] * n, dim=2)
+    pairs = [(keys[i], kv[2 * i + 1].view(B, 1, H, Dv)) for i in range(n)] * (3 // n)
+    ring = None if k_win is None else s % k_win.shape[1]
+    raw_k, raw_v = _append_rows(s, _arange(B, s.device), ring, pairs, k_slc, v_slc, k_win, v_win, k_tail, v_tail,
+                                cmp_block)
+    return q, raw_k, raw_v
 
 
 # ---------------------------------------------------------------------------------- paged

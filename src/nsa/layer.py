@@ -272,8 +272,17 @@ class NSAAttention(nn.Module):
         s = seqlens.long()  # [B] this token's position
         paged = isinstance(cache, PagedBatch)
         capacity = (cache.cache if paged else cache).max_seq_len
-        q, branches, gates = self._project(x, s[:, None], table_len=capacity)
-        kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
+        if (not paged and x.dtype != torch.float64 and not torch.compiler.is_compiling()
+                and ops.resolve_backend(c.backend, x.device) == "triton"):
+            # the rotation and the cache's writes in one launch (nsa.triton.append)
+            B = x.shape[0]
+            rope = rope_table(capacity, c.head_dim, c.rope_theta, x.device, torch.float32)
+            q, kv = cache.append_step_projected(s, self.q_proj(x), self.kv_proj(x), rope, n_heads=c.n_heads,
+                                                phi_k=self.phi_k, phi_v=self.phi_v, backend="triton")
+            gates = torch.sigmoid(self.gate(x)).view(B, 1, c.n_heads, 3)
+        else:
+            q, branches, gates = self._project(x, s[:, None], table_len=capacity)
+            kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
         dt = kv.k_slc.dtype
         o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                            cache_seqlens=s + 1, max_seqlen=capacity,

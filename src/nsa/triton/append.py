@@ -1,0 +1,128 @@
+"""A decode step's cache append in one launch (:meth:`nsa.NSACache.append_step_projected`).
+
+A step replayed as a CUDA graph at small batch and context pays per launch (a couple of
+microseconds each whatever it does), and the step's bookkeeping was a third of an NSA layer's
+launches: the rotation of q and the keys (cat, gather of the cos/sin rows, roll, products, sum,
+cast), the writes of the selection keys and the window's ring, the shift of the raw compression
+tail. One program per (sequence, KV head) does all of it: it rotates the group's query heads and
+the new keys of every branch by the position's row of the rotation table, writes them where
+the cache keeps them, and returns the raw block ending at the new position (what the compression
+phi pools) with the tail moved up by one. The compression itself (an MLP) and the write of its
+token where due stay with the cache.
+
+Reference: :func:`nsa.cache.decode_append_ref` (same signature).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+
+@triton.jit
+def _rotate(base, rope, cols, ok, DK: tl.constexpr):
+    """Rows at ``base`` (offsets [R, 1], columns ``cols`` [1, BD]) rotated by the table row
+    ``rope`` ([cos, cos] then [-sin, sin], DK each): x * c + roll(x, DK / 2) * s, fp32."""
+    x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+    xr = tl.load(base + (cols + DK // 2) % DK, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(rope + cols, mask=cols < DK, other=0.0)
+    s = tl.load(rope + DK + cols, mask=cols < DK, other=0.0)
+    return x * c + xr * s
+
+
+@triton.jit
+def _to_cache(x, KDT: tl.constexpr, CDT: tl.constexpr, EMU_K: tl.constexpr, EMU_C: tl.constexpr):
+    """fp32 x rounded to the projections' dtype KDT (as the layer's rotation returns it), then
+    to the cache's CDT, each to nearest even (emulated where the CPU interpreter truncates)."""
+    return C.round_out(C.round_out(x, KDT, EMU_K).to(tl.float32), CDT, EMU_C)
+
+
+@triton.jit
+def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV, CAP, RING,
+                   HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   NBR: tl.constexpr, L: tl.constexpr, HP: tl.constexpr, BL: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr, EMU_K: tl.constexpr, EMU_C: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    G: tl.constexpr = HQ // H
+    W: tl.constexpr = H * (DK + DV)  # one branch's k and v in a row of the kv projection
+    s = tl.load(POS + b).to(tl.int64)
+    rope = ROPE + s * (2 * DK)
+    ck = tl.arange(0, BDK)[None, :]
+    cv = tl.arange(0, BDV)[None, :]
+    k_ok = ck < DK
+    v_ok = cv < DV
+    row = tl.arange(0, HP)[:, None]
+    # the group's query heads, rotated, in q's dtype
+    q_at = (b * HQ + h * G + row).to(tl.int64) * DK
+    q = _rotate(QP + q_at, rope, ck, (row < G) & k_ok, DK)
+    tl.store(QOUT + q_at + ck, C.round_out(q, QOUT.dtype.element_ty, EMU_K), mask=(row < G) & k_ok)
+
+    kv = KVP + b.to(tl.int64) * (NBR * W)
+    SLC: tl.constexpr = 0 if NBR == 1 else 1  # the branches' order: cmp, slc, win
+    kd = KS.dtype.element_ty
+    pd = KVP.dtype.element_ty
+    at_s = ((b * CAP + s) * H + h)
+    k_s = _to_cache(_rotate(kv + SLC * W + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
+    v_s = C.round_out(tl.load(kv + SLC * W + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
+    tl.store(KS + at_s * DK + ck, k_s, mask=k_ok)
+    tl.store(VS + at_s * DV + cv, v_s, mask=v_ok)
+
+    r = tl.arange(0, BL)[:, None]  # the raw block's rows: positions s - L + 1 + r
+    raw_k_at = ((b * L + r) * H + h).to(tl.int64)
+    if NBR == 1:  # shared k/v: the block from the selection's keys (clamped at position 0)
+        p = tl.maximum(s - (L - 1) + r, 0)
+        old = (r < L) & (p != s)  # the new position comes from registers, not memory
+        at_p = ((b * CAP + p) * H + h).to(tl.int64)
+        rk = tl.load(KS + at_p * DK + ck, mask=old & k_ok, other=0.0)
+        rv = tl.load(VS + at_p * DV + cv, mask=old & v_ok, other=0.0)
+        rk = tl.where(old, rk, k_s)
+        rv = tl.where(old, rv, v_s)
+    else:
+        # window: the ring's row s % RING
+        at_w = ((b * RING + s % RING) * H + h)
+        k_w = _to_cache(_rotate(kv + 2 * W + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
+        v_w = C.round_out(tl.load(kv + 2 * W + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
+        tl.store(KW + at_w * DK + ck, k_w, mask=k_ok)
+        tl.store(VW + at_w * DV + cv, v_w, mask=v_ok)
+        # compression: the tail's L - 1 rows, then the new (rotated) key / value
+        k_c = _to_cache(_rotate(kv + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
+        v_c = C.round_out(tl.load(kv + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
+        tail = r < L - 1
+        at_t = ((b * (L - 1) + r) * H + h).to(tl.int64)
+        rk = tl.load(KT + at_t * DK + ck, mask=tail & k_ok, other=0.0)
+        rv = tl.load(VT + at_t * DV + cv, mask=tail & v_ok, other=0.0)
+        rk = tl.where(tail, rk, k_c)
+        rv = tl.where(tail, rv, v_c)
+        # the tail moves up by one: row r takes block row r + 1 (every load above is done first)
+        tl.debug_barrier()
+        up = (r >= 1) & (r < L)
+        at_u = ((b * (L - 1) + r - 1) * H + h).to(tl.int64)
+        tl.store(KT + at_u * DK + ck, rk, mask=up & k_ok)
+        tl.store(VT + at_u * DV + cv, rv, mask=up & v_ok)
+    tl.store(RAWK + raw_k_at * DK + ck, rk, mask=(r < L) & k_ok)
+    tl.store(RAWV + raw_k_at * DV + cv, rv, mask=(r < L) & v_ok)
+
+
+def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win, k_tail, v_tail, *,
+                         n_heads: int, cmp_block: int):
+    """Same contract as :func:`nsa.cache.decode_append_ref`."""
+    B = q_proj.shape[0]
+    H, Dk, Dv = k_slc.shape[2], k_slc.shape[3], v_slc.shape[3]
+    nbr = kv_proj.shape[-1] // (H * (Dk + Dv))
+    q = torch.empty(B, 1, n_heads, Dk, dtype=q_proj.dtype, device=q_proj.device)
+    raw_k = torch.empty(B, cmp_block, H, Dk, dtype=k_slc.dtype, device=k_slc.device)
+    raw_v = torch.empty(B, cmp_block, H, Dv, dtype=v_slc.dtype, device=v_slc.device)
+    shared = nbr == 1
+    emu = C.interpreting()  # its fp32 -> bf16 cast truncates: round to nearest even as GPUs do
+    kw, vw, kt, vt = (k_slc, v_slc, k_slc, v_slc) if shared else (k_win, v_win, k_tail, v_tail)
+    _decode_append[(B, H)](
+        q_proj.contiguous(), kv_proj.contiguous(), seqlens, rope, q, k_slc, v_slc, kw, vw, kt, vt, raw_k, raw_v,
+        k_slc.shape[1], 1 if shared else k_win.shape[1],
+        HQ=n_heads, H=H, DK=Dk, DV=Dv, NBR=nbr, L=cmp_block, HP=C.next_pow2(n_heads // H),
+        BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
+        EMU_K=emu and q_proj.dtype == torch.bfloat16, EMU_C=emu and k_slc.dtype == torch.bfloat16, num_warps=4)
+    return q, raw_k, raw_v
