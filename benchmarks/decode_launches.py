@@ -79,6 +79,7 @@ def _stub_kernels() -> None:
     for name in DH.KERNELS:
         setattr(D, name, _CountedStub(getattr(D, name)))
     A._decode_append = _CountedStub(A._decode_append)
+    A._decode_write_cmp = _CountedStub(A._decode_write_cmp)
     C.interpreting = lambda: False  # the launcher as on a GPU
     C._current_stream = lambda: 0
 

@@ -142,6 +142,9 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
                                                                               RING="i32"),
             constexprs=dict(HQ=64, H=4, DK=192, DV=128, NBR=nbr, L=32, HP=16, BL=32, BDK=256, BDV=128,
                             EMU_K=False, EMU_C=False), num_warps=4, num_stages=1)
+    specs["write-cmp"] = dict(module="nsa.triton.append", kernel="_decode_write_cmp",
+                              types=dict(POS="*i64", TC="i32"), num_warps=1, num_stages=1,
+                              constexprs=dict(H=4, DK=192, DV=128, L=32, D=16, BDK=256, BDV=128))
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

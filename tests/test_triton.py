@@ -485,10 +485,11 @@ def test_decode_append_equals_reference(HQ, H, Dk, Dv, l, w, dtype, cache_dtype,
     """One launch rotating q and the new keys and writing the cache (selection rows, the window's
     ring, the raw tail moved up) equals its reference: the rotated q, the raw blocks and every
     buffer, over steps at positions 0, l - 2, a ring wrap and far ones, sequences at different
-    positions in one batch."""
-    from nsa.cache import decode_append_ref
+    positions in one batch. So does the write of the step's compressed tokens (d = l / 2: rows
+    only where a position completes a block, l - 1 among them)."""
+    from nsa.cache import decode_append_ref, write_cmp_step_ref
     from nsa.rope import rope_table
-    from nsa.triton.append import decode_append_triton
+    from nsa.triton.append import decode_append_triton, write_cmp_step_triton
 
     B, cap, n = 3, 2 * w + 8, 1 if shared else 3
     g = torch.Generator().manual_seed(HQ + Dk + l)
@@ -497,6 +498,7 @@ def test_decode_append_equals_reference(HQ, H, Dk, Dv, l, w, dtype, cache_dtype,
     bufs += [None] * 4 if shared else [mk(B, w, H, Dk), mk(B, w, H, Dv), mk(B, l - 1, H, Dk), mk(B, l - 1, H, Dv)]
     ref_bufs = [None if t is None else t.clone() for t in bufs]
     rope = rope_table(cap, Dk, 1e4, torch.device(DEV), torch.float32)
+    n_due = 0
     for pos in ([0, l - 2, w], [1, w + 3, cap - 1], [l - 1, 2 * w + 1, 5]):
         qp, kvp = mk(B, 1, HQ * Dk, dt=dtype), mk(B, 1, n * H * (Dk + Dv), dt=dtype)
         s = torch.tensor(pos, device=DEV)
@@ -507,6 +509,16 @@ def test_decode_append_equals_reference(HQ, H, Dk, Dv, l, w, dtype, cache_dtype,
                 assert a.dtype == b.dtype and a.shape == b.shape
                 torch.testing.assert_close(a.float(), b.float(), rtol=1e-6, atol=1e-6)
         assert not torch.equal(got[0], qp.view_as(got[0]))  # q did rotate
+        cmp = [mk(B, G.num_cmp_blocks(cap, l, l // 2), H, D) for D in (Dk, Dv)]
+        before = [t.clone() for t in cmp]
+        tok = [mk(B, H, D) for D in (Dk, Dv)]
+        write_cmp_step_triton(s, *tok, *cmp, cmp_block=l, cmp_stride=l // 2)
+        write_cmp_step_ref(s, *tok, *before, cmp_block=l, cmp_stride=l // 2)
+        assert all(torch.equal(a, b) for a, b in zip(cmp, before))
+        due = [(b, (p + 1 - l) // (l // 2)) for b, p in enumerate(pos) if p + 1 >= l and (p + 1 - l) % (l // 2) == 0]
+        assert all(torch.equal(cmp[0][b, i], tok[0][b]) for b, i in due)
+        n_due += len(due)
+    assert n_due  # position l - 1 completes block 0
 
 
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])

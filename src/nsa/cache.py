@@ -58,19 +58,16 @@ def _compress(phi_k: Phi, phi_v: Phi, blocks_k: torch.Tensor, blocks_v: torch.Te
 
 
 @functools.lru_cache(maxsize=8)
-def _step_table(n: int, l: int, d: int, ring: int, tc: int | None, device: torch.device) -> torch.Tensor:
+def _step_table(n: int, l: int, d: int, ring: int, device: torch.device) -> torch.Tensor:
     """int64 ``[n, 3]``: for a one-token step at position s < n, (due, i, s % ring). Compressed token
     i = (s + 1 - l) / d is the one the token completes where due (s + 1 >= l, (s + 1 - l) % d == 0);
-    elsewhere i is the latest complete one, or 0; ``tc``: i clamped below it too (a contiguous
-    cache's rows). Steps compute the token every time and write it only where due (a
-    data-dependent branch would sync), and gather the row of their positions from this table:
-    one launch instead of a dozen integer ops (a step replayed as a CUDA graph pays per launch).
-    The latest tables are kept (one per cache geometry, shared by every layer)."""
+    elsewhere i is the latest complete one, or 0. Steps compute the token every time and write it
+    only where due (a data-dependent branch would sync), and gather the row of their positions
+    from this table: one launch instead of a dozen integer ops (a step replayed as a CUDA graph
+    pays per launch). The latest tables are kept (one per cache geometry, shared by the layers)."""
     s = torch.arange(n, device=device)
     due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
     i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
-    if tc is not None:
-        i = i.clamp(max=max(tc - 1, 0))
     return torch.stack([due.long(), i, s % ring], 1)
 
 
@@ -87,14 +84,13 @@ def _arange_kept(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def _step_rows(s: torch.Tensor, n: int, l: int, d: int, ring: int, tc: int | None = None):
+def _step_rows(s: torch.Tensor, n: int, l: int, d: int, ring: int):
     """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1] bool, i [B], ring
     row [B]) from :func:`_step_table` (``n`` positions)."""
     if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
         due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
-        i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
-        return due[:, None, None], i if tc is None else i.clamp(max=max(tc - 1, 0)), s % ring
-    row = _step_table(n, l, d, ring, tc, s.device)[s]  # [B, 3]
+        return due[:, None, None], torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0), s % ring
+    row = _step_table(n, l, d, ring, s.device)[s]  # [B, 3]
     return row[:, 0, None, None].bool(), row[:, 1], row[:, 2]
 
 
@@ -270,12 +266,10 @@ class NSACache:
         :func:`nsa.nsa_decode` with ``cache_seqlens = seqlens + 1`` reads what each sequence holds.
         """
         s = seqlens.long()  # [B] the token's position
-        rows = _arange(s.shape[0], s.device)
-        due, slot, ring = _step_rows(s, self.max_seq_len, self.cmp_block, self.cmp_stride, self.window,
-                                     self.k_cmp.shape[1])
-        raw_k, raw_v = _append_rows(s, rows, ring, branches, self.k_slc, self.v_slc, self.k_win, self.v_win,
-                                    self.k_tail, self.v_tail, self.cmp_block)
-        return self._compress_step(rows, due, slot, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype)
+        raw_k, raw_v = _append_rows(s, _arange(s.shape[0], s.device), s % self.window, branches, self.k_slc, self.v_slc,
+                                    self.k_win, self.v_win, self.k_tail, self.v_tail, self.cmp_block)
+        self._write_token(s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype, write_cmp_step_ref)
+        return self._step_read()
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
                               rope: torch.Tensor, *, n_heads: int, phi_k: Phi, phi_v: Phi,
@@ -295,18 +289,24 @@ class NSACache:
         s = seqlens.long()
         q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, self.k_slc, self.v_slc, self.k_win, self.v_win,
                                  self.k_tail, self.v_tail, n_heads=n_heads, cmp_block=self.cmp_block)
-        rows = _arange(s.shape[0], s.device)
-        due, slot, _ = _step_rows(s, self.max_seq_len, self.cmp_block, self.cmp_stride, self.window,
-                                  self.k_cmp.shape[1])
-        return q, self._compress_step(rows, due, slot, raw_k, raw_v, phi_k, phi_v, q_proj.dtype)
+        write = write_cmp_step_ref
+        if backend == "triton":
+            from .triton.append import write_cmp_step_triton as write
+        self._write_token(s, raw_k, raw_v, phi_k, phi_v, q_proj.dtype, write)
+        return q, self._step_read()
 
-    def _compress_step(self, rows, due, slot, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype) -> CacheRead:
-        """A step's compressed token: computed every step from the raw block ending at the new
-        position, written only where due (:func:`_step_table`); the CacheRead of the buffers."""
+    def _write_token(self, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, write) -> None:
+        """A step's compressed token: computed every step (phi in ``dtype``) from the raw block
+        ending at the new position, written by ``write`` (:func:`write_cmp_step_ref` or its
+        kernel) only where the position completes a block."""
         if self.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
-            new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, self.k_slc.dtype)
-            for buf, tok in zip((self.k_cmp, self.v_cmp), new):
-                buf[rows, slot] = torch.where(due, tok[:, 0], buf[rows, slot])  # [B, H, D]
+            tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, self.k_slc.dtype)
+            write(s, tok_k[:, 0], tok_v[:, 0], self.k_cmp, self.v_cmp, cmp_block=self.cmp_block,
+                  cmp_stride=self.cmp_stride)
+
+    def _step_read(self) -> CacheRead:
+        """What nsa_decode reads after a step: the whole buffers and the window's ring (with
+        shared k/v the selection's keys)."""
         ring_k, ring_v = (self.k_slc, self.v_slc) if self.shared_kv else (self.k_win, self.v_win)
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
 
@@ -360,6 +360,20 @@ def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win
     raw_k, raw_v = _append_rows(s, _arange(B, s.device), ring, pairs, k_slc, v_slc, k_win, v_win, k_tail, v_tail,
                                 cmp_block)
     return q, raw_k, raw_v
+
+
+def write_cmp_step_ref(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int) -> None:
+    """Reference of :func:`nsa.triton.append.write_cmp_step_triton`: a one-token step's compressed
+    tokens ``tok_k`` ``[B, H, Dk]`` / ``tok_v`` ``[B, H, Dv]`` (phi of the raw blocks ending at
+    positions ``seqlens`` [B]) written to row (s + 1 - l) / d of ``k_cmp`` / ``v_cmp``
+    ``[B, Tc, H, D]`` where position s completes that block (s + 1 >= l, (s + 1 - l) % d == 0);
+    nothing elsewhere."""
+    s, l, d = seqlens.long(), cmp_block, cmp_stride
+    rows = torch.arange(s.shape[0], device=s.device)
+    due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]
+    slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, k_cmp.shape[1] - 1)
+    for buf, tok in ((k_cmp, tok_k), (v_cmp, tok_v)):
+        buf[rows, slot] = torch.where(due, tok.to(buf.dtype), buf[rows, slot])
 
 
 # ---------------------------------------------------------------------------------- paged

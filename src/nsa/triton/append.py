@@ -107,6 +107,26 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
     tl.store(RAWV + raw_k_at * DV + cv, rv, mask=(r < L) & v_ok)
 
 
+@triton.jit
+def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, TC, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      L: tl.constexpr, D: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Program (b, h): the step's compressed token of sequence b, head h, written to row
+    (s + 1 - L) / D of k_cmp / v_cmp where the new position s completes that block."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.load(POS + b).to(tl.int64)
+    due = (s + 1 >= L) & ((s + 1 - L) % D == 0)
+    slot = tl.where(due, (s + 1 - L) // D, 0)
+    ck = tl.arange(0, BDK)
+    cv = tl.arange(0, BDV)
+    at = (b * TC + slot) * H + h
+    src = b * H + h
+    mk = tl.where(due, ck < DK, False)  # (not `ck < DK & due`: the interpreter rejects that mask)
+    mv = tl.where(due, cv < DV, False)
+    tl.store(KC + at * DK + ck, tl.load(TOKK + src * DK + ck, mask=mk), mask=mk)
+    tl.store(VC + at * DV + cv, tl.load(TOKV + src * DV + cv, mask=mv), mask=mv)
+
+
 def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win, k_tail, v_tail, *,
                          n_heads: int, cmp_block: int):
     """Same contract as :func:`nsa.cache.decode_append_ref`."""
@@ -126,3 +146,12 @@ def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_
         BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
         EMU_K=emu and q_proj.dtype == torch.bfloat16, EMU_C=emu and k_slc.dtype == torch.bfloat16, num_warps=4)
     return q, raw_k, raw_v
+
+
+def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int) -> None:
+    """Same contract as :func:`nsa.cache.write_cmp_step_ref`."""
+    B, H, Dk = tok_k.shape
+    Dv = tok_v.shape[2]
+    _decode_write_cmp[(B, H)](seqlens, tok_k.contiguous(), tok_v.contiguous(), k_cmp, v_cmp, k_cmp.shape[1],
+                              H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk),
+                              BDV=C.next_pow2(Dv), num_warps=1)
