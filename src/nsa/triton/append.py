@@ -139,12 +139,14 @@ def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_
     shared = nbr == 1
     emu = C.interpreting()  # its fp32 -> bf16 cast truncates: round to nearest even as GPUs do
     kw, vw, kt, vt = (k_slc, v_slc, k_slc, v_slc) if shared else (k_win, v_win, k_tail, v_tail)
-    _decode_append[(B, H)](
-        q_proj.contiguous(), kv_proj.contiguous(), seqlens, rope, q, k_slc, v_slc, kw, vw, kt, vt, raw_k, raw_v,
-        k_slc.shape[1], 1 if shared else k_win.shape[1],
-        HQ=n_heads, H=H, DK=Dk, DV=Dv, NBR=nbr, L=cmp_block, HP=C.next_pow2(n_heads // H),
-        BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
-        EMU_K=emu and q_proj.dtype == torch.bfloat16, EMU_C=emu and k_slc.dtype == torch.bfloat16, num_warps=4)
+    q_proj, kv_proj = q_proj.contiguous(), kv_proj.contiguous()
+    args = (q_proj, kv_proj, seqlens, rope, q, k_slc, v_slc, kw, vw, kt, vt, raw_k, raw_v, k_slc.shape[1],
+            1 if shared else k_win.shape[1])
+    const = dict(HQ=n_heads, H=H, DK=Dk, DV=Dv, NBR=nbr, L=cmp_block, HP=C.next_pow2(n_heads // H),
+                 BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
+                 EMU_K=emu and q_proj.dtype == torch.bfloat16, EMU_C=emu and k_slc.dtype == torch.bfloat16,
+                 num_warps=4)
+    _launch(_decode_append, (B, H), args, const)
     return q, raw_k, raw_v
 
 
@@ -152,6 +154,20 @@ def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int
     """Same contract as :func:`nsa.cache.write_cmp_step_ref`."""
     B, H, Dk = tok_k.shape
     Dv = tok_v.shape[2]
-    _decode_write_cmp[(B, H)](seqlens, tok_k.contiguous(), tok_v.contiguous(), k_cmp, v_cmp, k_cmp.shape[1],
-                              H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk),
-                              BDV=C.next_pow2(Dv), num_warps=1)
+    args = (seqlens, tok_k.contiguous(), tok_v.contiguous(), k_cmp, v_cmp, k_cmp.shape[1])
+    const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
+                 num_warps=1)
+    _launch(_decode_write_cmp, (B, H), args, const)
+
+
+# the launches' compiled kernels, kept by the first launch of each signature (C.relaunch)
+_KEPT: dict = {}
+
+
+def _launch(kernel, grid, args, const) -> None:
+    """kernel[grid](*args, **const), later launches of the same signature through its kept
+    compiled kernel (a step's host time: triton's run costs tens of µs a launch)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (kernel, grid,
+           *(a if isinstance(a, int) else (a.dtype, a.device) for a in args), *sorted(const.items()))
+    C.relaunch(_KEPT, key, kernel, grid, args, const, C.launch_stream(*tensors))
