@@ -181,7 +181,10 @@ def test_decode_projection_from_the_rope_table_is_bitwise_the_computed_one(share
     pos = torch.tensor([[0], [17], [40]])
     with torch.no_grad():
         q, pairs, gates = layer._project(x, pos)
-        q2, pairs2, gates2 = layer._project(x, pos, table_len=41)
+        from nsa.rope import rope_table
+
+        rope = rope_table(41, layer.config.head_dim, layer.config.rope_theta, x.device, dtype)
+        q2, pairs2, gates2 = layer._project(x, pos, rope=rope)
     assert torch.equal(q, q2) and torch.equal(gates, gates2)
     for (k, v), (k2, v2) in zip(pairs, pairs2):
         assert torch.equal(k, k2) and torch.equal(v, v2)

@@ -969,6 +969,44 @@ def test_gpu_layer_paged_decode_step_cuda_graph(shared_kv):
         assert view.lengths == [m + n + 1 for m in lens]
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_gpu_layer_decode_step_cuda_graph_outlives_the_table_caches(shared_kv):
+    """The contiguous cache's step (the append kernels, then nsa_decode) captured once and
+    replayed equals the full layer, also after the shared rotation and step tables' lru caches
+    have let theirs go and the memory was reused: the cache keeps what its graph reads."""
+    from nsa.rope import rope_table
+
+    torch.manual_seed(5)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=16, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    T, m, n = 40, 13, 12
+    x = torch.randn(2, T, 32, device=DEV)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, T)
+        layer(x[:, :m], cache=cache)
+        seqlens = torch.full((2,), m, device=DEV)
+        x_new = x[:, m:m + 1].clone()
+        layer.decode_step(x_new, cache, seqlens)  # warm-up (compiles), not idempotent: capture the next
+        seqlens += 1
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer.decode_step(x_new, cache, seqlens)
+        for i in range(8):  # other geometries push this one out of the shared table cache
+            rope_table(T + 1 + i, 16, cfg.rope_theta, torch.device(DEV), torch.float32)
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 20,), float("nan"), device=DEV)  # noqa: F841 - reuses freed memory
+        for _ in range(n):
+            t = int(seqlens[0])
+            x_new.copy_(x[:, t:t + 1])
+            graph.replay()
+            assert (y[:, 0] - full[:, t]).abs().max().item() <= 1e-4, t
+            seqlens += 1
+
+
 def test_select_autotuner_keeps_8_warps_for_small_groups():
     """Groups of 1-2 heads time only 8-warp configs (their 4-warp tiles spill on sm_90), the
     64-row tiles of larger groups only 4-warp ones; 128-row tiles keep every config."""

@@ -24,7 +24,7 @@ return a :class:`CacheRead`: what the attention op reads next.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -71,6 +71,16 @@ def _step_table(n: int, l: int, d: int, ring: int, device: torch.device) -> torc
     return torch.stack([due.long(), i, s % ring], 1)
 
 
+def kept(cache, key, make) -> torch.Tensor:
+    """``cache.kept[key]``, made by ``make()`` the first time: a table that a step reads besides
+    the buffers (rotation rows, step rows; shared between layers through an lru cache), held as
+    long as the cache, so that a CUDA graph of the step never reads one that the lru cache let go."""
+    t = cache.kept.get(key)
+    if t is None:
+        t = cache.kept[key] = make()
+    return t
+
+
 def _arange(n: int, device: torch.device) -> torch.Tensor:
     """torch.arange(n), kept per device outside torch.compile (a step's batch rows, made once:
     one launch fewer); traced, made in the graph."""
@@ -79,18 +89,19 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
     return _arange_kept(n, device)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.cache  # (a few small sizes: batch sizes and l)
 def _arange_kept(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def _step_rows(s: torch.Tensor, n: int, l: int, d: int, ring: int):
+def _step_rows(cache, s: torch.Tensor, l: int, d: int, ring: int):
     """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1] bool, i [B], ring
-    row [B]) from :func:`_step_table` (``n`` positions)."""
+    row [B]) from :func:`_step_table` (``cache.max_seq_len`` positions, kept by the cache)."""
     if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
         due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
         return due[:, None, None], torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0), s % ring
-    row = _step_table(n, l, d, ring, s.device)[s]  # [B, 3]
+    key = ("steps", l, d, ring, s.device)
+    row = kept(cache, key, lambda: _step_table(cache.max_seq_len, l, d, ring, s.device))[s]  # [B, 3]
     return row[:, 0, None, None].bool(), row[:, 1], row[:, 2]
 
 
@@ -137,6 +148,8 @@ class NSACache:
     k_tail: torch.Tensor | None = None
     v_tail: torch.Tensor | None = None
     length: int = 0  # positions held; the next chunk starts at this position
+    # tables a step reads besides the buffers (:func:`kept`)
+    kept: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, config: NSAConfig, batch_size: int, max_seq_len: int, *, dtype=None,
@@ -440,6 +453,7 @@ class PagedNSACache:
     lengths: list | None = None  # per slot: positions held, None for a free slot
     pages: list | None = None  # per slot: its pages in order (host)
     free_pages: list | None = None
+    kept: dict = field(default_factory=dict, repr=False, compare=False)  # as NSACache's
 
     @classmethod
     def allocate(cls, config: NSAConfig, max_batch: int, max_seq_len: int, *, page_size: int,
@@ -657,7 +671,7 @@ class PagedBatch:
         def rows(pos, per_page, stride=1):  # pool rows of items pos [B, ...] of each sequence
             return _pool_rows(table, pos, ps, per_page, stride)
 
-        due, i, ring = _step_rows(s, c.max_seq_len, l, d, 1 if c.shared_kv else c.k_win.shape[1])
+        due, i, ring = _step_rows(c, s, l, d, 1 if c.shared_kv else c.k_win.shape[1])
         at = rows(s, ps)
         k_flat[at] = ks[:, 0].to(dt)
         v_flat[at] = vs[:, 0].to(dt)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import geometry, ops, reference
-from .cache import MAX_NEW, NSACache, PagedBatch, PagedNSACache
+from .cache import MAX_NEW, NSACache, PagedBatch, PagedNSACache, kept
 from .config import NSAConfig
 from .rope import apply_rope, apply_rope_table, rope_cos_sin, rope_table
 
@@ -73,11 +72,11 @@ class NSAAttention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, bias=c.bias)
 
     # ------------------------------------------------------------------ projections
-    def _project(self, x: torch.Tensor, pos: torch.Tensor, table_len: int | None = None):
-        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates. ``table_len``
-        (a decode step: the cache's capacity): cos/sin are gathered from a table of that many
-        positions instead of computed, and q and every branch's keys rotate in one pass; the
-        same values, a few kernels instead of ~40 a layer (a step replayed as a graph is
+    def _project(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor | None = None):
+        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates. ``rope`` (a decode
+        step: :func:`nsa.rope.rope_table` of the cache's positions): the rotation's rows are
+        gathered from it instead of computed, and q and every branch's keys rotate in one pass;
+        the same values, a few kernels instead of ~40 a layer (a step replayed as a graph is
         launch-bound)."""
         c = self.config
         B, T, _ = x.shape
@@ -86,15 +85,11 @@ class NSAAttention(nn.Module):
         q = self.q_proj(x).view(B, T, c.n_heads, Dk)
         kv = self.kv_proj(x).split([H * Dk, H * Dv] * self.n_branches, dim=-1)
         keys = [kv[2 * i].view(B, T, H, Dk) for i in range(self.n_branches)]
-        if table_len is None:
+        if rope is None:
             cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
             q, keys = apply_rope(q, cos, sin), [apply_rope(k, cos, sin) for k in keys]
         else:
-            qk = torch.cat([q, *keys], 2)
-            if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
-                rotated = apply_rope(qk, *rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc))
-            else:
-                rotated = apply_rope_table(qk, rope_table(table_len, Dk, c.rope_theta, x.device, acc)[pos])
+            rotated = apply_rope_table(torch.cat([q, *keys], 2), rope[pos])
             q, *keys = rotated.split([c.n_heads] + [H] * self.n_branches, dim=2)
         pairs = [(keys[i], kv[2 * i + 1].view(B, T, H, Dv)) for i in range(self.n_branches)]
         if self.n_branches == 1:
@@ -271,21 +266,24 @@ class NSAAttention(nn.Module):
         check_decode_step(x, c.d_model, cache.batch_size, seqlens)
         s = seqlens.long()  # [B] this token's position
         paged = isinstance(cache, PagedBatch)
-        capacity = (cache.cache if paged else cache).max_seq_len
-        if (not paged and x.dtype != torch.float64 and not torch.compiler.is_compiling()
+        owner = cache.cache if paged else cache
+        rope = None  # traced (torch.compile): the rotation computed in the graph (fused), no table
+        if not torch.compiler.is_compiling():
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            rope = kept(owner, ("rope", c.head_dim, c.rope_theta, acc),
+                        lambda: rope_table(owner.max_seq_len, c.head_dim, c.rope_theta, x.device, acc))
+        if (rope is not None and not paged and x.dtype != torch.float64
                 and ops.resolve_backend(c.backend, x.device) == "triton"):
             # the rotation and the cache's writes in one launch (nsa.triton.append)
-            B = x.shape[0]
-            rope = rope_table(capacity, c.head_dim, c.rope_theta, x.device, torch.float32)
             q, kv = cache.append_step_projected(s, self.q_proj(x), self.kv_proj(x), rope, n_heads=c.n_heads,
                                                 phi_k=self.phi_k, phi_v=self.phi_v, backend="triton")
-            gates = torch.sigmoid(self.gate(x)).view(B, 1, c.n_heads, 3)
+            gates = torch.sigmoid(self.gate(x)).view(x.shape[0], 1, c.n_heads, 3)
         else:
-            q, branches, gates = self._project(x, s[:, None], table_len=capacity)
+            q, branches, gates = self._project(x, s[:, None], rope=rope)
             kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
         dt = kv.k_slc.dtype
         o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
-                           cache_seqlens=s + 1, max_seqlen=capacity,
+                           cache_seqlens=s + 1, max_seqlen=owner.max_seq_len,
                            block_table=kv.block_table if paged else None, backend=c.backend, **self._geometry())
         return self._out(o.to(x.dtype))
 

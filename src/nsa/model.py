@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NSAConfig, check_positive_int
+from .cache import kept
 from .layer import NSAAttention, check_decode_step
 from .rope import apply_rope, apply_rope_table, rope_cos_sin, rope_table
 
@@ -200,6 +201,7 @@ class KVCache:
     k: torch.Tensor  # [B, max_seq_len, H, D], RoPE applied
     v: torch.Tensor
     length: int = 0
+    kept: dict = field(default_factory=dict, repr=False, compare=False)  # as NSACache's
 
     @property
     def max_seq_len(self) -> int:
@@ -265,7 +267,9 @@ class DenseAttention(nn.Module):
         if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
             qk = apply_rope(qk, *rope_cos_sin(s[:, None], D, self.theta, dtype=acc))
         else:
-            qk = apply_rope_table(qk, rope_table(cache.max_seq_len, D, self.theta, x.device, acc)[s[:, None]])
+            rope = kept(cache, ("rope", D, self.theta, acc),
+                        lambda: rope_table(cache.max_seq_len, D, self.theta, x.device, acc))
+            qk = apply_rope_table(qk, rope[s[:, None]])
         q, k = qk.split([HQ, H], 2)
         rows = torch.arange(B, device=x.device)
         cache.k[rows, s] = k[:, 0].to(cache.k.dtype)
