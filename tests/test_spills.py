@@ -135,16 +135,20 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
-    # the cache append of a layer's step (nsa.triton.append), separate and shared k/v, bf16
+    # the cache append of a layer's step (nsa.triton.append), separate and shared k/v, contiguous
+    # and paged (pages of 64), bf16
+    paging = dict(POS="*i64", BT="*i32", SLOT="*i64", MAXP="i32", NPAGES="i32")
     for nbr in (3, 1):
-        specs[f"append-branches{nbr}"] = dict(
-            module="nsa.triton.append", kernel="_decode_append", types=dict(POS="*i64", ROPE="*fp32", CAP="i32",
-                                                                              RING="i32"),
-            constexprs=dict(HQ=64, H=4, DK=192, DV=128, NBR=nbr, L=32, HP=16, BL=32, BDK=256, BDV=128,
-                            EMU_K=False, EMU_C=False), num_warps=4, num_stages=1)
-    specs["write-cmp"] = dict(module="nsa.triton.append", kernel="_decode_write_cmp",
-                              types=dict(POS="*i64", TC="i32"), num_warps=1, num_stages=1,
-                              constexprs=dict(H=4, DK=192, DV=128, L=32, D=16, BDK=256, BDV=128))
+        for ps in (0, 64):
+            specs[f"append-branches{nbr}-pages{ps}"] = dict(
+                module="nsa.triton.append", kernel="_decode_append",
+                types=dict(paging, ROPE="*fp32", CAP="i32", RING="i32"), num_warps=4, num_stages=1,
+                constexprs=dict(HQ=64, H=4, DK=192, DV=128, NBR=nbr, L=32, HP=16, BL=32, BDK=256, BDV=128, PS=ps,
+                                EMU_K=False, EMU_C=False))
+    for ps in (0, 64):
+        specs[f"write-cmp-pages{ps}"] = dict(module="nsa.triton.append", kernel="_decode_write_cmp",
+                                            types=dict(paging, TC="i32"), num_warps=1, num_stages=1,
+                                            constexprs=dict(H=4, DK=192, DV=128, L=32, D=16, BDK=256, BDV=128, PS=ps))
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

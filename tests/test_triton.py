@@ -521,6 +521,41 @@ def test_decode_append_equals_reference(HQ, H, Dk, Dv, l, w, dtype, cache_dtype,
     assert n_due  # position l - 1 completes block 0
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared"])
+def test_decode_append_paged_equals_reference(shared):
+    """The append and the compressed token's write through a block table (page pools in a random
+    order, the rings and tails of slots in another order than the batch's) equal their
+    references, over positions on several pages, at a page's start and end."""
+    from nsa.cache import decode_append_ref, write_cmp_step_ref
+    from nsa.rope import rope_table
+    from nsa.triton.append import decode_append_triton, write_cmp_step_triton
+
+    HQ, H, Dk, Dv, l, d, w, ps, cap = 6, 2, 40, 24, 8, 4, 12, 16, 64
+    B, n = 3, 1 if shared else 3
+    g = torch.Generator().manual_seed(11)
+    mk = lambda *sh: torch.randn(*sh, generator=g).to(DEV)  # noqa: E731
+    P = cap // ps
+    table = torch.randperm(B * P + 2, generator=g)[:B * P].view(B, P).to(torch.int32).to(DEV)
+    slots = torch.tensor([2, 0, 1], device=DEV)
+    pools = [mk(B * P + 2, ps, H, Dk), mk(B * P + 2, ps, H, Dv)]
+    pools += [None] * 4 if shared else [mk(B, w + 7, H, Dk), mk(B, w + 7, H, Dv), mk(B, l - 1, H, Dk), mk(B, l - 1, H, Dv)]
+    cmp = [mk(B * P + 2, ps // d, H, Dk), mk(B * P + 2, ps // d, H, Dv)]
+    ref = [None if t is None else t.clone() for t in pools + cmp]
+    rope = rope_table(cap, Dk, 1e4, torch.device(DEV), torch.float32)
+    paging = dict(block_table=table, slots=slots)
+    for pos in ([0, 15, 16], [7, 31, 47], [11, 62, 63]):
+        qp, kvp = mk(B, 1, HQ * Dk), mk(B, 1, n * H * (Dk + Dv))
+        s = torch.tensor(pos, device=DEV)
+        got = decode_append_triton(qp, kvp, s, rope, *pools, n_heads=HQ, cmp_block=l, **paging)
+        want = decode_append_ref(qp, kvp, s, rope, *ref[:6], n_heads=HQ, cmp_block=l, **paging)
+        tok = [mk(B, H, D) for D in (Dk, Dv)]
+        write_cmp_step_triton(s, *tok, *cmp, cmp_block=l, cmp_stride=d, **paging)
+        write_cmp_step_ref(s, *tok, *ref[6:], cmp_block=l, cmp_stride=d, **paging)
+        for a, b in zip([*got, *pools, *cmp], [*want, *ref]):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
 def test_layer_decode_step_triton_equals_torch(shared_kv):
     """The layer's decode_step on the Triton backend (the rotation and the cache's writes in one
@@ -546,6 +581,44 @@ def test_layer_decode_step_triton_equals_torch(shared_kv):
             _close(y[:, 0], full[:, t], 1e-5)
             for n in seqlens:
                 n += 1
+
+
+@pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
+def test_layer_paged_decode_step_triton_equals_torch(shared_kv):
+    """decode_step on a paged batch (two slots of three, in another order), Triton against PyTorch
+    backend, and both against the full layer on each sequence, over steps that complete
+    compression blocks and cross pages."""
+    torch.manual_seed(9)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=8, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    torch.nn.init.normal_(layer.phi_k.fc2.weight, std=0.1)  # the MLP's last layer starts at zero
+    ref = nsa.NSAAttention(dataclasses.replace(cfg, backend="torch")).to(DEV)
+    ref.load_state_dict(layer.state_dict())
+    lens, T, n = [13, 6], 32, 10
+    x = torch.randn(2, T, 32, device=DEV)
+    with torch.no_grad():
+        full = ref(x)
+        views = []
+        for m in (layer, ref):
+            cache = m.new_cache(3, T, page_size=8)
+            cache.add_sequence()  # slot 0 stays out of the batch
+            slots = [cache.add_sequence() for _ in lens][::-1]
+            for slot, b in zip(slots, (1, 0)):
+                m(x[b:b + 1, :lens[b]], cache=cache.batch([slot]))
+            view = cache.batch(slots)
+            view.reserve(n)
+            views.append(view)
+        seqlens = [torch.tensor(lens[::-1], device=DEV) for _ in views]
+        rows = torch.tensor([1, 0], device=DEV)
+        for _ in range(n):
+            t = seqlens[0]
+            x_new = x[rows, t][:, None]
+            y, y_ref = (m.decode_step(x_new, v, sl) for m, v, sl in zip((layer, ref), views, seqlens))
+            _close(y, y_ref, 1e-5)
+            _close(y[:, 0], full[rows, t], 1e-5)
+            for sl in seqlens:
+                sl += 1
 
 
 # shared k/v (the window read from the pages) runs under the interpreter at the op level

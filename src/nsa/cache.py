@@ -345,8 +345,31 @@ def _append_rows(s, rows, ring, branches: Branches, k_slc, v_slc, k_win, v_win, 
     return raw_k, raw_v
 
 
+def _append_rows_paged(s, table, slots, ring, branches: Branches, k_slc, v_slc, k_win, v_win, k_tail, v_tail,
+                       l: int):
+    """:func:`_append_rows` for page pools ``k_slc``/``v_slc`` ``[num_pages, page_size, H, D]``
+    through ``table`` (int64, the batch's rows of the block table), the rings and tails of the
+    cache's ``slots``."""
+    (kc, vc), (ks, vs), (kw, vw) = branches
+    dt, ps, H = k_slc.dtype, k_slc.shape[1], k_slc.shape[2]
+    k_flat, v_flat = k_slc.view(-1, H, k_slc.shape[3]), v_slc.view(-1, H, v_slc.shape[3])
+    at = _pool_rows(table, s, ps, ps)
+    k_flat[at] = ks[:, 0].to(dt)
+    v_flat[at] = vs[:, 0].to(dt)
+    if k_win is None:  # shared k/v: the raw block ending at s, read back from the pages
+        src = _pool_rows(table, (s[:, None] - (l - 1) + _arange(l, s.device)).clamp_min(0), ps, ps)  # [B, l]
+        return k_flat[src], v_flat[src]
+    raw_k = torch.cat([k_tail[slots], kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
+    raw_v = torch.cat([v_tail[slots], vc.to(dt)], 1)
+    k_tail[slots] = raw_k[:, 1:]
+    v_tail[slots] = raw_v[:, 1:]
+    k_win[slots, ring] = kw[:, 0].to(dt)
+    v_win[slots, ring] = vw[:, 0].to(dt)
+    return raw_k, raw_v
+
+
 def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win, k_tail, v_tail, *,
-                      n_heads: int, cmp_block: int):
+                      n_heads: int, cmp_block: int, block_table=None, slots=None):
     """Reference of :func:`nsa.triton.append.decode_append_triton`: one token per sequence at
     positions ``seqlens`` [B] (device), from the layer's projections before the rotation.
 
@@ -357,6 +380,11 @@ def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win
     compression's into the raw tails ``k_tail``/``v_tail`` ``[B, l - 1, H, D]`` (moved up by one).
     ``q_proj`` ``[B, 1, n_heads * Dk]``; ``kv_proj`` ``[B, 1, n * H * (Dk + Dv)]``, branches cmp,
     slc, win (n = 3) or one shared (n = 1), each its keys then its values.
+
+    Paged (``block_table`` int32 ``[max_batch, max_pages]`` and the sequences' ``slots`` [B]):
+    ``k_slc``/``v_slc`` are pools ``[num_pages, page_size, H, D]`` (position p of slot b at row
+    p % page_size of page ``block_table[b, p // page_size]``) and the rings and tails the cache's
+    ``[max_batch, ...]``, rows ``slots``.
 
     Returns (q ``[B, 1, n_heads, Dk]`` rotated, in q_proj's dtype; the raw blocks ending at the
     new positions, ``[B, l, H, Dk]`` and ``[B, l, H, Dv]`` in the cache's dtype).
@@ -370,23 +398,34 @@ def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win
     q, *keys = apply_rope_table(qk, rope[s[:, None]]).split([n_heads] + [H] * n, dim=2)
     pairs = [(keys[i], kv[2 * i + 1].view(B, 1, H, Dv)) for i in range(n)] * (3 // n)
     ring = None if k_win is None else s % k_win.shape[1]
-    raw_k, raw_v = _append_rows(s, _arange(B, s.device), ring, pairs, k_slc, v_slc, k_win, v_win, k_tail, v_tail,
-                                cmp_block)
+    if block_table is None:
+        raw_k, raw_v = _append_rows(s, _arange(B, s.device), ring, pairs, k_slc, v_slc, k_win, v_win, k_tail,
+                                    v_tail, cmp_block)
+    else:
+        raw_k, raw_v = _append_rows_paged(s, block_table[slots].long(), slots, ring, pairs, k_slc, v_slc, k_win,
+                                          v_win, k_tail, v_tail, cmp_block)
     return q, raw_k, raw_v
 
 
-def write_cmp_step_ref(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int) -> None:
+def write_cmp_step_ref(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int,
+                       block_table=None, slots=None) -> None:
     """Reference of :func:`nsa.triton.append.write_cmp_step_triton`: a one-token step's compressed
     tokens ``tok_k`` ``[B, H, Dk]`` / ``tok_v`` ``[B, H, Dv]`` (phi of the raw blocks ending at
-    positions ``seqlens`` [B]) written to row (s + 1 - l) / d of ``k_cmp`` / ``v_cmp``
-    ``[B, Tc, H, D]`` where position s completes that block (s + 1 >= l, (s + 1 - l) % d == 0);
-    nothing elsewhere."""
+    positions ``seqlens`` [B]) written to token i = (s + 1 - l) / d of ``k_cmp`` / ``v_cmp`` where
+    position s completes that block (s + 1 >= l, (s + 1 - l) % d == 0); nothing elsewhere.
+    Contiguous: ``[B, Tc, H, D]``, row i. Paged (``block_table``, ``slots`` as
+    :func:`decode_append_ref`): pools ``[num_pages, page_size // d, H, D]``, row i % (page_size //
+    d) of page ``block_table[slot, i * d // page_size]``."""
     s, l, d = seqlens.long(), cmp_block, cmp_stride
-    rows = torch.arange(s.shape[0], device=s.device)
     due = ((s + 1 >= l) & ((s + 1 - l) % d == 0))[:, None, None]
-    slot = torch.div(s + 1 - l, d, rounding_mode="floor").clamp(0, k_cmp.shape[1] - 1)
+    i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
     for buf, tok in ((k_cmp, tok_k), (v_cmp, tok_v)):
-        buf[rows, slot] = torch.where(due, tok.to(buf.dtype), buf[rows, slot])
+        if block_table is None:
+            flat, at = buf.view(-1, *buf.shape[2:]), torch.arange(s.shape[0], device=s.device) * buf.shape[1] + i
+        else:
+            flat = buf.view(-1, *buf.shape[2:])
+            at = _pool_rows(block_table[slots].long(), i, buf.shape[1] * d, buf.shape[1], d)
+        flat[at] = torch.where(due, tok.to(buf.dtype), flat[at])
 
 
 # ---------------------------------------------------------------------------------- paged
@@ -659,42 +698,47 @@ class PagedBatch:
         Returns the :class:`PagedRead` after the token (``seqlens`` + 1 as its lengths).
         """
         c = self.cache
-        (kc, vc), (ks, vs), (kw, vw) = branches
-        l, d, ps = c.cmp_block, c.cmp_stride, c.page_size
-        dev, dt = ks.device, c.k_slc.dtype
         s = seqlens.long()  # [B] the token's position
         idx = self.index
         table = c.block_table[idx].long()  # [B, max_pages]
-        H, Dk, Dv = c.k_slc.shape[2], c.k_slc.shape[3], c.v_slc.shape[3]
-        k_flat, v_flat = c.k_slc.view(-1, H, Dk), c.v_slc.view(-1, H, Dv)
-
-        def rows(pos, per_page, stride=1):  # pool rows of items pos [B, ...] of each sequence
-            return _pool_rows(table, pos, ps, per_page, stride)
-
-        due, i, ring = _step_rows(c, s, l, d, 1 if c.shared_kv else c.k_win.shape[1])
-        at = rows(s, ps)
-        k_flat[at] = ks[:, 0].to(dt)
-        v_flat[at] = vs[:, 0].to(dt)
-        if c.shared_kv:  # the raw block ending at s, read back from the pages
-            src = rows((s[:, None] - (l - 1) + _arange(l, dev)).clamp_min(0), ps)  # [B, l]
-            raw_k, raw_v = k_flat[src], v_flat[src]
-            win = (None, None)
-        else:
-            raw_k = torch.cat([c.k_tail[idx], kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
-            raw_v = torch.cat([c.v_tail[idx], vc.to(dt)], 1)
-            c.k_tail[idx] = raw_k[:, 1:]
-            c.v_tail[idx] = raw_v[:, 1:]
-            c.k_win[idx, ring] = kw[:, 0].to(dt)
-            c.v_win[idx, ring] = vw[:, 0].to(dt)
-            win = (c.k_win[idx], c.v_win[idx])
+        due, i, ring = _step_rows(c, s, c.cmp_block, c.cmp_stride, 1 if c.shared_kv else c.k_win.shape[1])
+        raw_k, raw_v = _append_rows_paged(s, table, idx, ring, branches, c.k_slc, c.v_slc, c.k_win, c.v_win,
+                                          c.k_tail, c.v_tail, c.cmp_block)
         # compression, computed every step and written only when due (:func:`_step_table`); when
         # not due the row is the sequence's latest compressed token (or its first, on its own
         # first page), rewritten with itself: no other sequence's row is touched
-        at_c = rows(i, c.k_cmp.shape[1], stride=d)
-        new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], kc.dtype, dt)
+        H = c.k_slc.shape[2]
+        at_c = _pool_rows(table, i, c.page_size, c.k_cmp.shape[1], c.cmp_stride)
+        new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], branches[0][0].dtype, c.k_slc.dtype)
         for buf, tok in zip((c.k_cmp, c.v_cmp), new):
             flat = buf.view(-1, H, buf.shape[3])
             flat[at_c] = torch.where(due, tok[:, 0], flat[at_c])
+        return self._step_read(table, s)
+
+    def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
+                              rope: torch.Tensor, *, n_heads: int, phi_k: Phi, phi_v: Phi,
+                              backend: str = "torch") -> tuple[torch.Tensor, PagedRead]:
+        """:meth:`append_step` from the projections before the rotation, as
+        :meth:`NSACache.append_step_projected`: ``(q rotated, the PagedRead)``; "triton" runs the
+        two kernels of :mod:`nsa.triton.append` through the block table."""
+        c = self.cache
+        append, write = decode_append_ref, write_cmp_step_ref
+        if backend == "triton":
+            from .triton.append import decode_append_triton as append
+            from .triton.append import write_cmp_step_triton as write
+        s, idx = seqlens.long(), self.index
+        paging = dict(block_table=c.block_table, slots=idx)
+        q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, c.k_slc, c.v_slc, c.k_win, c.v_win, c.k_tail, c.v_tail,
+                                 n_heads=n_heads, cmp_block=c.cmp_block, **paging)
+        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], q_proj.dtype, c.k_slc.dtype)
+        write(s, tok_k[:, 0], tok_v[:, 0], c.k_cmp, c.v_cmp, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
+              **paging)
+        return q, self._step_read(c.block_table[idx], s)
+
+    def _step_read(self, table: torch.Tensor, s: torch.Tensor) -> PagedRead:
+        """The PagedRead after a step at positions s of the batch's sequences (their table rows)."""
+        c = self.cache
+        win = (None, None) if c.shared_kv else (c.k_win[self.index], c.v_win[self.index])
         return PagedRead(c.k_cmp, c.v_cmp, c.k_slc, c.v_slc, *win, table.to(torch.int32), (s + 1).to(torch.int32))
 
     def _take_pages(self, n: int, what: str) -> None:

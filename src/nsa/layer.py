@@ -272,8 +272,7 @@ class NSAAttention(nn.Module):
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             rope = kept(owner, ("rope", c.head_dim, c.rope_theta, acc),
                         lambda: rope_table(owner.max_seq_len, c.head_dim, c.rope_theta, x.device, acc))
-        if (rope is not None and not paged and x.dtype != torch.float64
-                and ops.resolve_backend(c.backend, x.device) == "triton"):
+        if rope is not None and x.dtype != torch.float64 and ops.resolve_backend(c.backend, x.device) == "triton":
             # the rotation and the cache's writes in one launch (nsa.triton.append)
             q, kv = cache.append_step_projected(s, self.q_proj(x), self.kv_proj(x), rope, n_heads=c.n_heads,
                                                 phi_k=self.phi_k, phi_v=self.phi_v, backend="triton")

@@ -41,15 +41,34 @@ def _to_cache(x, KDT: tl.constexpr, CDT: tl.constexpr, EMU_K: tl.constexpr, EMU_
 
 
 @triton.jit
-def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV, CAP, RING,
-                   HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+def _rows(BT, sl, p, base, MAXP, NPAGES, PS: tl.constexpr, PER: tl.constexpr, STRIDE: tl.constexpr):
+    """Rows (int64) of items p of a sequence: contiguous (PS = 0) base + p; paged, row p % PER of
+    page ``BT[sl, p * STRIDE // PS]`` (a pool of PER rows a page), the page clamped into the pool
+    so that a bad table never writes outside it."""
+    if PS > 0:
+        pg = tl.load(BT + sl * MAXP + (p * STRIDE) // PS)
+        pg = tl.minimum(tl.maximum(pg, 0), NPAGES - 1).to(tl.int64)
+        return pg * PER + p % PER
+    else:
+        return base + p
+
+
+@triton.jit
+def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV, BT, SLOT, CAP, RING, MAXP,
+                   NPAGES, HQ: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    NBR: tl.constexpr, L: tl.constexpr, HP: tl.constexpr, BL: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr, EMU_K: tl.constexpr, EMU_C: tl.constexpr):
+                   BDK: tl.constexpr, BDV: tl.constexpr, PS: tl.constexpr, EMU_K: tl.constexpr,
+                   EMU_C: tl.constexpr):
+    """Program (b, h). Contiguous caches (PS = 0): k_slc/v_slc [B, CAP, H, D], rings [B, RING,
+    H, D], tails [B, L - 1, H, D]. Paged (PS = page size): k_slc/v_slc pools [num_pages, PS, H,
+    D] through the block table BT [max_batch, MAXP], rings and tails of the cache's slots
+    SLOT[b]."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     G: tl.constexpr = HQ // H
     W: tl.constexpr = H * (DK + DV)  # one branch's k and v in a row of the kv projection
     s = tl.load(POS + b).to(tl.int64)
+    sl = tl.load(SLOT + b).to(tl.int64) if PS > 0 else b.to(tl.int64)  # the slot of the ring and tail
     rope = ROPE + s * (2 * DK)
     ck = tl.arange(0, BDK)[None, :]
     cv = tl.arange(0, BDV)[None, :]
@@ -65,7 +84,7 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
     SLC: tl.constexpr = 0 if NBR == 1 else 1  # the branches' order: cmp, slc, win
     kd = KS.dtype.element_ty
     pd = KVP.dtype.element_ty
-    at_s = ((b * CAP + s) * H + h)
+    at_s = _rows(BT, sl, s, b * CAP, MAXP, NPAGES, PS, PS, 1) * H + h
     k_s = _to_cache(_rotate(kv + SLC * W + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
     v_s = C.round_out(tl.load(kv + SLC * W + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
     tl.store(KS + at_s * DK + ck, k_s, mask=k_ok)
@@ -76,14 +95,14 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
     if NBR == 1:  # shared k/v: the block from the selection's keys (clamped at position 0)
         p = tl.maximum(s - (L - 1) + r, 0)
         old = (r < L) & (p != s)  # the new position comes from registers, not memory
-        at_p = ((b * CAP + p) * H + h).to(tl.int64)
+        at_p = _rows(BT, sl, p, b * CAP, MAXP, NPAGES, PS, PS, 1) * H + h
         rk = tl.load(KS + at_p * DK + ck, mask=old & k_ok, other=0.0)
         rv = tl.load(VS + at_p * DV + cv, mask=old & v_ok, other=0.0)
         rk = tl.where(old, rk, k_s)
         rv = tl.where(old, rv, v_s)
     else:
         # window: the ring's row s % RING
-        at_w = ((b * RING + s % RING) * H + h)
+        at_w = ((sl * RING + s % RING) * H + h)
         k_w = _to_cache(_rotate(kv + 2 * W + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
         v_w = C.round_out(tl.load(kv + 2 * W + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
         tl.store(KW + at_w * DK + ck, k_w, mask=k_ok)
@@ -92,7 +111,7 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
         k_c = _to_cache(_rotate(kv + h * DK, rope, ck, k_ok, DK), pd, kd, EMU_K, EMU_C)
         v_c = C.round_out(tl.load(kv + H * DK + h * DV + cv, mask=v_ok).to(tl.float32), kd, EMU_C)
         tail = r < L - 1
-        at_t = ((b * (L - 1) + r) * H + h).to(tl.int64)
+        at_t = ((sl * (L - 1) + r) * H + h).to(tl.int64)
         rk = tl.load(KT + at_t * DK + ck, mask=tail & k_ok, other=0.0)
         rv = tl.load(VT + at_t * DV + cv, mask=tail & v_ok, other=0.0)
         rk = tl.where(tail, rk, k_c)
@@ -100,7 +119,7 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
         # the tail moves up by one: row r takes block row r + 1 (every load above is done first)
         tl.debug_barrier()
         up = (r >= 1) & (r < L)
-        at_u = ((b * (L - 1) + r - 1) * H + h).to(tl.int64)
+        at_u = ((sl * (L - 1) + r - 1) * H + h).to(tl.int64)
         tl.store(KT + at_u * DK + ck, rk, mask=up & k_ok)
         tl.store(VT + at_u * DV + cv, rv, mask=up & v_ok)
     tl.store(RAWK + raw_k_at * DK + ck, rk, mask=(r < L) & k_ok)
@@ -108,10 +127,13 @@ def _decode_append(QP, KVP, POS, ROPE, QOUT, KS, VS, KW, VW, KT, VT, RAWK, RAWV,
 
 
 @triton.jit
-def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, TC, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      L: tl.constexpr, D: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, BT, SLOT, TC, MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr,
+                      DV: tl.constexpr, L: tl.constexpr, D: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                      PS: tl.constexpr):
     """Program (b, h): the step's compressed token of sequence b, head h, written to row
-    (s + 1 - L) / D of k_cmp / v_cmp where the new position s completes that block."""
+    i = (s + 1 - L) / D of k_cmp / v_cmp where the new position s completes that block
+    (contiguous [B, TC, H, D]; paged, pools of PS / D rows a page, row i % (PS / D) of page
+    ``BT[SLOT[b], i * D // PS]``)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.load(POS + b).to(tl.int64)
@@ -119,7 +141,8 @@ def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, TC, H: tl.constexpr, DK: tl.const
     slot = tl.where(due, (s + 1 - L) // D, 0)
     ck = tl.arange(0, BDK)
     cv = tl.arange(0, BDV)
-    at = (b * TC + slot) * H + h
+    sl = tl.load(SLOT + b).to(tl.int64) if PS > 0 else b.to(tl.int64)
+    at = _rows(BT, sl, slot, b * TC, MAXP, NPAGES, PS, PS // D if PS > 0 else 1, D) * H + h
     src = b * H + h
     mk = tl.where(due, ck < DK, False)  # (not `ck < DK & due`: the interpreter rejects that mask)
     mv = tl.where(due, cv < DV, False)
@@ -127,8 +150,15 @@ def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, TC, H: tl.constexpr, DK: tl.const
     tl.store(VC + at * DV + cv, tl.load(TOKV + src * DV + cv, mask=mv), mask=mv)
 
 
+def _paging(block_table, slots, seqlens, pool) -> tuple:
+    """(BT, SLOT, MAXP, NPAGES, PS) of a launch: the table and the slots, or stand-ins."""
+    if block_table is None:
+        return seqlens, seqlens, 1, 1, 0
+    return block_table, slots, block_table.shape[1], pool.shape[0], pool.shape[1]
+
+
 def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win, k_tail, v_tail, *,
-                         n_heads: int, cmp_block: int):
+                         n_heads: int, cmp_block: int, block_table=None, slots=None):
     """Same contract as :func:`nsa.cache.decode_append_ref`."""
     B = q_proj.shape[0]
     H, Dk, Dv = k_slc.shape[2], k_slc.shape[3], v_slc.shape[3]
@@ -140,22 +170,26 @@ def decode_append_triton(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_
     emu = C.interpreting()  # its fp32 -> bf16 cast truncates: round to nearest even as GPUs do
     kw, vw, kt, vt = (k_slc, v_slc, k_slc, v_slc) if shared else (k_win, v_win, k_tail, v_tail)
     q_proj, kv_proj = q_proj.contiguous(), kv_proj.contiguous()
-    args = (q_proj, kv_proj, seqlens, rope, q, k_slc, v_slc, kw, vw, kt, vt, raw_k, raw_v, k_slc.shape[1],
-            1 if shared else k_win.shape[1])
+    bt, sl, maxp, npages, ps = _paging(block_table, slots, seqlens, k_slc)
+    args = (q_proj, kv_proj, seqlens, rope, q, k_slc, v_slc, kw, vw, kt, vt, raw_k, raw_v, bt, sl, k_slc.shape[1],
+            1 if shared else k_win.shape[1], maxp, npages)
     const = dict(HQ=n_heads, H=H, DK=Dk, DV=Dv, NBR=nbr, L=cmp_block, HP=C.next_pow2(n_heads // H),
-                 BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
+                 BL=C.next_pow2(cmp_block), BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv), PS=ps,
                  EMU_K=emu and q_proj.dtype == torch.bfloat16, EMU_C=emu and k_slc.dtype == torch.bfloat16,
                  num_warps=4)
     _launch(_decode_append, (B, H), args, const)
     return q, raw_k, raw_v
 
 
-def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int) -> None:
+def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int,
+                          block_table=None, slots=None) -> None:
     """Same contract as :func:`nsa.cache.write_cmp_step_ref`."""
     B, H, Dk = tok_k.shape
     Dv = tok_v.shape[2]
-    args = (seqlens, tok_k.contiguous(), tok_v.contiguous(), k_cmp, v_cmp, k_cmp.shape[1])
-    const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv),
+    bt, sl, maxp, npages, ps = _paging(block_table, slots, seqlens, k_cmp)
+    ps *= cmp_stride  # pools of page_size / d compressed rows
+    args = (seqlens, tok_k.contiguous(), tok_v.contiguous(), k_cmp, v_cmp, bt, sl, k_cmp.shape[1], maxp, npages)
+    const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv), PS=ps,
                  num_warps=1)
     _launch(_decode_write_cmp, (B, H), args, const)
 
