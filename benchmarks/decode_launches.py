@@ -111,6 +111,18 @@ def count(preset: str, attention: str, T: int = 300) -> dict:
             res[f"{what}_launches"] = len(mode.ops) + TRITON["launches"]
             if what == "layer":
                 res["layer_ops"] = mode.ops
+    if attention == "nsa":  # the layer's step on a paged batch (a serving loop's)
+        pc = layer.new_cache(1, T + 8, page_size=64)
+        slot = pc.add_sequence()
+        with torch.no_grad():
+            layer(torch.randn(1, T, cfg.attn.d_model, dtype=torch.bfloat16), cache=pc.batch([slot]))
+            view = pc.batch([slot])
+            view.reserve(2)
+            layer.decode_step(x, view, seqlens)
+            TRITON.clear()
+            with _Ops() as mode:
+                layer.decode_step(x, view, seqlens + 1)
+        res["paged_layer_launches"] = len(mode.ops) + TRITON["launches"]
     return dict(preset=preset, attention=attention, n_layers=cfg.n_layers, **res)
 
 
@@ -120,7 +132,8 @@ def main(out_path: str | None = None) -> int:
     for r in rows:
         print(f"{r['preset']:5s} {r['attention']:6s} layer {r['layer_launches']:3d} "
               f"({r['layer_aten']} aten + {r['layer_triton']} triton), model of {r['n_layers']} layers "
-              f"{r['model_launches']}", flush=True)
+              f"{r['model_launches']}" + (f", paged layer {r['paged_layer_launches']}" if "paged_layer_launches" in r
+                                           else ""), flush=True)
 
     def git(*a):
         try:
