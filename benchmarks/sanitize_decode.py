@@ -54,3 +54,17 @@ for shared in (False, True):
             pos += 1
     torch.cuda.synchronize()
     print("ok layer steps", "shared" if shared else "separate", float(y.float().norm()))
+    # the same on a paged batch: two of three slots, pages of 8 positions, a bad table entry
+    # (clamped into the pool by the kernels) in a page the steps do not reach
+    paged = layer.new_cache(3, 41, page_size=8)
+    slots = [paged.add_sequence() for _ in range(3)][1:][::-1]
+    view = paged.batch(slots)
+    view.reserve(30)  # the second starts at position 5 on the device
+    paged.block_table[slots[0], -1] = 10 ** 6
+    pos = torch.tensor([0, 5], device=dev)
+    with torch.no_grad():
+        for _ in range(24):
+            y = layer.decode_step(torch.randn(2, 1, 96, device=dev, dtype=torch.bfloat16), view, pos)
+            pos += 1
+    torch.cuda.synchronize()
+    print("ok paged layer steps", "shared" if shared else "separate", float(y.float().norm()))
