@@ -57,24 +57,10 @@ def _compress(phi_k: Phi, phi_v: Phi, blocks_k: torch.Tensor, blocks_v: torch.Te
     return phi_k(blocks_k.to(dtype)).to(out_dtype), phi_v(blocks_v.to(dtype)).to(out_dtype)
 
 
-@functools.lru_cache(maxsize=8)
-def _step_table(n: int, l: int, d: int, ring: int, device: torch.device) -> torch.Tensor:
-    """int64 ``[n, 3]``: for a one-token step at position s < n, (due, i, s % ring). Compressed token
-    i = (s + 1 - l) / d is the one the token completes where due (s + 1 >= l, (s + 1 - l) % d == 0);
-    elsewhere i is the latest complete one, or 0. Steps compute the token every time and write it
-    only where due (a data-dependent branch would sync), and gather the row of their positions
-    from this table: one launch instead of a dozen integer ops (a step replayed as a CUDA graph
-    pays per launch). The latest tables are kept (one per cache geometry, shared by the layers)."""
-    s = torch.arange(n, device=device)
-    due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
-    i = torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0)
-    return torch.stack([due.long(), i, s % ring], 1)
-
-
 def kept(cache, key, make) -> torch.Tensor:
     """``cache.kept[key]``, made by ``make()`` the first time: a table that a step reads besides
-    the buffers (rotation rows, step rows; shared between layers through an lru cache), held as
-    long as the cache, so that a CUDA graph of the step never reads one that the lru cache let go."""
+    the buffers (the rotation's rows, shared between layers through an lru cache), held as long
+    as the cache, so that a CUDA graph of the step never reads one that the lru cache let go."""
     t = cache.kept.get(key)
     if t is None:
         t = cache.kept[key] = make()
@@ -92,17 +78,6 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
 @functools.cache  # (a few small sizes: batch sizes and l)
 def _arange_kept(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
-
-
-def _step_rows(cache, s: torch.Tensor, l: int, d: int, ring: int):
-    """Of a one-token step at positions ``s`` [B] (device): (due [B, 1, 1] bool, i [B], ring
-    row [B]) from :func:`_step_table` (``cache.max_seq_len`` positions, kept by the cache)."""
-    if torch.compiler.is_compiling():  # traced: computed in the graph (fused), no table
-        due = (s + 1 >= l) & ((s + 1 - l) % d == 0)
-        return due[:, None, None], torch.div(s + 1 - l, d, rounding_mode="floor").clamp_min(0), s % ring
-    key = ("steps", l, d, ring, s.device)
-    row = kept(cache, key, lambda: _step_table(cache.max_seq_len, l, d, ring, s.device))[s]  # [B, 3]
-    return row[:, 0, None, None].bool(), row[:, 1], row[:, 2]
 
 
 def _pool_rows(table: torch.Tensor, pos: torch.Tensor, page_size: int, per_page: int,
@@ -148,7 +123,7 @@ class NSACache:
     k_tail: torch.Tensor | None = None
     v_tail: torch.Tensor | None = None
     length: int = 0  # positions held; the next chunk starts at this position
-    # tables a step reads besides the buffers (:func:`kept`)
+    # what a step reads besides the buffers (:func:`kept`)
     kept: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -295,16 +270,10 @@ class NSACache:
         "triton" does the rotation and every write but the compressed token's in one launch
         (:func:`nsa.triton.append.decode_append_triton`), "torch" runs its reference
         :func:`decode_append_ref`."""
-        if backend == "triton":
-            from .triton.append import decode_append_triton as append
-        else:
-            append = decode_append_ref
+        append, write = _step_functions(backend)
         s = seqlens.long()
         q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, self.k_slc, self.v_slc, self.k_win, self.v_win,
                                  self.k_tail, self.v_tail, n_heads=n_heads, cmp_block=self.cmp_block)
-        write = write_cmp_step_ref
-        if backend == "triton":
-            from .triton.append import write_cmp_step_triton as write
         self._write_token(s, raw_k, raw_v, phi_k, phi_v, q_proj.dtype, write)
         return q, self._step_read()
 
@@ -322,6 +291,16 @@ class NSACache:
         shared k/v the selection's keys)."""
         ring_k, ring_v = (self.k_slc, self.v_slc) if self.shared_kv else (self.k_win, self.v_win)
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
+
+
+def _step_functions(backend: str):
+    """(append, write) of a projected step: the kernels of :mod:`nsa.triton.append` ("triton") or
+    their references."""
+    if backend == "triton":
+        from .triton.append import decode_append_triton, write_cmp_step_triton
+
+        return decode_append_triton, write_cmp_step_triton
+    return decode_append_ref, write_cmp_step_ref
 
 
 def _append_rows(s, rows, ring, branches: Branches, k_slc, v_slc, k_win, v_win, k_tail, v_tail, l: int):
@@ -698,21 +677,14 @@ class PagedBatch:
         Returns the :class:`PagedRead` after the token (``seqlens`` + 1 as its lengths).
         """
         c = self.cache
-        s = seqlens.long()  # [B] the token's position
-        idx = self.index
+        s, idx = seqlens.long(), self.index  # [B] the tokens' positions, the sequences' slots
         table = c.block_table[idx].long()  # [B, max_pages]
-        due, i, ring = _step_rows(c, s, c.cmp_block, c.cmp_stride, 1 if c.shared_kv else c.k_win.shape[1])
+        ring = None if c.shared_kv else s % c.k_win.shape[1]
         raw_k, raw_v = _append_rows_paged(s, table, idx, ring, branches, c.k_slc, c.v_slc, c.k_win, c.v_win,
                                           c.k_tail, c.v_tail, c.cmp_block)
-        # compression, computed every step and written only when due (:func:`_step_table`); when
-        # not due the row is the sequence's latest compressed token (or its first, on its own
-        # first page), rewritten with itself: no other sequence's row is touched
-        H = c.k_slc.shape[2]
-        at_c = _pool_rows(table, i, c.page_size, c.k_cmp.shape[1], c.cmp_stride)
-        new = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], branches[0][0].dtype, c.k_slc.dtype)
-        for buf, tok in zip((c.k_cmp, c.v_cmp), new):
-            flat = buf.view(-1, H, buf.shape[3])
-            flat[at_c] = torch.where(due, tok[:, 0], flat[at_c])
+        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], branches[0][0].dtype, c.k_slc.dtype)
+        write_cmp_step_ref(s, tok_k[:, 0], tok_v[:, 0], c.k_cmp, c.v_cmp, cmp_block=c.cmp_block,
+                           cmp_stride=c.cmp_stride, block_table=c.block_table, slots=idx)
         return self._step_read(table, s)
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
@@ -722,10 +694,7 @@ class PagedBatch:
         :meth:`NSACache.append_step_projected`: ``(q rotated, the PagedRead)``; "triton" runs the
         two kernels of :mod:`nsa.triton.append` through the block table."""
         c = self.cache
-        append, write = decode_append_ref, write_cmp_step_ref
-        if backend == "triton":
-            from .triton.append import decode_append_triton as append
-            from .triton.append import write_cmp_step_triton as write
+        append, write = _step_functions(backend)
         s, idx = seqlens.long(), self.index
         paging = dict(block_table=c.block_table, slots=idx)
         q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, c.k_slc, c.v_slc, c.k_win, c.v_win, c.k_tail, c.v_tail,
