@@ -38,22 +38,27 @@ for S in (1, 3, 8):
         print("ok S", S, "shared" if win[0] is None else "ring", float(o.float().norm()),
               bool(torch.isfinite(o2).all()), "relaunch equal", bool(torch.equal(o, again)))
 
-# a layer's graph-ready decode steps (the cache append kernel, then nsa_decode) at odd sizes:
+# a layer's graph-ready decode steps (the cache append kernels, then nsa_decode) at odd sizes:
 # positions 0 and 1 (a block before position 0), a ring wrap, sequences at different lengths
 import nsa  # noqa: E402
+
+
+def layer_steps(layer, cache, pos, what):
+    with torch.no_grad():
+        for _ in range(24):
+            x = torch.randn(pos.shape[0], 1, 96, device=dev, dtype=torch.bfloat16)
+            y = layer.decode_step(x, cache, pos)
+            pos += 1
+    torch.cuda.synchronize()
+    print("ok", what, float(y.float().norm()))
+
 
 for shared in (False, True):
     cfg = nsa.NSAConfig(d_model=96, n_heads=6, n_kv_heads=2, head_dim=40, v_head_dim=24, cmp_block=8,
                         cmp_stride=4, sel_block=8, sel_count=3, window=12, shared_kv=shared, backend="triton")
     layer = nsa.NSAAttention(cfg).to(dev, torch.bfloat16)
-    cache = layer.new_cache(3, 41)
-    pos = torch.tensor([0, 1, 17], device=dev)
-    with torch.no_grad():
-        for _ in range(24):
-            y = layer.decode_step(torch.randn(3, 1, 96, device=dev, dtype=torch.bfloat16), cache, pos)
-            pos += 1
-    torch.cuda.synchronize()
-    print("ok layer steps", "shared" if shared else "separate", float(y.float().norm()))
+    kind = "shared" if shared else "separate"
+    layer_steps(layer, layer.new_cache(3, 41), torch.tensor([0, 1, 17], device=dev), f"layer steps {kind}")
     # the same on a paged batch: two of three slots, pages of 8 positions, a bad table entry
     # (clamped into the pool by the kernels) in a page the steps do not reach
     paged = layer.new_cache(3, 41, page_size=8)
@@ -61,10 +66,4 @@ for shared in (False, True):
     view = paged.batch(slots)
     view.reserve(30)  # the second starts at position 5 on the device
     paged.block_table[slots[0], -1] = 10 ** 6
-    pos = torch.tensor([0, 5], device=dev)
-    with torch.no_grad():
-        for _ in range(24):
-            y = layer.decode_step(torch.randn(2, 1, 96, device=dev, dtype=torch.bfloat16), view, pos)
-            pos += 1
-    torch.cuda.synchronize()
-    print("ok paged layer steps", "shared" if shared else "separate", float(y.float().norm()))
+    layer_steps(layer, view, torch.tensor([0, 5], device=dev), f"paged layer steps {kind}")

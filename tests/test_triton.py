@@ -557,18 +557,25 @@ def test_decode_append_paged_equals_reference(shared):
                 torch.testing.assert_close(a, b)
 
 
+def _triton_and_torch_layers(shared_kv: bool, seed: int):
+    """A small layer on the Triton backend and the same weights on the PyTorch one (the
+    compression MLP's last layer, zero at init, made non-zero so that phi is not the mean)."""
+    torch.manual_seed(seed)
+    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=8, cmp_block=8,
+                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
+    layer = nsa.NSAAttention(cfg).to(DEV)
+    torch.nn.init.normal_(layer.phi_k.fc2.weight, std=0.1)
+    ref = nsa.NSAAttention(dataclasses.replace(cfg, backend="torch")).to(DEV)
+    ref.load_state_dict(layer.state_dict())
+    return layer, ref
+
+
 @pytest.mark.parametrize("shared_kv", [False, True], ids=["separate-kv", "shared-kv"])
 def test_layer_decode_step_triton_equals_torch(shared_kv):
     """The layer's decode_step on the Triton backend (the rotation and the cache's writes in one
     launch, then nsa_decode) equals the PyTorch backend's step, and both the full layer, over
     steps that complete compression blocks and wrap the window's ring."""
-    torch.manual_seed(7)
-    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=8, cmp_block=8,
-                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
-    layer = nsa.NSAAttention(cfg).to(DEV)
-    torch.nn.init.normal_(layer.phi_k.fc2.weight, std=0.1)  # the MLP's last layer starts at zero
-    ref = nsa.NSAAttention(dataclasses.replace(cfg, backend="torch")).to(DEV)
-    ref.load_state_dict(layer.state_dict())
+    layer, ref = _triton_and_torch_layers(shared_kv, seed=7)
     x = torch.randn(2, 30, 32, device=DEV)
     with torch.no_grad():
         full = ref(x)
@@ -589,13 +596,7 @@ def test_layer_paged_decode_step_triton_equals_torch(shared_kv):
     """decode_step on a paged batch (two slots of three, in another order), Triton against PyTorch
     backend, and both against the full layer on each sequence, over steps that complete
     compression blocks and cross pages."""
-    torch.manual_seed(9)
-    cfg = nsa.NSAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, v_head_dim=8, cmp_block=8,
-                        cmp_stride=4, sel_block=8, sel_count=3, window=8, shared_kv=shared_kv, backend="triton")
-    layer = nsa.NSAAttention(cfg).to(DEV)
-    torch.nn.init.normal_(layer.phi_k.fc2.weight, std=0.1)  # the MLP's last layer starts at zero
-    ref = nsa.NSAAttention(dataclasses.replace(cfg, backend="torch")).to(DEV)
-    ref.load_state_dict(layer.state_dict())
+    layer, ref = _triton_and_torch_layers(shared_kv, seed=9)
     lens, T, n = [13, 6], 32, 10
     x = torch.randn(2, T, 32, device=DEV)
     with torch.no_grad():
