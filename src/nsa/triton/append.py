@@ -1,16 +1,20 @@
-"""A decode step's cache append in one launch (:meth:`nsa.NSACache.append_step_projected`).
+"""A decode step's cache bookkeeping in two launches (:meth:`nsa.NSACache.append_step_projected`,
+:meth:`nsa.cache.PagedBatch.append_step_projected`).
 
 A step replayed as a CUDA graph at small batch and context pays per launch (a couple of
-microseconds each whatever it does), and the step's bookkeeping was a third of an NSA layer's
+microseconds each whatever it does), and the step's bookkeeping was most of an NSA layer's
 launches: the rotation of q and the keys (cat, gather of the cos/sin rows, roll, products, sum,
 cast), the writes of the selection keys and the window's ring, the shift of the raw compression
-tail. One program per (sequence, KV head) does all of it: it rotates the group's query heads and
-the new keys of every branch by the position's row of the rotation table, writes them where
-the cache keeps them, and returns the raw block ending at the new position (what the compression
-phi pools) with the tail moved up by one. The compression itself (an MLP) and the write of its
-token where due stay with the cache.
+tail, the compressed token's conditional write. :func:`_decode_append`, one program per
+(sequence, KV head), rotates the group's query heads and the new keys of every branch by the
+position's row of the rotation table, writes them where the cache keeps them, and returns the
+raw block ending at the new position (what the compression phi pools) with the tail moved up
+by one; :func:`_decode_write_cmp` writes phi's token where the position completes a block. The
+compression itself (an MLP) runs between them in PyTorch. Contiguous caches and page pools
+through a block table (constexpr ``PS``, the page size) alike.
 
-Reference: :func:`nsa.cache.decode_append_ref` (same signature).
+References: :func:`nsa.cache.decode_append_ref`, :func:`nsa.cache.write_cmp_step_ref` (same
+signatures).
 """
 
 from __future__ import annotations
