@@ -166,8 +166,8 @@ def _store_dq_cols(GQ, OUT, row0, rel, row_ok, col0, x, DK: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale, q_offset,
-              k_offset,
+def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale,
+              q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
@@ -664,8 +664,7 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     delta = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)  # by the dq kernel
     o = o.contiguous()
     lse = lse.contiguous()
-    gated, do_in = _gated_launch(do, gates, gate, d_gates, delta)
-    do = gated["DOB"]  # the branch's do, written by the dq kernel when gated
+    gated = _gated_launch(do, gates, gate, d_gates, delta)
     interp = C.interpreting()
     tma = _tma_rows(HQ // H, q.dtype, q.device, interp) and B * T < 2 ** 31  # descriptor coordinates: int32
     cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, interp, tma)
@@ -675,9 +674,10 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
                  PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
-        q, k, v, do_in, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
-        do, tbl, seq, float(scale), int(q_offset), int(k_offset), GIDX=gated["GIDX"], DQ_MODE=dq_mode, **const,
-        **cfg_q)
+        q, k, v, do, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
+        gated["DOB"], tbl, seq, float(scale), int(q_offset), int(k_offset), GIDX=gated["GIDX"], DQ_MODE=dq_mode,
+        **const, **cfg_q)
+    do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dq_mode == 2:
         dq = dq_out
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
@@ -717,15 +717,15 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     return dq, dk, dv
 
 
-def _gated_launch(do, gates, gate: int, d_gates, stand_in) -> tuple[dict, torch.Tensor]:
-    """The dq kernels' gate arguments (GATES, DG, DOB, GIDX) and the do they read: with gates,
-    the gated output's do, and DOB a new tensor for the branch's do; without, do itself (DOB
-    = do, never written; the stand-in pointers are never read)."""
+def _gated_launch(do, gates, gate: int, d_gates, stand_in) -> dict:
+    """The dq kernels' gate arguments (GATES, DG, DOB, GIDX) for the do they read: with gates
+    (do the gated output's gradient), DOB a new tensor for the branch's do; without, DOB = do,
+    never written (the stand-in pointers are never read)."""
     if gates is None:
-        return dict(GATES=stand_in, DG=stand_in, DOB=do, GIDX=-1), do
+        return dict(GATES=stand_in, DG=stand_in, DOB=do, GIDX=-1)
     if d_gates is None or d_gates.dtype != torch.float32 or d_gates.shape != gates.shape:
         raise ValueError("gates needs d_gates, an fp32 tensor of the gates' shape")
-    return dict(GATES=gates.contiguous(), DG=d_gates, DOB=torch.empty_like(do), GIDX=gate), do
+    return dict(GATES=gates.contiguous(), DG=d_gates, DOB=torch.empty_like(do), GIDX=gate)
 
 
 def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
@@ -820,8 +820,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     o = o.contiguous()
     have_lse = lse is not None
     lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
-    gated, do_in = _gated_launch(do, gates, 1, d_gates, delta)
-    do = gated["DOB"]  # the branch's do, written by the dq kernel when gated
+    gated = _gated_launch(do, gates, 1, d_gates, delta)
     cfg_q, cfg_kv = _slc_configs(HQ // H, Dk, Dv, C.interpreting())
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
@@ -829,9 +828,10 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
                   UPCAST=C.upcast(q.dtype))
     _selected_bwd[(tbl.shape[0], H)](
-        q, k, v, do_in, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], do, block_indices, tbl, seq, lse,
+        q, k, v, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, tbl, seq, lse,
         float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic", HAVE_LSE=have_lse,
         GIDX=gated["GIDX"], **common, **cfg_q)
+    do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)
         chunk = chunk or cfg_kv["chunk"]
