@@ -23,7 +23,6 @@ return a :class:`CacheRead`: what the attention op reads next.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -65,19 +64,6 @@ def kept(cache, key, make) -> torch.Tensor:
     if t is None:
         t = cache.kept[key] = make()
     return t
-
-
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """torch.arange(n), kept per device outside torch.compile (a step's batch rows, made once:
-    one launch fewer); traced, made in the graph."""
-    if torch.compiler.is_compiling():
-        return torch.arange(n, device=device)
-    return _arange_kept(n, device)
-
-
-@functools.cache  # (a few small sizes: batch sizes and l)
-def _arange_kept(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)
 
 
 def _pool_rows(table: torch.Tensor, pos: torch.Tensor, page_size: int, per_page: int,
@@ -254,9 +240,10 @@ class NSACache:
         :func:`nsa.nsa_decode` with ``cache_seqlens = seqlens + 1`` reads what each sequence holds.
         """
         s = seqlens.long()  # [B] the token's position
-        raw_k, raw_v = _append_rows(s, _arange(s.shape[0], s.device), s % self.window, branches, self.k_slc, self.v_slc,
-                                    self.k_win, self.v_win, self.k_tail, self.v_tail, self.cmp_block)
-        self._write_token(s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype, write_cmp_step_ref)
+        raw_k, raw_v = _append_rows(s, torch.arange(s.shape[0], device=s.device), s % self.window, branches,
+                                    self.k_slc, self.v_slc, self.k_win, self.v_win, self.k_tail, self.v_tail,
+                                    self.cmp_block)
+        _write_token(write_cmp_step_ref, self, s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype)
         return self._step_read()
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
@@ -274,23 +261,25 @@ class NSACache:
         s = seqlens.long()
         q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, self.k_slc, self.v_slc, self.k_win, self.v_win,
                                  self.k_tail, self.v_tail, n_heads=n_heads, cmp_block=self.cmp_block)
-        self._write_token(s, raw_k, raw_v, phi_k, phi_v, q_proj.dtype, write)
+        _write_token(write, self, s, raw_k, raw_v, phi_k, phi_v, q_proj.dtype)
         return q, self._step_read()
-
-    def _write_token(self, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, write) -> None:
-        """A step's compressed token: computed every step (phi in ``dtype``) from the raw block
-        ending at the new position, written by ``write`` (:func:`write_cmp_step_ref` or its
-        kernel) only where the position completes a block."""
-        if self.k_cmp.shape[1]:  # (a cache shorter than one block never compresses)
-            tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, self.k_slc.dtype)
-            write(s, tok_k[:, 0], tok_v[:, 0], self.k_cmp, self.v_cmp, cmp_block=self.cmp_block,
-                  cmp_stride=self.cmp_stride)
 
     def _step_read(self) -> CacheRead:
         """What nsa_decode reads after a step: the whole buffers and the window's ring (with
         shared k/v the selection's keys)."""
         ring_k, ring_v = (self.k_slc, self.v_slc) if self.shared_kv else (self.k_win, self.v_win)
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
+
+
+def _write_token(write, cache, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, **paging) -> None:
+    """A step's compressed token: computed every step (phi in ``dtype``) from the raw block ending
+    at the new positions s, written into the cache's k_cmp / v_cmp by ``write``
+    (:func:`write_cmp_step_ref` or its kernel, ``paging`` its block table and slots) only where
+    the position completes a block."""
+    if cache.k_cmp.shape[1]:  # (a contiguous cache shorter than one block never compresses)
+        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, cache.k_cmp.dtype)
+        write(s, tok_k[:, 0], tok_v[:, 0], cache.k_cmp, cache.v_cmp, cmp_block=cache.cmp_block,
+              cmp_stride=cache.cmp_stride, **paging)
 
 
 def _step_functions(backend: str):
@@ -313,7 +302,7 @@ def _append_rows(s, rows, ring, branches: Branches, k_slc, v_slc, k_win, v_win, 
     k_slc[rows, s] = ks[:, 0].to(dt)
     v_slc[rows, s] = vs[:, 0].to(dt)
     if k_win is None:  # shared k/v: the block from the selection's keys
-        at = (s[:, None] - (l - 1) + _arange(l, s.device)).clamp_min(0)  # [B, l]
+        at = (s[:, None] - (l - 1) + torch.arange(l, device=s.device)).clamp_min(0)  # [B, l]
         return k_slc[rows[:, None], at], v_slc[rows[:, None], at]
     raw_k = torch.cat([k_tail, kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
     raw_v = torch.cat([v_tail, vc.to(dt)], 1)
@@ -336,7 +325,8 @@ def _append_rows_paged(s, table, slots, ring, branches: Branches, k_slc, v_slc, 
     k_flat[at] = ks[:, 0].to(dt)
     v_flat[at] = vs[:, 0].to(dt)
     if k_win is None:  # shared k/v: the raw block ending at s, read back from the pages
-        src = _pool_rows(table, (s[:, None] - (l - 1) + _arange(l, s.device)).clamp_min(0), ps, ps)  # [B, l]
+        at = (s[:, None] - (l - 1) + torch.arange(l, device=s.device)).clamp_min(0)  # [B, l]
+        src = _pool_rows(table, at, ps, ps)
         return k_flat[src], v_flat[src]
     raw_k = torch.cat([k_tail[slots], kc.to(dt)], 1)  # [B, l, H, Dk]: positions s-l+1..s
     raw_v = torch.cat([v_tail[slots], vc.to(dt)], 1)
@@ -378,8 +368,8 @@ def decode_append_ref(q_proj, kv_proj, seqlens, rope, k_slc, v_slc, k_win, v_win
     pairs = [(keys[i], kv[2 * i + 1].view(B, 1, H, Dv)) for i in range(n)] * (3 // n)
     ring = None if k_win is None else s % k_win.shape[1]
     if block_table is None:
-        raw_k, raw_v = _append_rows(s, _arange(B, s.device), ring, pairs, k_slc, v_slc, k_win, v_win, k_tail,
-                                    v_tail, cmp_block)
+        raw_k, raw_v = _append_rows(s, torch.arange(B, device=s.device), ring, pairs, k_slc, v_slc, k_win, v_win,
+                                    k_tail, v_tail, cmp_block)
     else:
         raw_k, raw_v = _append_rows_paged(s, block_table[slots].long(), slots, ring, pairs, k_slc, v_slc, k_win,
                                           v_win, k_tail, v_tail, cmp_block)
@@ -682,9 +672,8 @@ class PagedBatch:
         ring = None if c.shared_kv else s % c.k_win.shape[1]
         raw_k, raw_v = _append_rows_paged(s, table, idx, ring, branches, c.k_slc, c.v_slc, c.k_win, c.v_win,
                                           c.k_tail, c.v_tail, c.cmp_block)
-        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], branches[0][0].dtype, c.k_slc.dtype)
-        write_cmp_step_ref(s, tok_k[:, 0], tok_v[:, 0], c.k_cmp, c.v_cmp, cmp_block=c.cmp_block,
-                           cmp_stride=c.cmp_stride, block_table=c.block_table, slots=idx)
+        _write_token(write_cmp_step_ref, c, s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype,
+                     block_table=c.block_table, slots=idx)
         return self._step_read(table, s)
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
@@ -699,9 +688,7 @@ class PagedBatch:
         paging = dict(block_table=c.block_table, slots=idx)
         q, raw_k, raw_v = append(q_proj, kv_proj, s, rope, c.k_slc, c.v_slc, c.k_win, c.v_win, c.k_tail, c.v_tail,
                                  n_heads=n_heads, cmp_block=c.cmp_block, **paging)
-        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], q_proj.dtype, c.k_slc.dtype)
-        write(s, tok_k[:, 0], tok_v[:, 0], c.k_cmp, c.v_cmp, cmp_block=c.cmp_block, cmp_stride=c.cmp_stride,
-              **paging)
+        _write_token(write, c, s, raw_k, raw_v, phi_k, phi_v, q_proj.dtype, **paging)
         return q, self._step_read(c.block_table[idx], s)
 
     def _step_read(self, table: torch.Tensor, s: torch.Tensor) -> PagedRead:
