@@ -130,8 +130,12 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
              spec("_decode_attend", N_SEL=16, NW=8, WINDOW=512, SEL_L=64, BS=64, NP=16, NSELP=64 if sl else 0,
                   PAGED=p, PAGED_WIN=w, PS=64)
              for p, w, sl in [(False, False, True), (True, False, True), (True, True, False)]}
-    specs.update({f"cmp-paged{int(p)}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4)
-                  for p in (False, True)})
+    # one new token, and four sharing the key tiles (64 rows; autotuned over 4 and 8 warps)
+    specs.update({f"cmp-paged{int(p)}-qt{qt}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4,
+                                                    NQ=qt, QT=qt)
+                  for p in (False, True) for qt in (1, 4)})
+    for w in (4, 8):
+        specs[f"cmp-qt4-warps{w}"] = dict(specs["cmp-paged0-qt4"], num_warps=w, num_stages=3)
     specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)

@@ -113,15 +113,31 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr, CPP: tl.constexpr):
-    """TUNE_R, TUNE_T: autotuning keys only (powers of two of the query-row groups and of the
-    visible compressed tokens)."""
+                UPCAST: tl.constexpr, NQ: tl.constexpr, QT: tl.constexpr, PAGED: tl.constexpr,
+                CPP: tl.constexpr):
+    """Program (sp, (b, j, g)): split sp of the compressed tokens for the group's heads of QT
+    consecutive new tokens of sequence b (tokens j * QT .., rows [QT * HP], token-major), so
+    that the tokens of a step share each key tile they load. TUNE_R, TUNE_T: autotuning keys
+    only (powers of two of the programs per split and of the visible compressed tokens)."""
     sp = tl.program_id(0)
     H: tl.constexpr = HQ // G
-    r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
-    b, n = _row_len(LENS, r, NQ)
-    hi = tl.minimum(sp * CH + CH, _visible_cmp(n, TC, L_CMP, D_CMP))
-    q0, q1 = _group_q(Q, r, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    NJ: tl.constexpr = (NQ + QT - 1) // QT
+    bj = tl.program_id(1) // H
+    g = tl.program_id(1) % H
+    b = bj // NJ
+    ri = tl.arange(0, QT * HP)
+    s_new = (bj % NJ) * QT + ri // HP  # the new token of each row
+    hh = ri % HP
+    h_ok = (hh < G) & (s_new < NQ)
+    rows = ((b * NQ + s_new) * HQ + g * G + hh).to(tl.int64)  # rows of the [B * NQ, HQ, ...] buffers
+    ln = tl.load(LENS + b).to(tl.int32)
+    vis = _visible_cmp(ln - (NQ - 1 - s_new), TC, L_CMP, D_CMP)  # [rows]
+    last = tl.minimum((bj % NJ) * QT + QT, NQ) - 1  # the program's last token sees the most
+    hi = tl.minimum(sp * CH + CH, _visible_cmp(ln - (NQ - 1 - last), TC, L_CMP, D_CMP))
+    q0 = C.load_cols(Q, rows * DK, h_ok, 0, BK0, DK, UPCAST)
+    q1 = q0
+    if BK1 > 0:
+        q1 = C.load_cols(Q, rows * DK, h_ok, BK0, BK1, DK, UPCAST)
     if PAGED:  # pools [num_pages, CPP, H, D]: rows through the block table
         kb = KC + g * DK
         vb = VC + g * DV
@@ -129,9 +145,9 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
         kb = KC + (b.to(tl.int64) * TC * H + g) * DK
         vb = VC + (b.to(tl.int64) * TC * H + g) * DV
     dv = tl.arange(0, BV)
-    m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([HP], dtype=tl.float32)
-    acc = tl.zeros([HP, BV], dtype=tl.float32)
+    m_i = tl.full([QT * HP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([QT * HP], dtype=tl.float32)
+    acc = tl.zeros([QT * HP, BV], dtype=tl.float32)
     ar = tl.arange(0, BN)
     # paged: the next tile's pool rows are looked up one iteration ahead, so that the table load
     # is not a dependent round trip in front of every tile's key loads
@@ -145,8 +161,9 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
         else:
             keys = ii
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
-        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=h_ok[:, None] & ok[None, :])
-        s = tl.where(ok[None, :], s, float("-inf"))
+        seen = h_ok[:, None] & (ii[None, :] < vis[:, None])  # an earlier token sees fewer
+        tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=seen)
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -323,7 +340,7 @@ def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
 # 255 registers at 4 warps for Dk + Dv = 320 (spills in attend); 8 warps fit (cuobjdump, sm_90)
 # keyed by the rows too (and cmp by its length): batch 1 and batch 16 want other configs, and the
 # tuned ones persist on disk (a batch-16 step took batch 1's cmp config: 51 -> 96 us at 64k)
-_decode_cmp_tuned = C.autotuned(_decode_cmp, ["TUNE_R", "TUNE_T", "HQ", "G", "DK", "DV", "BN", "NQ", "PAGED"],
+_decode_cmp_tuned = C.autotuned(_decode_cmp, ["TUNE_R", "TUNE_T", "HQ", "G", "DK", "DV", "BN", "NQ", "QT", "PAGED"],
                                 [4, 8], [1, 2, 3])
 _decode_attend_tuned = C.autotuned(_decode_attend, ["TUNE_R", "HQ", "G", "DK", "DV", "BS", "NQ", "PAGED",
                                                     "PAGED_WIN"], [4, 8], [1, 2])
@@ -383,15 +400,18 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     qk_scale = default_scale(scale, Dk) * LOG2E.value
     common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(dtype), UPCAST=C.upcast(dtype), NQ=NQ)
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
-    # 1. cmp partials and raw scores
+    # 1. cmp partials and raw scores; QT new tokens of a sequence share a program's key tiles
+    # (up to 64 rows: QT * HP)
+    qt = min(C.next_pow2(NQ), max(1, 64 // HP))
+    progs = B * C.cdiv(NQ, qt) * H
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
-    nsplit = _n_split(tc_used, R * H, BN, device)
+    nsplit = _n_split(tc_used, progs, BN, device)
     ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
     ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
     tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
-    cmp = ((nsplit, R * H), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(R * H), C.next_pow2(ts)),
+    cmp = ((nsplit, progs), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(progs), C.next_pow2(ts)),
            dict(DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN, PAGED=paged,
-                CPP=cpp, **common, **launch))
+                CPP=cpp, QT=qt, **common, **launch))
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     BJ = 16 if interp else 64
