@@ -30,7 +30,7 @@ from nsa.triton import decode as D  # noqa: E402
 GPU_TRITON = "3.6.0"
 TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32",
              SEQ="*i64", ITEMS="*i64", QPOS="*i64", IDX="*i64", LSEBUF="*fp32", sm_scale="fp32",
-             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32")
+             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32", NT="i32")
 # (query heads, kv heads, Dk, Dv) as the benchmarks run them: the kv heads enter the address
 # arithmetic (H = 4 made the window dk/dv tiles of H = 1 spill), so they are the real ones
 GEOMETRIES = {"paper": (64, 4, 192, 128), "d128": (64, 4, 128, 128), "gqa4-d64": (16, 4, 64, 64)}
@@ -72,9 +72,10 @@ def _specs(HQ, H, Dk, Dv):
 
     plain = dict(EDGES=False, ADD=False, **band)
     specs = {
-        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, **band),  # stores dq
-        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, **band),  # adds, writes bf16
-        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, **band),  # a branch alone
+        # cmp's also writes the group-major q of the descriptor tiles, both write do_i group-major
+        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, GM=True, WRITE_QG=True, **band),
+        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=False, **band),
+        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False, **band),
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
@@ -84,7 +85,7 @@ def _specs(HQ, H, Dk, Dv):
     for mode, cfg in tma.items():
         if not cfg["TMA"]:
             continue
-        blk = f"{cfg['BT']}, {h}"  # [positions, the group's heads, columns] blocks of q and do
+        blk = cfg["BT"] * h  # [rows, columns] blocks of the group-major q and do
         descs = dict(TYPES, QD=f"tensordesc<bf16[{blk}, {BK0}]>", QD1=f"tensordesc<bf16[{blk}, {BK1 or BK0}]>",
                      DOD=f"tensordesc<bf16[{blk}, {dims['BV']}]>")
         name = ("cmp", "win")[mode]

@@ -104,20 +104,31 @@ def _kv_tile_grads(q0, q1, do, lse2, delta, vis, k0, k1, v, acc_k0, acc_k1, acc_
 @triton.jit
 def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl.constexpr,
                BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
-               MAKE_DELTA: tl.constexpr, GATES=None, DG=None, DOB=None, GIDX: tl.constexpr = -1):
+               MAKE_DELTA: tl.constexpr, GATES=None, DG=None, DOB=None, GIDX: tl.constexpr = -1,
+               gm0=0, relg=None, GM: tl.constexpr = 0, QG=None):
     """q chunks, do, lse (base 2, 0 for empty rows), delta and the row mask of a tile.
     MAKE_DELTA: delta = rowsum(do * o) from O, stored to DELTA (the dq kernels, which run
     first and own their rows); otherwise read from DELTA (the dk/dv kernels).
     GIDX >= 0 (with MAKE_DELTA; Eq. 5 in the dq kernel's loads): DO is the gradient of the gated
     NSA output; the gate's gradient rowsum(DO * o) goes to DG[row, GIDX] (fp32) and the
     branch's own do, DO's rows times GATES[row, GIDX] rounded once to DO's dtype, is what the
-    tile uses and what DOB receives for the dk/dv kernel."""
+    tile uses and what DOB receives for the dk/dv kernel.
+    Group-major rows (``[H, B * T, G, D]`` copies for the descriptor tiles of the dk/dv kernel,
+    :func:`_gm_rows`: gm0, relg): GM 1, DOB is written there (the dq kernel) or DO read from
+    there (the dk/dv kernel's edge tiles); QG given, the q rows are written there too."""
     dv = tl.arange(0, BV)
     q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
     q1 = q0
     if BK1 > 0:
         q1 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, BK0, BK1, DK, UPCAST)
-    do = C.load_cols(DO + row0 * DV, rel * DV, row_ok, 0, BV, DV, UPCAST)
+    if QG is not None:
+        _store_rows(QG + gm0 * DK, relg * DK, row_ok, 0, BK0, DK, q0, False)
+        if BK1 > 0:
+            _store_rows(QG + gm0 * DK, relg * DK, row_ok, BK0, BK1, DK, q1, False)
+    if GM and not MAKE_DELTA:
+        do = C.load_cols(DO + gm0 * DV, relg * DV, row_ok, 0, BV, DV, UPCAST)
+    else:
+        do = C.load_cols(DO + row0 * DV, rel * DV, row_ok, 0, BV, DV, UPCAST)
     lse = tl.load(LSE + row0 + rel, mask=row_ok, other=float("-inf"))
     ok = row_ok & (lse > float("-inf"))  # rows that see no key have zero gradients
     lse2 = tl.where(ok, lse * LOG2E, 0.0)
@@ -129,7 +140,10 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
             tl.store(DG + (row0 + rel) * 3 + GIDX, tl.sum(d32 * o, 1), mask=row_ok)
             gt = tl.load(GATES + (row0 + rel) * 3 + GIDX, mask=row_ok, other=0.0).to(tl.float32)
             do = C.round_out(d32 * gt[:, None], DOB.dtype.element_ty, UPCAST)
-            _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
+            if GM:
+                _store_rows(DOB + gm0 * DV, relg * DV, row_ok, 0, BV, DV, do, False)
+            else:
+                _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
             if UPCAST:
                 do = do.to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, 1)
@@ -137,6 +151,15 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
     else:
         delta = tl.load(DELTA + row0 + rel, mask=ok, other=0.0)
     return q0, q1, do, lse2, delta, ok
+
+
+@triton.jit
+def _gm_rows(g, NT, q_start, t0, G: tl.constexpr, HP: tl.constexpr, BM: tl.constexpr):
+    """A tile's rows in a group-major copy ``[H, NT, G, D]`` of q or do (NT = B * T rows of
+    [B * T, HQ, D]; HP = G): (the 64-bit row of the tile's first position, [BM] int32 rows
+    relative to it). In such a copy a tile's BT positions x G heads are BM consecutive rows."""
+    r = tl.arange(0, BM)
+    return (g * NT + q_start + t0).to(tl.int64) * G, (r // HP) * G + r % HP
 
 
 @triton.jit
@@ -166,15 +189,18 @@ def _store_dq_cols(GQ, OUT, row0, rel, row_ok, col0, x, DK: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, TBL, SEQ, sm_scale,
-              q_offset, k_offset,
+def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, QG, TBL, SEQ, sm_scale,
+              q_offset, k_offset, NT,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr, DQ_MODE: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr, DQ_MODE: tl.constexpr,
+              GM: tl.constexpr, WRITE_QG: tl.constexpr):
     """Query-centric dq of the band; GIDX >= 0: DO is the gated output's gradient and the
-    branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB); DQ_MODE: :func:`_store_dq`."""
+    branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB); DQ_MODE: :func:`_store_dq`.
+    GM: DOB is the group-major copy ``[H, NT, G, Dv]`` that the dk/dv kernel's descriptor tiles
+    read; WRITE_QG: the q rows go to the group-major copy QG as well (the first band branch)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -183,8 +209,10 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, 
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 6 - 2 * MODE)
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+    gm0, relg = _gm_rows(g, NT, q_start, t0, G, HP, BM)
     q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK, DV,
-                                             BK0, BK1, BV, UPCAST, True, GATES, DG, DOB, GIDX)
+                                             BK0, BK1, BV, UPCAST, True, GATES, DG, DOB, GIDX,
+                                             gm0, relg, GM, QG if WRITE_QG else None)
     qk_scale = sm_scale * LOG2E
 
     t_lo = q_offset + t0
@@ -228,13 +256,15 @@ def _store_rows(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, x, 
 
 @triton.jit
 def _kv_walk(Q, DO, LSE, DELTA, lo, n_first, n_tiles, lo2, g, q_start, q_len, q_offset, k_offset, n, k_len, k0,
-             k1, v, acc_k0, acc_k1, acc_v, qk_scale, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr,
+             k1, v, acc_k0, acc_k1, acc_v, qk_scale, NT, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr,
              BT: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
              BV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
-             WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EDGES: tl.constexpr):
+             WINDOW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EDGES: tl.constexpr,
+             GM: tl.constexpr):
     """The band dk/dv over query tiles of BT positions, masked (rows past the sequence or seeing
     no key, keys past k_len or out of each row's band): EDGES, n_tiles tiles, n_first from
-    position lo and the others from lo2; otherwise the tiles from lo to lo2."""
+    position lo and the others from lo2; otherwise the tiles from lo to lo2. GM: DO is the
+    group-major copy (:func:`_gm_rows`)."""
     BM: tl.constexpr = BT * HP
     for i in range(0, n_tiles if EDGES else (lo2 - lo + BT - 1) // BT):
         if EDGES:
@@ -242,8 +272,9 @@ def _kv_walk(Q, DO, LSE, DELTA, lo, n_first, n_tiles, lo2, g, q_start, q_len, q_
         else:
             tq0 = lo + i * BT
         tq, row_ok, pos, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+        gm0, relg = _gm_rows(g, NT, q_start, tq0, G, HP, BM)
         q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, DO, row0, rel, row_ok, DK, DV,
-                                                 BK0, BK1, BV, UPCAST, False)
+                                                 BK0, BK1, BV, UPCAST, False, gm0=gm0, relg=relg, GM=GM)
         if MODE == 0:
             vis = (n[None, :] * CMP_D + CMP_L - 1) <= pos[:, None]
         else:
@@ -257,7 +288,7 @@ def _kv_walk(Q, DO, LSE, DELTA, lo, n_first, n_tiles, lo2, g, q_start, q_len, q_
 
 @triton.jit
 def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_scale, q_offset,
-                   k_offset, part_k, part_v, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
+                   k_offset, part_k, part_v, NT, HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                    DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -273,12 +304,13 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
 
     TMA (HP = G): the query tiles in which every row sees every key of the tile (all but the
     few at the tile's diagonal and the sequence's end) are walked without masks, and read
-    through QD, QD1 (q's columns BK0..) and DOD, tensor descriptors of q and do viewed
-    ``[B * T, HQ, D]``: a tile's rows are the block [BT positions, the group's G heads, D],
-    which the copy engine loads into shared memory ahead of use (the loop is pipelined), with
-    no per-row addresses in registers. EDGES: the other (masked) tiles only, read row by row,
+    through QD, QD1 (q's columns BK0..) and DOD, 2-D tensor descriptors of group-major copies
+    of q and do (``[H * NT * G, D]``, NT = B * T, written by the dq kernels): a tile's rows are
+    BM consecutive rows there, which the copy engine loads into shared memory ahead of use
+    (the loop is pipelined) as the MMA operand itself, with no per-row addresses in registers.
+    EDGES: the other (masked) tiles only, read row by row (do from the group-major copy),
     added into GK/GV (ADD), a second launch after the TMA one (a mask's registers and the
-    pipeline do not fit in one kernel). Neither: every tile, masked."""
+    pipeline do not fit in one kernel). Neither: every tile, masked, q and do as given."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -329,12 +361,12 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
         t_b = tl.maximum((tl.minimum(t_b, tq_hi) // BT) * BT, t_a)
     if TMA:
         for tq0 in range(t_a, t_b, BT):
-            t = (q_start + tq0).to(tl.int32)  # a [BT, G, D] block of q / do viewed [B * T, HQ, D]
-            q0 = QD.load([t, g * G, 0]).reshape(BM, BK0)
+            t = ((g * NT + q_start + tq0) * G).to(tl.int32)  # the tile's first row in the copies
+            q0 = QD.load([t, 0])
             q1 = q0
             if BK1 > 0:
-                q1 = QD1.load([t, g * G, 0]).reshape(BM, BK1)
-            do = DOD.load([t, g * G, 0]).reshape(BM, BV)
+                q1 = QD1.load([t, 0])
+            do = DOD.load([t, 0])
             if UPCAST:
                 q0, q1, do = q0.to(tl.float32), q1.to(tl.float32), do.to(tl.float32)
             _, _, _, row0, rel = C.tile_rows(tq0, g, q_start, q_len, q_offset, HQ, G, HP, BM)  # all rows valid
@@ -347,12 +379,13 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
         n_tiles = n_first + (tq_hi - t_b + BT - 1) // BT
         acc_k0, acc_k1, acc_v = _kv_walk(Q, DO, LSE, DELTA, tq_lo, n_first, n_tiles, t_b, g, q_start, q_len,
                                          q_offset, k_offset, n, k_len, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale,
-                                         HQ, G, HP, BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC,
-                                         UPCAST, True)
+                                         NT, HQ, G, HP, BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW,
+                                         PREC, UPCAST, True, True)
     else:  # every tile, masked
         acc_k0, acc_k1, acc_v = _kv_walk(Q, DO, LSE, DELTA, tq_lo, 0, 0, tq_hi, g, q_start, q_len, q_offset,
-                                         k_offset, n, k_len, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale, HQ, G, HP,
-                                         BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC, UPCAST, False)
+                                         k_offset, n, k_len, k0, k1, v, acc_k0, acc_k1, acc_v, qk_scale, NT, HQ, G,
+                                         HP, BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC, UPCAST,
+                                         False, False)
 
     GKb = GK + kv_row * DK
     GVb = GV + kv_row * DV
@@ -625,7 +658,7 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
                   k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
-                  gates=None, gate=0, d_gates=None, dq_mode=0, dq_out=None):
+                  gates=None, gate=0, d_gates=None, dq_mode=0, dq_out=None, q_gm=None, write_q_gm=True):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
     query-centric and dk/dv key-centric (flash-attention-2), deterministic on every path (no
     atomics). q_chunk (cmp only; None picks it from the GPU's size, 0 turns it off): query
@@ -646,6 +679,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     shape): do is the gradient of the gated NSA output (Eq. 5); the dq kernel forms the
     branch's do_i = gates[..., gate] * do as it loads its rows (for the dk/dv kernel too) and
     writes the gate's gradient rowsum(do * o) into d_gates[..., gate]: no separate pass.
+
+    q_gm (where :func:`_tma_rows` holds): a group-major copy of q (``[H, B * T, G, Dk]``) that
+    the dk/dv kernel's descriptor tiles read, written by this call's dq kernel when
+    ``write_q_gm`` (else already written by an earlier branch of the same backward); None: a
+    copy of this call's own.
     """
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     B, T, HQ, Dk = q.shape
@@ -666,7 +704,10 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     lse = lse.contiguous()
     gated = _gated_launch(do, gates, gate, d_gates, delta)
     interp = C.interpreting()
-    tma = _tma_rows(HQ // H, q.dtype, q.device, interp) and B * T < 2 ** 31  # descriptor coordinates: int32
+    tma = _band_tma(q, H)
+    if tma and q_gm is None:
+        q_gm, write_q_gm = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device), True
+    gm = tma and gates is not None  # the dq kernel writes the branch's do group-major
     cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, interp, tma)
     BK0, BK1 = C.split_dim(Dk)
     const = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
@@ -675,9 +716,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     _band_bwd_dq[(tbl.shape[0], H)](
         q, k, v, do, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
-        gated["DOB"], tbl, seq, float(scale), int(q_offset), int(k_offset), GIDX=gated["GIDX"], DQ_MODE=dq_mode,
-        **const, **cfg_q)
+        gated["DOB"], q_gm if tma else q, tbl, seq, float(scale), int(q_offset), int(k_offset), B * T,
+        GIDX=gated["GIDX"], DQ_MODE=dq_mode, GM=gm, WRITE_QG=tma and write_q_gm, **const, **cfg_q)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
+    if tma and not gm:  # a branch alone: its do as given, copied group-major
+        do = do.view(B * T, H, HQ // H, Dv).transpose(0, 1).contiguous()
     if dq_mode == 2:
         dq = dq_out
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
@@ -695,13 +738,13 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     else:
         gk, gv = dk, dv
     grid = (ktbl.shape[0], H, n_ch)
-    args = (lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset), k.numel(), v.numel())
-    if tma:  # q and do as [B * T, HQ, D]: a tile's rows are one [BT, G, D] block of each
-        blk = (cfg_kv["BT"], HQ // H)
-        q3 = q.view(B * T, HQ, Dk)
-        qd = TensorDescriptor.from_tensor(q3, [*blk, BK0])
-        qd1 = TensorDescriptor.from_tensor(q3[..., BK0:], [*blk, BK1]) if BK1 else qd
-        dod = TensorDescriptor.from_tensor(do.view(B * T, HQ, Dv), [*blk, const["BV"]])
+    args = (lse, delta, gk, gv, ktbl, seq, float(scale), int(q_offset), int(k_offset), k.numel(), v.numel(), B * T)
+    if tma:  # the group-major copies as [H * B * T * G, D]: a tile's rows are BM consecutive rows
+        bm = cfg_kv["BT"] * (HQ // H)
+        q2 = q_gm.view(-1, Dk)
+        qd = TensorDescriptor.from_tensor(q2, [bm, BK0])
+        qd1 = TensorDescriptor.from_tensor(q2[:, BK0:], [bm, BK1]) if BK1 else qd
+        dod = TensorDescriptor.from_tensor(do.view(-1, Dv), [bm, const["BV"]])
         _band_bwd_dkdv[grid](q, k, v, do, qd, qd1, dod, *args, QCH=qch, TMA=True, EDGES=False, ADD=False,
                              **const, **cfg_kv)
         # the masked tiles, added into chunk 0's slice, one program per key tile (its own rows)
@@ -715,6 +758,13 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
     return dq, dk, dv
+
+
+def _band_tma(q, H: int) -> bool:
+    """Whether the band dk/dv of q ``[B, T, HQ, Dk]`` with H kv heads takes the descriptor tiles
+    (:func:`_tma_rows`; their int32 coordinates index the B * T * HQ rows of q's copy)."""
+    B, T, HQ, _ = q.shape
+    return _tma_rows(HQ // H, q.dtype, q.device, C.interpreting()) and B * T * HQ < 2 ** 31
 
 
 def _gated_launch(do, gates, gate: int, d_gates, stand_in) -> dict:
@@ -932,16 +982,20 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     # dq: cmp's kernel stores the fp32 buffer, slc's adds, win's adds and writes q's dtype
     dq = torch.empty(B, T, HQ, Dk, dtype=torch.float32, device=q.device)
     gkw = dict(gates=gates, d_gates=d_gates)
+    # the group-major q of both band branches' descriptor tiles: written by cmp's dq kernel
+    # (by the window's when there are no compressed keys and cmp's does not run)
+    H = k_cmp.shape[2]
+    qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq, gate=0, dq_mode=1, **gkw)
+                                      dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
-                                       dq_out=torch.empty_like(q), **gkw)
+                                       dq_out=torch.empty_like(q), q_gm=qg, write_q_gm=not k_cmp.numel(), **gkw)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))
