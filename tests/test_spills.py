@@ -140,6 +140,7 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     specs["scores"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
+    specs["combine-bv32"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8, BV=32)
     # the cache append of a layer's step (nsa.triton.append), separate and shared k/v, contiguous
     # and paged (pages of 64), bf16
     paging = dict(POS="*i64", BT="*i32", SLOT="*i64", MAXP="i32", NPAGES="i32")

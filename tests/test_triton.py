@@ -802,6 +802,28 @@ def test_decode_selection_ties_go_to_the_lower_block(where, monkeypatch):
     D._plan.cache_clear()
 
 
+@pytest.mark.parametrize("i", [1, 2])
+def test_decode_combine_in_column_chunks(i, monkeypatch):
+    """Where the rows alone would not fill the GPU (a small batch), the combine merges the
+    partials in chunks of 32 value columns, a program each: the same step."""
+    from nsa.triton import decode as D
+
+    monkeypatch.setattr(D, "_sms", lambda device: 4096)
+    D._plan.cache_clear()
+    grids, kernel = [], D._decode_combine
+
+    class Recorded:  # the combine kernel, its grids kept
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(D, "_decode_combine", Recorded())
+    args, kw, expect = _decode_inputs(DECODE_CASES[i].values[0])
+    _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+    assert grids and grids[0][1] == args[2].shape[-1] // 32  # Dv (v_cmp) in chunks of 32
+    D._plan.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)

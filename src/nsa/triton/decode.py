@@ -306,16 +306,17 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
 
 
 @triton.jit
-def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
-    """Softmax output of the ``cnt`` partials lo.. of one row (of NP): [BV] fp32, 0 if none.
-    All partials load at once ([NPP, BV]): one memory round trip, not one per partial."""
+def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, d0=0):
+    """Columns d0..d0+BV of the softmax output of the ``cnt`` partials lo.. of one row (of NP):
+    [BV] fp32, 0 if none. All partials load at once ([NPP, BV]): one memory round trip, not
+    one per partial."""
     p = tl.arange(0, NPP)
     ok = p < cnt
     at = row * NP + lo + p
     m = tl.load(PM + at, mask=ok, other=-1.0e30)
     w = tl.where(ok, tl.exp2(m - tl.max(m, 0)), 0.0)
     tot = tl.sum(w * tl.load(PL + at, mask=ok, other=0.0), 0)
-    dv = tl.arange(0, BV)
+    dv = d0 + tl.arange(0, BV)
     a = tl.load(PACC + at[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
     return tl.sum(w[:, None] * a, 0) / tl.where(tot > 0, tot, 1.0)
 
@@ -324,16 +325,19 @@ def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constex
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
                     NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
-    """One program per (sequence, query head): merge each branch's partials, mix by the gates."""
+    """One program per (query row, query head) and BV columns of Dv: merge each branch's
+    partials, mix by the gates. Column chunks give a small batch more programs, each loading
+    fewer partial columns (the step waits on these loads)."""
     row = tl.program_id(0).to(tl.int64)
-    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV)
-    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV)
-    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV)
+    d0 = tl.program_id(1) * BV
+    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV, d0)
+    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV, d0)
+    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV, d0)
     g0 = tl.load(GATES + row * 3).to(tl.float32)
     g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
     g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
     o = g0 * o_cmp + g1 * o_slc + g2 * o_win
-    dv = tl.arange(0, BV)
+    dv = d0 + tl.arange(0, BV)
     tl.store(O + row * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
@@ -433,10 +437,12 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
               dict(DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1,
                    BV=BV, NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged, PAGED_WIN=paged_win,
                    PS=page_size, **common, **launch))
-    # 5. merge and mix, one program per (query row, query head)
-    combine = ((R * HQ,), (nsplit,), dict(DV=Dv, N_SEL=sel_count, NW=nw, NSP=nsp,
-                                          NS2=max(2, C.next_pow2(sel_count)), NW2=max(2, C.next_pow2(nw)), BV=BV,
-                                          **launch))
+    # 5. merge and mix, one program per (query row, query head) and column chunk: chunks of 32
+    # while the rows alone would not fill the GPU twice
+    bvc = BV if R * HQ >= 2 * _sms(device) else max(16, min(BV, 32))
+    combine = ((R * HQ, BV // bvc), (nsplit,), dict(DV=Dv, N_SEL=sel_count, NW=nw, NSP=nsp,
+                                                    NS2=max(2, C.next_pow2(sel_count)),
+                                                    NW2=max(2, C.next_pow2(nw)), BV=bvc, **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
     sizes = [math.prod(x) for x in shapes]
