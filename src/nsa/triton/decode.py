@@ -418,7 +418,9 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
                 CPP=cpp, QT=qt, **common, **launch))
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
-    BJ = 16 if interp else 64
+    BJ = 16 if interp else 64  # blocks a program; fewer while they would not fill the GPU twice
+    while BJ > 16 and C.cdiv(n_sel_max, BJ) * R * H < 2 * _sms(device):
+        BJ //= 2
     kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
     nsp = max(2, C.next_pow2(nsplit))
     scores = ((C.cdiv(n_sel_max, BJ), R * H), (ts, nsplit, n_sel_max),
