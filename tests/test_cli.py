@@ -197,7 +197,11 @@ def test_bench_generate_step_time_and_table(monkeypatch):
             dict(preset="small", attention="nsa", graph=True, compiled=True, T=4096, batch=2, step_ms=0.125),
             dict(preset="small", attention="full", graph=True, compiled=True, T=4096, batch=2, step_ms=0.5)]
     assert ("| small | 4096 | 2 | 2.000 / 0.250 / 0.125 | 1.000 / 0.750 / 0.500 | 8000 | 3.0x / 4.0x | 12.0 | "
-            "30.0 / 20.0 |" in bench.markdown_table_generate(dict(results=rows)))
+            "30.0 / 20.0 | - / - |" in bench.markdown_table_generate(dict(results=rows)))
+    # window-only (--attentions nsa full window), the floor of NSA's step, in the last column
+    win = [dict(preset="small", attention="window", graph=True, compiled=c, T=4096, batch=2, step_ms=ms)
+           for c, ms in ((False, 0.1), (True, 0.05))]
+    assert "30.0 / 20.0 | 0.100 / 0.050 |" in bench.markdown_table_generate(dict(results=rows + win))
     # rows of older files, without "compiled": the compiled columns stay empty
     assert ("| small | 4096 | 2 | 2.000 / 0.250 / - | 1.000 / 0.750 / - | 8000 | 3.0x / - | 12.0 | 30.0 / 20.0 |"
             in bench.markdown_table_generate(dict(results=rows[:4])))

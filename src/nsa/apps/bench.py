@@ -715,7 +715,7 @@ def _generate_sweep(args, meta, out_path, dev) -> int:
     from ..model import ModelConfig, NSAModel
 
     rows = []
-    for attention in ("nsa", "full"):
+    for attention in args.attentions:  # window: the floor of NSA's step (a branch of it)
         cfg = ModelConfig.preset(args.preset, attention=attention,
                                  max_seq_len=max(args.seqlens) + args.new_tokens + 1)
         torch.manual_seed(0)
@@ -870,13 +870,15 @@ def markdown_table_generate(out) -> str:
     attention (graphs, compiled graphs), the graph's one-time cost, the prefill."""
     lines = ["| preset | T | batch | NSA ms/step eager / graph / compiled graph | full ms/step eager / graph / "
              "compiled graph | tokens/s NSA graph | NSA vs full (graphs / compiled) | NSA graph one-time ms | "
-             "prefill ms NSA / full |", "|---|---|---|---|---|---|---|---|---|"]
+             "prefill ms NSA / full | window-only graph / compiled graph ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["T"], r["attention"], r["graph"], r.get("compiled", False)): r for r in out["results"] if "step_ms" in r}
     f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if r else "-"  # noqa: E731
     vs = lambda a, b: f"{a['step_ms'] / b['step_ms']:.1f}x" if a and b else "-"  # noqa: E731
     modes = ((False, False), (True, False), (True, True))
     for T in sorted({r["T"] for r in out["results"]}):
-        (ne, ng, nc), (fe, fg, fc) = ([by.get((T, a, *m)) for m in modes] for a in ("nsa", "full"))
+        (ne, ng, nc), (fe, fg, fc), (_, wg, wc) = ([by.get((T, a, *m)) for m in modes]
+                                                  for a in ("nsa", "full", "window"))
         any_r = ne or ng or nc or fe or fg or fc
         if any_r is None:
             continue
@@ -884,7 +886,8 @@ def markdown_table_generate(out) -> str:
                      f"{' / '.join(f(r, 'step_ms') for r in (ne, ng, nc))} | "
                      f"{' / '.join(f(r, 'step_ms') for r in (fe, fg, fc))} | {f(ng, 'tokens_per_s', '{:.0f}')} | "
                      f"{vs(fg, ng)} / {vs(fc, nc)} | {f(ng, 'once_ms', '{:.1f}')} | "
-                     f"{f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} |")
+                     f"{f(ne, 'prefill_ms', '{:.1f}')} / {f(fe, 'prefill_ms', '{:.1f}')} | "
+                     f"{f(wg, 'step_ms')} / {f(wc, 'step_ms')} |")
     return "\n".join(lines)
 
 
@@ -899,7 +902,8 @@ def plot_generate(out, path) -> None:
             ("nsa", False, False, "NSA eager"), ("nsa", True, False, "NSA, CUDA graph"),
             ("nsa", True, True, "NSA, compiled CUDA graph"), ("full", False, False, "full attention eager"),
             ("full", True, False, "full attention, CUDA graph"),
-            ("full", True, True, "full attention, compiled CUDA graph")):
+            ("full", True, True, "full attention, compiled CUDA graph"),
+            ("window", True, True, "window-only, compiled CUDA graph")):
         pts = sorted((r["T"], r["step_ms"]) for r in out["results"]
                      if (r["attention"], r["graph"], r.get("compiled", False)) == (attention, graph, compiled)
                      and "step_ms" in r)

@@ -38,7 +38,8 @@ def add_model_train_arguments(parser) -> None:
     parser.add_argument("--presets", nargs="+", default=PRESETS_TIMED,
                         help="model-train: model presets (default small base)")
     parser.add_argument("--attentions", nargs="+", default=["nsa", "full"], choices=KINDS,
-                        help="model-train: attention kinds (default nsa full)")
+                        help="model-train, generate: attention kinds (default nsa full; generate: window-only "
+                             "is the floor of NSA's step, which runs a window branch too)")
     parser.add_argument("--timed-steps", type=positive_int, default=5,
                         help="model-train: optimizer steps timed per cell, after 2 warm-up steps (default 5)")
 
