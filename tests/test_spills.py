@@ -75,7 +75,10 @@ def _specs(HQ, H, Dk, Dv):
         # cmp's also writes the group-major q of the descriptor tiles, both write do_i group-major
         "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, GM=True, WRITE_QG=True, **band),
         "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=False, **band),
-        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False, **band),
+        # a branch alone (no gates): copies q and do group-major for its descriptor tiles, or not
+        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=True, WRITE_QG=True, **band),
+        "band_dq_add_rows": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
+                                 **band),
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),

@@ -115,7 +115,8 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
     tile uses and what DOB receives for the dk/dv kernel.
     Group-major rows (``[H, B * T, G, D]`` copies for the descriptor tiles of the dk/dv kernel,
     :func:`_gm_rows`: gm0, relg): GM 1, DOB is written there (the dq kernel) or DO read from
-    there (the dk/dv kernel's edge tiles); QG given, the q rows are written there too."""
+    there (the dk/dv kernel's edge tiles); with MAKE_DELTA the do rows go there gated or not.
+    QG given, the q rows are written there too."""
     dv = tl.arange(0, BV)
     q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
     q1 = q0
@@ -140,12 +141,12 @@ def _load_rows(Q, DO, LSE, DELTA, O, row0, rel, row_ok, DK: tl.constexpr, DV: tl
             tl.store(DG + (row0 + rel) * 3 + GIDX, tl.sum(d32 * o, 1), mask=row_ok)
             gt = tl.load(GATES + (row0 + rel) * 3 + GIDX, mask=row_ok, other=0.0).to(tl.float32)
             do = C.round_out(d32 * gt[:, None], DOB.dtype.element_ty, UPCAST)
-            if GM:
-                _store_rows(DOB + gm0 * DV, relg * DV, row_ok, 0, BV, DV, do, False)
-            else:
-                _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
-            if UPCAST:
-                do = do.to(tl.float32)
+        if GM:  # gated or not: the dk/dv kernel's descriptor tiles read do from the copy
+            _store_rows(DOB + gm0 * DV, relg * DV, row_ok, 0, BV, DV, do, False)
+        elif GIDX >= 0:
+            _store_rows(DOB + row0 * DV, rel * DV, row_ok, 0, BV, DV, do, False)
+        if GIDX >= 0 and UPCAST:
+            do = do.to(tl.float32)
         delta = tl.sum(do.to(tl.float32) * o, 1)
         tl.store(DELTA + row0 + rel, delta, mask=row_ok)
     else:
@@ -199,8 +200,9 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, 
               GM: tl.constexpr, WRITE_QG: tl.constexpr):
     """Query-centric dq of the band; GIDX >= 0: DO is the gated output's gradient and the
     branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB); DQ_MODE: :func:`_store_dq`.
-    GM: DOB is the group-major copy ``[H, NT, G, Dv]`` that the dk/dv kernel's descriptor tiles
-    read; WRITE_QG: the q rows go to the group-major copy QG as well (the first band branch)."""
+    GM: DOB receives the do rows (gated or not) in the group-major copy ``[H, NT, G, Dv]`` that
+    the dk/dv kernel's descriptor tiles read; WRITE_QG: the q rows go to the group-major copy
+    QG as well (the first band branch)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -707,7 +709,8 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     tma = _band_tma(q, H)
     if tma and q_gm is None:
         q_gm, write_q_gm = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device), True
-    gm = tma and gates is not None  # the dq kernel writes the branch's do group-major
+    if tma and gates is None:  # a branch alone: the dq kernel copies its do group-major too
+        gated["DOB"] = torch.empty_like(do)
     cfg_q, cfg_kv = _band_configs(HQ // H, Dk, Dv, mode, interp, tma)
     BK0, BK1 = C.split_dim(Dk)
     const = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride,
@@ -717,10 +720,8 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     _band_bwd_dq[(tbl.shape[0], H)](
         q, k, v, do, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
         gated["DOB"], q_gm if tma else q, tbl, seq, float(scale), int(q_offset), int(k_offset), B * T,
-        GIDX=gated["GIDX"], DQ_MODE=dq_mode, GM=gm, WRITE_QG=tma and write_q_gm, **const, **cfg_q)
-    do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
-    if tma and not gm:  # a branch alone: its do as given, copied group-major
-        do = do.view(B * T, H, HQ // H, Dv).transpose(0, 1).contiguous()
+        GIDX=gated["GIDX"], DQ_MODE=dq_mode, GM=tma, WRITE_QG=tma and write_q_gm, **const, **cfg_q)
+    do = gated["DOB"]  # the branch's do (written by the dq kernel when gated or TMA) for the dk/dv kernel
     if dq_mode == 2:
         dq = dq_out
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
