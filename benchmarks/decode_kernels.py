@@ -1,0 +1,81 @@
+"""Where a graph-replayed decode step's GPU time goes, kernel by kernel (torch.profiler), with L2
+flushed before each replay as ``triton.testing.do_bench`` does (``nsa bench decode``): the
+paper configuration (HQ 64, H 4, Dk 192, Dv 128, l 32, d 16, l' 64, n 16, w 512), random bf16
+inputs, B sequences of T cached tokens, S new tokens each. Prints and writes the mean
+microseconds per step of each kernel.
+
+    python benchmarks/decode_kernels.py --batch 1 --seqlen 65536 --new-tokens 1
+writes benchmarks/results/decode_kernels_b{B}_{gpu}.json (``--out`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import torch
+
+from nsa import nsa_decode
+from nsa.apps.bench import gpu_tag, result_meta
+
+PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, w=512)
+
+
+def kernel_us(B: int, T: int, S: int, steps: int = 50) -> dict:
+    """Mean device microseconds per replayed step of each kernel of ``nsa_decode``."""
+    c, dev = PAPER, "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    H, HQ, Dk, Dv, w = c["H"], c["HQ"], c["Dk"], c["Dv"], c["w"]
+    tc = (T - c["l"]) // c["d"] + 1
+    q, kc, vc = mk(B, S, HQ, Dk), mk(B, tc, H, Dk), mk(B, tc, H, Dv)
+    k, v, kw, vw = mk(B, T, H, Dk), mk(B, T, H, Dv), mk(B, w, H, Dk), mk(B, w, H, Dv)
+    gates = torch.rand(B, S, HQ, 3, device=dev, generator=gen).to(torch.bfloat16)
+    lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+
+    def step():
+        return nsa_decode(q, kc, vc, k, v, kw, vw, gates, cache_seqlens=lens, max_seqlen=T)
+
+    for _ in range(3):  # compile and autotune outside the graph
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=dev)  # larger than L2
+    for _ in range(10):
+        flush.zero_()
+        graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            flush.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+    total = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and "zero" not in e.name and "fill" not in e.name.lower():
+            total[e.name] += e.device_time_total
+    return {name: us / steps for name, us in sorted(total.items(), key=lambda x: -x[1])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seqlen", type=int, default=65536)
+    p.add_argument("--new-tokens", type=int, default=1)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    us = kernel_us(a.batch, a.seqlen, a.new_tokens)
+    print({k: round(v, 2) for k, v in us.items()}, "sum", round(sum(us.values()), 2))
+    meta = result_meta("torch.profiler device time of graph replays, L2 flushed before each, mean of 50")
+    out = dict(meta=meta, results=[dict(batch=a.batch, T=a.seqlen, new_tokens=a.new_tokens, kernel_us=us,
+                                        sum_us=sum(us.values()))])
+    path = a.out or f"benchmarks/results/decode_kernels_b{a.batch}_{gpu_tag(meta['gpu'])}.json"
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
