@@ -11,13 +11,13 @@ writes benchmarks/results/decode_kernels_b{B}_{gpu}.json (``--out`` to choose).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 
 import torch
 
 from nsa import nsa_decode
 from nsa.apps.bench import gpu_tag, result_meta
+from profile_kernels import device_ms
 
 PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, w=512)
 
@@ -47,17 +47,8 @@ def kernel_us(B: int, T: int, S: int, steps: int = 50) -> dict:
     for _ in range(10):
         flush.zero_()
         graph.replay()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            flush.zero_()
-            graph.replay()
-        torch.cuda.synchronize()
-    total = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and "zero" not in e.name and "fill" not in e.name.lower():
-            total[e.name] += e.device_time_total
-    return {name: us / steps for name, us in sorted(total.items(), key=lambda x: -x[1])}
+    ms = device_ms(graph.replay, steps, before=flush.zero_, skip=("zero", "fill"))
+    return {name: t * 1e3 for name, t in ms.items()}
 
 
 def main() -> None:

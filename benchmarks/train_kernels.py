@@ -11,13 +11,13 @@ writes benchmarks/results/train_kernels_{T // 1024}k_{gpu}.json (``--out`` to ch
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 
 import torch
 
 from nsa import nsa_func
 from nsa.apps.bench import gpu_tag, result_meta
+from profile_kernels import device_ms
 
 
 def kernel_ms(T: int, steps: int = 3) -> dict:
@@ -39,16 +39,7 @@ def kernel_ms(T: int, steps: int = 3) -> dict:
 
     for _ in range(2):  # compile and autotune
         step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    total = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name] += e.device_time_total / 1e3
-    return {name: ms / steps for name, ms in sorted(total.items(), key=lambda x: -x[1])}
+    return device_ms(step, steps)
 
 
 def main() -> None:
