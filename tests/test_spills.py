@@ -130,10 +130,11 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
         return dict(module="nsa.triton.decode", kernel=kernel, types=DECODE_TYPES,
                     constexprs={k: v for k, v in {**dims, **const}.items() if k in names}, num_warps=4, num_stages=2)
 
-    specs = {f"attend-paged{int(p)}-win{int(w)}-slots{int(sl)}":
+    specs = {f"attend-paged{int(p)}-win{int(w)}-slots{int(sl)}-spp{spp}":
              spec("_decode_attend", N_SEL=16, NW=8, WINDOW=512, SEL_L=64, BS=64, NP=16, NSELP=64 if sl else 0,
-                  PAGED=p, PAGED_WIN=w, PS=64)
-             for p, w, sl in [(False, False, True), (True, False, True), (True, True, False)]}
+                  PAGED=p, PAGED_WIN=w, PS=64, SPP=spp)
+             for p, w, sl, spp in [(False, False, True, 1), (True, False, True, 1), (True, True, False, 1),
+                                   (False, False, False, 4), (True, False, False, 4), (True, True, False, 4)]}
     # one new token, and four sharing the key tiles (64 rows; autotuned over 4 and 8 warps)
     specs.update({f"cmp-paged{int(p)}-qt{qt}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4,
                                                     NQ=qt, QT=qt)

@@ -824,6 +824,26 @@ def test_decode_combine_in_column_chunks(i, monkeypatch):
     D._plan.cache_clear()
 
 
+@pytest.mark.parametrize("spp", [1, 2])
+@pytest.mark.parametrize("i", [0, 1, 4, 6])
+def test_decode_slots_per_program(i, spp, monkeypatch):
+    """The attend kernel's programs take 1, 2 or 4 selected blocks / window chunks each
+    (partial slots past a branch's end stay empty; the interpreter's stand-in GPU takes 4):
+    the same step, the combine merging fewer partials."""
+    from nsa.triton import decode as D
+
+    monkeypatch.setattr(D, "_slots_per_program", lambda *a: spp)
+    plan, plans = D._plan, []
+    plan.cache_clear()
+    monkeypatch.setattr(D, "_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    c = DECODE_CASES[i].values[0]
+    args, kw, expect = _decode_inputs(c)
+    _close(nsa.nsa_decode(*args, backend="triton", **kw), expect)
+    nw = -(-c["w"] // max(16, c["lp"]))  # window chunks of max(16, l') keys
+    assert plans[0].attend[0][0] == -(-c["n"] // spp) + -(-nw // spp)  # the attend grid's programs
+    plan.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_low_precision_error_within_2x_of_torch(dtype):
     c = dict(lens=[90, 61], HQ=8, H=2, Dk=32, Dv=32, l=8, d=4, lp=8, n=4, w=16, ring=True)

@@ -16,7 +16,8 @@ keys, flash-decoding style, and the h query heads of a group share every key the
    one program per group writes them. Past 4096 blocks (256k keys at l' = 64): a sort in
    PyTorch (:func:`nsa.geometry.top_blocks`).
 4. attend: one program per selected-block slot and per window chunk (l' keys each), each a
-   partial softmax of its branch.
+   partial softmax of its branch; at a large batch a program takes 2 or 4 of them in turn
+   (:func:`_slots_per_program`), which leaves the combine fewer partials.
 5. combine: one program per (sequence, query head) merges the partials of each branch, all
    loaded at once, and mixes them with the gates.
 
@@ -160,6 +161,8 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
             nxt = _page_rows(BT, b, ii + BN, ii + BN < hi, MAXP, NPAGES, CPP)
         else:
             keys = ii
+        # the values load with the keys, not after the scores: one memory round trip a tile
+        v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
         seen = h_ok[:, None] & (ii[None, :] < vis[:, None])  # an earlier token sees fewer
         tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=seen)
@@ -168,7 +171,6 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -244,64 +246,80 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                    BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr,
-                   PAGED_WIN: tl.constexpr, PS: tl.constexpr):
-    """Program pp < N_SEL: the pp-th selected block; else window chunk pp - N_SEL (BS keys).
-    NSELP > 0: the slot's block from the group's block scores (:func:`_top_n`); else from IDX.
-    PAGED: k_slc/v_slc are pools of pages of PS rows addressed through BT; PAGED_WIN: the
-    window reads them too (shared k/v), else its ring KW/VW [B, TW, H, D]."""
+                   PAGED_WIN: tl.constexpr, PS: tl.constexpr, SPP: tl.constexpr):
+    """Program pp: SPP slots of one branch, one partial softmax over them. pp < cdiv(N_SEL, SPP):
+    the selected blocks pp * SPP ..; else the window chunks (pp - cdiv(N_SEL, SPP)) * SPP ..
+    (BS keys each); slots past a branch's end are empty. NSELP > 0: the blocks from the group's
+    block scores (:func:`_top_n`); else from IDX. PAGED: k_slc/v_slc are pools of pages of PS
+    rows addressed through BT; PAGED_WIN: the window reads them too (shared k/v), else its ring
+    KW/VW [B, TW, H, D]."""
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
+    NPS: tl.constexpr = (N_SEL + SPP - 1) // SPP  # programs of the selected blocks
+    NPW: tl.constexpr = (NW + SPP - 1) // SPP
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
-    if NSELP > 0:
-        blk = -1
-        if pp < N_SEL:
-            ids = _top_n(SCORE + (r * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
-            blk = tl.sum(tl.where(tl.arange(0, NP) == pp, ids, 0), 0)
-    else:
-        blk = tl.load(IDX + (r * H + g).to(tl.int64) * N_SEL + tl.minimum(pp, N_SEL - 1)).to(tl.int32)
-    ar = tl.arange(0, BS)
-    is_slc = (ar * 0 + pp) < N_SEL  # as a vector: the interpreter mishandles scalar & vector masks
-    u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
-    ok_s = is_slc & (ar < SEL_L) & (u_s >= 0) & (u_s <= pos)
-    c = pp - N_SEL
-    u_w = pos - WINDOW + 1 + c * BS + ar
-    ok_w = (~is_slc) & (c * BS + ar < WINDOW) & (u_w >= 0)
+    # the step waits on this kernel's memory round trips: q first, before the top-n, and each
+    # block's values with its keys (not after the scores), so that the loads overlap
     q0, q1 = _group_q(Q, r, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
-    if pp < N_SEL:  # the selected block's keys ...
-        if PAGED:
-            kb = KS + g * DK
-            vb = VS + g * DV
-            keys = _page_rows(BT, b, u_s, ok_s, MAXP, NPAGES, PS)
-        else:
-            kb = KS + (b.to(tl.int64) * TK * H + g) * DK
-            vb = VS + (b.to(tl.int64) * TK * H + g) * DV
-            keys = tl.where(ok_s, u_s, 0).to(tl.int64)  # int64 as the page rows of the other branch
-        ok = ok_s
-    else:  # ... or the window chunk's, from the ring (or the pages)
-        if PAGED_WIN:
-            kb = KS + g * DK
-            vb = VS + g * DV
-            keys = _page_rows(BT, b, u_w, ok_w, MAXP, NPAGES, PS)
-        else:
-            kb = KW + (b.to(tl.int64) * TW * H + g) * DK
-            vb = VW + (b.to(tl.int64) * TW * H + g) * DV
-            keys = tl.where(ok_w, u_w % TW, 0).to(tl.int64)  # ring-buffer rows
-        ok = ok_w
-    s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
-    s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-    m = tl.maximum(tl.max(s, 1), -1.0e30)
-    p = tl.exp2(s - m[:, None])
+    ids = tl.full([NP], -1, tl.int32)
+    if NSELP > 0:
+        if pp < NPS:
+            ids = _top_n(SCORE + (r * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
+    ar = tl.arange(0, BS)
     dv = tl.arange(0, BV)
     dmask = dv[None, :] < DV
-    v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & dmask, other=0.0)
-    if UPCAST:
-        v = v.to(tl.float32)
-    acc = tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    rows = rows * (N_SEL + NW) + pp
-    tl.store(PM + rows, m, mask=h_ok)
-    tl.store(PL + rows, tl.sum(p, 1), mask=h_ok)
+    m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([HP], dtype=tl.float32)
+    acc = tl.zeros([HP, BV], dtype=tl.float32)
+    for t in range(SPP):  # a loop, not unrolled: unrolled, 4 slots spill at 4 warps
+        slot = pp * SPP + t  # a selected block's slot, or NPS * SPP + a window chunk
+        if NSELP > 0:
+            blk = tl.sum(tl.where(tl.arange(0, NP) == slot, ids, 0), 0)
+        else:
+            blk = tl.load(IDX + (r * H + g).to(tl.int64) * N_SEL + tl.minimum(slot, N_SEL - 1)).to(tl.int32)
+        blk = tl.where(slot < N_SEL, blk, -1)
+        is_slc = (ar * 0 + pp) < NPS  # as a vector: the interpreter mishandles scalar & vector masks
+        u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
+        ok_s = is_slc & (ar < SEL_L) & (u_s >= 0) & (u_s <= pos)
+        c = slot - NPS * SPP
+        u_w = pos - WINDOW + 1 + c * BS + ar
+        ok_w = (~is_slc) & (c * BS + ar < WINDOW) & (u_w >= 0)
+        if pp < NPS:  # the selected block's keys ...
+            if PAGED:
+                kb = KS + g * DK
+                vb = VS + g * DV
+                keys = _page_rows(BT, b, u_s, ok_s, MAXP, NPAGES, PS)
+            else:
+                kb = KS + (b.to(tl.int64) * TK * H + g) * DK
+                vb = VS + (b.to(tl.int64) * TK * H + g) * DV
+                keys = tl.where(ok_s, u_s, 0).to(tl.int64)  # int64 as the page rows of the other branch
+            ok = ok_s
+        else:  # ... or the window chunk's, from the ring (or the pages)
+            if PAGED_WIN:
+                kb = KS + g * DK
+                vb = VS + g * DV
+                keys = _page_rows(BT, b, u_w, ok_w, MAXP, NPAGES, PS)
+            else:
+                kb = KW + (b.to(tl.int64) * TW * H + g) * DK
+                vb = VW + (b.to(tl.int64) * TW * H + g) * DV
+                keys = tl.where(ok_w, u_w % TW, 0).to(tl.int64)  # ring-buffer rows
+            ok = ok_w
+        v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & dmask, other=0.0)
+        s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    rows = rows * (NPS + NPW) + pp
+    tl.store(PM + rows, m_i, mask=h_ok)
+    tl.store(PL + rows, l_i, mask=h_ok)
     tl.store(PACC + rows[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & dmask)
 
 
@@ -326,7 +344,7 @@ def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
                     NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
     """One program per (query row, query head) and BV columns of Dv: merge each branch's
-    partials, mix by the gates. Column chunks give a small batch more programs, each loading
+    partials (NSPLIT of cmp, N_SEL of slc, NW of the window), mix by the gates. Column chunks give a small batch more programs, each loading
     fewer partial columns (the step waits on these loads)."""
     row = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BV
@@ -363,6 +381,17 @@ def _sms(device) -> int:
     if C.interpreting() or device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _slots_per_program(groups: int, n_sel: int, nw: int, device) -> int:
+    """Selected blocks (and window chunks) a program of the attend kernel takes: 1 while the
+    programs would not fill the GPU twice (a small batch waits on each program's round trips),
+    else up to 4 while they still would, so that a large batch writes and merges 4x fewer
+    partials."""
+    spp = 1
+    while spp < 4 and groups * (C.cdiv(n_sel, 2 * spp) + C.cdiv(nw, 2 * spp)) >= 2 * _sms(device):
+        spp *= 2
+    return spp
 
 
 def _n_split(tc: int, bh: int, BN: int, device) -> int:
@@ -431,20 +460,21 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     nselp = max(16, np_, C.next_pow2(n_sel_max))
     where = _top_n_where(n_sel_max, R * H * sel_count, device)
     top_n = ((R * H,), (n_sel_max,), dict(N_SEL=sel_count, NP=np_, NSELP=nselp, **launch))
-    # 4. a partial softmax per selected block and per window chunk
+    # 4. a partial softmax per spp selected blocks and per spp window chunks
     BS = max(16, C.next_pow2(sel_block))
     nw = C.cdiv(window, BS)
-    np2 = sel_count + nw
+    spp = _slots_per_program(R * H, sel_count, nw, device)
+    nps, npw = C.cdiv(sel_count, spp), C.cdiv(nw, spp)
+    np2 = nps + npw
     attend = ((np2, R * H), (qk_scale, Tk, Tw, maxp, npages, C.next_pow2(R * H)),
               dict(DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1,
                    BV=BV, NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged, PAGED_WIN=paged_win,
-                   PS=page_size, **common, **launch))
+                   PS=page_size, SPP=spp, **common, **launch))
     # 5. merge and mix, one program per (query row, query head) and column chunk: chunks of 32
     # while the rows alone would not fill the GPU twice
     bvc = BV if R * HQ >= 2 * _sms(device) else max(16, min(BV, 32))
-    combine = ((R * HQ, BV // bvc), (nsplit,), dict(DV=Dv, N_SEL=sel_count, NW=nw, NSP=nsp,
-                                                    NS2=max(2, C.next_pow2(sel_count)),
-                                                    NW2=max(2, C.next_pow2(nw)), BV=bvc, **launch))
+    combine = ((R * HQ, BV // bvc), (nsplit,), dict(DV=Dv, N_SEL=nps, NW=npw, NSP=nsp, NS2=max(2, C.next_pow2(nps)),
+                                                    NW2=max(2, C.next_pow2(npw)), BV=bvc, **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
     sizes = [math.prod(x) for x in shapes]
