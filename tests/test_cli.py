@@ -113,6 +113,19 @@ def test_bench_train_speedups_and_table():
     assert "| 3.5x | 2.00 (4.50) / 3.00 (0.75) / 1.00 |" in bench.markdown_table(dict(results=[r]))
 
 
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_bench_preset_configs_are_the_presets_layers(preset):
+    """The kernel benchmarks' small / base configurations are one attention layer of those model
+    presets, so that kernel timings explain `model-train`'s."""
+    from nsa.apps import bench
+    from nsa.model import PRESETS
+
+    a = PRESETS[preset].attn
+    assert bench.CONFIGS[preset] == dict(HQ=a.n_heads, H=a.n_kv_heads, Dk=a.head_dim, Dv=a.v_head_dim, l=a.cmp_block,
+                                         d=a.cmp_stride, lp=a.sel_block, n=a.sel_count, w=a.window,
+                                         shared=a.shared_kv)
+
+
 def test_bench_prefill_kernel_rates_and_table():
     """Each kernel of the prefill breakdown gets its useful TFLOP/s from its own FLOP count, and
     slc its gathered bytes per second: (Dk + Dv) bf16 values of n * l' keys per (position, group)

@@ -76,7 +76,11 @@ CONFIGS = {
     "paper": dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, shared=False),
     "d128": dict(HQ=64, H=4, Dk=128, Dv=128, l=32, d=16, lp=64, n=16, w=512, shared=False),
     "fla": dict(HQ=64, H=4, Dk=128, Dv=128, l=64, d=64, lp=64, n=16, w=512, shared=True),
+    # one attention layer of the model presets (nsa.model.PRESETS): what `model-train` runs
+    "small": dict(HQ=8, H=2, Dk=64, Dv=64, l=32, d=16, lp=64, n=16, w=512, shared=False),
+    "base": dict(HQ=16, H=4, Dk=64, Dv=64, l=32, d=16, lp=64, n=16, w=512, shared=False),
 }
+KERNEL_CONFIGS = ["paper", "d128", "fla"]  # the default of --configs
 DEFAULT_T = [8192, 16384, 32768, 65536, 131072]
 GENERATE_T = [1024, 4096, 16384]
 COMPILE_T = [4096]
@@ -103,8 +107,9 @@ def add_arguments(name, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens-per-step", type=positive_int, nargs="+", default=[1], metavar="S",
                         help="decode: also time steps of S new tokens per sequence (speculative decoding, "
                              "multi-token prediction; S <= 8), e.g. 1 2 4 8 (default 1)")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                        help="configurations (default: all)")
+    parser.add_argument("--configs", nargs="+", default=KERNEL_CONFIGS, choices=list(CONFIGS),
+                        help="configurations (default: paper d128 fla; small and base: one attention layer "
+                             "of those model presets)")
     parser.add_argument("--baselines", nargs="+", default=["sdpa_flash", "sdpa_cudnn", "flex", "fla"],
                         choices=["sdpa_flash", "sdpa_cudnn", "flex", "fla", "none"],
                         help="baselines to time (default: sdpa_flash sdpa_cudnn flex fla; 'none' for none)")
