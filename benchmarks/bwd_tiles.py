@@ -11,6 +11,7 @@ import torch
 
 from nsa.apps import bench
 from nsa.triton import backward as BW
+from profile_kernels import wall_ms
 
 band_only = "--band-only" in sys.argv or "--tma" in sys.argv  # the cmp and win tiles only
 argv = [a for a in sys.argv[1:] if a not in ("--band-only", "--tma")]
@@ -48,13 +49,7 @@ def compiled_info(jit):
 
 
 def wall(fn, n=10):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+    return wall_ms(fn, n, warmup=1)
 
 
 c = dict(bench.CONFIGS["paper"], name="paper")

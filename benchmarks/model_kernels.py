@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from nsa.apps.bench import gpu_tag, result_meta
 from nsa.apps.bench_model import _sdpa_context
 from nsa.model import PRESETS, ModelConfig, NSAModel
-from profile_kernels import device_ms
+from profile_kernels import device_ms, wall_ms
 
 
 def profile(preset: str, attention: str, T: int, steps: int) -> dict:
@@ -42,14 +41,7 @@ def profile(preset: str, attention: str, T: int, steps: int) -> dict:
         for p in model.parameters():
             p.grad = None
 
-    for _ in range(3):  # compile and autotune
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / steps * 1e3
+    wall = wall_ms(step, steps, warmup=3)  # the warm-up compiles and autotunes
     ms = device_ms(step, steps)
     return dict(preset=preset, attention=attention, T=T, wall_ms=wall, kernel_sum_ms=sum(ms.values()), kernel_ms=ms)
 

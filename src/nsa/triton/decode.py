@@ -73,6 +73,20 @@ def _scores_tile(q0, q1, kb, keys, k_ok, ROW: tl.constexpr, DK: tl.constexpr, BK
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of an online softmax: scores s [rows, keys] (log2 units, -inf where
+    masked) and their values v [keys, BV] into the running (max, sum, P V) of each row."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _group(bh, HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr):
     """(b, g, rows, h_ok) of program bh = b * H + g: rows [HP] int64 are the group's (sequence,
     head) rows of the [B, HQ, ...] buffers, h_ok [HP] the heads that exist (not padding)."""
@@ -166,15 +180,7 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST) * qk_scale
         seen = h_ok[:, None] & (ii[None, :] < vis[:, None])  # an earlier token sees fewer
         tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=seen)
-        s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(tl.where(seen, s, float("-inf")), v, m_i, l_i, acc, PREC, UPCAST)
     tl.store(PM + rows * NSPLIT + sp, m_i, mask=h_ok)
     tl.store(PL + rows * NSPLIT + sp, l_i, mask=h_ok)
     tl.store(PACC + (rows * NSPLIT + sp)[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & (dv[None, :] < DV))
@@ -308,15 +314,8 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
             ok = ok_w
         v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & dmask, other=0.0)
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(tl.where(ok[None, :], s * qk_scale, float("-inf")), v, m_i, l_i, acc, PREC,
+                                      UPCAST)
     rows = rows * (NPS + NPW) + pp
     tl.store(PM + rows, m_i, mask=h_ok)
     tl.store(PL + rows, l_i, mask=h_ok)
