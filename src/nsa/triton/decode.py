@@ -343,8 +343,9 @@ def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
                     NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
     """One program per (query row, query head) and BV columns of Dv: merge each branch's
-    partials (NSPLIT of cmp, N_SEL of slc, NW of the window), mix by the gates. Column chunks give a small batch more programs, each loading
-    fewer partial columns (the step waits on these loads)."""
+    partials (NSPLIT of cmp, N_SEL of slc, NW of the window), mix by the gates. Column chunks
+    give a small batch more programs, each loading fewer partial columns (the step waits on
+    these loads)."""
     row = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BV
     o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV, d0)
@@ -364,7 +365,7 @@ def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
 _decode_cmp_tuned = C.autotuned(_decode_cmp, ["TUNE_R", "TUNE_T", "HQ", "G", "DK", "DV", "BN", "NQ", "QT", "PAGED"],
                                 [4, 8], [1, 2, 3])
 _decode_attend_tuned = C.autotuned(_decode_attend, ["TUNE_R", "HQ", "G", "DK", "DV", "BS", "NQ", "PAGED",
-                                                    "PAGED_WIN"], [4, 8], [1, 2])
+                                                    "PAGED_WIN", "SPP"], [4, 8], [1, 2])
 
 
 def _top_n_where(n_sel: int, slots: int, device) -> str:
