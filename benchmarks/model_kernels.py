@@ -17,18 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from nsa.apps.bench import gpu_tag, result_meta
-from nsa.apps.bench_model import _sdpa_context
-from nsa.model import PRESETS, ModelConfig, NSAModel
+from nsa.apps.bench_model import _sdpa_context, model_and_tokens
 from profile_kernels import device_ms, wall_ms
 
 
 def profile(preset: str, attention: str, T: int, steps: int) -> dict:
-    over = {"backend": "triton"} if attention == "nsa" else {}
-    cfg = ModelConfig.preset(preset, attention=attention, max_seq_len=max(T, PRESETS[preset].max_seq_len), **over)
-    torch.manual_seed(0)
-    model = NSAModel(cfg).cuda()
-    tokens = torch.randint(0, cfg.vocab_size, (1, T + 1), device="cuda",
-                           generator=torch.Generator(device="cuda").manual_seed(T))
+    model, tokens = model_and_tokens(preset, attention, T, 1, "cuda")
     x, y = tokens[:, :-1], tokens[:, 1:]
     sdpa = "cudnn" if attention == "full" else None
 

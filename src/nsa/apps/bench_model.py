@@ -117,7 +117,9 @@ def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | Non
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, "losses": losses}
 
 
-def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev) -> dict:
+def model_and_tokens(preset: str, attention: str, T: int, batch: int, dev):
+    """(model, tokens [batch, T + 1]) of one `model-train` cell: the preset with ``attention``
+    (NSA on the Triton kernels), weights seeded 0, random tokens seeded by T."""
     import torch
 
     from ..model import PRESETS, ModelConfig, NSAModel
@@ -127,7 +129,13 @@ def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev) -> d
     torch.manual_seed(0)
     model = NSAModel(cfg).to(dev)
     g = torch.Generator(device=dev).manual_seed(T)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=dev, generator=g)
+    return model, torch.randint(0, cfg.vocab_size, (batch, T + 1), device=dev, generator=g)
+
+
+def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev) -> dict:
+    import torch
+
+    model, tokens = model_and_tokens(preset, attention, T, batch, dev)
     res = {"params": model.num_params()}
     if attention != "full":
         res.update(time_train_steps(model, tokens, steps, autocast_dtype=torch.bfloat16))
