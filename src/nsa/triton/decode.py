@@ -118,6 +118,20 @@ def _page_rows(BT, b, u, ok, MAXP, NPAGES, PS: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(KP, VP, KC, VC, TR, BT, b, g, u, ok, MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr,
+             DV: tl.constexpr, PS: tl.constexpr, PAGED: tl.constexpr, RING: tl.constexpr):
+    """(key base, value base, int64 rows) of the logical rows u (where ok) of sequence b, kv head
+    g: through the block table BT into the pools KP/VP when PAGED, else in the contiguous
+    ``[B, TR, H, D]`` cache KC/VC, at row u % TR when RING (the window's ring buffer). Rows are
+    int64 either way: triton rejects branches that give a value two integer types."""
+    if PAGED:
+        return KP + g * DK, VP + g * DV, _page_rows(BT, b, u, ok, MAXP, NPAGES, PS)
+    rows = u % TR if RING else u
+    return (KC + (b.to(tl.int64) * TR * H + g) * DK, VC + (b.to(tl.int64) * TR * H + g) * DV,
+            tl.where(ok, rows, 0).to(tl.int64))
+
+
+@triton.jit
 def _visible_cmp(n, TC, L_CMP: tl.constexpr, D_CMP: tl.constexpr):
     """Compressed tokens visible to the query at position n - 1: Tc(n), at most TC."""
     return tl.minimum(tl.where(n >= L_CMP, (n - L_CMP) // D_CMP + 1, 0), TC)
@@ -274,6 +288,7 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
         if pp < NPS:
             ids = _top_n(SCORE + (r * H + g).to(tl.int64) * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
     ar = tl.arange(0, BS)
+    is_slc = (ar * 0 + pp) < NPS  # as a vector: the interpreter mishandles scalar & vector masks
     dv = tl.arange(0, BV)
     dmask = dv[None, :] < DV
     m_i = tl.full([HP], -1.0e30, dtype=tl.float32)
@@ -286,31 +301,17 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
         else:
             blk = tl.load(IDX + (r * H + g).to(tl.int64) * N_SEL + tl.minimum(slot, N_SEL - 1)).to(tl.int32)
         blk = tl.where(slot < N_SEL, blk, -1)
-        is_slc = (ar * 0 + pp) < NPS  # as a vector: the interpreter mishandles scalar & vector masks
         u_s = blk * SEL_L + ar  # < 0 for an empty slot (blk = -1)
         ok_s = is_slc & (ar < SEL_L) & (u_s >= 0) & (u_s <= pos)
         c = slot - NPS * SPP
         u_w = pos - WINDOW + 1 + c * BS + ar
         ok_w = (~is_slc) & (c * BS + ar < WINDOW) & (u_w >= 0)
         if pp < NPS:  # the selected block's keys ...
-            if PAGED:
-                kb = KS + g * DK
-                vb = VS + g * DV
-                keys = _page_rows(BT, b, u_s, ok_s, MAXP, NPAGES, PS)
-            else:
-                kb = KS + (b.to(tl.int64) * TK * H + g) * DK
-                vb = VS + (b.to(tl.int64) * TK * H + g) * DV
-                keys = tl.where(ok_s, u_s, 0).to(tl.int64)  # int64 as the page rows of the other branch
+            kb, vb, keys = _kv_rows(KS, VS, KS, VS, TK, BT, b, g, u_s, ok_s, MAXP, NPAGES, H, DK, DV, PS, PAGED, False)
             ok = ok_s
         else:  # ... or the window chunk's, from the ring (or the pages)
-            if PAGED_WIN:
-                kb = KS + g * DK
-                vb = VS + g * DV
-                keys = _page_rows(BT, b, u_w, ok_w, MAXP, NPAGES, PS)
-            else:
-                kb = KW + (b.to(tl.int64) * TW * H + g) * DK
-                vb = VW + (b.to(tl.int64) * TW * H + g) * DV
-                keys = tl.where(ok_w, u_w % TW, 0).to(tl.int64)  # ring-buffer rows
+            kb, vb, keys = _kv_rows(KS, VS, KW, VW, TW, BT, b, g, u_w, ok_w, MAXP, NPAGES, H, DK, DV, PS, PAGED_WIN,
+                                    True)
             ok = ok_w
         v = tl.load(vb + keys[:, None] * (H * DV) + dv[None, :], mask=ok[:, None] & dmask, other=0.0)
         s = _scores_tile(q0, q1, kb, keys, ok, H * DK, DK, BK0, BK1, PREC, UPCAST)
