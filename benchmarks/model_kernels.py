@@ -60,6 +60,40 @@ def main() -> None:
     path = a.out or f"benchmarks/results/model_kernels_{a.preset}_{a.seqlen // 1024}k_{gpu_tag(meta['gpu'])}.json"
     with open(path, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)
+    plot(path)
+
+
+def plot(path: str, top: int = 6) -> str:
+    """Stacked bars next to the JSON (.png): per attention kind the device time of its
+    ``top`` largest kernels, the rest, and the wall clock's excess over the kernels' sum
+    (where the GPU waits on the host)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, r in enumerate(rows):
+        parts = list(r["kernel_ms"].items())[:top]
+        parts.append(("other kernels", r["kernel_sum_ms"] - sum(v for _, v in parts)))
+        parts.append(("wall - kernels (host)", max(0.0, r["wall_ms"] - r["kernel_sum_ms"])))
+        bottom = 0.0
+        for name, v in parts:
+            ax.bar(i, v, bottom=bottom, color="lightgrey" if name.startswith("wall") else None, edgecolor="k",
+                   linewidth=0.3)
+            if v > 0.04 * r["wall_ms"]:
+                ax.text(i, bottom + v / 2, f"{name[:28]} {v:.1f}", ha="center", va="center", fontsize=6)
+            bottom += v
+    ax.set_xticks(range(len(rows)), [f"{r['attention']} (wall {r['wall_ms']:.1f} ms)" for r in rows])
+    ax.set_ylabel("ms per forward + backward")
+    ax.set_title(f"{rows[0]['preset']} at T={rows[0]['T']}: device time by kernel", fontsize=9)
+    fig.tight_layout()
+    png = path.rsplit(".json", 1)[0] + ".png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
 
 
 if __name__ == "__main__":

@@ -296,6 +296,25 @@ def test_study_data_option(tmp_path, monkeypatch):
         study.main(["--smoke", "--data", "stdlib", "--kinds", "nsa", "--steps", "2", "--out", out, "--resume"])
 
 
+def test_model_train_compiled_steps_match_eager(monkeypatch):
+    """`model-train --compile`: the same optimizer steps through torch.compile give eager's
+    losses (compiled here with aot_eager, dynamo and AOTAutograd: where a graph break or a bad
+    trace shows; inductor's codegen is the GPU run's)."""
+    from nsa.apps import bench_model
+
+    real, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real(m, backend="aot_eager", **kw))
+    cfg = ModelConfig.preset("tiny", attention="nsa", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,
+                             backend="torch")
+    tokens = torch.randint(0, 256, (2, 97), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        losses.append(bench_model.time_train_steps(NSAModel(cfg), tokens, 2, warmup=1, compile=compile)["losses"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and len(set(losses[0])) == 3
+    assert len(compiled) == 1  # the compiled run's model, once
+
+
 def test_model_train_timing_and_table():
     """The model-level training benchmark: tokens/s from the step time, the loss of the first
     step is the model's loss before any update, NSA's speedup is full's time over NSA's."""

@@ -61,7 +61,8 @@ def _specs(HQ, H, Dk, Dv):
     # the descriptor tiles (bf16 on Hopper), where the launcher takes them
     tma = {mode: BW._band_configs(h, Dk, Dv, mode, False, True)[1] for mode in (0, 1)}
     sq, skv = BW._slc_configs(h, Dk, Dv, False)
-    ch = C.next_pow2(skv["chunk"])  # the slc dk/dv item's positions, a constexpr of the kernel
+    skv_chunk = skv["chunk"]
+    ch = C.next_pow2(skv_chunk)  # the slc dk/dv item's positions, a constexpr of the kernel
     skv = {k: v for k, v in skv.items() if k != "chunk"}
     slc = dict(dims, SEL_L=64, BS=64)
 
@@ -85,6 +86,14 @@ def _specs(HQ, H, Dk, Dv):
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
+    # the counted transposed index (one launch config: 4 warps, 1 stage)
+    tidx = dict(H=H, N_SEL=16, NP=16, N_BLK=1024, SEL_L=64, BR=64)
+    itypes = dict(TYPES, BI="*i32", HIST="*i32", n_keys="i32", STARTS="*i64", ENDS="*i64", FIRST="*i64",
+                  SEGS="*i64")
+    one = dict(num_warps=4, num_stages=1)
+    specs["tidx_count"] = spec("_tidx_count", one, itypes, **tidx)
+    specs["tidx_place"] = spec("_tidx_place", one, itypes, **tidx)
+    specs["tidx_items"] = spec("_tidx_items", one, itypes, H=H, N_BLK=1024, CHUNK=skv_chunk)
     for mode, cfg in tma.items():
         if not cfg["TMA"]:
             continue

@@ -151,6 +151,20 @@ def test_train_two_kinds_then_needle_and_generate(tmp_path, capsys):
                                                               "ab", "--compile", "--device", "cpu"], capsys)
 
 
+def test_train_compiled_matches_eager(tmp_path, monkeypatch, capsys):
+    """--compile trains the same steps as eager (torch.compile with aot_eager here: dynamo and
+    AOTAutograd over the model, the passkey batches' varying lengths included)."""
+    real, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real(m, backend="aot_eager", **kw))
+    args = ["train", *SMALL, "--attention", "nsa", "--steps", "3", "--eval-every", "0", "--no-needle"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main([*args, "--out", a]) == 0
+    assert cli.main([*args, "--out", b, "--compile"]) == 0
+    want, got = [r["loss"] for r in read_log(a)], [r["loss"] for r in read_log(b)]
+    assert got == pytest.approx(want, rel=1e-5) and len(set(want)) == 3
+    assert len(compiled) == 1  # the compiled run's model, once
+
+
 def test_train_on_a_text_file(tmp_path, capsys):
     p = tmp_path / "corpus.txt"
     p.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -134,6 +134,54 @@ def test_transposed_index():
     assert all(c == 0 for _, c in segs.tolist()[3:])
 
 
+def _random_selection(B, T, H, n, lp, cu, q_offset, seed):
+    """block_indices [B, T, H, n] as the selection makes them: distinct causal blocks per row
+    (its own block always among them), -1 in the slots past the row's reachable blocks."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((B, T, H, n), -1, dtype=torch.int32)
+    starts = [0] * T if cu is None else [s for s, e in zip(cu[:-1], cu[1:]) for _ in range(s, e)]
+    for b in range(B):
+        for t in range(T):
+            own = (q_offset + t - starts[t]) // lp
+            for h in range(H):
+                pick = torch.randperm(own, generator=g)[:n - 1].tolist()
+                row = [own] + pick
+                idx[b, t, h, :len(row)] = torch.tensor(row, dtype=torch.int32)[torch.randperm(len(row), generator=g)]
+    return idx.to(DEV)
+
+
+@pytest.mark.parametrize("B,T,H,n,lp,chunk,cu,q_offset", [
+    (1, 150, 2, 4, 16, 8, None, 0),
+    (2, 97, 1, 3, 8, 4, None, 0),
+    (1, 160, 2, 5, 16, 16, [0, 37, 100, 160], 0),
+    (1, 90, 3, 4, 16, 8, None, 21),  # a prefill after 21 cached positions
+])
+def test_transposed_index_triton(B, T, H, n, lp, chunk, cu, q_offset):
+    """The counted index (Triton) against the sorted one: the same items and segments, each
+    item the same positions; a segment's own positions (those that see part of the block)
+    first, as the dk/dv kernel's unmasked tiles need."""
+    idx = _random_selection(B, T, H, n, lp, cu, q_offset, seed=T)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    z = idx.new_zeros(B, T + q_offset, 1, 1)
+    seq, lens = BW._seq(idx[..., :1, :1], z, z[:, :0], z[:, :0], cu_t, 1, 1)
+    want = BW.transposed_index(idx, seq, lens, H, lp, chunk)
+    got = BW.transposed_index_triton(idx, seq, lens, H, lp, chunk, q_offset)
+    (wi, wq, ws), (gi, gq, gs) = [[x.cpu() for x in r] for r in (want, got)]
+    real = int((wi[:, 4] > 0).sum())
+    assert real == int((gi[:, 4] > 0).sum()) and (gi[real:, 4] == 0).all()
+    assert torch.equal(gi[:real], wi[:real])
+    segs = lambda s: sorted(tuple(r) for r in s.tolist() if r[1])  # noqa: E731
+    assert segs(gs) == segs(ws)
+    n_entries = int((idx >= 0).sum())
+    assert int(wi[:real, 4].sum()) == n_entries
+    for f, c in (r for r in gs.tolist() if r[1]):
+        blk, st, cnt = int(gi[f, 2]), int(gi[f, 3]), int(gi[f:f + c, 4].sum())
+        pos, ref = gq[st:st + cnt].tolist(), wq[st:st + cnt].tolist()
+        assert sorted(pos) == ref  # the same positions ...
+        own = [q_offset + t < (blk + 1) * lp - 1 for t in pos]
+        assert own == sorted(own, reverse=True)  # ... the own ones first
+
+
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
 def test_window_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     q, k, v, _, _, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)

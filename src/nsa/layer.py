@@ -73,11 +73,11 @@ class NSAAttention(nn.Module):
 
     # ------------------------------------------------------------------ projections
     def _project(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor | None = None):
-        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates. ``rope`` (a decode
-        step: :func:`nsa.rope.rope_table` of the cache's positions): the rotation's rows are
-        gathered from it instead of computed, and q and every branch's keys rotate in one pass;
-        the same values, a few kernels instead of ~40 a layer (a step replayed as a graph is
-        launch-bound)."""
+        """x [B, T, d_model], pos [B or 1, T] -> q, [(k, v) per branch], gates. q and every
+        branch's keys rotate in one pass (the same values as one by one, ~10 kernels instead of
+        ~40 each way: a small model's training step is launch-bound). ``rope`` (a decode step:
+        :func:`nsa.rope.rope_table` of the cache's positions): the rotation's rows are gathered
+        from it instead of computed (a step replayed as a graph pays per launch)."""
         c = self.config
         B, T, _ = x.shape
         H, Dk, Dv = c.n_kv_heads, c.head_dim, c.v_head_dim
@@ -85,12 +85,14 @@ class NSAAttention(nn.Module):
         q = self.q_proj(x).view(B, T, c.n_heads, Dk)
         kv = self.kv_proj(x).split([H * Dk, H * Dv] * self.n_branches, dim=-1)
         keys = [kv[2 * i].view(B, T, H, Dk) for i in range(self.n_branches)]
+        qk = torch.cat([q, *keys], 2)  # [B, T, HQ + branches * H, Dk]
         if rope is None:
-            cos, sin = rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc)
-            q, keys = apply_rope(q, cos, sin), [apply_rope(k, cos, sin) for k in keys]
+            rotated = apply_rope(qk, *rope_cos_sin(pos, Dk, c.rope_theta, dtype=acc))
         else:
-            rotated = apply_rope_table(torch.cat([q, *keys], 2), rope[pos])
-            q, *keys = rotated.split([c.n_heads] + [H] * self.n_branches, dim=2)
+            rotated = apply_rope_table(qk, rope[pos])
+        q, *keys = rotated.split([c.n_heads] + [H] * self.n_branches, dim=2)
+        if rope is None:  # the op saves its inputs for the backward: contiguous ones, copied once
+            q, keys = q.contiguous(), [k.contiguous() for k in keys]
         pairs = [(keys[i], kv[2 * i + 1].view(B, T, H, Dv)) for i in range(self.n_branches)]
         if self.n_branches == 1:
             pairs = pairs * 3

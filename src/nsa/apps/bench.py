@@ -341,7 +341,9 @@ def _bwd_breakdown(c, x, rep) -> dict:
                                                     dq_acc=dq, q_chunk=0, gate=0, **g),
         "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc,
                                                 seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g),
-        "bwd_slc_index": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
+        # the work items of its dk/dv kernel: counted (what it runs), and sorted (deterministic=True)
+        "bwd_slc_index": lambda: BW.transposed_index_triton(idx, seq, lens, c["H"], c["lp"], 256),
+        "bwd_slc_index_sorted": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
         "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2, **g, **win),
     }
     out = {}
@@ -707,6 +709,9 @@ def _generate_ms(model, prompt, new: int, graph: bool, compiled: bool = False) -
         torch.cuda.synchronize()
         return (time.perf_counter() - t0) * 1e3
 
+    if compiled:  # every cell compiles afresh: the decode_step of each model and cache length
+        torch._dynamo.reset()  # counts toward one function's recompile limit (8) otherwise
+        model._decode_compiled = None
     call(new + 1)  # warm-up: compiles and autotunes
     half = new // 2
     t1, th, tn = (statistics.median(call(n) for _ in range(3)) for n in (1, half + 1, new + 1))
@@ -1024,7 +1029,7 @@ def markdown_table(out) -> str:
     return "\n".join(lines)
 
 
-BWD_PIECES = ("bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index", "bwd_win")
+BWD_PIECES = ("bwd_cmp", "bwd_cmp_unsplit", "bwd_slc", "bwd_slc_index", "bwd_slc_index_sorted", "bwd_win")
 
 
 def _markdown_table_train(out) -> str:

@@ -42,6 +42,9 @@ def add_model_train_arguments(parser) -> None:
                              "is the floor of NSA's step, which runs a window branch too)")
     parser.add_argument("--timed-steps", type=positive_int, default=5,
                         help="model-train: optimizer steps timed per cell, after 2 warm-up steps (default 5)")
+    parser.add_argument("--compile", action="store_true",
+                        help="model-train: torch.compile each model (inductor; both attention kinds), as "
+                             "`nsa train --compile`; the warm-up steps compile")
 
 
 def git_commit() -> str | None:
@@ -68,14 +71,15 @@ def _sdpa_context(name):
 
 
 def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | None = None,
-                     autocast_dtype=None) -> dict:
+                     autocast_dtype=None, compile: bool = False) -> dict:
     """Time optimizer steps of ``model`` on ``tokens`` [B, T + 1] (inputs and shifted targets), as
     ``nsa train`` runs them (AdamW betas (0.9, 0.95), clipping at 1, fp32 cross-entropy).
 
     Returns {"fwd_bwd_ms", "opt_ms", "step_ms": medians over ``steps`` timed steps, "tokens_per_s":
     B * T / step time, "peak_gb": peak CUDA memory of the timed steps (0 on a CPU), "losses":
     the loss of every step, warm-up included}. ``sdpa`` ("cudnn", "flash" or None) pins PyTorch's
-    attention backend; ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast.
+    attention backend; ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast;
+    ``compile``: the forward (and so the backward) through ``torch.compile(model)``.
     """
     import contextlib
 
@@ -88,6 +92,7 @@ def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x, y = tokens[:, :-1], tokens[:, 1:]
     model.train()
+    fwd = torch.compile(model) if compile else model
     fb, op, losses = [], [], []
     for i in range(warmup + steps):
         if i == warmup and cuda:
@@ -96,7 +101,7 @@ def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | Non
         t0 = time.perf_counter()
         with _sdpa_context(sdpa), (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype
                                    else contextlib.nullcontext()):
-            logits = model(x)
+            logits = fwd(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         with _sdpa_context(sdpa):
@@ -132,21 +137,24 @@ def model_and_tokens(preset: str, attention: str, T: int, batch: int, dev):
     return model, torch.randint(0, cfg.vocab_size, (batch, T + 1), device=dev, generator=g)
 
 
-def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev) -> dict:
+def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev, compile: bool = False) -> dict:
     import torch
 
     model, tokens = model_and_tokens(preset, attention, T, batch, dev)
-    res = {"params": model.num_params()}
+    res = {"params": model.num_params(), "compiled": compile}
+    kw = dict(autocast_dtype=torch.bfloat16, compile=compile)
+    if compile:
+        torch._dynamo.reset()  # each cell compiles afresh (one function's recompile limit)
     if attention != "full":
-        res.update(time_train_steps(model, tokens, steps, autocast_dtype=torch.bfloat16))
+        res.update(time_train_steps(model, tokens, steps, **kw))
         return res
     try:  # cuDNN where it takes these shapes, else flash
-        res.update(time_train_steps(model, tokens, steps, sdpa="cudnn", autocast_dtype=torch.bfloat16), sdpa="cudnn")
+        res.update(time_train_steps(model, tokens, steps, sdpa="cudnn", **kw), sdpa="cudnn")
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise
         res["cudnn_error"] = " ".join(str(e).split())[:300]
-        res.update(time_train_steps(model, tokens, steps, sdpa="flash", autocast_dtype=torch.bfloat16), sdpa="flash")
+        res.update(time_train_steps(model, tokens, steps, sdpa="flash", **kw), sdpa="flash")
     return res
 
 
@@ -165,6 +173,7 @@ def model_train_sweep(args, meta: dict, out_path: str, dev) -> int:
     meta = dict(meta, commit=git_commit(),
                 timing=f"wall clock of whole optimizer steps (synchronized), median of {args.timed_steps} "
                        f"after 2 warm-up steps; fp32 weights, bf16 autocast, AdamW; batch {args.batch}, "
+                       f"{'torch.compile (inductor), ' if args.compile else 'eager, '}"
                        f"random tokens; NSA backend triton, full attention SDPA cuDNN (else flash)")
     rows = []
     for preset in args.presets:
@@ -172,7 +181,7 @@ def model_train_sweep(args, meta: dict, out_path: str, dev) -> int:
             for attention in args.attentions:
                 res = dict(preset=preset, attention=attention, T=T, batch=args.batch)
                 try:
-                    res.update(_cell(preset, attention, T, args.batch, args.timed_steps, dev))
+                    res.update(_cell(preset, attention, T, args.batch, args.timed_steps, dev, args.compile))
                 except torch.cuda.OutOfMemoryError:
                     res["error"] = "out of memory"
                 except Exception as e:  # keep going: report what failed

@@ -106,6 +106,10 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (0: end only; default 100)")
     p.add_argument("--out", default="runs/tiny", help="output folder (default runs/tiny)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor): fewer, fused kernels a step where a small "
+                        "model's step waits on Python's launches; the first steps compile (a new sequence "
+                        "length recompiles once, then the shapes are dynamic)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from these weights (a checkpoint folder, its KIND subfolder per "
                         "attention kind when present, or a .safetensors file) with a fresh "
@@ -231,6 +235,8 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
         _check_corpus(out, task.info, args.resume)
     # the optimizer is made after sharding (FSDP2 replaces the parameters by sharded ones)
     wrapped = wrap_model(model, args.fsdp, d, device)
+    if args.compile:
+        wrapped = torch.compile(wrapped)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},

@@ -599,6 +599,73 @@ def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, 
     tl.store(OUT + (row + ar[:, None] * H) * D + col[None, :], acc, mask=u_ok[:, None] & col_ok)
 
 
+@triton.jit
+def _tidx_entries(BI, TBL, SEQ, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+                  N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+    """The selections of BR positions of one group (TBL row: sequence, first local position):
+    their keys (sequence, group, block) in the transposed index, which of them are real, and
+    which are the block's own positions (those that do not see all of it)."""
+    seq = tl.load(TBL + tl.program_id(0) * 2).to(tl.int64)
+    t0 = tl.load(TBL + tl.program_id(0) * 2 + 1)
+    g = tl.program_id(1)
+    q_start = tl.load(SEQ + seq * 8 + 0)
+    q_len = tl.load(SEQ + seq * 8 + 1)
+    t = t0 + tl.arange(0, BR)
+    j = tl.arange(0, NP)
+    ok = (t[:, None] < q_len) & (j[None, :] < N_SEL)
+    blk = tl.load(BI + ((q_start + t[:, None]) * H + g) * N_SEL + j[None, :], mask=ok, other=-1)
+    ok = ok & (blk >= 0)
+    key = (seq * H + g) * N_BLK + blk
+    own = q_offset + t[:, None] < blk * SEL_L + SEL_L - 1
+    return t, key, ok, own
+
+
+@triton.jit
+def _tidx_count(BI, TBL, SEQ, HIST, n_keys, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+                N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+    """Transposed index, pass 1: per key, the entries (HIST[key]) and the own ones among them
+    (HIST[n_keys + key])."""
+    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, H, N_SEL, NP, N_BLK, SEL_L, BR)
+    tl.atomic_add(HIST + key, 1, mask=ok, sem="relaxed")
+    tl.atomic_add(HIST + n_keys + key, 1, mask=ok & own, sem="relaxed")
+
+
+@triton.jit
+def _tidx_place(BI, TBL, SEQ, HIST, STARTS, QPOS, n_keys, q_offset, H: tl.constexpr, N_SEL: tl.constexpr,
+                NP: tl.constexpr, N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+    """Pass 2: each entry takes a slot of its key's segment by counting the key's pass-1 count
+    down: own positions the slots [0, own), the others [own, count), so that the own ones
+    (the only ones that need the causal mask) are a prefix. The order inside each part is
+    the atomics' (deterministic=True builds the index sorted instead)."""
+    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, H, N_SEL, NP, N_BLK, SEL_L, BR)
+    slot = tl.atomic_add(HIST + key + tl.where(own, n_keys, 0), -1, mask=ok, sem="relaxed") - 1
+    start = tl.load(STARTS + key, mask=ok, other=0)
+    tl.store(QPOS + start + slot, tl.broadcast_to(t[:, None], [BR, NP]).to(tl.int64), mask=ok)
+
+
+@triton.jit
+def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, H: tl.constexpr, N_BLK: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass 3, one program per key: its work items (sequence, group, block, first entry,
+    count <= CHUNK) from item FIRST[key] on, and its SEGS row (first item, item count)."""
+    s = tl.program_id(0).to(tl.int64)
+    st = tl.load(STARTS + s)
+    cnt = tl.load(ENDS + s) - st
+    first = tl.load(FIRST + s)
+    nch = (cnt + CHUNK - 1) // CHUNK
+    tl.store(SEGS + s * 2, first)
+    tl.store(SEGS + s * 2 + 1, nch)
+    seq = s // (H * N_BLK)
+    g = (s // N_BLK) % H
+    blk = s % N_BLK
+    for c in range(0, nch):
+        row = ITEMS + (first + c) * 5
+        tl.store(row, seq)
+        tl.store(row + 1, g)
+        tl.store(row + 2, blk)
+        tl.store(row + 3, st + c * CHUNK)
+        tl.store(row + 4, tl.minimum(cnt - c * CHUNK, CHUNK))
+
+
 # ------------------------------------------------------------------------------ launchers
 def _tma_rows(h: int, dtype: torch.dtype, device, interp: bool) -> bool:
     """Whether the band dk/dv reads its query tiles through tensor descriptors (``TMA`` of
@@ -838,9 +905,77 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
     return items.contiguous(), qpos.contiguous(), torch.stack([first, nch], 1).contiguous()
 
 
+def transposed_index_triton(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int = 0):
+    """:func:`transposed_index` in three Triton passes and a few scans (11 launches against ~40,
+    no sort): the same items and segments; each segment holds the same positions, its own
+    positions (``q_offset + t < (block + 1) * sel_block - 1``) first, the rest after them, each
+    part in the atomics' order (not ascending: the dk/dv kernel needs only the own ones first).
+    S is every (sequence, group, block): N x H x blocks."""
+    B, T, _, n = block_indices.shape
+    dev = block_indices.device
+    n_blk = max(1, -(-max(lens.k_slc, default=0) // sel_block))
+    n_keys = seq.shape[0] * H * n_blk
+    E = B * T * H * n
+    BR = 64  # positions per program: [64, next_pow2(n)] entries
+    tbl = C.prog_table(lens, BR, dev)
+    meta = dict(H=H, N_SEL=n, NP=C.next_pow2(n), N_BLK=n_blk, SEL_L=sel_block, BR=BR)
+    hist = torch.zeros(2 * n_keys, dtype=torch.int32, device=dev)  # counts, own counts
+    bi = block_indices.contiguous()
+    _tidx_count[(tbl.shape[0], H)](bi, tbl, seq, hist, n_keys, int(q_offset), **meta)
+    counts = hist[:n_keys]
+    ends = torch.cumsum(counts, 0)  # int64
+    starts = ends - counts
+    nch = (counts + (chunk - 1)) // chunk
+    first = torch.cumsum(nch, 0) - nch
+    qpos = torch.empty(E, dtype=torch.int64, device=dev)  # past the real entries: never read
+    _tidx_place[(tbl.shape[0], H)](bi, tbl, seq, hist, starts, qpos, n_keys, int(q_offset), **meta)
+    items = torch.zeros(n_keys + E // chunk, 5, dtype=torch.int64, device=dev)
+    segs = torch.empty(n_keys, 2, dtype=torch.int64, device=dev)
+    _tidx_items[(n_keys,)](starts, ends, first, items, segs, H=H, N_BLK=n_blk, CHUNK=chunk)
+    return items, qpos, segs
+
+
+def slc_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int, deterministic: bool):
+    """The slc dk/dv kernel's work items: sorted (:func:`transposed_index`, positions ascending:
+    the order ``deterministic`` needs) or counted (:func:`transposed_index_triton`)."""
+    if deterministic:
+        return transposed_index(block_indices, seq, lens, H, sel_block, chunk)
+    return transposed_index_triton(block_indices, seq, lens, H, sel_block, chunk, q_offset)
+
+
+_SIDE: dict = {}  # device -> the side stream that builds the transposed index
+
+
+def slc_index_beside(*args):
+    """:func:`slc_index` (same arguments) started on a side stream (CUDA; on the current one
+    elsewhere and while capturing a graph), to overlap other work: its small latency-bound
+    kernels (the sorted index: ~40 and a sort, 0.95 ms at 8k in the paper geometry on an
+    H100) serve only the slc dk/dv kernel. Returns ``join``: ``join()`` makes the current
+    stream wait for the index and returns it."""
+    dev = args[0].device
+    if dev.type != "cuda" or C.interpreting() or torch.cuda.is_current_stream_capturing():
+        index = slc_index(*args)
+        return lambda: index
+    main = torch.cuda.current_stream(dev)
+    side = _SIDE.get(dev)
+    if side is None:
+        side = _SIDE[dev] = torch.cuda.Stream(dev)
+    side.wait_stream(main)  # block_indices is ready
+    with torch.cuda.stream(side):
+        index = slc_index(*args)
+
+    def join():
+        main.wait_stream(side)
+        for t in index:  # allocated on the side stream, used and freed on the main one
+            t.record_stream(main)
+        return index
+
+    return join
+
+
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
                       q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None,
-                      deterministic=False, gates=None, d_gates=None):
+                      deterministic=False, gates=None, d_gates=None, index=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
@@ -852,7 +987,9 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     deterministic ("transposed" only): each work item stores its share into a buffer of its
     own and :func:`_segment_sum` adds a block's shares in item order (bitwise the same
     gradients on every run, at the cost of that buffer: n_items x l' x (Dk + Dv) fp32).
-    gates / d_gates: as :func:`band_backward`'s, for the slc gate (index 1).
+    gates / d_gates: as :func:`band_backward`'s, for the slc gate (index 1). index ("transposed"):
+    the ``join`` of :func:`slc_index_beside` started earlier with the same ``chunk``,
+    ``q_offset`` and ``deterministic`` (default: built here).
     """
     if deterministic and dkdv != "transposed":
         raise ValueError("deterministic=True needs dkdv='transposed'")
@@ -887,7 +1024,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
         cfg_kv = dict(cfg_kv)
         chunk = chunk or cfg_kv["chunk"]
         del cfg_kv["chunk"]
-        items, qpos, segs = transposed_index(block_indices, seq, lens, H, sel_block, chunk)
+        items, qpos, segs = (index() if index else
+                             slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic))
         if items.shape[0]:
             BS = common["BS"]
             gk, gv = dk, dv
@@ -986,13 +1124,16 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     # the group-major q of both band branches' descriptor tiles: written by cmp's dq kernel
     # (by the window's when there are no compressed keys and cmp's does not run)
     H = k_cmp.shape[2]
+    # the slc dk/dv kernel's index builds beside the cmp branch's backward (same chunk as its default)
+    chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
+    index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
     _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                       seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
                                       dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
-                                          lse=lse_slc, deterministic=det, **gkw)
+                                          lse=lse_slc, deterministic=det, index=index, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
