@@ -265,6 +265,32 @@ def test_packed_model_equals_separate_sequences():
     _close(packed, alone, 1e-5)
 
 
+def test_compiled_decode_step_is_dynamic_across_cache_lengths(monkeypatch):
+    """The model's compiled decode step (what generate(compile=True) captures) recompiles once
+    for a second cache length and then reuses that graph: ten lengths, two compilations, eager's
+    logits each time (static shapes failed at the ninth length, torch's recompile limit)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(COMPILER)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **dict(kw, backend=counter)))
+    torch.manual_seed(0)
+    model = NSAModel(ModelConfig.preset("tiny", attention="full", n_layers=1)).to(DEV).eval()
+    step = model.compiled_decode_step()
+    assert model.compiled_decode_step() is step
+    for L in range(40, 120, 8):
+        prompt = torch.randint(0, 256, (2, L - 8), device=DEV)
+        tok = torch.randint(0, 256, (2, 1), device=DEV)
+        out = []
+        for fn in (model.decode_step, step):
+            cache = model.new_cache(2, L)
+            with torch.no_grad():
+                model(prompt, cache=cache)
+                out.append(fn(tok, cache, torch.full((2,), L - 8, dtype=torch.int64, device=DEV)))
+        _close(out[1], out[0], 1e-5)
+    assert counter.frame_count == 2
+
+
 def test_raw_cu_seqlens_inside_compile_is_refused():
     layer = _layer("torch")
     fn = torch.compile(lambda x, cu: layer(x, cu_seqlens=cu), backend="eager", fullgraph=True)

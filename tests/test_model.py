@@ -150,10 +150,9 @@ def test_gpu_generate_compiled_cuda_graph_equals_eager(attention):
     prompt = torch.randint(0, 256, (2, 37), device="cuda")
     eager = model.generate(prompt, 24)
     assert torch.equal(model.generate(prompt, 24, cuda_graph=True, compile=True), eager)
-    compiled = model._decode_compiled
-    assert compiled is not None
+    compiled = model.compiled_decode_step()
     assert torch.equal(model.generate(prompt, 24, cuda_graph=True, compile=True), eager)
-    assert model._decode_compiled is compiled
+    assert model.compiled_decode_step() is compiled
 
 
 def test_sampling_is_seeded_and_respects_top_k_top_p():

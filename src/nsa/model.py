@@ -448,6 +448,16 @@ class NSAModel(nn.Module):
         seqlens.add_(1)
         return self.lm_head(self.norm(x))[:, -1]
 
+    def compiled_decode_step(self):
+        """:meth:`decode_step` through ``torch.compile`` (inductor, ``fullgraph``), made on the first
+        call and kept (what ``generate(compile=True)`` captures). Shapes are automatically dynamic:
+        a second batch size or cache length recompiles once with symbolic sizes, which every later
+        one reuses (static shapes recompiled per length and failed at torch's recompile limit, the
+        ninth)."""
+        if self._decode_compiled is None:
+            self._decode_compiled = torch.compile(self.decode_step, fullgraph=True)
+        return self._decode_compiled
+
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
              cu_seqlens=None):
         """Mean cross-entropy of next tokens (targets -100 are ignored); ``weights`` [B, T]
@@ -482,7 +492,8 @@ class NSAModel(nn.Module):
         ``compile=True`` (with ``cuda_graph``): the step is compiled first with ``torch.compile``
         (inductor, ``fullgraph``), so the graph replays a few fused kernels a layer instead of
         dozens of small ones. The first call pays the compilation (tens of seconds); the model
-        keeps the compiled step for later calls (a new batch size or cache length recompiles).
+        keeps the compiled step for later calls (:meth:`compiled_decode_step`: the first new batch
+        size or cache length recompiles once, with dynamic shapes that later ones reuse).
         """
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a non-empty integer tensor [B, T], got "
@@ -541,9 +552,7 @@ class _GraphedStep:
         self.cache = cache
         self.step = model.decode_step
         if compiled:
-            if model._decode_compiled is None:
-                model._decode_compiled = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
-            self.step = model._decode_compiled
+            self.step = model.compiled_decode_step()
         B, dev = cache.last.shape[0], cache.last.device
         self.tok = torch.zeros(B, 1, dtype=torch.int64, device=dev)
         self.seqlens = torch.full((B,), length, dtype=torch.int64, device=dev)
