@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
-from .selected import tile_block, tile_lists
+from .selected import tile_block, tile_lists, tile_uniques
 
 
 @triton.jit
@@ -420,6 +420,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
     ar = tl.arange(0, BS)
     qk_scale = sm_scale * LOG2E
     lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
+    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     if not HAVE_LSE:  # pass 1: the slc log-sum-exp of every row, written to LSEBUF for pass 2
         q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
@@ -428,8 +429,8 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
             q1 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, BK0, BK1, DK, UPCAST)
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
-        for ps in range(0, BT * N_SEL):
-            blk, sel, u, u_ok = tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
+        for ps in range(0, n_steps):
+            blk, sel, u, u_ok = tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
                                            SEL_L, BS, HP, BT)
             kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
             s = tl.dot(q0, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)),
@@ -451,8 +452,8 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
                                              BK0, BK1, BV, UPCAST, True, GATES, DG, DOB, GIDX)
     dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
     dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
-    for ps in range(0, BT * N_SEL):
-        blk, sel, u, u_ok = tile_block(IDX, lists, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
+    for ps in range(0, n_steps):
+        blk, sel, u, u_ok = tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
                                        SEL_L, BS, HP, BT)
         kv_row = (k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
