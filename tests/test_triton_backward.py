@@ -157,10 +157,29 @@ def _random_selection(B, T, H, n, lp, cu, q_offset, seed):
     (1, 90, 3, 4, 16, 8, None, 21),  # a prefill after 21 cached positions
 ])
 def test_transposed_index_triton(B, T, H, n, lp, chunk, cu, q_offset):
+    _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed=T)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_transposed_index_triton_random_shapes(data):
+    B = data.draw(st.integers(1, 2))
+    T = data.draw(st.integers(1, 130))
+    cu = None
+    if B == 1 and T > 2 and data.draw(st.booleans()):
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), min_size=1, max_size=3))))
+        cu = [0, *cuts, T]
+    lp = data.draw(st.sampled_from([4, 8, 16]))
+    _check_counted_index(B, T, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6)), lp,
+                         data.draw(st.sampled_from([2, 4, 8, 64])), cu,
+                         0 if cu else data.draw(st.integers(0, 40)), seed=T)
+
+
+def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed):
     """The counted index (Triton) against the sorted one: the same items and segments, each
     item the same positions; a segment's own positions (those that see part of the block)
     first, as the dk/dv kernel's unmasked tiles need."""
-    idx = _random_selection(B, T, H, n, lp, cu, q_offset, seed=T)
+    idx = _random_selection(B, T, H, n, lp, cu, q_offset, seed=seed)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
     z = idx.new_zeros(B, T + q_offset, 1, 1)
     seq, lens = BW._seq(idx[..., :1, :1], z, z[:, :0], z[:, :0], cu_t, 1, 1)
