@@ -430,8 +430,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
         m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         for ps in range(0, n_steps):
-            blk, sel, u, u_ok = tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
-                                           SEL_L, BS, HP, BT)
+            blk, sel, u, u_ok = tile_block(lists, uniq, ps, row_ok, k_len, SEL_L, BS, HP, BT)
             kb = K + ((k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g) * DK
             s = tl.dot(q0, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)),
                        input_precision=PREC)
@@ -453,8 +452,7 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, S
     dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
     dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
     for ps in range(0, n_steps):
-        blk, sel, u, u_ok = tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
-                                       SEL_L, BS, HP, BT)
+        blk, sel, u, u_ok = tile_block(lists, uniq, ps, row_ok, k_len, SEL_L, BS, HP, BT)
         kv_row = (k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,

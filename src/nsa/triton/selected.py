@@ -4,12 +4,10 @@ As the paper's Figure 3: a program holds the h query heads of one group at BT co
 positions (BM = BT * HP rows) and makes one pass over their selected blocks; each key/value
 block it loads serves every head of the group. h is padded to a power of two HP inside the
 kernel, and BT = 16 / HP positions fill the tensor-core minimum of 16 rows when h < 16, so
-every h from 1 to 64 works. With BT > 1 the program walks the positions' lists in turn; a
-block is attended once, at its first occurrence in the tile, for every row whose position
-selected it (the local blocks always coincide): the walk goes over the tile's distinct blocks
-only (:func:`tile_uniques`, in first-occurrence order), so the same sums as a walk over every
-slot whose repeats add exact zeros, in a third of its steps at h = 4 (~20 distinct blocks of
-64 slots).
+every h from 1 to 64 works. With BT > 1 the program walks the tile's distinct blocks
+(:func:`tile_uniques`, in first-occurrence order), each once for every row whose position
+selected it (the local blocks always coincide): the same sums as a walk over every slot whose
+repeats add exact zeros, in a third of its steps at h = 4 (~20 distinct blocks of 64 slots).
 
 Tried and measured (docs/kernels.md): two selected blocks per step for one-position tiles
 (a [Dk, 2 l'] key tile): slower on the H100, slc 23.5 -> 26.0 ms at 64k (paper config). Four
@@ -76,8 +74,7 @@ def tile_uniques(lists, N_SEL: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H: tl.constexpr,
-               N_SEL: tl.constexpr, SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr,
+def tile_block(lists, uniq, ps, row_ok, k_len, SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr,
                BT: tl.constexpr):
     """Step ps of a tile's walk (:func:`tile_uniques`): (blk, the block, -1 for an empty slot;
     sel [BT * HP], the rows whose position lists it; u [BS], its key positions; u_ok, the
@@ -129,8 +126,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for ps in range(0, n_steps):
-        blk, sel, u, u_ok = tile_block(IDX, lists, uniq, ps, q_start, t0, q_len, g, row_ok, k_len, H, N_SEL,
-                                       SEL_L, BS, HP, BT)
+        blk, sel, u, u_ok = tile_block(lists, uniq, ps, row_ok, k_len, SEL_L, BS, HP, BT)
         # one scalar base per block, small offsets inside it: fewer 64-bit address registers
         blk_row = tl.maximum(blk, 0).to(tl.int64) * SEL_L
         kr = ar  # K/V rows of the block
