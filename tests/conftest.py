@@ -245,3 +245,42 @@ def nan_fenced(x):
     y = buf[x.numel():2 * x.numel()].view(x.shape)
     y.copy_(x)
     return y
+
+
+def shared_tile_lists(cu, bt: int, n: int, n_blocks: int, seed: int = 0):
+    """Block lists for the slc kernels' split launch: per sequence of ``cu`` (boundaries), tiles
+    of ``bt`` positions that either all list the same n blocks or list disjoint ones (needs
+    ``n_blocks >= bt * n``), a fifth of the entries -1. Returns (rows [T][n], tiles: (distinct
+    blocks, positions) per tile, in order)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, tiles = [], []
+    for s0, s1 in zip(cu[:-1], cu[1:]):
+        for t0 in range(s0, s1, bt):
+            together = torch.rand(1, generator=g).item() < 0.5
+            blocks = torch.randperm(n_blocks, generator=g)
+            m = min(bt, s1 - t0)
+            for j in range(m):
+                own = blocks[:n] if together else blocks[j * n:(j + 1) * n]
+                rows.append(torch.where(torch.rand(n, generator=g) < 0.2, -1, own).tolist())
+            lists = torch.tensor(rows[-m:])
+            tiles.append((len(set(lists[lists >= 0].tolist())), m))
+    return rows, tiles
+
+
+def tiles_taken(tiles, most: int) -> list[int]:
+    """Per position, 1 where its tile lists at most ``most`` distinct blocks (the split's flags)."""
+    return sum(([int(u <= most)] * m for u, m in tiles), [])
+
+
+class Launches:
+    """Wraps an (interpreted) kernel: records each launch's constexprs and, after it, a copy of
+    its pointer argument number ``arg``."""
+
+    def __init__(self, kernel, arg: int):
+        self.kernel, self.arg, self.calls = kernel, arg, []
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.kernel[grid](*args, **kw)
+            self.calls.append((kw, args[self.arg].clone()))
+        return run

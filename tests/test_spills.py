@@ -28,7 +28,7 @@ from nsa.triton import backward as BW  # noqa: E402
 from nsa.triton import decode as D  # noqa: E402
 
 GPU_TRITON = "3.6.0"
-TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32",
+TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32", FLAGS="*i8",
              SEQ="*i64", ITEMS="*i64", QPOS="*i64", IDX="*i64", LSEBUF="*fp32", sm_scale="fp32",
              q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32", NT="i32")
 # (query heads, kv heads, Dk, Dv) as the benchmarks run them: the kv heads enter the address
@@ -83,7 +83,8 @@ def _specs(HQ, H, Dk, Dv):
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
-        "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, **slc),
+        "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False,
+                       **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     # the counted transposed index (one launch config: 4 warps, 1 stage)
@@ -133,14 +134,54 @@ def test_selected_tiles_of_small_groups_do_not_spill(h, gpu_triton):
     assert min(c["num_warps"] for c in C.tuned_variants()["_selected_fwd"]) == 2
     dims = dict(HQ=4 * h, G=h, DK=64, DV=64, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=cfg["HP"], BT=cfg["BT"], BK0=64,
                 BK1=0, BV=64, PREC="tf32", UPCAST=False)
-    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False)
+    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False)
     sq, _ = BW._slc_configs(h, 64, 64, False)
     specs = {f"fwd-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                      constexprs=fwd, num_warps=w, num_stages=st)
              for w, st in ((2, 1), (2, 3), (4, 3))}
     specs["dq"] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types,
-                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1), num_warps=sq["num_warps"],
+                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False),
+                       num_warps=sq["num_warps"],
                        num_stages=sq["num_stages"])
+    with ThreadPoolExecutor(2) as pool:
+        res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
+    assert not {k: r for k, r in res.items() if r["stack"]}, res
+    assert all(r["regs"] > 0 for r in res.values()), res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("h", [16, 32])
+def test_selected_split_launch_does_not_spill(h, gpu_triton):
+    """The split launches (selected.share_split) of the slc forward and dq at the paper
+    geometry's 192 / 128 head dims: the forward's shared pass (64 rows: 4 positions of 16
+    heads, 2 of 32) at every config its autotuner keeps (selected._prune), its one-position
+    pass that skips what the first took at the fewest warps, 1 and 3 stages, and at 4 warps x 3
+    stages; the dq's two passes at their configs (backward.SLC_DQ_SHARED, _slc_configs)."""
+    from types import SimpleNamespace
+
+    from nsa.triton import selected as S
+
+    bt, share = S.share_split(h, 16)
+    types = dict(TYPES, IDX="*i64", FLAGS="*i8", TUNE_T="i32")
+    dims = dict(HQ=4 * h, G=h, DK=192, DV=128, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=h, BK0=128, BK1=64, BV=128,
+                PREC="tf32", UPCAST=False, WRITE_LSE=True)
+    shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False)
+    kept = S._prune([SimpleNamespace(**c) for c in C.tuned_variants()["_selected_fwd"]], {}, SHARE=share)
+    assert kept and min(c.num_warps for c in kept) == 4
+    specs = {f"shared-w{c.num_warps}-s{c.num_stages}": dict(module="nsa.triton.selected", kernel="_selected_fwd",
+                                                            types=types, constexprs=shared, num_warps=c.num_warps,
+                                                            num_stages=c.num_stages) for c in kept}
+    rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True)
+    specs.update({f"rest-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
+                                           constexprs=rest, num_warps=w, num_stages=st)
+                  for w, st in ((2, 1), (2, 3), (4, 3))})
+    sq, _ = BW._slc_configs(h, 192, 128, False)
+    dq = dict(dims, KV=False, HAVE_LSE=True, GIDX=1)
+    del dq["WRITE_LSE"]
+    for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False), BW.SLC_DQ_SHARED),
+                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True), sq)):
+        specs[name] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types, constexprs=const,
+                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {k: r for k, r in res.items() if r["stack"]}, res

@@ -41,7 +41,7 @@ from nsa import reference as R  # noqa: E402
 from nsa.triton import (compressed_attention_triton, nsa_triton, select_blocks_triton,  # noqa: E402
                         selected_attention_triton, sliding_window_triton)
 from nsa.triton import select as S  # noqa: E402
-from conftest import nan_fenced, to_pages  # noqa: E402
+from conftest import Launches, nan_fenced, shared_tile_lists, tiles_taken, to_pages  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -351,6 +351,48 @@ def test_selected_arbitrary_lists(HQ):
     idx = torch.tensor(rows, device=DEV).view(1, T, 1, 4)
     _close(selected_attention_triton(q, k, v, idx, sel_block=8),
            R.selected_attention_ref(q, k, v, idx, sel_block=8))
+
+
+@pytest.mark.parametrize("HQ,cu,off", [pytest.param(16, [0, 150], 0, id="h16"),
+                                       pytest.param(16, [0, 37, 38, 150], 0, id="h16-varlen-cut-tiles"),
+                                       pytest.param(32, [0, 61], 90, id="h32-2-positions-a-tile-offset")])
+def test_selected_split_launch(HQ, cu, off, monkeypatch):
+    """At 16-32 heads a group the slc forward runs in two launches (selected.share_split):
+    tiles of 64 rows (4 positions at h = 16, 2 at h = 32) that list at most SHARE distinct
+    blocks walk them together and are marked in the flags; the second launch does every other
+    position on its own. Tiles here either share one list (taken) or list disjoint blocks
+    (left), so the flags are known; the output equals the reference either way, and with
+    SHARE_FRACTION 0 (nothing taken) and 1 (everything taken)."""
+    SL = selected_attention_triton.__globals__  # its module's, whichever import of it this is
+    lp, n = 8, 4
+    bt, share = SL["share_split"](HQ, n)
+    assert bt == 64 // HQ and share == int(SL["SHARE_FRACTION"] * bt * n)
+    T = cu[-1]
+    q, k, v, *_ = _inputs(off + T, HQ, 1, 32, 24, seed=T)
+    q = q[:, off:]
+    rows, tiles = shared_tile_lists(cu, bt, n, 24, seed=HQ + len(cu))  # blocks 19-23: past the keys
+    idx = torch.tensor(rows, device=DEV).view(1, T, 1, n)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV) if len(cu) > 2 else None
+    ref = R.selected_attention_ref(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off)
+    assert 0 < sum(tiles_taken(tiles, share)) < T  # both launches have work
+    lses = []
+    for frac in (SL["SHARE_FRACTION"], 0.0, 1.0):
+        monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
+        rec = Launches(SL["_selected_fwd_tuned"], 6)
+        monkeypatch.setitem(SL, "_selected_fwd_tuned", rec)
+        o, lse = selected_attention_triton(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off,
+                                           return_lse=True)
+        monkeypatch.undo()
+        assert [(kw["BT"], kw["SKIP"]) for kw, _ in rec.calls] == [(bt, False), (1, True)]
+        assert rec.calls[0][0]["SHARE"] == int(frac * bt * n)
+        assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))
+        _close(o, ref)
+        lses.append(lse)
+    fin = torch.isfinite(lses[0])  # the lse the backward reuses, whichever launch wrote it
+    assert 0 < fin.sum() < fin.numel()  # rows whose blocks are all holes or past the keys: -inf
+    for lse in lses[1:]:
+        assert torch.equal(torch.isfinite(lse), fin)
+        _close(lse[fin], lses[0][fin])
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton")
 
 import nsa  # noqa: E402
 from nsa import reference as R  # noqa: E402
-from conftest import nan_fenced  # noqa: E402
+from conftest import Launches, nan_fenced, shared_tile_lists, tiles_taken  # noqa: E402
 from nsa.triton import backward as BW  # noqa: E402
 from nsa.triton import compressed_attention_triton, selected_attention_triton  # noqa: E402
 
@@ -95,9 +95,10 @@ def test_selected_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
 @pytest.mark.parametrize("dkdv,chunk,det", [("transposed", 3, False), ("transposed", 3, True), ("atomic", None, False)],
                          ids=["transposed-chunk3", "transposed-chunk3-deterministic", "atomic"])
 def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
-    """Unsorted lists with -1 holes and blocks shared between neighbours (the tile dedup of
-    dq), both dk/dv paths, and blocks split into many chunks of the transposed index (with
-    deterministic=True, the chunks' shares summed in order by _segment_sum)."""
+    """Unsorted lists with -1 holes, blocks shared between neighbours (the tile dedup of dq)
+    and blocks past the keys (5 and 6: no keys, no gradient; the transposed index once wrote
+    them out of bounds), both dk/dv paths, and blocks split into many chunks of the transposed
+    index (with deterministic=True, the chunks' shares summed in order by _segment_sum)."""
     T, lp = 40, 8
     q, k, v, _, _, do, _ = _inputs(T, 4, 2, 48, 32, 8, 4)
     g = torch.Generator().manual_seed(3)
@@ -105,7 +106,7 @@ def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
     for t in range(T):  # per group: the block holding t, then 3 distinct others or -1, shuffled
         grp = []
         for _ in range(2):
-            others = [b for b in torch.randperm(5, generator=g).tolist() if b != t // lp][:3]
+            others = [b for b in torch.randperm(7, generator=g).tolist() if b != t // lp][:3]
             row = [t // lp] + [b if torch.rand(1, generator=g).item() < 0.7 else -1 for b in others]
             grp.append([row[i] for i in torch.randperm(4, generator=g).tolist()])
         rows.append(grp)
@@ -117,6 +118,40 @@ def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, sel_block=lp), (q, k, v), do)
     for a, b in zip(got, ref):
         _close(a, b)
+
+
+@pytest.mark.parametrize("HQ,cu,off,with_lse", [pytest.param(16, [0, 37, 38, 101], 0, True, id="h16-varlen"),
+                                                pytest.param(16, [0, 70], 0, False, id="h16-lse-recomputed"),
+                                                pytest.param(32, [0, 45], 60, True, id="h32-offset")])
+def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
+    """The slc dq kernel's split launch, as the forward's (test_triton.py,
+    test_selected_split_launch): tiles that share their blocks in the first launch, the other
+    positions in the second, with SHARE_FRACTION as shipped, 0 and 1; the flags are the ones
+    the lists imply and every gradient equals autograd through the reference."""
+    SL = BW.share_split.__globals__  # the module of the one BW calls, whichever import this is
+    lp, n = 8, 4
+    bt, share = SL["share_split"](HQ, n)
+    T = cu[-1]
+    q, k, v, _, _, do, _ = _inputs(off + T, HQ, 1, 48, 32, 8, 4, seed=T)
+    q, do = q[:, off:], do[:, off:]
+    rows, tiles = shared_tile_lists(cu, bt, n, max(24, bt * n), seed=HQ + off)
+    idx = torch.tensor(rows, device=DEV).view(1, T, 1, n)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV) if len(cu) > 2 else None
+    kw = dict(sel_block=lp, cu_seqlens=cu_t, q_offset=off)
+    assert 0 < sum(tiles_taken(tiles, share)) < T
+    o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, **kw)
+    ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
+    for frac in (SL["SHARE_FRACTION"], 0.0, 1.0):
+        monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
+        rec = Launches(BW._selected_bwd, 13)
+        monkeypatch.setattr(BW, "_selected_bwd", rec)
+        got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse if with_lse else None, **kw)
+        monkeypatch.undo()
+        assert [(c["BT"], c["SHARE"], c["SKIP"]) for c, _ in rec.calls] == [(bt, int(frac * bt * n), False),
+                                                                              (1, -1, True)]
+        assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))
+        for a, b in zip(got, ref):
+            _close(a, b)
 
 
 def test_transposed_index():

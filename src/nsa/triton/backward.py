@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
-from .selected import tile_block, tile_lists, tile_uniques
+from .selected import share_split, tile_block, tile_lists, tile_uniques
 
 
 @triton.jit
@@ -401,26 +401,37 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
 
 
 @triton.jit
-def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, TBL, SEQ, LSEBUF, sm_scale, q_offset,
+def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS, TBL, SEQ, LSEBUF, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
-                  HAVE_LSE: tl.constexpr, GIDX: tl.constexpr):
+                  HAVE_LSE: tl.constexpr, GIDX: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr):
     """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group).
     Without HAVE_LSE a first pass computes the slc lse into LSEBUF. GIDX >= 0: DO is the gated
-    output's gradient (:func:`_load_rows`: DG, DOB)."""
+    output's gradient (:func:`_load_rows`: DG, DOB). SHARE / SKIP: the two passes of a split
+    launch, as the forward's (:func:`.selected._selected_fwd`)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H: tl.constexpr = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
+    if SKIP:
+        if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
+            return
+    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
+    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
+    if SHARE >= 0:
+        tp = t0 + tl.arange(0, BT)
+        take = n_steps <= SHARE
+        tl.store(FLAGS + (q_start + tp).to(tl.int64) * H + g, tl.full([BT], 1, tl.int8) * take.to(tl.int8),
+                 mask=tp < q_len)
+        if not take:
+            return
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     ar = tl.arange(0, BS)
     qk_scale = sm_scale * LOG2E
-    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
-    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     if not HAVE_LSE:  # pass 1: the slc log-sum-exp of every row, written to LSEBUF for pass 2
         q0 = C.load_cols(Q + row0 * DK, rel * DK, row_ok, 0, BK0, DK, UPCAST)
@@ -602,18 +613,20 @@ def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, 
 def _tidx_entries(BI, TBL, SEQ, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
     """The selections of BR positions of one group (TBL row: sequence, first local position):
-    their keys (sequence, group, block) in the transposed index, which of them are real, and
-    which are the block's own positions (those that do not see all of it)."""
+    their keys (sequence, group, block) in the transposed index, which of them are real (not
+    -1, and not a block past the sequence's keys, which has no gradient), and which are the
+    block's own positions (those that do not see all of it)."""
     seq = tl.load(TBL + tl.program_id(0) * 2).to(tl.int64)
     t0 = tl.load(TBL + tl.program_id(0) * 2 + 1)
     g = tl.program_id(1)
     q_start = tl.load(SEQ + seq * 8 + 0)
     q_len = tl.load(SEQ + seq * 8 + 1)
+    k_len = tl.load(SEQ + seq * 8 + 3)  # KSN: the slc keys
     t = t0 + tl.arange(0, BR)
     j = tl.arange(0, NP)
     ok = (t[:, None] < q_len) & (j[None, :] < N_SEL)
     blk = tl.load(BI + ((q_start + t[:, None]) * H + g) * N_SEL + j[None, :], mask=ok, other=-1)
-    ok = ok & (blk >= 0)
+    ok = ok & (blk >= 0) & (blk * SEL_L < k_len)
     key = (seq * H + g) * N_BLK + blk
     own = q_offset + t[:, None] < blk * SEL_L + SEL_L - 1
     return t, key, ok, own
@@ -709,6 +722,12 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
     HP, BT, _ = C.rows_for(h, 128)
     cfg_kv = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=1, TMA=False)
     return cfg_q, cfg_kv
+
+
+# The slc dq's shared pass (64 rows, selected.share_split): at the paper geometry 8 warps x 2
+# stages is the config without spills (sm_90 compile: 4 warps spill 80-104 bytes a thread,
+# 8 warps x 1 stage 152; tests/test_spills.py).
+SLC_DQ_SHARED = dict(num_warps=8, num_stages=2)
 
 
 def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
@@ -880,7 +899,9 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
     t_local = torch.arange(B * T, device=dev) - seq[seq_of_row, C.Q0]
     flat = block_indices.reshape(B * T, H, n).to(torch.int64)
     grp = torch.arange(H, device=dev)[None, :, None]
-    key = torch.where(flat >= 0, (seq_of_row[:, None, None] * H + grp) * n_blk + flat, sentinel)
+    # -1 and blocks past the sequence's keys (no gradient) are empty slots
+    real = (flat >= 0) & (flat * sel_block < seq[seq_of_row, C.KSN][:, None, None])
+    key = torch.where(real, (seq_of_row[:, None, None] * H + grp) * n_blk + flat, sentinel)
     key, order = torch.sort(key.reshape(-1), stable=True)  # stable: positions stay ascending
     qpos = t_local[order // (H * n)]
     E = key.numel()
@@ -1009,15 +1030,24 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     lse = lse.contiguous() if have_lse else torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     gated = _gated_launch(do, gates, 1, d_gates, delta)
     cfg_q, cfg_kv = _slc_configs(HQ // H, Dk, Dv, C.interpreting())
-    tbl = C.prog_table(lens, cfg_q["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
     common = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)),
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
                   UPCAST=C.upcast(q.dtype))
-    _selected_bwd[(tbl.shape[0], H)](
-        q, k, v, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, tbl, seq, lse,
-        float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic", HAVE_LSE=have_lse,
-        GIDX=gated["GIDX"], **common, **cfg_q)
+    # as the forward: tiles of several positions that share their blocks first, then the rest
+    split = share_split(HQ // H, n) if cfg_q["BT"] == 1 and k.shape[1] > 0 else None
+    flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else dq
+
+    def dq_launch(cfg, share, skip):
+        tbl = C.prog_table(lens, cfg["BT"], q.device)
+        _selected_bwd[(tbl.shape[0], H)](
+            q, k, v, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, flags, tbl,
+            seq, lse, float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic",
+            HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, **common, **cfg)
+
+    if split:
+        dq_launch(dict(cfg_q, **({} if C.interpreting() else SLC_DQ_SHARED), BT=split[0]), split[1], False)
+    dq_launch(cfg_q, -1, split is not None)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)

@@ -94,18 +94,33 @@ def tile_block(lists, uniq, ps, row_ok, k_len, SEL_L: tl.constexpr, BS: tl.const
 
 
 @triton.jit
-def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
+def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   WRITE_LSE: tl.constexpr, CLAMP: tl.constexpr, K0_FULL: tl.constexpr,
-                  V_FULL: tl.constexpr):
+                  V_FULL: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr):
+    """SHARE >= 0: the shared pass (BT > 1) of a split launch; it takes the tiles whose walk has
+    at most SHARE distinct blocks and marks their positions in FLAGS [rows, H] (int8: 1 taken,
+    0 left). SKIP: the one-position pass after it, which leaves the marked positions alone."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
     H = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
+    if SKIP:
+        if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
+            return
+    if SHARE >= 0:
+        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
+        tp = t0 + tl.arange(0, BT)
+        take = n_steps <= SHARE
+        tl.store(FLAGS + (q_start + tp).to(tl.int64) * H + g, tl.full([BT], 1, tl.int8) * take.to(tl.int8),
+                 mask=tp < q_len)
+        if not take:
+            return
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
@@ -119,8 +134,9 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     qk_scale = sm_scale * LOG2E
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
 
-    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
-    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
+    if SHARE < 0:
+        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -170,7 +186,35 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, TBL, SEQ, TUNE_T, sm_scale, q_offset,
 
 
 
-_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE', 'CLAMP'], [2, 4, 8], [1, 2, 3])
+def _prune(configs, named_args, **kwargs):
+    """The shared pass of a split launch (64 rows of 16-32 heads) spills at 2 warps (sm_90
+    compile of the paper geometry: 208-568 bytes a thread, tests/test_spills.py): it tunes
+    over 4 and 8 warps."""
+    if {**named_args, **kwargs}["SHARE"] >= 0:
+        return [c for c in configs if c.num_warps >= 4]
+    return configs
+
+
+_selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE',
+                                                  'CLAMP', 'SHARE'], [2, 4, 8], [1, 2, 3], prune=_prune)
+
+# A shared tile of BT positions costs about 1.4x a one-position tile per block step at h = 16
+# (H100, prefill_slc_tile_ab_h100.json: 64 rows against 16), so it pays when its walk has at
+# most ~0.7 of the BT * n steps that BT one-position tiles take.
+SHARE_FRACTION = 0.7
+
+
+def share_split(h: int, n: int) -> tuple[int, int] | None:
+    """(BT, SHARE) of the split launch for groups of h heads selecting n blocks: tiles of BT
+    positions (64 rows) that walk their distinct blocks when there are at most SHARE of them,
+    one position a tile elsewhere; None where tiles already hold several positions (h < 16)
+    or one position fills 64 rows (h > 32)."""
+    HP = C.next_pow2(h)
+    if not 16 <= HP <= 32:
+        return None
+    bt = 64 // HP
+    return bt, int(SHARE_FRACTION * bt * n)
+
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
@@ -189,6 +233,9 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     ``[B, Tk, H, Dv]`` from position 0; block_indices ``[B, T, H, n]`` (-1 entries ignored).
     Query t attends to every key u <= t of its group's blocks. Defaults: l' = 64,
     scale = 1/sqrt(Dk).
+
+    At 16-32 heads a group the launch is split (:func:`share_split`): tiles of several
+    positions whose lists share enough blocks go first, the other positions one a tile.
     """
     q, k_slc, v_slc = q.contiguous(), k_slc.contiguous(), v_slc.contiguous()
     block_indices = block_indices.contiguous()
@@ -200,17 +247,27 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
         return (o, lse) if return_lse else o
     seq, lens = C.seq_table(B, T, k_slc.shape[1], 0, 0, cu_seqlens, 1, 1, q.device)
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
-    tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
     BV = max(16, C.next_pow2(Dv))
-    # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
-    # a block's repeats must load nothing
-    clamp = cfg["BT"] == 1 and k_slc.shape[1] > 0
-    launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
-    _selected_fwd_tuned[(tbl.shape[0], H)](
-        q, k_slc, v_slc, o, lse if return_lse else o, block_indices, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
-        HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n, NP=max(2, C.next_pow2(n)),
-        HP=cfg["HP"], BT=cfg["BT"], BK0=BK0, BK1=BK1, BV=BV,
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse,
-        CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk, V_FULL=clamp and BV == Dv, **launch)
+    split = share_split(HQ // H, n) if cfg["BT"] == 1 and k_slc.shape[1] > 0 else None
+    flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else o
+
+    def launch(BT, share, skip):
+        # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
+        # a block's repeats must load nothing
+        clamp = BT == 1 and k_slc.shape[1] > 0
+        tbl = C.prog_table(lens, BT, q.device)
+        fixed = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
+        _selected_fwd_tuned[(tbl.shape[0], H)](
+            q, k_slc, v_slc, o, lse if return_lse else o, block_indices, flags, tbl, seq, C.next_pow2(T),
+            default_scale(scale, Dk), int(q_offset),
+            HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n,
+            NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=BT, BK0=BK0, BK1=BK1, BV=BV,
+            PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse,
+            CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk, V_FULL=clamp and BV == Dv, SHARE=share, SKIP=skip,
+            **fixed)
+
+    if split:
+        launch(split[0], split[1], False)
+    launch(cfg["BT"], -1, split is not None)
     return (o, lse) if return_lse else o
