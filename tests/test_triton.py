@@ -365,6 +365,7 @@ def test_selected_split_launch(HQ, cu, off, monkeypatch):
     SHARE_FRACTION 0 (nothing taken) and 1 (everything taken)."""
     SL = selected_attention_triton.__globals__  # its module's, whichever import of it this is
     lp, n = 8, 4
+    monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
     bt, share = SL["share_split"](HQ, n)
     assert bt == 64 // HQ and share == int(SL["SHARE_FRACTION"] * bt * n)
     T = cu[-1]
@@ -376,13 +377,13 @@ def test_selected_split_launch(HQ, cu, off, monkeypatch):
     ref = R.selected_attention_ref(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off)
     assert 0 < sum(tiles_taken(tiles, share)) < T  # both launches have work
     lses = []
+    kernel = SL["_selected_fwd_tuned"]
     for frac in (SL["SHARE_FRACTION"], 0.0, 1.0):
         monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
-        rec = Launches(SL["_selected_fwd_tuned"], 6)
+        rec = Launches(kernel, 6)
         monkeypatch.setitem(SL, "_selected_fwd_tuned", rec)
         o, lse = selected_attention_triton(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off,
                                            return_lse=True)
-        monkeypatch.undo()
         assert [(kw["BT"], kw["SKIP"]) for kw, _ in rec.calls] == [(bt, False), (1, True)]
         assert rec.calls[0][0]["SHARE"] == int(frac * bt * n)
         assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))

@@ -130,6 +130,7 @@ def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
     the lists imply and every gradient equals autograd through the reference."""
     SL = BW.share_split.__globals__  # the module of the one BW calls, whichever import this is
     lp, n = 8, 4
+    monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
     bt, share = SL["share_split"](HQ, n)
     T = cu[-1]
     q, k, v, _, _, do, _ = _inputs(off + T, HQ, 1, 48, 32, 8, 4, seed=T)
@@ -141,12 +142,12 @@ def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
     assert 0 < sum(tiles_taken(tiles, share)) < T
     o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, **kw)
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
+    kernel = BW._selected_bwd
     for frac in (SL["SHARE_FRACTION"], 0.0, 1.0):
         monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
-        rec = Launches(BW._selected_bwd, 13)
+        rec = Launches(kernel, 13)
         monkeypatch.setattr(BW, "_selected_bwd", rec)
         got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse if with_lse else None, **kw)
-        monkeypatch.undo()
         assert [(c["BT"], c["SHARE"], c["SKIP"]) for c, _ in rec.calls] == [(bt, int(frac * bt * n), False),
                                                                               (1, -1, True)]
         assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))

@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
-from .selected import share_split, tile_block, tile_lists, tile_uniques
+from .selected import share_split, share_take, tile_block, tile_lists, tile_uniques
 
 
 @triton.jit
@@ -419,15 +419,13 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS,
     if SKIP:
         if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
             return
-    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)  # each block once, as the forward
-    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
     if SHARE >= 0:
-        tp = t0 + tl.arange(0, BT)
-        take = n_steps <= SHARE
-        tl.store(FLAGS + (q_start + tp).to(tl.int64) * H + g, tl.full([BT], 1, tl.int8) * take.to(tl.int8),
-                 mask=tp < q_len)
+        lists, take = share_take(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE)
         if not take:
             return
+    else:
+        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+    n_steps, uniq = tile_uniques(lists, N_SEL, BT)  # each block once, as the forward
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     ar = tl.arange(0, BS)

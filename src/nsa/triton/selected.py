@@ -14,6 +14,9 @@ Tried and measured (docs/kernels.md): two selected blocks per step for one-posit
 positions per tile at h = 16 (64 rows, repeated blocks skipped by a branch) on the H200: 1.5x
 slower with the benchmark's random inputs, 1.6x faster when every 64 positions share one list;
 a trained model's lists are 50-70% distinct over 4 positions, so one position per tile stays.
+Walking the distinct blocks only, 4 positions a tile won on realistic inputs and lost on random
+ones on an H100 (prefill_slc_tile_ab_h100.json); the split launch (:func:`share_split`) picks
+per tile, and is off until timed (:data:`SPLIT`).
 With one position per tile, the slc branch's time hardly depends on how the lists overlap
 (random vs shared lists: 20.9 vs 20.4 ms at 64k), so it is not bound by L2 bandwidth.
 
@@ -45,6 +48,26 @@ def tile_lists(IDX, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.constexpr,
 
 
 @triton.jit
+def tile_firsts(lists, BT: tl.constexpr):
+    """(first [BT * NP], whether each slot of the tile's lists [BT, NP] holds a block that no
+    earlier position lists (a list's own blocks are distinct; empty slots, -1, are not firsts);
+    their count, the tile's distinct blocks). Compares only: one position's row at a time,
+    [M, NP] each, not [M, M]."""
+    NP: tl.constexpr = lists.shape[1]
+    M: tl.constexpr = BT * NP
+    flat = tl.reshape(lists, [M])
+    e = tl.arange(0, M)
+    prow = tl.arange(0, BT)
+    seen = e < 0
+    for p in tl.static_range(BT - 1):
+        row = tl.sum(tl.where(prow[:, None] == p, lists, 0), 0)  # [NP]
+        hit = tl.sum(tl.where(flat[:, None] == row[None, :], 1, 0), 1) > 0
+        seen = seen | (hit & (e // NP > p))
+    first = (flat >= 0) & (~seen)
+    return first, tl.sum(first.to(tl.int32), 0)
+
+
+@triton.jit
 def tile_uniques(lists, N_SEL: tl.constexpr, BT: tl.constexpr):
     """(the tile's walk length, uniq): with BT = 1 every slot of the position's list, N_SEL
     steps; with BT > 1 the distinct blocks of the tile's lists [BT, NP] in first-occurrence
@@ -56,21 +79,27 @@ def tile_uniques(lists, N_SEL: tl.constexpr, BT: tl.constexpr):
         n = N_SEL
         uniq = flat
     else:
-        e = tl.arange(0, M)
-        prow = tl.arange(0, BT)
-        # a slot repeats a block that an earlier position lists (a list's own blocks are distinct);
-        # one position's row at a time: [M, NP] compares, not [M, M]
-        seen = e < 0
-        for p in tl.static_range(BT - 1):
-            row = tl.sum(tl.where(prow[:, None] == p, lists, 0), 0)  # [NP]
-            hit = tl.sum(tl.where(flat[:, None] == row[None, :], 1, 0), 1) > 0
-            seen = seen | (hit & (e // lists.shape[1] > p))
-        first = (flat >= 0) & (~seen)
+        first, n = tile_firsts(lists, BT)
         # the firsts in slot order: sort (slot << 32 | block), the others after them
+        e = tl.arange(0, M)
         key = tl.where(first, (e.to(tl.int64) << 32) | flat.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
         uniq = (tl.sort(key, 0) & 0xFFFFFFFF).to(tl.int32)
-        n = tl.sum(first.to(tl.int32), 0)
     return n, uniq
+
+
+@triton.jit
+def share_take(IDX, FLAGS, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+               BT: tl.constexpr, SHARE: tl.constexpr):
+    """The shared pass of a split launch: (the tile's lists, whether it takes the tile: at most
+    SHARE distinct blocks), with its positions marked in FLAGS [rows, H] (int8: 1 taken, 0
+    left to the one-position pass). Decided before the walk's sort, which a left tile skips."""
+    lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+    _, n = tile_firsts(lists, BT)
+    take = n <= SHARE
+    tp = t0 + tl.arange(0, BT)
+    tl.store(FLAGS + (q_start + tp).to(tl.int64) * H + g, tl.full([BT], 1, tl.int8) * take.to(tl.int8),
+             mask=tp < q_len)
+    return lists, take
 
 
 @triton.jit
@@ -113,14 +142,10 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
         if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
             return
     if SHARE >= 0:
-        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
-        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
-        tp = t0 + tl.arange(0, BT)
-        take = n_steps <= SHARE
-        tl.store(FLAGS + (q_start + tp).to(tl.int64) * H + g, tl.full([BT], 1, tl.int8) * take.to(tl.int8),
-                 mask=tp < q_len)
+        lists, take = share_take(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE)
         if not take:
             return
+        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
@@ -202,15 +227,20 @@ _selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV
 # (H100, prefill_slc_tile_ab_h100.json: 64 rows against 16), so it pays when its walk has at
 # most ~0.7 of the BT * n steps that BT one-position tiles take.
 SHARE_FRACTION = 0.7
+# The split launch is off by default until it is timed again. Its first version (the walk's
+# sort before the decision, in every tile) took the paper geometry's slc at 64k on an H100
+# from 20.1 to 16.3 ms on realistic inputs but from 21.5 to 27.9 on random ones
+# (prefill_slc_split_h100.json); tiles it leaves now skip the sort.
+SPLIT = False
 
 
 def share_split(h: int, n: int) -> tuple[int, int] | None:
     """(BT, SHARE) of the split launch for groups of h heads selecting n blocks: tiles of BT
     positions (64 rows) that walk their distinct blocks when there are at most SHARE of them,
-    one position a tile elsewhere; None where tiles already hold several positions (h < 16)
-    or one position fills 64 rows (h > 32)."""
+    one position a tile elsewhere; None where it is off (:data:`SPLIT`), where tiles already
+    hold several positions (h < 16) or where one position fills 64 rows (h > 32)."""
     HP = C.next_pow2(h)
-    if not 16 <= HP <= 32:
+    if not SPLIT or not 16 <= HP <= 32:
         return None
     bt = 64 // HP
     return bt, int(SHARE_FRACTION * bt * n)
