@@ -4,7 +4,7 @@ forward + backward of a preset (bf16 autocast, fp32 weights, batch 1, random tok
 cuDNN), summed by kernel name, mean of ``--steps`` warm steps, next to the step's wall clock:
 what the model-level gap to full attention is made of.
 
-    python benchmarks/model_kernels.py --preset small --seqlen 8192   # --compile: through torch.compile
+    python benchmarks/model_kernels.py --preset small --seqlen 8192   # --compile [MODE]: through torch.compile
 writes benchmarks/results/model_kernels_{preset}_{T // 1024}k_{gpu}.json (``--out`` to choose).
 """
 
@@ -18,16 +18,18 @@ import torch.nn.functional as F
 
 from nsa.apps.bench import gpu_tag, result_meta
 from nsa.apps.bench_model import _sdpa_context, model_and_tokens
+from nsa.apps.runtime import COMPILE_MODES, compile_model, compiled_step_begin
 from profile_kernels import device_ms, wall_ms
 
 
-def profile(preset: str, attention: str, T: int, steps: int, compile: bool = False) -> dict:
+def profile(preset: str, attention: str, T: int, steps: int, compile: str | None = None) -> dict:
     model, tokens = model_and_tokens(preset, attention, T, 1, "cuda")
     x, y = tokens[:, :-1], tokens[:, 1:]
     sdpa = "cudnn" if attention == "full" else None
-    fwd = torch.compile(model) if compile else model
+    fwd = compile_model(model, compile) if compile else model
 
     def step():
+        compiled_step_begin(compile)
         with _sdpa_context(sdpa), torch.autocast("cuda", dtype=torch.bfloat16):
             logits = fwd(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -38,7 +40,7 @@ def profile(preset: str, attention: str, T: int, steps: int, compile: bool = Fal
 
     wall = wall_ms(step, steps, warmup=3)  # the warm-up compiles and autotunes
     ms = device_ms(step, steps)
-    return dict(preset=preset, attention=attention, T=T, compiled=compile, wall_ms=wall,
+    return dict(preset=preset, attention=attention, T=T, compiled=bool(compile), compile_mode=compile, wall_ms=wall,
                 kernel_sum_ms=sum(ms.values()), kernel_ms=ms)
 
 
@@ -48,7 +50,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=8192)
     p.add_argument("--attentions", nargs="+", default=["nsa", "full"])
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="the model through torch.compile (inductor)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="the model through torch.compile (inductor) in this mode (default: default)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -60,7 +63,7 @@ def main() -> None:
             print(f"{v:9.3f} ms  {name[:100]}")
     meta = result_meta(f"torch.profiler device time by kernel, mean of {a.steps} warm forward + backward steps; "
                        "wall: the same steps synchronized")
-    tag = "_compiled" if a.compile else ""
+    tag = "" if not a.compile else "_compiled" if a.compile == "default" else f"_compiled_{a.compile}"
     path = a.out or f"benchmarks/results/model_kernels_{a.preset}_{a.seqlen // 1024}k{tag}_{gpu_tag(meta['gpu'])}.json"
     with open(path, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)

@@ -152,17 +152,22 @@ def test_train_two_kinds_then_needle_and_generate(tmp_path, capsys):
 
 
 def test_train_compiled_matches_eager(tmp_path, monkeypatch, capsys):
-    """--compile trains the same steps as eager (torch.compile with aot_eager here: dynamo and
-    AOTAutograd over the model, the passkey batches' varying lengths included)."""
-    real, compiled = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real(m, backend="aot_eager", **kw))
+    """--compile [MODE] trains the same steps as eager (torch.compile with aot_eager here:
+    dynamo and AOTAutograd over the model, the passkey batches' varying lengths included); the
+    mode reaches torch.compile, and a bad one is a one-line CLI error."""
+    real, modes = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or real(m, backend="aot_eager"))
     args = ["train", *SMALL, "--attention", "nsa", "--steps", "3", "--eval-every", "0", "--no-needle"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    a, b, c = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")
     assert cli.main([*args, "--out", a]) == 0
     assert cli.main([*args, "--out", b, "--compile"]) == 0
-    want, got = [r["loss"] for r in read_log(a)], [r["loss"] for r in read_log(b)]
-    assert got == pytest.approx(want, rel=1e-5) and len(set(want)) == 3
-    assert len(compiled) == 1  # the compiled run's model, once
+    assert cli.main([*args, "--out", c, "--compile", "reduce-overhead"]) == 0
+    want = [r["loss"] for r in read_log(a)]
+    assert len(set(want)) == 3
+    for out in (b, c):
+        assert [r["loss"] for r in read_log(out)] == pytest.approx(want, rel=1e-5)
+    assert modes == [None, "reduce-overhead"]  # each compiled run's model once, in its mode
+    assert "invalid choice: 'fast'" in cli_error([*args, "--out", a, "--compile", "fast"], capsys)
 
 
 def test_train_on_a_text_file(tmp_path, capsys):

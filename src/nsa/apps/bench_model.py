@@ -26,6 +26,8 @@ import subprocess
 import time
 import traceback
 
+from .runtime import COMPILE_MODES, compile_model, compiled_step_begin
+
 MODEL_TRAIN_T = [8192, 16384, 32768]
 PRESETS_TIMED = ["small", "base"]
 KINDS = ("nsa", "full", "window")
@@ -42,9 +44,9 @@ def add_model_train_arguments(parser) -> None:
                              "is the floor of NSA's step, which runs a window branch too)")
     parser.add_argument("--timed-steps", type=positive_int, default=5,
                         help="model-train: optimizer steps timed per cell, after 2 warm-up steps (default 5)")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                         help="model-train: torch.compile each model (inductor; both attention kinds), as "
-                             "`nsa train --compile`; the warm-up steps compile")
+                             "`nsa train --compile [MODE]`; the warm-up steps compile")
 
 
 def git_commit() -> str | None:
@@ -71,7 +73,7 @@ def _sdpa_context(name):
 
 
 def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | None = None,
-                     autocast_dtype=None, compile: bool = False) -> dict:
+                     autocast_dtype=None, compile: str | None = None) -> dict:
     """Time optimizer steps of ``model`` on ``tokens`` [B, T + 1] (inputs and shifted targets), as
     ``nsa train`` runs them (AdamW betas (0.9, 0.95), clipping at 1, fp32 cross-entropy).
 
@@ -79,7 +81,8 @@ def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | Non
     B * T / step time, "peak_gb": peak CUDA memory of the timed steps (0 on a CPU), "losses":
     the loss of every step, warm-up included}. ``sdpa`` ("cudnn", "flash" or None) pins PyTorch's
     attention backend; ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward under autocast;
-    ``compile``: the forward (and so the backward) through ``torch.compile(model)``.
+    ``compile``: the forward (and so the backward) through ``torch.compile(model)`` in this
+    mode (:data:`nsa.apps.runtime.COMPILE_MODES`; None: eager).
     """
     import contextlib
 
@@ -92,13 +95,14 @@ def time_train_steps(model, tokens, steps: int, warmup: int = 2, sdpa: str | Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x, y = tokens[:, :-1], tokens[:, 1:]
     model.train()
-    fwd = torch.compile(model) if compile else model
+    fwd = compile_model(model, compile) if compile else model
     fb, op, losses = [], [], []
     for i in range(warmup + steps):
         if i == warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
+        compiled_step_begin(compile)
         with _sdpa_context(sdpa), (torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype
                                    else contextlib.nullcontext()):
             logits = fwd(x)
@@ -137,11 +141,11 @@ def model_and_tokens(preset: str, attention: str, T: int, batch: int, dev):
     return model, torch.randint(0, cfg.vocab_size, (batch, T + 1), device=dev, generator=g)
 
 
-def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev, compile: bool = False) -> dict:
+def _cell(preset: str, attention: str, T: int, batch: int, steps: int, dev, compile: str | None = None) -> dict:
     import torch
 
     model, tokens = model_and_tokens(preset, attention, T, batch, dev)
-    res = {"params": model.num_params(), "compiled": compile}
+    res = {"params": model.num_params(), "compiled": bool(compile), "compile_mode": compile}
     kw = dict(autocast_dtype=torch.bfloat16, compile=compile)
     if compile:
         torch._dynamo.reset()  # each cell compiles afresh (one function's recompile limit)
@@ -173,7 +177,7 @@ def model_train_sweep(args, meta: dict, out_path: str, dev) -> int:
     meta = dict(meta, commit=git_commit(),
                 timing=f"wall clock of whole optimizer steps (synchronized), median of {args.timed_steps} "
                        f"after 2 warm-up steps; fp32 weights, bf16 autocast, AdamW; batch {args.batch}, "
-                       f"{'torch.compile (inductor), ' if args.compile else 'eager, '}"
+                       f"{f'torch.compile (inductor, mode {args.compile}), ' if args.compile else 'eager, '}"
                        f"random tokens; NSA backend triton, full attention SDPA cuDNN (else flash)")
     rows = []
     for preset in args.presets:

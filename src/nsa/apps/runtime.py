@@ -16,6 +16,26 @@ import torch
 import torch.distributed as dist
 
 
+# --------------------------------------------------------------------------- torch.compile
+# torch.compile's modes; "reduce-overhead" and "max-autotune" replay CUDA graphs, which take a
+# small model's training step off Python's kernel launches
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model, mode: str):
+    """``torch.compile(model)`` (inductor) in one of :data:`COMPILE_MODES`."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return torch.compile(model) if mode == "default" else torch.compile(model, mode=mode)
+
+
+def compiled_step_begin(mode: str | None) -> None:
+    """Before each training step of a model compiled with CUDA graphs: the previous step's
+    graph outputs may be overwritten (torch.compiler.cudagraph_mark_step_begin)."""
+    if mode in ("reduce-overhead", "max-autotune"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 # --------------------------------------------------------------------------- argument types
 def _number(kind, s: str):
     try:

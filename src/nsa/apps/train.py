@@ -42,8 +42,9 @@ from ..model import ATTENTIONS, ModelConfig, NSAModel, PRESETS
 from .checkpoint import init_path, init_weights, load_checkpoint, resume_checkpoint, save_checkpoint
 from .data import CORPORA, ByteText, PasskeyTask, TextCorpus, describe_corpus
 from .needle import add_grid_arguments, needle_accuracy, needle_grid, report
-from .runtime import (Dist, all_sum, comma_list, fraction, init_distributed, nonnegative_float, nonnegative_int,
-                      out_folder, positive_float, positive_int, resolve_device, wrap_model)
+from .runtime import (COMPILE_MODES, Dist, all_sum, comma_list, compile_model, compiled_step_begin, fraction,
+                      init_distributed, nonnegative_float, nonnegative_int, out_folder, positive_float, positive_int,
+                      resolve_device, wrap_model)
 
 HELP = {"train": "train the small NSA language model (and its baselines), then the needle grid"}
 
@@ -106,10 +107,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (0: end only; default 100)")
     p.add_argument("--out", default="runs/tiny", help="output folder (default runs/tiny)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
                    help="torch.compile the model (inductor): fewer, fused kernels a step where a small "
                         "model's step waits on Python's launches; the first steps compile (a new sequence "
-                        "length recompiles once, then the shapes are dynamic)")
+                        "length recompiles once, then the shapes are dynamic). MODE: torch.compile's mode "
+                        f"({', '.join(COMPILE_MODES)}; default: default; reduce-overhead replays each step's "
+                        "kernels as CUDA graphs)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="start from these weights (a checkpoint folder, its KIND subfolder per "
                         "attention kind when present, or a .safetensors file) with a fresh "
@@ -236,7 +239,7 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
     # the optimizer is made after sharding (FSDP2 replaces the parameters by sharded ones)
     wrapped = wrap_model(model, args.fsdp, d, device)
     if args.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = compile_model(wrapped, args.compile)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -281,6 +284,7 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         x, y, w = task.batch(step, args.batch_size, d.rank, d.world, device)
         tokens += args.batch_size * x.shape[1]
+        compiled_step_begin(args.compile)
         with autocast:
             logits = wrapped(x)
         loss_sum, w_sum = weighted_ce(logits, y, w)
