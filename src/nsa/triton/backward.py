@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
-from .selected import share_split, share_take, tile_block, tile_lists, tile_uniques
+from .selected import share_split, split_tile, tile_block, tile_uniques
 
 
 @triton.jit
@@ -416,15 +416,9 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS,
     g = tl.program_id(1)
     H: tl.constexpr = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
-    if SKIP:
-        if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
-            return
-    if SHARE >= 0:
-        lists, take = share_take(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE)
-        if not take:
-            return
-    else:
-        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+    go, lists = split_tile(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE, SKIP)
+    if not go:
+        return
     n_steps, uniq = tile_uniques(lists, N_SEL, BT)  # each block once, as the forward
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)

@@ -103,6 +103,22 @@ def share_take(IDX, FLAGS, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.con
 
 
 @triton.jit
+def split_tile(IDX, FLAGS, q_start, t0, q_len, g, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
+               BT: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr):
+    """(whether the program has work, the tile's lists) in a slc kernel that may be one pass of
+    a split launch: SHARE >= 0, the shared pass (:func:`share_take`); SKIP, the one-position
+    pass after it, whose positions the shared pass took (FLAGS 1) are done."""
+    go = True
+    if SKIP:
+        go = tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) == 0
+    if SHARE >= 0:
+        lists, go = share_take(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE)
+    else:
+        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
+    return go, lists
+
+
+@triton.jit
 def tile_block(lists, uniq, ps, row_ok, k_len, SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr,
                BT: tl.constexpr):
     """Step ps of a tile's walk (:func:`tile_uniques`): (blk, the block, -1 for an empty slot;
@@ -138,14 +154,10 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
     g = tl.program_id(1)
     H = HQ // G
     t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
-    if SKIP:
-        if tl.load(FLAGS + (q_start + t0).to(tl.int64) * H + g) != 0:
-            return
-    if SHARE >= 0:
-        lists, take = share_take(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE)
-        if not take:
-            return
-        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
+    go, lists = split_tile(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE, SKIP)
+    if not go:
+        return
+    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
@@ -158,10 +170,6 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * LOG2E
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
-
-    if SHARE < 0:
-        lists = tile_lists(IDX, q_start, t0, q_len, g, H, N_SEL, NP, BT)
-        n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
