@@ -74,3 +74,23 @@ def test_synthesis_is_deterministic_per_seed():
     part = BI.synth_qk(512, 4, 2, 32, 8, 4, drift=64, noise=0.0, seed=3, positions=torch.arange(256, 512))
     full = BI.synth_qk(512, 4, 2, 32, 8, 4, drift=64, noise=0.0, seed=3)
     assert torch.equal(part[0][0], full[0][0, 256:]) and torch.equal(part[1], full[1])
+
+
+def test_tile_distinct_counts_each_valid_block_once():
+    """benchmarks/slc_tile_distinct.py's statistic: distinct blocks per tile of bt positions and
+    one group, -1 left out, against a count by Python sets."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "slc_tile_distinct.py")
+    spec = importlib.util.spec_from_file_location("slc_tile_distinct", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tile_distinct = mod.tile_distinct
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 9, (1, 8, 2, 3), generator=g)  # 8 positions, 2 groups, n = 3
+    want = [len({b for t in range(t0, t0 + 4) for b in idx[0, t, h].tolist() if b >= 0})
+            for t0 in (0, 4) for h in (0, 1)]
+    assert tile_distinct(idx, 4).tolist() == want
+    assert tile_distinct(torch.full((1, 4, 1, 2), -1), 4).tolist() == [0]
