@@ -16,6 +16,9 @@
 # 640 of 640 needles at 2k-16k, seeds 0 / 2 / 1 missed 1 / 15 / 418 of 480 at 4k-16k
 # (benchmarks/results/needle_gpu_seeds_h200.json; GPU training is not bit-exact, so a rerun of a
 # seed may land elsewhere in that spread).
+# UNTIL=ACC: the first stage stops once the needle check at its longest length (every
+# ${UNTIL_EVERY:-250} steps, `nsa train --until-needle`) retrieves ACC of its needles; its step count is
+# then a cap (e.g. 4500:256:2048:nsa,window for a seed that learns the lookup late; not yet run).
 # DTYPE=float32 CONTEXTS=256,512 runs it on a CPU (a smoke test with small stages, e.g.
 # 3:128:256:nsa,window 3:128:512).
 set -euo pipefail
@@ -36,6 +39,7 @@ for spec in "$@"; do
     args=("${COMMON[@]}" --steps "$steps" --min-seq-len "$lo" --seq-len "$hi" --attention "$kinds" --out "$run")
     [ -n "$prev" ] && args+=(--init "$prev")
     [ -n "${lr:-}" ] && args+=(--lr "$lr")
+    [ $i -eq 1 ] && [ -n "${UNTIL:-}" ] && args+=(--until-needle "$UNTIL" --eval-every "${UNTIL_EVERY:-250}")
     echo "stage $i: ${args[*]}" | tee -a "$OUT/stages.txt"
     python3 -m nsa train "${args[@]}" 2>&1 | tr '\r' '\n' | grep -av 'it/s\|s/it\|step/s' > "$OUT/s$i.txt"
     prev="$run"  # --init finds each kind's subfolder, or the run itself when it trained one kind

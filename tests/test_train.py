@@ -248,3 +248,24 @@ def test_gpu_trained_model_retrieves_on_the_cpu_reference():
     tokens, a, key = needle_example(task, 2048, 2, 0.5, 0)
     prompt = torch.from_numpy(tokens[:a].astype(np.int64))[None]
     assert decode(model.generate(prompt, task.digits)[0, a:].tolist()) == key
+
+
+def test_train_until_needle_stops_at_the_check(tmp_path, capsys):
+    """--until-needle ACC: the run stops at the first periodic needle check that reaches ACC
+    (0 here: the first one), with that step's checkpoint and log line (holding the accuracy) its
+    last; without a reachable ACC it trains every step. Text data or no checks: a CLI error."""
+    args = ["train", *SMALL, "--attention", "nsa", "--steps", "6", "--eval-every", "2", "--no-needle"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert cli.main([*args, "--out", a, "--until-needle", "0"]) == 0
+    log = read_log(a)
+    assert [r["step"] for r in log] == [1, 2] and 0 <= log[-1]["needle_accuracy"] <= 1
+    with open(os.path.join(a, "checkpoint.json")) as f:
+        assert json.load(f)["step"] == 2
+    with open(os.path.join(a, "summary.json")) as f:
+        s = json.load(f)
+    assert (s["steps"], s["steps_done"]) == (6, 2)
+    assert "stopped" in capsys.readouterr().out
+    assert cli.main([*args, "--out", b, "--until-needle", "1", "--set", "n_layers=1"]) == 0
+    assert [r["step"] for r in read_log(b)][-1] == 6  # a tiny model never retrieves every needle in 6 steps
+    err = cli_error(["train", *SMALL, "--data", "stdlib", "--until-needle", "0.9", "--out", str(tmp_path / "c")], capsys)
+    assert "--until-needle needs the passkey task" in err

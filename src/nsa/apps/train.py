@@ -97,6 +97,11 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
                         "layer's NSAConfig fields flat or dotted: --set window=64 or --set attn.window=64")
     p.add_argument("--eval-every", type=nonnegative_int, default=100,
                    help="steps between evaluations (0: never; default 100)")
+    p.add_argument("--until-needle", type=fraction, default=None, metavar="ACC",
+                   help="passkey task: stop once the periodic needle check (every --eval-every steps, at "
+                        "--seq-len, 24 needles) retrieves at least this fraction; that step's checkpoint "
+                        "is the run's last (--steps is then the most it trains; a curriculum's first "
+                        "stage runs until the lookup is learned)")
     p.add_argument("--eval-windows", type=positive_int, default=32,
                    help="text data: validation windows of --seq-len tokens at fixed offsets of the "
                         "validation split (default 32)")
@@ -209,6 +214,8 @@ def cmd_train(args) -> int:
             raise ValueError(f"{out} already holds a checkpoint: pass --resume to continue it, or "
                              f"another --out")
     d = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.until_needle is not None and (args.data or not args.eval_every):
+        raise ValueError("--until-needle needs the passkey task (no --data) and --eval-every > 0")
     if args.data and d.world > 1 and args.eval_every and args.eval_windows % d.world:
         raise ValueError(f"--eval-windows ({args.eval_windows}) must be a multiple of the number of "
                          f"processes ({d.world})")
@@ -310,6 +317,10 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
                        val_position_bucket=val["position_bucket"], eval_seconds=round(val["seconds"], 3))
             if done == args.steps:  # the last evaluation also per window (paired comparisons)
                 rec["val_window_position_loss"] = val["window_position_loss"]
+        stop = False
+        if at_eval and not text:
+            rec["needle_accuracy"] = _periodic_eval(model, task, args, device, d, bar, done)
+            stop = args.until_needle is not None and rec["needle_accuracy"] >= args.until_needle
         if d.main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -323,10 +334,12 @@ def train(config: ModelConfig, args, out: str, device: str, d: Dist) -> NSAModel
                 t_last, s_last, tok_last = time.perf_counter(), train_s, tokens
             if at_eval and text:
                 bar.write(f"step {done}: val loss {val['loss']:.4f} ({val['loss'] / math.log(2):.3f} bits/byte)")
-        if at_eval and not text:
-            _periodic_eval(model, task, args, device, d, bar, done)
-        if done == args.steps or (args.save_every and done % args.save_every == 0):
+        if done == args.steps or stop or (args.save_every and done % args.save_every == 0):
             save_checkpoint(out, model, opt, done, args, d, global_loss)
+        if stop:
+            if d.main:
+                bar.write(f"step {done}: needle accuracy {rec['needle_accuracy']:.3f} >= {args.until_needle}: stopped")
+            break
     if d.main:
         bar.close()
         summary = _summary(config, model, args, out, device, d, tokens, train_s, global_loss, val,
@@ -418,7 +431,8 @@ def _summary(config, model, args, out, device, d, tokens, train_s, loss, val, da
     except ImportError:
         triton_version = None
     return {"attention": config.attention, "preset": args.preset, "params": model.num_params(),
-            "config": config.to_dict(), "steps": args.steps, "batch_size": args.batch_size,
+            "config": config.to_dict(), "steps": args.steps, "steps_done": rows[-1]["step"] if rows else 0,
+            "batch_size": args.batch_size,
             "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "tokens": tokens,
             "train_seconds": round(train_s, 3), "tokens_per_s": tokens / train_s if train_s else 0.0,
             "tokens_per_s_steady": steady, "final_loss": loss,
@@ -461,7 +475,8 @@ def _progress(start, total, enabled, desc):
 
 @torch.no_grad()
 def _periodic_eval(model, task, args, device, d, bar, step):
-    """The passkey task's periodic check: needle accuracy at the training length."""
+    """The passkey task's periodic check: needle accuracy at the training length (returned: the
+    mean over its depths)."""
     model.eval()
     # accuracy on fresh needles at the training length, all past the window
     far = [0.0, 0.25, 0.5]
@@ -473,3 +488,4 @@ def _periodic_eval(model, task, args, device, d, bar, step):
     if d.main:
         bar.write(msg)
     model.train()
+    return sum(acc) / len(acc)
