@@ -13,8 +13,8 @@ stopped runs and keeps finished ones; ``--plot-only`` redraws the results from t
 ``--smoke`` is a CPU setting of a few seconds (a tiny model, 112-token windows, ``--data stdlib``
 unless given) that checks the whole pipeline.
 
-The defaults are sized for one H200: the small preset, batch 8 x 8192 tokens, bf16, 1200 steps
-(79M tokens), ``--data python`` (its size depends on the installed packages, which the corpus
+The defaults are sized for one H100 or H200: the small preset, batch 8 x 8192 tokens, bf16, 2400
+steps (157M tokens; ~9 minutes for the three on an H100), ``--data python`` (its size depends on the installed packages, which the corpus
 record lists; the standard library alone was 9.2 MB on the GPU machine: 8.5 passes). Pick
 ``--steps`` from the slowest model's tokens/s (``nsa bench model-train --presets small --seqlens
 8192 --batch 8``): a run takes steps * 8 * 8192 / (tokens/s) seconds.
@@ -45,7 +45,7 @@ SMOKE_ARGS = ["--preset", "tiny", "--seq-len", "112", "--batch-size", "4", "--wa
 
 def train_argv(a, extra: list[str], kind: str) -> list[str]:
     """The ``nsa train`` command line of one model of the study."""
-    steps = a.steps or (4 if a.smoke else 1200)
+    steps = a.steps or (4 if a.smoke else 2400)
     every = a.eval_every or max(1, steps // 12)
     return ["train", "--data", corpus_name(a), "--attention", kind, "--steps", str(steps),
             "--eval-every", str(every), "--out", os.path.join(a.out, kind), "--seed", str(a.seed),
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None,
                    help="results path without extension (default benchmarks/results/lm_study_<gpu>, "
                         "RUNS/lm_study with --smoke)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of each model (default 1200; smoke 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of each model (default 2400; smoke 4)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps / 12)")
     p.add_argument("--kinds", default=",".join(KINDS), help="attention kinds (default nsa,full,window)")
     p.add_argument("--seed", type=int, default=0)

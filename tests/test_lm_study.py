@@ -279,7 +279,7 @@ def test_study_data_option(tmp_path, monkeypatch):
     study = _study()
     a = argparse.Namespace(steps=None, eval_every=None, out="r", seed=0, smoke=False, data=None)
     argv = study.train_argv(a, [], "nsa")
-    assert argv[argv.index("--data") + 1] == "python" and argv[argv.index("--steps") + 1] == "1200"
+    assert argv[argv.index("--data") + 1] == "python" and argv[argv.index("--steps") + 1] == "2400"
     for smoke, given, want in ((True, None, "stdlib"), (True, "python", "python"), (False, "stdlib", "stdlib")):
         argv = study.train_argv(argparse.Namespace(**dict(vars(a), smoke=smoke, data=given)), [], "nsa")
         assert argv[argv.index("--data") + 1] == want
