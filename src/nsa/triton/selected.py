@@ -157,7 +157,6 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
     go, lists = split_tile(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE, SKIP)
     if not go:
         return
-    n_steps, uniq = tile_uniques(lists, N_SEL, BT)
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
@@ -170,6 +169,7 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
     dv = tl.arange(0, BV)
     qk_scale = sm_scale * LOG2E
     ar = tl.arange(0, BS)  # BS = l' rounded up to a power of two >= 16 (the dot minimum)
+    n_steps, uniq = tile_uniques(lists, N_SEL, BT)  # with BT > 1 the dedup runs while the q loads are in flight
 
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
