@@ -1,8 +1,18 @@
-"""Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck)."""
+"""Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split]
+
+det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
+launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies.
+"""
 import sys
 import torch
 from nsa import nsa_func
 from nsa.reference import compress_mean
+from nsa.triton import selected
+
+argv = [a for a in sys.argv[1:] if a != "--split"]
+selected.SPLIT = "--split" in sys.argv[1:]
 torch.manual_seed(0)
 dev = "cuda"
 cu = torch.tensor([0, 77, 300, 301, 1203], dtype=torch.int32, device=dev)
@@ -14,7 +24,7 @@ kc = torch.cat([compress_mean(k[:, a:b], l, d) for a, b in zip(bounds[:-1], boun
 vc = torch.cat([compress_mean(v[:, a:b], l, d) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 g = torch.rand(1, T, HQ, 3, device=dev).to(torch.bfloat16)
 leaves = [x.detach().clone().requires_grad_() for x in (q, kc, vc, k, v, k.clone(), v.clone(), g)]
-for det in ([False, True] if len(sys.argv) < 2 else [sys.argv[1] == "det"]):
+for det in ([False, True] if not argv else [argv[0] == "det"]):
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=5, window=100, cu_seqlens=cu, backend="triton")
     try:
         o = nsa_func(*leaves, deterministic=det, **kw)
@@ -22,4 +32,4 @@ for det in ([False, True] if len(sys.argv) < 2 else [sys.argv[1] == "det"]):
         o = nsa_func(*leaves, **kw)
     o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
-    print("ok det", det, float(leaves[0].grad.float().norm()))
+    print("ok det", det, "split", selected.SPLIT, float(leaves[0].grad.float().norm()))
