@@ -265,7 +265,7 @@ def test_train_until_needle_stops_at_the_check(tmp_path, capsys):
         s = json.load(f)
     assert (s["steps"], s["steps_done"]) == (6, 2)
     assert "stopped" in capsys.readouterr().out
-    assert cli.main([*args, "--out", b, "--until-needle", "1", "--set", "n_layers=1"]) == 0
+    assert cli.main([*args, "--out", b, "--until-needle", "1"]) == 0
     assert [r["step"] for r in read_log(b)][-1] == 6  # a tiny model never retrieves every needle in 6 steps
     err = cli_error(["train", *SMALL, "--data", "stdlib", "--until-needle", "0.9", "--out", str(tmp_path / "c")], capsys)
     assert "--until-needle needs the passkey task" in err
