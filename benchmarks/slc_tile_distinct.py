@@ -9,7 +9,10 @@ Positions: 3 windows of 512 at T/4, T/2 and the end; selection by the PyTorch re
 CPU (~1 min on 2 cores).
 
     PYTHONPATH=src python benchmarks/slc_tile_distinct.py
-writes benchmarks/results/slc_tile_distinct_cpu.json.
+    # 8k, with the parameters nsa bench fitted there (prefill_realistic_h200.json)
+    PYTHONPATH=src python benchmarks/slc_tile_distinct.py --seqlen 8192 --params 109.99 0.6381 \
+        --out benchmarks/results/slc_tile_distinct_8k_cpu.json
+writes benchmarks/results/slc_tile_distinct_cpu.json (and .png).
 """
 
 from __future__ import annotations
@@ -43,16 +46,19 @@ def tile_distinct(idx: torch.Tensor, bt: int) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlen", type=int, default=65536)
+    p.add_argument("--params", type=float, nargs=2, default=None, metavar=("DRIFT", "NOISE"),
+                   help="the realistic inputs' synthesis parameters (default: those fitted at 64k)")
     p.add_argument("--out", default="benchmarks/results/slc_tile_distinct_cpu.json")
     a = p.parse_args()
     c, T, bt = CONFIGS["paper"], a.seqlen, 4
+    params = PARAMS_64K if a.params is None else dict(drift=a.params[0], noise=a.params[1])
     res = {}
     for mode in ("realistic", "random"):
         counts = []
         for s0 in (T // 4, T // 2, T - 512):
             pos = torch.arange(s0, s0 + 512)
             if mode == "realistic":
-                q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], positions=pos, seed=T, **PARAMS_64K)
+                q, kc = synth_qk(T, c["HQ"], c["H"], c["Dk"], c["l"], c["d"], positions=pos, seed=T, **params)
             else:  # as the benchmark's random inputs: i.i.d. normal queries and compressed keys
                 g = torch.Generator().manual_seed(s0)
                 q = torch.randn(1, len(pos), c["HQ"], c["Dk"], generator=g).bfloat16()
@@ -67,7 +73,7 @@ def main() -> None:
         print(mode, {k: v for k, v in res[mode].items() if k != "histogram"})
     meta = dict(device="cpu", torch=torch.__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), commit=git_commit(),
-                config="paper", T=T, positions_a_tile=bt, slots_a_tile=bt * c["n"], realistic_params=PARAMS_64K,
+                config="paper", T=T, positions_a_tile=bt, slots_a_tile=bt * c["n"], realistic_params=params,
                 windows="512 positions at T/4, T/2 and the end; selection by nsa.reference.select_blocks_ref")
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, results=res), f, indent=1)
