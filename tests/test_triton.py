@@ -353,10 +353,10 @@ def test_selected_arbitrary_lists(HQ):
            R.selected_attention_ref(q, k, v, idx, sel_block=8))
 
 
-@pytest.mark.parametrize("HQ,cu,off", [pytest.param(16, [0, 150], 0, id="h16"),
-                                       pytest.param(16, [0, 37, 38, 150], 0, id="h16-varlen-cut-tiles"),
-                                       pytest.param(32, [0, 61], 90, id="h32-2-positions-a-tile-offset")])
-def test_selected_split_launch(HQ, cu, off, monkeypatch):
+@pytest.mark.parametrize("HQ,H,cu,off", [pytest.param(16, 1, [0, 150], 0, id="h16"),
+                                         pytest.param(32, 2, [0, 37, 38, 150], 0, id="h16-2groups-varlen-cut-tiles"),
+                                         pytest.param(32, 1, [0, 61], 90, id="h32-2-positions-a-tile-offset")])
+def test_selected_split_launch(HQ, H, cu, off, monkeypatch):
     """At 16-32 heads a group the slc forward runs in two launches (selected.share_split):
     tiles of 64 rows (4 positions at h = 16, 2 at h = 32) that list at most SHARE distinct
     blocks walk them together and are marked in the flags; the second launch does every other
@@ -366,16 +366,17 @@ def test_selected_split_launch(HQ, cu, off, monkeypatch):
     SL = selected_attention_triton.__globals__  # its module's, whichever import of it this is
     lp, n = 8, 4
     monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
-    bt, share = SL["share_split"](HQ, n)
-    assert bt == 64 // HQ and share == int(SL["SHARE_FRACTION"] * bt * n)
+    bt, share = SL["share_split"](HQ // H, n)
+    assert bt == 64 // (HQ // H) and share == int(SL["SHARE_FRACTION"] * bt * n)
     T = cu[-1]
-    q, k, v, *_ = _inputs(off + T, HQ, 1, 32, 24, seed=T)
+    q, k, v, *_ = _inputs(off + T, HQ, H, 32, 24, seed=T)
     q = q[:, off:]
-    rows, tiles = shared_tile_lists(cu, bt, n, 24, seed=HQ + len(cu))  # blocks 19-23: past the keys
-    idx = torch.tensor(rows, device=DEV).view(1, T, 1, n)
+    groups = [shared_tile_lists(cu, bt, n, 24, seed=HQ + len(cu) + g) for g in range(H)]  # blocks 19-23: past the keys
+    idx = torch.tensor([rows for rows, _ in groups], device=DEV).permute(1, 0, 2)[None]  # [1, T, H, n]
+    taken = lambda most: [tiles_taken(tiles, most) for _, tiles in groups]  # noqa: E731  [H][T]
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV) if len(cu) > 2 else None
     ref = R.selected_attention_ref(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off)
-    assert 0 < sum(tiles_taken(tiles, share)) < T  # both launches have work
+    assert 0 < sum(map(sum, taken(share))) < T * H  # both launches have work
     lses = []
     kernel = SL["_selected_fwd_tuned"]
     for frac in (SL["SHARE_FRACTION"], 0.0, 1.0):
@@ -386,7 +387,7 @@ def test_selected_split_launch(HQ, cu, off, monkeypatch):
                                            return_lse=True)
         assert [(kw["BT"], kw["SKIP"]) for kw, _ in rec.calls] == [(bt, False), (1, True)]
         assert rec.calls[0][0]["SHARE"] == int(frac * bt * n)
-        assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))
+        assert rec.calls[1][1].T.tolist() == taken(int(frac * bt * n))  # flags [rows, H]
         _close(o, ref)
         lses.append(lse)
     fin = torch.isfinite(lses[0])  # the lse the backward reuses, whichever launch wrote it

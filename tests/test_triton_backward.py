@@ -120,10 +120,10 @@ def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
         _close(a, b)
 
 
-@pytest.mark.parametrize("HQ,cu,off,with_lse", [pytest.param(16, [0, 37, 38, 101], 0, True, id="h16-varlen"),
-                                                pytest.param(16, [0, 70], 0, False, id="h16-lse-recomputed"),
-                                                pytest.param(32, [0, 45], 60, True, id="h32-offset")])
-def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
+@pytest.mark.parametrize("HQ,H,cu,off,with_lse", [pytest.param(32, 2, [0, 37, 38, 101], 0, True, id="h16-2groups-varlen"),
+                                                  pytest.param(16, 1, [0, 70], 0, False, id="h16-lse-recomputed"),
+                                                  pytest.param(32, 1, [0, 45], 60, True, id="h32-offset")])
+def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
     """The slc dq kernel's split launch, as the forward's (test_triton.py,
     test_selected_split_launch): tiles that share their blocks in the first launch, the other
     positions in the second, with SHARE_FRACTION as shipped, 0 and 1; the flags are the ones
@@ -131,15 +131,16 @@ def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
     SL = BW.share_split.__globals__  # the module of the one BW calls, whichever import this is
     lp, n = 8, 4
     monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
-    bt, share = SL["share_split"](HQ, n)
+    bt, share = SL["share_split"](HQ // H, n)
     T = cu[-1]
-    q, k, v, _, _, do, _ = _inputs(off + T, HQ, 1, 48, 32, 8, 4, seed=T)
+    q, k, v, _, _, do, _ = _inputs(off + T, HQ, H, 48, 32, 8, 4, seed=T)
     q, do = q[:, off:], do[:, off:]
-    rows, tiles = shared_tile_lists(cu, bt, n, max(24, bt * n), seed=HQ + off)
-    idx = torch.tensor(rows, device=DEV).view(1, T, 1, n)
+    groups = [shared_tile_lists(cu, bt, n, max(24, bt * n), seed=HQ + off + g) for g in range(H)]
+    idx = torch.tensor([rows for rows, _ in groups], device=DEV).permute(1, 0, 2)[None]  # [1, T, H, n]
+    taken = lambda most: [tiles_taken(tiles, most) for _, tiles in groups]  # noqa: E731  [H][T]
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV) if len(cu) > 2 else None
     kw = dict(sel_block=lp, cu_seqlens=cu_t, q_offset=off)
-    assert 0 < sum(tiles_taken(tiles, share)) < T
+    assert 0 < sum(map(sum, taken(share))) < T * H
     o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, **kw)
     ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
     kernel = BW._selected_bwd
@@ -150,7 +151,7 @@ def test_selected_backward_split_launch(HQ, cu, off, with_lse, monkeypatch):
         got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse if with_lse else None, **kw)
         assert [(c["BT"], c["SHARE"], c["SKIP"]) for c, _ in rec.calls] == [(bt, int(frac * bt * n), False),
                                                                               (1, -1, True)]
-        assert rec.calls[1][1][:, 0].tolist() == tiles_taken(tiles, int(frac * bt * n))
+        assert rec.calls[1][1].T.tolist() == taken(int(frac * bt * n))  # flags [rows, H]
         for a, b in zip(got, ref):
             _close(a, b)
 
