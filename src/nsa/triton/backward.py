@@ -1027,7 +1027,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
                   BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)), PREC=C.dot_precision(q.dtype),
                   UPCAST=C.upcast(q.dtype))
     # as the forward: tiles of several positions that share their blocks first, then the rest
-    split = share_split(HQ // H, n) if cfg_q["BT"] == 1 and k.shape[1] > 0 else None
+    split = share_split(HQ // H, n) if k.shape[1] > 0 else None
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else dq
 
     def dq_launch(cfg, share, skip):

@@ -287,7 +287,7 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
     BK0, BK1 = C.split_dim(Dk)
     BV = max(16, C.next_pow2(Dv))
-    split = share_split(HQ // H, n) if cfg["BT"] == 1 and k_slc.shape[1] > 0 else None
+    split = share_split(HQ // H, n) if k_slc.shape[1] > 0 else None
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else o
 
     def launch(BT, share, skip):
