@@ -221,7 +221,9 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     for w in (4, 8):
         specs[f"cmp-qt4-warps{w}"] = dict(specs["cmp-paged0-qt4"], num_warps=w, num_stages=3)
     for bj in (64, 16):  # 16 blocks a program at batch 1
-        specs[f"scores-bj{bj}"] = spec("_decode_scores", NSP=128, BJ=bj, L_CMP=32, D_CMP=16, SEL_L=64, KMAX=7)
+        specs[f"scores-bj{bj}"] = spec("_decode_scores", NSP=128, BJ=bj, L_CMP=32, D_CMP=16, SEL_L=64, RP=4)
+    # l'/d = 3: the gather path
+    specs["scores-r3"] = spec("_decode_scores", NSP=128, BJ=64, L_CMP=16, D_CMP=4, SEL_L=12, RP=4)
     specs["top_n"] = spec("_decode_top_n", N_SEL=16, NP=16, NSELP=1024)
     specs["combine"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8)
     specs["combine-bv32"] = spec("_decode_combine", N_SEL=16, NW=8, NSP=128, NS2=16, NW2=8, BV=32)

@@ -756,6 +756,9 @@ DECODE_CASES = [
     # the paper's l/d/l' ratios over several tiles of the cmp kernel and blocks of the scores
     pytest.param(dict(lens=[1000, 555], HQ=4, H=1, Dk=32, Dv=32, l=32, d=16, lp=64, n=5, w=64, ring=True),
                  id="paper-ratios-tiles"),
+    # l' / d = 3 (not a power of two) and l > l': a compressed token reaches into two later blocks
+    pytest.param(dict(lens=[200, 131], HQ=8, H=2, Dk=32, Dv=32, l=16, d=4, lp=12, n=6, w=16, ring=True),
+                 id="odd-ratios-l>l'"),
 ]
 
 

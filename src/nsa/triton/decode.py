@@ -204,9 +204,17 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
 def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, KMAX: tl.constexpr, NQ: tl.constexpr):
+                   SEL_L: tl.constexpr, RP: tl.constexpr, NQ: tl.constexpr):
+    """Program (jb, (r, g)): the Eq. 9-10 scores of blocks jb * BJ .. of row r's group g.
+    d divides l and l', so block j's compressed tokens are its own R = l'/d tokens j * R + c
+    (c < R: for all BJ blocks one contiguous run of each head's row when R is a power of two,
+    else a [HP, BJ, RP] gather, RP = next_pow2(R)) and the l/d - 1 tokens before them that
+    reach into it (j * R - k, a gather each), each token's overlap a function of c or k alone.
+    A gather per overlap (l'/d + l/d - 1 of them), each with its own cross-lane head sum, had
+    made this kernel issue-bound (sm_90: 1,700 instructions a program of 64 blocks, now 660)."""
     jb = tl.program_id(0)
     H: tl.constexpr = HQ // G
+    R: tl.constexpr = SEL_L // D_CMP
     r, g, rows, h_ok = _group(tl.program_id(1), HQ, G, HP)
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
@@ -219,17 +227,27 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
     mx = tl.max(pm, 1)
     tot = tl.sum(pl * tl.exp2(pm - mx[:, None]), 1)
     lse = mx + tl.log2(tl.where(tot > 0, tot, 1.0))
-    # Eq. 9: block j overlaps compressed tokens i with i*d < (j+1)*l' and i*d + l > j*l'
     j = jb * BJ + tl.arange(0, BJ)
-    i_lo = tl.where(j * SEL_L >= L_CMP, (j * SEL_L - L_CMP) // D_CMP + 1, 0)
-    score = tl.zeros([BJ], dtype=tl.float32)
-    for k in tl.static_range(KMAX):
-        i = i_lo + k
-        ov = tl.minimum(i * D_CMP + L_CMP, (j + 1) * SEL_L) - tl.maximum(i * D_CMP, j * SEL_L)
-        ok = (i < nvis) & (ov > 0)
+    c = tl.arange(0, RP)
+    # token j * R + c covers [c * d, c * d + l) of the block's l' keys
+    w = (tl.minimum(c * D_CMP + L_CMP, SEL_L) - c * D_CMP).to(tl.float32) / D_CMP
+    if RP == R:  # the tile's tokens are one contiguous run of each head's row: 16-byte loads
+        ii = jb * BJ * R + tl.arange(0, BJ * R)
+        s2 = tl.load(S + rows[:, None] * TS + ii[None, :], mask=h_ok[:, None] & (ii < TS)[None, :],
+                     other=float("-inf"))
+        s2 = tl.where(ii[None, :] < nvis, s2, float("-inf"))  # not in the load's mask: it would split it
+        p = tl.reshape(tl.sum(tl.exp2(s2 - lse[:, None]), 0), [BJ, RP])  # head sum, 0 where masked
+    else:
+        i3 = (j * R)[None, :, None] + c[None, None, :]  # [1, BJ, RP]
+        ok3 = h_ok[:, None, None] & (c < R)[None, None, :] & (i3 < nvis)
+        s3 = tl.load(S + rows[:, None, None] * TS + i3, mask=ok3, other=float("-inf"))
+        p = tl.sum(tl.exp2(s3 - lse[:, None, None]), 0)  # [BJ, RP]
+    score = tl.sum(p * w[None, :], 1)
+    for k in tl.static_range(1, L_CMP // D_CMP):  # token j * R - k: its last l - k * d keys
+        i = j * R - k
+        ok = (i >= 0) & (i < nvis)
         s = tl.load(S + rows[:, None] * TS + i[None, :], mask=h_ok[:, None] & ok[None, :], other=float("-inf"))
-        p = tl.exp2(s - lse[:, None])  # [HP, BJ]; 0 where masked
-        score += tl.sum(p, 0) * (tl.maximum(ov, 0).to(tl.float32) / D_CMP)
+        score += tl.sum(tl.exp2(s - lse[:, None]), 0) * (min(L_CMP - k * D_CMP, SEL_L) / D_CMP)
     cur = pos // SEL_L
     forced = (j == 0) | (j == cur) | (j == cur - 1)
     score = tl.where(forced, float("inf"), tl.where(j * SEL_L <= pos, score, float("-inf")))
@@ -441,9 +459,12 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     tc_used = geometry.num_cmp_blocks(n_max, cmp_block, cmp_stride)
     nsplit = _n_split(tc_used, progs, BN, device)
     ch = C.cdiv(C.cdiv(max(tc_used, 1), nsplit), BN) * BN
-    ts = max(tc_used, 1)  # the scores of the visible tokens only (a cache's Tc may be far larger)
-    tc_bound = ts if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
-    cmp = ((nsplit, progs), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(progs), C.next_pow2(ts)),
+    # the raw scores of the visible tokens only (a cache's Tc may be far larger), rows padded to
+    # 16 tokens: aligned rows give the scores kernel 16-byte loads
+    ts = C.cdiv(max(tc_used, 1), 16) * 16
+    tc_bound = max(tc_used, 1) if paged else Tc  # rows of k_cmp a sequence may read (paged: through the table)
+    cmp = ((nsplit, progs), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(progs),
+                              C.next_pow2(max(tc_used, 1))),
            dict(DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN, PAGED=paged,
                 CPP=cpp, QT=qt, **common, **launch))
     # 2. block scores
@@ -451,11 +472,10 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     BJ = 16 if interp else 64  # blocks a program; fewer while they would not fill the GPU twice
     while BJ > 16 and C.cdiv(n_sel_max, BJ) * R * H < 2 * _sms(device):
         BJ //= 2
-    kmax = C.cdiv(sel_block + cmp_block, cmp_stride) + 1
     nsp = max(2, C.next_pow2(nsplit))
     scores = ((C.cdiv(n_sel_max, BJ), R * H), (ts, nsplit, n_sel_max),
               dict(HQ=HQ, G=G, HP=HP, NSP=nsp, BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-                   KMAX=kmax, NQ=NQ, **launch))
+                   RP=C.next_pow2(sel_block // cmp_stride), NQ=NQ, **launch))
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
