@@ -365,7 +365,7 @@ def test_selected_split_launch(HQ, H, cu, off, monkeypatch):
     SHARE_FRACTION 1 (everything taken)."""
     SL = selected_attention_triton.__globals__  # its module's, whichever import of it this is
     lp, n = 8, 4
-    monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
+    monkeypatch.setitem(SL, "SPLIT", True)  # off by default (selected.SPLIT)
     bt, share = SL["share_split"](HQ // H, n)
     assert bt == 64 // (HQ // H) and share == int(SL["SHARE_FRACTION"] * bt * n)
     T = cu[-1]

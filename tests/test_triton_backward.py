@@ -130,7 +130,7 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
     the lists imply and every gradient equals autograd through the reference."""
     SL = BW.share_split.__globals__  # the module of the one BW calls, whichever import this is
     lp, n = 8, 4
-    monkeypatch.setitem(SL, "SPLIT", True)  # off by default until timed (selected.SPLIT)
+    monkeypatch.setitem(SL, "SPLIT", True)  # off by default (selected.SPLIT)
     bt, share = SL["share_split"](HQ // H, n)
     T = cu[-1]
     q, k, v, _, _, do, _ = _inputs(off + T, HQ, H, 48, 32, 8, 4, seed=T)

@@ -16,7 +16,7 @@ slower with the benchmark's random inputs, 1.6x faster when every 64 positions s
 a trained model's lists are 50-70% distinct over 4 positions, so one position per tile stays.
 Walking the distinct blocks only, 4 positions a tile won on realistic inputs and lost on random
 ones on an H100 (prefill_slc_tile_ab_h100.json); the split launch (:func:`share_split`) picks
-per tile, and is off until timed (:data:`SPLIT`).
+per tile, and is off by default (:data:`SPLIT`: it lost on random inputs at 64k and in the dq).
 With one position per tile, the slc branch's time hardly depends on how the lists overlap
 (random vs shared lists: 20.9 vs 20.4 ms at 64k), so it is not bound by L2 bandwidth.
 
@@ -235,10 +235,10 @@ _selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV
 # (H100, prefill_slc_tile_ab_h100.json: 64 rows against 16), so it pays when its walk has at
 # most ~0.7 of the BT * n steps that BT one-position tiles take.
 SHARE_FRACTION = 0.7
-# The split launch is off by default until it is timed again. Its first version (the walk's
-# sort before the decision, in every tile) took the paper geometry's slc at 64k on an H100
-# from 20.1 to 16.3 ms on realistic inputs but from 21.5 to 27.9 on random ones
-# (prefill_slc_split_h100.json); tiles it leaves now skip the sort.
+# The split launch is off by default: on an H100 (prefill_slc_split2_h100.json, paper geometry)
+# it took the forward at 8k from 3.56 to 2.89 ms on realistic inputs (random: unchanged) and at
+# 64k from 49.8 to 44.4, but from 52.8 to 58.9 on random inputs at 64k, and its dq made the
+# training step slower (13.9 -> 14.7 ms at 8k, realistic inputs).
 SPLIT = False
 
 
