@@ -218,6 +218,8 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     specs.update({f"cmp-paged{int(p)}-qt{qt}": spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=p, CPP=4,
                                                     NQ=qt, QT=qt)
                   for p in (False, True) for qt in (1, 4)})
+    # pages of 1,024 tokens: a 64-row cmp tile in one page (one table entry a tile)
+    specs["cmp-paged1-qt1-cpp64"] = spec("_decode_cmp", L_CMP=32, D_CMP=16, BN=64, PAGED=True, CPP=64, NQ=1, QT=1)
     for w in (4, 8):
         specs[f"cmp-qt4-warps{w}"] = dict(specs["cmp-paged0-qt4"], num_warps=w, num_stages=3)
     for bj in (64, 16):  # 16 blocks a program at batch 1

@@ -904,6 +904,7 @@ MULTI_CASES = [
     pytest.param(2, 8, 4, id="sharedkv-S8-p4"),
     pytest.param(3, 1, 8, id="len1-S1-p8"),
     pytest.param(5, 3, 12, id="spare-S3-p12"),
+    pytest.param(4, 2, 128, id="gqa64-S2-p128"),  # cmp tiles (16 rows here) two to a page
 ]
 
 

@@ -118,6 +118,28 @@ def _page_rows(BT, b, u, ok, MAXP, NPAGES, PS: tl.constexpr):
 
 
 @triton.jit
+def _tile_page_rows(BT, b, i0, hi, MAXP, NPAGES, PS: tl.constexpr, BN: tl.constexpr):
+    """:func:`_page_rows` of the BN rows i0 .. of a cmp tile (i0 a multiple of BN; rows >= hi
+    give 0): one table entry per page instead of one per row where PS and BN allow it."""
+    ar = tl.arange(0, BN)
+    ok = i0 + ar < hi
+    if PS >= BN and PS % BN == 0:  # the tile lies in one page
+        pi = i0 // PS
+        pg = tl.load(BT + b.to(tl.int64) * MAXP + pi, mask=(i0 < hi) & (pi < MAXP), other=0)
+        pg = tl.minimum(tl.maximum(pg, 0), NPAGES - 1).to(tl.int64)
+        return tl.where(ok, pg * PS + (i0 % PS) + ar, 0)
+    elif BN % PS == 0 and (PS & (PS - 1)) == 0:  # BN // PS whole pages
+        NPG: tl.constexpr = BN // PS
+        pi = i0 // PS + tl.arange(0, NPG)
+        pg = tl.load(BT + b.to(tl.int64) * MAXP + pi, mask=(pi * PS < hi) & (pi < MAXP), other=0)
+        pg = tl.minimum(tl.maximum(pg, 0), NPAGES - 1).to(tl.int64)
+        rows = tl.reshape(pg[:, None] * PS + tl.arange(0, PS)[None, :], [BN])
+        return tl.where(ok, rows, 0)
+    else:
+        return _page_rows(BT, b, i0 + ar, ok, MAXP, NPAGES, PS)
+
+
+@triton.jit
 def _kv_rows(KP, VP, KC, VC, TR, BT, b, g, u, ok, MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr, PS: tl.constexpr, PAGED: tl.constexpr, RING: tl.constexpr):
     """(key base, value base, int64 rows) of the logical rows u (where ok) of sequence b, kv head
@@ -180,13 +202,13 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
     ar = tl.arange(0, BN)
     # paged: the next tile's pool rows are looked up one iteration ahead, so that the table load
     # is not a dependent round trip in front of every tile's key loads
-    nxt = _page_rows(BT, b, sp * CH + ar, sp * CH + ar < hi, MAXP, NPAGES, CPP) if PAGED else ar.to(tl.int64)
+    nxt = _tile_page_rows(BT, b, sp * CH, hi, MAXP, NPAGES, CPP, BN) if PAGED else ar.to(tl.int64)
     for i0 in range(sp * CH, hi, BN):
         ii = i0 + ar
         ok = ii < hi
         if PAGED:
             keys = nxt
-            nxt = _page_rows(BT, b, ii + BN, ii + BN < hi, MAXP, NPAGES, CPP)
+            nxt = _tile_page_rows(BT, b, i0 + BN, hi, MAXP, NPAGES, CPP, BN)
         else:
             keys = ii
         # the values load with the keys, not after the scores: one memory round trip a tile
