@@ -128,7 +128,7 @@ def _tile_page_rows(BT, b, i0, hi, MAXP, NPAGES, PS: tl.constexpr, BN: tl.conste
         pg = tl.load(BT + b.to(tl.int64) * MAXP + pi, mask=(i0 < hi) & (pi < MAXP), other=0)
         pg = tl.minimum(tl.maximum(pg, 0), NPAGES - 1).to(tl.int64)
         return tl.where(ok, pg * PS + (i0 % PS) + ar, 0)
-    elif BN % PS == 0 and (PS & (PS - 1)) == 0:  # BN // PS whole pages
+    elif BN % PS == 0:  # BN // PS whole pages (BN a power of two, so PS is one too)
         NPG: tl.constexpr = BN // PS
         pi = i0 // PS + tl.arange(0, NPG)
         pg = tl.load(BT + b.to(tl.int64) * MAXP + pi, mask=(pi * PS < hi) & (pi < MAXP), other=0)
