@@ -76,6 +76,8 @@ def _specs(HQ, H, Dk, Dv):
         # cmp's also writes the group-major q of the descriptor tiles, both write do_i group-major
         "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, GM=True, WRITE_QG=True, **band),
         "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=False, **band),
+        # the window's when cuDNN ran cmp's backward (nsa.triton.cmp_dense): it writes the q copy
+        "band_dq_win_qg": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=True, **band),
         # a branch alone (no gates): copies q and do group-major for its descriptor tiles, or not
         "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=True, WRITE_QG=True, **band),
         "band_dq_add_rows": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
@@ -106,6 +108,10 @@ def _specs(HQ, H, Dk, Dv):
             specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch, **plain)
         specs[f"band_dkdv_{name}_edges"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1), MODE=mode,
                                                 QCH=0, **dict(band, EDGES=True, ADD=True))
+    # Eq. 5 for cmp when cuDNN runs its backward (nsa.triton.cmp_dense.gate_split)
+    specs["gate_split"] = dict(module="nsa.triton.cmp_dense", kernel="_gate_split",
+                               types=dict(DG="*fp32", n_rows="i32"), num_warps=4, num_stages=1,
+                               constexprs=dict(GIDX=0, DV=Dv, BV=C.next_pow2(Dv), BR=16))
     return specs
 
 

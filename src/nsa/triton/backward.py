@@ -36,6 +36,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
+from . import cmp_dense
 from ._common import LOG2E
 from .selected import share_split, split_tile, tile_block, tile_uniques
 
@@ -1149,16 +1150,22 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
     index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
-    _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
-                                      seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                      dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
+    dense = cmp_dense.use(q, k_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det)
+    if dense:  # cuDNN's backward of the folded causal attention, from the branch's do
+        do_cmp = cmp_dense.gate_split(grad_o, o_cmp, gates, d_gates, 0)
+        _, dk_cmp, dv_cmp = cmp_dense.cmp_dense_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cmp_block=l,
+                                                         cmp_stride=d, scale=sc, dq=dq)
+    else:
+        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
+                                          seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
+                                          dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det, chunk=chunk, index=index, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
-                                       dq_out=torch.empty_like(q), q_gm=qg, write_q_gm=not k_cmp.numel(), **gkw)
+                                       dq_out=torch.empty_like(q), q_gm=qg, write_q_gm=dense or not k_cmp.numel(), **gkw)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))

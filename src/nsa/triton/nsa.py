@@ -1,6 +1,7 @@
 """All of NSA in Triton (semantics §1-8): four launches, the gates fused into the last one.
 
-1. cmp: compressed attention, o_cmp and its log-sum-exp (:mod:`.compressed`).
+1. cmp: compressed attention, o_cmp and its log-sum-exp: dense causal attention through cuDNN
+   where :func:`.cmp_dense.use` holds (:mod:`.cmp_dense`), else the band kernel (:mod:`.compressed`).
 2. select: scores + top-n in one pass over the compressed tokens, using that lse (:mod:`.select`).
 3. slc: selected attention over the chosen blocks (:mod:`.selected`).
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
+from . import cmp_dense
 from .band import band_attention, default_scale
 from .select import select_blocks_triton
 from .selected import selected_attention_triton
@@ -38,9 +40,12 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     sc = default_scale(scale, Dk)
     seq, lens = C.seq_table(B, T, k_slc.shape[1], k_win.shape[1], k_cmp.shape[1], cu_seqlens,
                             cmp_block, cmp_stride, q.device)
-    o_cmp, lse = band_attention(q, k_cmp, v_cmp, mode=0, scale=sc, seq=seq, lens=lens,
-                                q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                write_lse=True)  # [B, T, HQ, Dv], [B, T, HQ]
+    if cmp_dense.use(q, k_cmp, cu_seqlens=cu_seqlens, q_offset=q_offset):
+        o_cmp, lse = cmp_dense.cmp_dense(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=sc)
+    else:
+        o_cmp, lse = band_attention(q, k_cmp, v_cmp, mode=0, scale=sc, seq=seq, lens=lens,
+                                    q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                    write_lse=True)  # [B, T, HQ, Dv], [B, T, HQ]
     idx = select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]

@@ -1,0 +1,205 @@
+"""Branch cmp (semantics §2) as dense causal attention, run by cuDNN on CUDA.
+
+Query t sees compressed token i iff i*d + l - 1 <= t. So the d positions
+t = l - 1 + j*d + r (r = 0 .. d-1) all see tokens 0 .. j: query block j against token j is a
+causal square. With the offset r as the batch of one attention call, q[b, l - 1 + j*d + r, h]
+is the view ``[r, h, j]`` of q (strides HQ*Dk, Dk, d*HQ*Dk): one causal GQA attention of
+n x n (n the complete blocks) over the compressed keys, without a copy of q, o, do or dq.
+The last block, when T - l + 1 is not a multiple of d, has fewer than d positions, which see
+every compressed token: a second, non-causal call. Rows before l - 1 see nothing: o = 0,
+lse = -inf.
+
+cuDNN's fused attention runs this at the card's dense-attention rate (what the band kernel's
+cmp dk/dv, latency-bound without a producer warp, does not reach; docs/kernels.md). Used by
+the Triton backend's forward and backward when :func:`use` holds; the band kernel (MODE 0)
+otherwise. Reference: :func:`nsa.reference.compressed_attention_ref`.
+
+The attention calls go through ``attend`` / ``attend_bwd`` (q ``[b, h, s, Dk]``, k and v
+``[b, h_kv, s_k, D]``, lse ``[b, h, s]`` fp32): cuDNN's by default, :func:`attend_math` and
+:func:`attend_math_bwd` (the same contract in PyTorch) on the CPU, where the tests check the
+folding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+
+ENABLED = False
+"""Whether the Triton backend runs cmp through :func:`cmp_dense` where :func:`use` holds
+(False: the band kernel everywhere; for timing one against the other)."""
+
+
+@triton.jit
+def _gate_split(DO, O, GATES, DOB, DG, n_rows, GIDX: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                BR: tl.constexpr):
+    """Eq. 5 for one branch, BR rows a program: DOB = g * do (fp32 product rounded once, as the
+    band dq kernel forms it) and DG[., GIDX] = rowsum(do * o) in fp32."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.arange(0, BV)
+    ok = r < n_rows
+    m = ok[:, None] & (c[None, :] < DV)
+    off = r.to(tl.int64)[:, None] * DV + c[None, :]
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(GATES + r.to(tl.int64) * 3 + GIDX, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DG + r.to(tl.int64) * 3 + GIDX, tl.sum(do * o, 1), mask=ok)
+    tl.store(DOB + off, (do * g[:, None]).to(DOB.dtype.element_ty), mask=m)
+
+
+def gate_split(do, o, gates, d_gates, gate: int):
+    """The branch's do_i = gates[..., gate] * do (in do's dtype) and, into d_gates[..., gate],
+    the gate's gradient rowsum(do * o_i): do, o ``[B, T, HQ, Dv]``, gates ``[B, T, HQ, 3]``,
+    d_gates fp32 of gates' shape. Reference: :func:`gate_split_ref`."""
+    do, o, gates = do.contiguous(), o.contiguous(), gates.contiguous()
+    dob = torch.empty_like(do)
+    rows, dv = do.numel() // do.shape[-1], do.shape[-1]
+    if rows:
+        BR = 16
+        _gate_split[(C.cdiv(rows, BR),)](do, o, gates, dob, d_gates, rows, GIDX=gate, DV=dv,
+                                         BV=C.next_pow2(dv), BR=BR, num_warps=4)
+    return dob
+
+
+def gate_split_ref(do, o, gates, d_gates, gate: int):
+    """:func:`gate_split` in PyTorch."""
+    d_gates[..., gate] = (do.float() * o.float()).sum(-1)
+    return (do.float() * gates[..., gate:gate + 1].float()).to(do.dtype)
+
+
+def attend_cudnn(q, k, v, causal: bool, scale: float):
+    """(o ``[b, h, s, Dv]``, lse ``[b, h, s]`` fp32) of softmax(scale q k^T) v, causal top-left."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return out[0], out[1].view(q.shape[:3])
+
+
+def attend_cudnn_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of :func:`attend_cudnn` from its o and lse."""
+    none = torch.empty(0, dtype=torch.int64, device=q.device)  # no dropout: no seed, no offset
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, o, lse.contiguous().unsqueeze(-1), none, none, None, None, None, q.shape[2], k.shape[2],
+        0.0, causal, scale=scale)
+
+
+def _math_probs(q, k, causal, scale):
+    g = q.shape[1] // k.shape[1]
+    s = scale * torch.einsum("bhsd,bhkd->bhsk", q.float(), k.repeat_interleave(g, 1).float())
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]), lse
+
+
+def attend_math(q, k, v, causal: bool, scale: float):
+    """:func:`attend_cudnn` in PyTorch (fp32 math, outputs in q's dtype): the CPU stand-in."""
+    p, lse = _math_probs(q, k, causal, scale)
+    g = q.shape[1] // k.shape[1]
+    return torch.einsum("bhsk,bhkd->bhsd", p, v.repeat_interleave(g, 1).float()).to(q.dtype), lse
+
+
+def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
+    """:func:`attend_cudnn_bwd` in PyTorch (recomputes p from q, k and lse)."""
+    B, h, hk = q.shape[0], q.shape[1], k.shape[1]
+    g = h // hk
+    s = scale * torch.einsum("bhsd,bhkd->bhsk", q.float(), k.repeat_interleave(g, 1).float())
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.exp(s - lse[..., None])
+    do32, vr = do.float(), v.repeat_interleave(g, 1).float()
+    dv = torch.einsum("bhsk,bhsd->bhkd", p, do32)
+    dp = torch.einsum("bhsd,bhkd->bhsk", do32, vr)
+    ds = p * (dp - (do32 * o.float()).sum(-1, keepdim=True))
+    dq = scale * torch.einsum("bhsk,bhkd->bhsd", ds, k.repeat_interleave(g, 1).float())
+    dk = scale * torch.einsum("bhsk,bhsd->bhkd", ds, q.float())
+    fold = lambda x: x.view(B, hk, g, *x.shape[2:]).sum(2)  # noqa: E731  (GQA: a kv head's g heads)
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+def use(q, k_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
+    """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): CUDA tensors in bf16/fp16,
+    one position per row from position 0 (no cu_seqlens, q_offset 0), head dims that cuDNN's
+    fused attention takes (multiples of 8, at most 256), cuDNN present; not ``deterministic``
+    (cuDNN's backward order of dq sums is not promised; the band kernel's is fixed)."""
+    Dk, Dv = q.shape[-1], k_cmp.shape[-1]
+    return (ENABLED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and cu_seqlens is None and q_offset == 0
+            and not deterministic and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv))
+            and torch.backends.cudnn.is_available())
+
+
+def _plan(T: int, l: int, d: int) -> tuple[int, int, int]:
+    """(s0, n, rem): rows from s0 = l - 1 on see compressed tokens; n complete blocks of d
+    positions, then rem positions of a last block (which sees n + 1 tokens)."""
+    s0 = l - 1
+    n = max(0, T - s0) // d
+    return s0, n, max(0, T - s0 - n * d)
+
+
+def _fold(x, b: int, s0: int, n: int, d: int):
+    """Rows s0 .. s0 + n*d of batch b of x ``[B, T, H, *D]`` as ``[d, H, n, *D]`` (a view)."""
+    rows = x[b, s0:s0 + n * d]
+    return rows.view(n, d, *rows.shape[1:]).movedim(0, 2)
+
+
+def _keys(k, b: int, n: int, reps: int):
+    """Compressed tokens 0 .. n-1 of batch b as ``[reps, H, n, D]`` (reps views of one copy)."""
+    return k[b, :n].transpose(0, 1).unsqueeze(0).expand(reps, -1, -1, -1)
+
+
+def cmp_dense(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int, scale: float, attend=attend_cudnn):
+    """Branch cmp: (o ``[B, T, HQ, Dv]`` in q's dtype, lse ``[B, T, HQ]`` fp32); contract of
+    :func:`nsa.triton.compressed_attention_triton` (no cu_seqlens, q_offset 0)."""
+    B, T, HQ, _ = q.shape
+    Dv = v_cmp.shape[-1]
+    s0, n, rem = _plan(T, cmp_block, cmp_stride)
+    d = cmp_stride
+    o = q.new_empty(B, T, HQ, Dv)
+    lse = q.new_empty(B, T, HQ, dtype=torch.float32)
+    o[:, :s0] = 0
+    lse[:, :s0] = float("-inf")
+    for b in range(B):
+        if n:
+            ob, lb = attend(_fold(q, b, s0, n, d), _keys(k_cmp, b, n, d), _keys(v_cmp, b, n, d), True, scale)
+            _fold(o, b, s0, n, d).copy_(ob)
+            _fold(lse, b, s0, n, d).copy_(lb)
+        if rem:
+            t = s0 + n * d
+            ob, lb = attend(q[b, t:].transpose(0, 1).unsqueeze(0), _keys(k_cmp, b, n + 1, 1),
+                            _keys(v_cmp, b, n + 1, 1), False, scale)
+            o[b, t:] = ob[0].transpose(0, 1)
+            lse[b, t:] = lb[0].transpose(0, 1)
+    return o, lse
+
+
+def cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block: int, cmp_stride: int, scale: float,
+                       dq=None, attend_bwd=attend_cudnn_bwd):
+    """Gradients of :func:`cmp_dense`: (dq, dk_cmp, dv_cmp); o, lse its outputs, do ``[B, T, HQ, Dv]``
+    (the branch's own, in q's dtype). dq is stored into ``dq`` when given (fp32 or q's dtype,
+    q's shape; rows before l - 1 get 0), else a new tensor in q's dtype; dk, dv in k's / v's
+    dtype (each the fp32 sum of the d offsets' shares)."""
+    B, T, HQ, Dk = q.shape
+    s0, n, rem = _plan(T, cmp_block, cmp_stride)
+    d = cmp_stride
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.zeros(k_cmp.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v_cmp.shape, dtype=torch.float32, device=q.device)
+    dq[:, :s0] = 0
+    for b in range(B):
+        if n:
+            gq, gk, gv = attend_bwd(_fold(do, b, s0, n, d), _fold(q, b, s0, n, d), _keys(k_cmp, b, n, d),
+                                    _keys(v_cmp, b, n, d), _fold(o, b, s0, n, d), _fold(lse, b, s0, n, d),
+                                    True, scale)
+            _fold(dq, b, s0, n, d).copy_(gq)
+            dk[b, :n] = gk.sum(0, dtype=torch.float32).transpose(0, 1)
+            dv[b, :n] = gv.sum(0, dtype=torch.float32).transpose(0, 1)
+        if rem:
+            t = s0 + n * d
+            row = lambda x: x[b, t:].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, rem, D]
+            gq, gk, gv = attend_bwd(row(do), row(q), _keys(k_cmp, b, n + 1, 1), _keys(v_cmp, b, n + 1, 1),
+                                    row(o), row(lse), False, scale)
+            dq[b, t:] = gq[0].transpose(0, 1)
+            dk[b, :n + 1] += gk[0].transpose(0, 1)
+            dv[b, :n + 1] += gv[0].transpose(0, 1)
+    return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)

@@ -1,0 +1,140 @@
+"""The cmp branch as one dense causal attention (nsa.triton.cmp_dense) against the reference.
+
+On the CPU the attention calls are :func:`attend_math` (PyTorch, fp32), so what these tests
+check is the folding: the d offsets as a batch over views of q, o, do, lse and dq, the short
+last block, the rows that see nothing, the dk/dv sums over the offsets. On a GPU the same
+cases run through cuDNN (bf16, against the band kernel's own error). The gate kernel runs
+under TRITON_INTERPRET=1 without CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    for _m in [m for m in sys.modules if m.startswith("nsa.triton")]:
+        del sys.modules[_m]
+
+pytest.importorskip("triton")
+
+from nsa import reference as R  # noqa: E402
+from nsa.triton import cmp_dense as CD  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _case(B, T, HQ, H, Dk, Dv, l, d, seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    tc = 0 if T < l else (T - l) // d + 1
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
+    return mk(B, T, HQ, Dk), mk(B, tc, H, Dk), mk(B, tc, H, Dv), mk(B, T, HQ, Dv)
+
+
+def _reference(q, k, v, do, l, d):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    o, lse = R.compressed_attention_ref(*leaves, cmp_block=l, cmp_stride=d)
+    return [o.detach(), lse.detach(), *torch.autograd.grad(o, leaves, do.double())]
+
+
+def _folded(q, k, v, do, l, d, attend=CD.attend_math, attend_bwd=CD.attend_math_bwd):
+    sc = 1 / math.sqrt(q.shape[-1])
+    o, lse = CD.cmp_dense(q, k, v, cmp_block=l, cmp_stride=d, scale=sc, attend=attend)
+    dq = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device)  # every row gets stored
+    _, dk, dv = CD.cmp_dense_backward(q, k, v, o, lse, do, cmp_block=l, cmp_stride=d, scale=sc, dq=dq,
+                                      attend_bwd=attend_bwd)
+    return [o, lse, dq, dk, dv]
+
+
+# (B, T, HQ, H, Dk, Dv, l, d)
+CASES = [
+    pytest.param(1, 95, 4, 2, 16, 8, 32, 16, id="last-block-full"),  # T - l + 1 = 64: no short block
+    pytest.param(2, 100, 4, 2, 16, 8, 32, 16, id="batch2-short-last-block"),
+    pytest.param(1, 33, 8, 1, 16, 16, 32, 16, id="one-token-gqa8"),  # rows 31, 32: one block of 2
+    pytest.param(1, 20, 2, 1, 8, 8, 32, 16, id="no-token"),  # T < l: o = 0, lse = -inf everywhere
+    pytest.param(1, 70, 16, 4, 192, 128, 32, 16, id="paper-dims-gqa4"),
+    pytest.param(2, 63, 6, 3, 24, 8, 8, 4, id="gqa2-l8-d4"),
+    pytest.param(1, 41, 4, 4, 8, 8, 16, 16, id="mha-l16-d16"),
+]
+
+
+@pytest.mark.parametrize("B,T,HQ,H,Dk,Dv,l,d", CASES)
+def test_cmp_dense_matches_reference(B, T, HQ, H, Dk, Dv, l, d):
+    """o, lse, dq, dk, dv against autograd through the reference, fp64 inputs (fp32 math):
+    relative error <= 1e-5; rows that see no token have lse -inf and zero o and dq."""
+    q, k, v, do = _case(B, T, HQ, H, Dk, Dv, l, d)
+    ref = _reference(q, k, v, do, l, d)
+    got = _folded(q, k, v, do, l, d)
+    for name, a, r in zip(["o", "lse", "dq", "dk", "dv"], got, ref):
+        fin = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(a), fin), name
+        if fin.any():
+            err = (a.double() - r)[fin].abs().max().item()
+            assert err <= 1e-5 * max(1.0, r[fin].abs().max().item()), (name, err)
+    assert not got[0][:, :l - 1].any() and not got[2][:, :l - 1].any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 90), l_d=st.sampled_from([(8, 4), (16, 8), (32, 16), (8, 8), (12, 4)]),
+       H=st.sampled_from([1, 2]), g=st.sampled_from([1, 3, 4]), B=st.integers(1, 2))
+def test_cmp_dense_any_length(T, l_d, H, g, B):
+    """Every length (short last blocks of every size, none at all), against the reference."""
+    l, d = l_d
+    q, k, v, do = _case(B, T, H * g, H, 8, 8, l, d, seed=T)
+    for a, r in zip(_folded(q, k, v, do, l, d), _reference(q, k, v, do, l, d)):
+        fin = torch.isfinite(r)
+        assert torch.equal(torch.isfinite(a), fin)
+        assert torch.allclose(a.double()[fin], r[fin], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_split_kernel(dtype):
+    """The gate kernel against its reference: do_i exactly on a GPU (one rounding of the fp32 product),
+    the gate's gradient to fp32 summation order; only column ``gate`` of d_gates is written."""
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(1)
+    do, o = (torch.randn(2, 9, 3, 40, generator=g).to(dtype).to(dev) for _ in range(2))
+    gates = torch.rand(2, 9, 3, 3, generator=g).to(dtype).to(dev)
+    dg, dg_ref = (torch.full(gates.shape, 7.0, device=dev) for _ in range(2))
+    got = CD.gate_split(do, o, gates, dg, 1)
+    ref = CD.gate_split_ref(do, o, gates, dg_ref, 1)
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(got, ref)
+    else:  # the interpreter's fp32 -> bf16 cast truncates where the GPU rounds: one ulp apart
+        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(dg, dg_ref, rtol=1e-6, atol=1e-5)
+    assert (dg[..., 0] == 7).all() and (dg[..., 2] == 7).all()
+
+
+def test_use_needs_cuda_bf16_dense_rows():
+    """The Triton backend takes the folded path only for CUDA bf16/fp16 without cu_seqlens or
+    q_offset; the CPU always takes the band kernel."""
+    q, k, _, _ = _case(1, 64, 4, 2, 16, 16, 32, 16, dtype=torch.bfloat16)
+    assert not CD.use(q, k, cu_seqlens=None, q_offset=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T", [(2, 1000), (1, 1039), (1, 4111)])
+def test_gpu_cmp_dense_bf16(B, T):
+    """cuDNN, paper geometry, bf16: each output's relative error against fp64 within 2x of the
+    band kernel's (+1e-3)."""
+    from nsa.triton.backward import compressed_attention_backward
+    from nsa.triton.compressed import compressed_attention_triton
+
+    q, k, v, do = _case(B, T, 64, 4, 192, 128, 32, 16, dtype=torch.bfloat16, device="cuda")
+    ref = _reference(q, k, v, do, 32, 16)
+    ob, lb = compressed_attention_triton(q, k, v)
+    band = [ob, lb, *compressed_attention_backward(q, k, v, ob, lb, do)]
+    got = _folded(q, k, v, do, 32, 16, CD.attend_cudnn, CD.attend_cudnn_bwd)
+    for a, b, r in zip(got, band, ref):
+        fin = torch.isfinite(r)
+        rel = lambda x: ((x.double() - r)[fin].norm() / r[fin].norm()).item()  # noqa: E731
+        assert rel(a) <= 2 * rel(b) + 1e-3, (rel(a), rel(b))
