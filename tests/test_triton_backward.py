@@ -485,9 +485,13 @@ GPU_CASES = [
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("c", GPU_CASES)
-def test_gpu_nsa_backward_bf16(c):
+@pytest.mark.parametrize("dense", [False, True], ids=["cmp-band", "cmp-cudnn"])
+def test_gpu_nsa_backward_bf16(c, dense, monkeypatch):
     """Paper geometry (l=32, d=16, l'=64, n=16, w=512), bf16: every gradient's relative error
-    against the fp32 reference within 2x of the reference's own bf16 error (+1e-3)."""
+    against the fp32 reference within 2x of the reference's own bf16 error (+1e-3), with cmp
+    through the band kernel and through cuDNN (nsa.triton.cmp_dense)."""
+    from nsa.triton import cmp_dense
+    monkeypatch.setattr(cmp_dense, "ENABLED", dense)
     T, HQ, H, Dk, Dv = c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"]
     q, k, v, kc, vc, do, _ = _inputs(T, HQ, H, Dk, Dv, 32, 16, dtype=torch.bfloat16)
     gates = torch.rand(1, T, HQ, 3, device=DEV).to(torch.bfloat16)
