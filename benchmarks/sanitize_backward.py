@@ -1,18 +1,21 @@
 """Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
 
-    compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split]
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split] [--dense]
 
 det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
-launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies.
+launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies;
+--dense: two sequences as a batch (no cu_seqlens) with cmp through cuDNN
+(nsa.triton.cmp_dense.ENABLED), which varlen calls do not take.
 """
 import sys
 import torch
 from nsa import nsa_func
 from nsa.reference import compress_mean
-from nsa.triton import selected
+from nsa.triton import cmp_dense, selected
 
-argv = [a for a in sys.argv[1:] if a != "--split"]
+argv = [a for a in sys.argv[1:] if not a.startswith("--")]
 selected.SPLIT = "--split" in sys.argv[1:]
+cmp_dense.ENABLED = dense = "--dense" in sys.argv[1:]
 torch.manual_seed(0)
 dev = "cuda"
 cu = torch.tensor([0, 77, 300, 301, 1203], dtype=torch.int32, device=dev)
@@ -23,6 +26,10 @@ bounds = cu.tolist()
 kc = torch.cat([compress_mean(k[:, a:b], l, d) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 vc = torch.cat([compress_mean(v[:, a:b], l, d) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 g = torch.rand(1, T, HQ, 3, device=dev).to(torch.bfloat16)
+if dense:  # positions 1 .. 1202 as a batch of two sequences of 601
+    q, k, v, g = (x[:, 1:].reshape(2, 601, *x.shape[2:]) for x in (q, k, v, g))
+    kc, vc = compress_mean(k, l, d), compress_mean(v, l, d)
+    cu = None
 leaves = [x.detach().clone().requires_grad_() for x in (q, kc, vc, k, v, k.clone(), v.clone(), g)]
 for det in ([False, True] if not argv else [argv[0] == "det"]):
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=5, window=100, cu_seqlens=cu, backend="triton")
@@ -32,4 +39,4 @@ for det in ([False, True] if not argv else [argv[0] == "det"]):
         o = nsa_func(*leaves, **kw)
     o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
-    print("ok det", det, "split", selected.SPLIT, float(leaves[0].grad.float().norm()))
+    print("ok det", det, "split", selected.SPLIT, "dense", dense, float(leaves[0].grad.float().norm()))
