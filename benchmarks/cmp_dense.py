@@ -3,7 +3,8 @@ band kernel (MODE 0): forward and backward times, and both paths' errors against
 reference (paper configuration: HQ 64, H 4, Dk 192, Dv 128, l 32, d 16; bf16, random inputs).
 
     python benchmarks/cmp_dense.py --seqlens 8192 16384 65536
-writes benchmarks/results/cmp_dense_{gpu}.json (``--out`` to choose).
+writes benchmarks/results/cmp_dense_{gpu}.json (``--out`` to choose) and its PNG
+(``--plot FILE``: only the PNG of an existing result file).
 """
 
 from __future__ import annotations
@@ -85,13 +86,42 @@ def timings(T, rep) -> dict:
     return out
 
 
+def plot(path: str) -> str:
+    """Forward and backward ms of both paths per T, beside the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        rows = json.load(f)["timings"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(rows))
+    for i, (key, label) in enumerate([("band_fwd_ms", "band fwd"), ("dense_fwd_ms", "cuDNN fwd"),
+                                      ("band_bwd_ms", "band bwd"), ("dense_bwd_ms", "cuDNN bwd")]):
+        ax.bar([j + (i - 1.5) * 0.2 for j in x], [r.get(key, 0) for r in rows], 0.2, label=label)
+    ax.set_xticks(list(x), [f"{r['T'] // 1024}k" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms")
+    ax.set_title("cmp branch: band kernel vs dense causal (cuDNN)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = path.rsplit(".", 1)[0] + ".png"
+    fig.savefig(png, dpi=100)
+    return png
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 65536])
     p.add_argument("--check", type=int, nargs="+", default=[4096, 4111], help="T of the error checks")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None, help="only draw the PNG of this result file")
     a = p.parse_args()
+    if a.plot:
+        print("wrote", plot(a.plot))
+        return
     res = dict(errors=[], timings=[])
     for i, T in enumerate(a.check):
         try:
@@ -106,7 +136,7 @@ def main() -> None:
     path = a.out or f"benchmarks/results/cmp_dense_{gpu_tag(meta['gpu'])}.json"
     with open(path, "w") as f:
         json.dump(dict(meta=meta, **res), f, indent=1)
-    print("wrote", path)
+    print("wrote", path, plot(path))
 
 
 if __name__ == "__main__":

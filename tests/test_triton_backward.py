@@ -492,6 +492,7 @@ def test_gpu_nsa_backward_bf16(c, dense, monkeypatch):
     through the band kernel and through cuDNN (nsa.triton.cmp_dense)."""
     from nsa.triton import cmp_dense
     monkeypatch.setattr(cmp_dense, "ENABLED", dense)
+    monkeypatch.setattr(cmp_dense, "MIN_LEN", 0)
     T, HQ, H, Dk, Dv = c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"]
     q, k, v, kc, vc, do, _ = _inputs(T, HQ, H, Dk, Dv, 32, 16, dtype=torch.bfloat16)
     gates = torch.rand(1, T, HQ, 3, device=DEV).to(torch.bfloat16)

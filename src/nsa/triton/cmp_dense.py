@@ -28,9 +28,16 @@ import triton.language as tl
 
 from . import _common as C
 
-ENABLED = False
+ENABLED = True
 """Whether the Triton backend runs cmp through :func:`cmp_dense` where :func:`use` holds
 (False: the band kernel everywhere; for timing one against the other)."""
+
+MIN_LEN = 32768
+"""Sequences shorter than this keep the band kernel. A training step on an H100, paper
+configuration (train_cmp_dense_ab_h100.json): band 13.90 / 29.89 / 179.67 ms at 8k / 16k / 64k,
+cuDNN 14.26 / 29.68 / 158.60; cuDNN's backward also holds more memory (its fp32
+dq accumulator, ~75 MB per 1k positions: 16.8 -> 21.6 GB at 64k), so at 16k, a tie, the band
+kernel stays."""
 
 
 @triton.jit
@@ -119,12 +126,13 @@ def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 
 
 def use(q, k_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
-    """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): CUDA tensors in bf16/fp16,
+    """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): at least
+    :data:`MIN_LEN` positions, CUDA tensors in bf16/fp16,
     one position per row from position 0 (no cu_seqlens, q_offset 0), head dims that cuDNN's
     fused attention takes (multiples of 8, at most 256), cuDNN present; not ``deterministic``
     (cuDNN's backward order of dq sums is not promised; the band kernel's is fixed)."""
     Dk, Dv = q.shape[-1], k_cmp.shape[-1]
-    return (ENABLED and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and cu_seqlens is None and q_offset == 0
+    return (ENABLED and q.shape[1] >= MIN_LEN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and cu_seqlens is None and q_offset == 0
             and not deterministic and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv))
             and torch.backends.cudnn.is_available())
 
