@@ -44,12 +44,12 @@ def _reference(q, k, v, do, l, d):
     return [o.detach(), lse.detach(), *torch.autograd.grad(o, leaves, do.double())]
 
 
-def _folded(q, k, v, do, l, d, attend=CD.attend_math, attend_bwd=CD.attend_math_bwd):
+def _folded(q, k, v, do, l, d, attend=CD.attend_math, attend_bwd=CD.attend_math_bwd, per_call=None):
     sc = 1 / math.sqrt(q.shape[-1])
     o, lse = CD.cmp_dense(q, k, v, cmp_block=l, cmp_stride=d, scale=sc, attend=attend)
     dq = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device)  # every row gets stored
     _, dk, dv = CD.cmp_dense_backward(q, k, v, o, lse, do, cmp_block=l, cmp_stride=d, scale=sc, dq=dq,
-                                      attend_bwd=attend_bwd)
+                                      offsets_per_call=per_call, attend_bwd=attend_bwd)
     return [o, lse, dq, dk, dv]
 
 
@@ -66,12 +66,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,T,HQ,H,Dk,Dv,l,d", CASES)
-def test_cmp_dense_matches_reference(B, T, HQ, H, Dk, Dv, l, d):
+@pytest.mark.parametrize("per_call", [None, 3], ids=["offsets-at-once", "offsets-3-a-call"])
+def test_cmp_dense_matches_reference(B, T, HQ, H, Dk, Dv, l, d, per_call):
     """o, lse, dq, dk, dv against autograd through the reference, fp64 inputs (fp32 math):
-    relative error <= 1e-5; rows that see no token have lse -inf and zero o and dq."""
+    relative error <= 1e-5; rows that see no token have lse -inf and zero o and dq. The
+    backward takes the d offsets at once, or 3 a call (the last call fewer)."""
     q, k, v, do = _case(B, T, HQ, H, Dk, Dv, l, d)
     ref = _reference(q, k, v, do, l, d)
-    got = _folded(q, k, v, do, l, d)
+    got = _folded(q, k, v, do, l, d, per_call=per_call)
     for name, a, r in zip(["o", "lse", "dq", "dk", "dv"], got, ref):
         fin = torch.isfinite(r)
         assert torch.equal(torch.isfinite(a), fin), name

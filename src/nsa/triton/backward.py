@@ -1154,7 +1154,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     if dense:  # cuDNN's backward of the folded causal attention, from the branch's do
         do_cmp = cmp_dense.gate_split(grad_o, o_cmp, gates, d_gates, 0)
         _, dk_cmp, dv_cmp = cmp_dense.cmp_dense_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cmp_block=l,
-                                                         cmp_stride=d, scale=sc, dq=dq)
+                                                         cmp_stride=d, scale=sc, dq=dq,
+                                                         offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
     else:
         _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                           seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,

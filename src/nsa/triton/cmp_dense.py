@@ -40,6 +40,10 @@ dq accumulator, ~75 MB per 1k positions: 16.8 -> 21.6 GB at 64k), so at 16k, a t
 kernel stays."""
 
 
+OFFSETS_PER_CALL = None
+"""The backward's offsets per cuDNN call (:func:`cmp_dense_backward`); None: all d at once."""
+
+
 @triton.jit
 def _gate_split(DO, O, GATES, DOB, DG, n_rows, GIDX: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                 BR: tl.constexpr):
@@ -182,26 +186,30 @@ def cmp_dense(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int, scale: float,
 
 
 def cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block: int, cmp_stride: int, scale: float,
-                       dq=None, attend_bwd=attend_cudnn_bwd):
+                       dq=None, offsets_per_call=None, attend_bwd=attend_cudnn_bwd):
     """Gradients of :func:`cmp_dense`: (dq, dk_cmp, dv_cmp); o, lse its outputs, do ``[B, T, HQ, Dv]``
     (the branch's own, in q's dtype). dq is stored into ``dq`` when given (fp32 or q's dtype,
     q's shape; rows before l - 1 get 0), else a new tensor in q's dtype; dk, dv in k's / v's
-    dtype (each the fp32 sum of the d offsets' shares)."""
+    dtype (each the fp32 sum of the d offsets' shares). ``offsets_per_call`` (default all d):
+    the offsets of one backward call; fewer hold less of cuDNN's dq workspace at once (an fp32
+    copy of the call's dq: 3.2 GB at 64k in the paper configuration with all 16)."""
     B, T, HQ, Dk = q.shape
     s0, n, rem = _plan(T, cmp_block, cmp_stride)
     d = cmp_stride
+    step = d if offsets_per_call is None else max(1, min(d, int(offsets_per_call)))
     dq = torch.empty_like(q) if dq is None else dq
     dk = torch.zeros(k_cmp.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v_cmp.shape, dtype=torch.float32, device=q.device)
     dq[:, :s0] = 0
     for b in range(B):
-        if n:
-            gq, gk, gv = attend_bwd(_fold(do, b, s0, n, d), _fold(q, b, s0, n, d), _keys(k_cmp, b, n, d),
-                                    _keys(v_cmp, b, n, d), _fold(o, b, s0, n, d), _fold(lse, b, s0, n, d),
-                                    True, scale)
-            _fold(dq, b, s0, n, d).copy_(gq)
-            dk[b, :n] = gk.sum(0, dtype=torch.float32).transpose(0, 1)
-            dv[b, :n] = gv.sum(0, dtype=torch.float32).transpose(0, 1)
+        for r in range(0, d if n else 0, step):
+            part = lambda x: _fold(x, b, s0, n, d)[r:r + step]  # noqa: E731  offsets r .. r + step - 1
+            m = part(q).shape[0]
+            gq, gk, gv = attend_bwd(part(do), part(q), _keys(k_cmp, b, n, m), _keys(v_cmp, b, n, m), part(o),
+                                    part(lse), True, scale)
+            part(dq).copy_(gq)
+            dk[b, :n] += gk.sum(0, dtype=torch.float32).transpose(0, 1)
+            dv[b, :n] += gv.sum(0, dtype=torch.float32).transpose(0, 1)
         if rem:
             t = s0 + n * d
             row = lambda x: x[b, t:].transpose(0, 1).unsqueeze(0)  # noqa: E731  [1, H, rem, D]
