@@ -115,11 +115,12 @@ def test_gate_split_kernel(dtype):
     assert (dg[..., 0] == 7).all() and (dg[..., 2] == 7).all()
 
 
-def test_use_needs_cuda_bf16_dense_rows():
+def test_use_needs_cuda_bf16_dense_rows(monkeypatch):
     """The Triton backend takes the folded path only for CUDA bf16/fp16 without cu_seqlens or
-    q_offset; the CPU always takes the band kernel."""
-    q, k, _, _ = _case(1, 64, 4, 2, 16, 16, 32, 16, dtype=torch.bfloat16)
-    assert not CD.use(q, k, cu_seqlens=None, q_offset=0)
+    q_offset; the CPU always takes the band kernel, whatever the length."""
+    monkeypatch.setattr(CD, "MIN_LEN", 0)
+    q, _, v, _ = _case(1, 64, 4, 2, 16, 16, 32, 16, dtype=torch.bfloat16)
+    assert not CD.use(q, v, cu_seqlens=None, q_offset=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

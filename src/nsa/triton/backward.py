@@ -1150,7 +1150,7 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
     index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
-    dense = cmp_dense.use(q, k_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det)
+    dense = cmp_dense.use(q, v_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det)
     if dense:  # cuDNN's backward of the folded causal attention, from the branch's do
         do_cmp = cmp_dense.gate_split(grad_o, o_cmp, gates, d_gates, 0)
         _, dk_cmp, dv_cmp = cmp_dense.cmp_dense_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cmp_block=l,

@@ -33,12 +33,11 @@ ENABLED = True
 (False: the band kernel everywhere; for timing one against the other)."""
 
 MIN_LEN = 32768
-"""Sequences shorter than this keep the band kernel. A training step on an H100, paper
+"""Calls of fewer positions (q's T) keep the band kernel. A training step on an H100, paper
 configuration (train_cmp_dense_ab_h100.json): band 13.90 / 29.89 / 179.67 ms at 8k / 16k / 64k,
 cuDNN 14.26 / 29.68 / 158.60; cuDNN's backward also holds more memory (its fp32
 dq accumulator, ~75 MB per 1k positions: 16.8 -> 21.6 GB at 64k), so at 16k, a tie, the band
 kernel stays."""
-
 
 OFFSETS_PER_CALL = None
 """The backward's offsets per cuDNN call (:func:`cmp_dense_backward`); None: all d at once."""
@@ -129,15 +128,17 @@ def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
-def use(q, k_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
+def use(q, v_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
     """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): at least
-    :data:`MIN_LEN` positions, CUDA tensors in bf16/fp16,
-    one position per row from position 0 (no cu_seqlens, q_offset 0), head dims that cuDNN's
-    fused attention takes (multiples of 8, at most 256), cuDNN present; not ``deterministic``
-    (cuDNN's backward order of dq sums is not promised; the band kernel's is fixed)."""
-    Dk, Dv = q.shape[-1], k_cmp.shape[-1]
-    return (ENABLED and q.shape[1] >= MIN_LEN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and cu_seqlens is None and q_offset == 0
-            and not deterministic and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv))
+    :data:`MIN_LEN` positions from position 0 (q_offset 0) without cu_seqlens, CUDA tensors in
+    bf16/fp16, head dims that cuDNN's fused attention takes (multiples of 8, at most 256), a
+    batch element under 2^31 elements (cuDNN's tensor dims and strides are int32), cuDNN
+    present; not ``deterministic`` (the band kernel's backward has a fixed order of sums)."""
+    T, HQ, Dk = q.shape[1:]
+    Dv = v_cmp.shape[-1]
+    return (ENABLED and T >= MIN_LEN and q_offset == 0 and cu_seqlens is None and not deterministic
+            and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv)) and T * HQ * max(Dk, Dv) < 2 ** 31
             and torch.backends.cudnn.is_available())
 
 
