@@ -323,18 +323,30 @@ def _bwd_breakdown(c, x, rep) -> dict:
     forward state (which keeps o_win and its lse, as a training forward does), each branch from
     the gated output's do as the backward runs it (Eq. 5 in its dq kernel): cmp dq + dk/dv (and
     with dk/dv unsplit over query chunks, not part of the backward), slc dq + dk/dv (transposed
-    index included), the transposed index alone, win dq + dk/dv."""
+    index included), the transposed index alone, win dq + dk/dv. Where the backward runs cmp
+    through cuDNN (:func:`nsa.triton.cmp_dense.use`), bwd_cmp times that (Eq. 5's kernel
+    included) and bwd_cmp_band the band kernel."""
     import torch
 
     from ..triton import backward as BW
+    from ..triton import cmp_dense
 
     q, kc, vc, k, v, kw, vw, gates = x
     o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = backward_state(c, x)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+    band_cmp = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,  # noqa: E731
+                                        lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g)
+    dense = cmp_dense.use(q, vc, cu_seqlens=None, q_offset=0)
+
+    def dense_cmp():
+        do_cmp = cmp_dense.gate_split(do, o_cmp, gates, g["d_gates"], 0)
+        cmp_dense.cmp_dense_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, cmp_block=c["l"], cmp_stride=c["d"],
+                                     scale=sc, dq=dq, offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
+
     pieces = {
-        "bwd_cmp": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,
-                                            lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g),
+        "bwd_cmp": dense_cmp if dense else band_cmp,
+        **({"bwd_cmp_band": band_cmp} if dense else {}),
         # the same without splitting dk/dv over query chunks (what the split buys)
         "bwd_cmp_unsplit": lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc,
                                                     seq=seq, lens=lens, cmp_block=c["l"], cmp_stride=c["d"],
