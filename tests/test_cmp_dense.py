@@ -141,3 +141,19 @@ def test_gpu_cmp_dense_bf16(B, T):
         fin = torch.isfinite(r)
         rel = lambda x: ((x.double() - r)[fin].norm() / r[fin].norm()).item()  # noqa: E731
         assert rel(a) <= 2 * rel(b) + 1e-3, (rel(a), rel(b))
+
+
+def test_attempt_falls_back_once_cuDNN_refuses(monkeypatch):
+    """A RuntimeError from cuDNN (unsupported card, version or head dims) returns None with one
+    warning naming it and turns the folded path off for the process; other errors propagate."""
+    monkeypatch.setattr(CD, "_FAILED", None)
+    assert CD.attempt(lambda x: x + 1, 1) == 2 and CD._FAILED is None
+
+    def refuse(*_):
+        raise RuntimeError("cuDNN Frontend error: no valid engine configs\nmore")
+
+    with pytest.warns(RuntimeWarning, match="no valid engine configs"):
+        assert CD.attempt(refuse) is None
+    assert CD._FAILED.startswith("cuDNN Frontend error")
+    with pytest.raises(ValueError):
+        CD.attempt(lambda: (_ for _ in ()).throw(ValueError("a bug, not cuDNN")))

@@ -1150,13 +1150,16 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
     index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
-    dense = cmp_dense.use(q, v_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det)
-    if dense:  # cuDNN's backward of the folded causal attention, from the branch's do
+    dense = None
+    if cmp_dense.use(q, v_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det):
+        # cuDNN's backward of the folded causal attention, from the branch's do
         do_cmp = cmp_dense.gate_split(grad_o, o_cmp, gates, d_gates, 0)
-        _, dk_cmp, dv_cmp = cmp_dense.cmp_dense_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp, cmp_block=l,
-                                                         cmp_stride=d, scale=sc, dq=dq,
-                                                         offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
-    else:
+        dense = cmp_dense.attempt(cmp_dense.cmp_dense_backward, q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp,
+                                  cmp_block=l, cmp_stride=d, scale=sc, dq=dq,
+                                  offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
+    if dense is not None:
+        _, dk_cmp, dv_cmp = dense
+    else:  # (the band dq kernel stores dq and the gate's gradient whole, over a failed attempt's)
         _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
                                           seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
                                           dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
@@ -1166,7 +1169,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
-                                       dq_out=torch.empty_like(q), q_gm=qg, write_q_gm=dense or not k_cmp.numel(), **gkw)
+                                       dq_out=torch.empty_like(q), q_gm=qg,
+                                       write_q_gm=dense is not None or not k_cmp.numel(), **gkw)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))

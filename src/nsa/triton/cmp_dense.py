@@ -22,6 +22,8 @@ folding.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,8 @@ kernel stays."""
 
 OFFSETS_PER_CALL = None
 """The backward's offsets per cuDNN call (:func:`cmp_dense_backward`); None: all d at once."""
+
+_FAILED: str | None = None  # why a cuDNN call failed in this process (then the band kernel from there on)
 
 
 @triton.jit
@@ -133,13 +137,28 @@ def use(q, v_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> 
     :data:`MIN_LEN` positions from position 0 (q_offset 0) without cu_seqlens, CUDA tensors in
     bf16/fp16, head dims that cuDNN's fused attention takes (multiples of 8, at most 256), a
     batch element under 2^31 elements (cuDNN's tensor dims and strides are int32), cuDNN
-    present; not ``deterministic`` (the band kernel's backward has a fixed order of sums)."""
+    present, no cuDNN call of this process failed (:func:`attempt`); not ``deterministic``
+    (the band kernel's backward has a fixed order of sums)."""
     T, HQ, Dk = q.shape[1:]
     Dv = v_cmp.shape[-1]
-    return (ENABLED and T >= MIN_LEN and q_offset == 0 and cu_seqlens is None and not deterministic
+    return (ENABLED and _FAILED is None and T >= MIN_LEN and q_offset == 0 and cu_seqlens is None and not deterministic
             and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv)) and T * HQ * max(Dk, Dv) < 2 ** 31
             and torch.backends.cudnn.is_available())
+
+
+def attempt(fn, *args, **kwargs):
+    """fn(*args, **kwargs), or None when cuDNN refuses the call (a RuntimeError: a card, cuDNN
+    version or head-dim pair its fused attention does not support); then :func:`use` is False
+    for the rest of the process and one warning says why. The caller runs the band kernel."""
+    global _FAILED
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        _FAILED = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"nsa: cuDNN attention failed for the cmp branch ({_FAILED}); the Triton band kernel "
+                      "runs it from now on", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _plan(T: int, l: int, d: int) -> tuple[int, int, int]:

@@ -40,8 +40,12 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     sc = default_scale(scale, Dk)
     seq, lens = C.seq_table(B, T, k_slc.shape[1], k_win.shape[1], k_cmp.shape[1], cu_seqlens,
                             cmp_block, cmp_stride, q.device)
+    dense = None
     if cmp_dense.use(q, v_cmp, cu_seqlens=cu_seqlens, q_offset=q_offset):
-        o_cmp, lse = cmp_dense.cmp_dense(q, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, scale=sc)
+        dense = cmp_dense.attempt(cmp_dense.cmp_dense, q, k_cmp, v_cmp, cmp_block=cmp_block,
+                                  cmp_stride=cmp_stride, scale=sc)
+    if dense is not None:
+        o_cmp, lse = dense
     else:
         o_cmp, lse = band_attention(q, k_cmp, v_cmp, mode=0, scale=sc, seq=seq, lens=lens,
                                     q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
