@@ -157,3 +157,35 @@ def test_attempt_falls_back_once_cuDNN_refuses(monkeypatch):
     assert CD._FAILED.startswith("cuDNN Frontend error")
     with pytest.raises(ValueError):
         CD.attempt(lambda: (_ for _ in ()).throw(ValueError("a bug, not cuDNN")))
+
+
+@pytest.mark.parametrize("B,T", [(1, 45), (2, 38)])
+def test_nsa_func_with_folded_cmp_matches_reference(B, T, monkeypatch):
+    """The Triton backend with the folded cmp switched on (on the CPU, with the PyTorch
+    stand-in for cuDNN): the output and all eight gradients equal autograd through the
+    reference (fp32), so the gate kernel, the dq buffer's first share and the window's dq
+    kernel that follows are wired as the band kernel's path was."""
+    import functools
+
+    import nsa
+
+    monkeypatch.setattr(CD, "use", lambda *a, **k: True)
+    monkeypatch.setattr(CD, "cmp_dense", functools.partial(CD.cmp_dense, attend=CD.attend_math))
+    monkeypatch.setattr(CD, "cmp_dense_backward",
+                        functools.partial(CD.cmp_dense_backward, attend_bwd=CD.attend_math_bwd))
+    HQ, H, Dk, Dv, l, d = 4, 2, 32, 16, 8, 4
+    g = torch.Generator().manual_seed(T)
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    k, v = mk(B, T, H, Dk), mk(B, T, H, Dv)
+    args = [mk(B, T, HQ, Dk), R.compress_mean(k, l, d), R.compress_mean(v, l, d), k, v, mk(B, T, H, Dk),
+            mk(B, T, H, Dv), torch.rand(B, T, HQ, 3, generator=g)]
+    do = mk(B, T, HQ, Dv)
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=8, sel_count=3, window=10)
+    grads = []
+    for fn in (lambda *a: nsa.nsa_func(*a, backend="triton", **kw), lambda *a: R.nsa_ref(*a, **kw)):
+        leaves = [x.clone().requires_grad_() for x in args]
+        o = fn(*leaves)
+        grads.append([o.detach(), *torch.autograd.grad(o, leaves, do)])
+    for name, a, r in zip(["o", "q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"], *grads):
+        err = (a - r).abs().max().item()
+        assert err <= 1e-4 * max(1.0, r.abs().max().item()), (name, err)
