@@ -98,35 +98,31 @@ def attend_cudnn_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
         0.0, causal, scale=scale)
 
 
-def _math_probs(q, k, causal, scale):
-    g = q.shape[1] // k.shape[1]
-    s = scale * torch.einsum("bhsd,bhkd->bhsk", q.float(), k.repeat_interleave(g, 1).float())
+def _math_scores(q, k, causal: bool, scale: float):
+    """scale q k^T in fp32, ``[b, h, s, s_k]``, GQA (query head i reads kv head i // g), the
+    causal mask top-left."""
+    s = scale * torch.einsum("bhsd,bhkd->bhsk", q.float(), k.repeat_interleave(q.shape[1] // k.shape[1], 1).float())
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.exp(s - lse[..., None]), lse
+    return s
 
 
 def attend_math(q, k, v, causal: bool, scale: float):
     """:func:`attend_cudnn` in PyTorch (fp32 math, outputs in q's dtype): the CPU stand-in."""
-    p, lse = _math_probs(q, k, causal, scale)
-    g = q.shape[1] // k.shape[1]
-    return torch.einsum("bhsk,bhkd->bhsd", p, v.repeat_interleave(g, 1).float()).to(q.dtype), lse
+    s = _math_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, -1)
+    vr = v.repeat_interleave(q.shape[1] // k.shape[1], 1).float()
+    return torch.einsum("bhsk,bhkd->bhsd", torch.exp(s - lse[..., None]), vr).to(q.dtype), lse
 
 
 def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     """:func:`attend_cudnn_bwd` in PyTorch (recomputes p from q, k and lse)."""
-    B, h, hk = q.shape[0], q.shape[1], k.shape[1]
-    g = h // hk
-    s = scale * torch.einsum("bhsd,bhkd->bhsk", q.float(), k.repeat_interleave(g, 1).float())
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.exp(s - lse[..., None])
-    do32, vr = do.float(), v.repeat_interleave(g, 1).float()
+    B, hk, g = q.shape[0], k.shape[1], q.shape[1] // k.shape[1]
+    p = torch.exp(_math_scores(q, k, causal, scale) - lse[..., None])
+    do32, kr, vr = do.float(), k.repeat_interleave(g, 1).float(), v.repeat_interleave(g, 1).float()
     dv = torch.einsum("bhsk,bhsd->bhkd", p, do32)
-    dp = torch.einsum("bhsd,bhkd->bhsk", do32, vr)
-    ds = p * (dp - (do32 * o.float()).sum(-1, keepdim=True))
-    dq = scale * torch.einsum("bhsk,bhkd->bhsd", ds, k.repeat_interleave(g, 1).float())
+    ds = p * (torch.einsum("bhsd,bhkd->bhsk", do32, vr) - (do32 * o.float()).sum(-1, keepdim=True))
+    dq = scale * torch.einsum("bhsk,bhkd->bhsd", ds, kr)
     dk = scale * torch.einsum("bhsk,bhsd->bhkd", ds, q.float())
     fold = lambda x: x.view(B, hk, g, *x.shape[2:]).sum(2)  # noqa: E731  (GQA: a kv head's g heads)
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
