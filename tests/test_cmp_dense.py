@@ -159,12 +159,13 @@ def test_attempt_falls_back_once_cuDNN_refuses(monkeypatch):
         CD.attempt(lambda: (_ for _ in ()).throw(ValueError("a bug, not cuDNN")))
 
 
-@pytest.mark.parametrize("B,T", [(1, 45), (2, 38)])
-def test_nsa_func_with_folded_cmp_matches_reference(B, T, monkeypatch):
+@pytest.mark.parametrize("B,T,one_seq", [(1, 45, False), (2, 38, False), (1, 41, True)])
+def test_nsa_func_with_folded_cmp_matches_reference(B, T, one_seq, monkeypatch):
     """The Triton backend with the folded cmp switched on (on the CPU, with the PyTorch
     stand-in for cuDNN): the output and all eight gradients equal autograd through the
     reference (fp32), so the gate kernel, the dq buffer's first share and the window's dq
-    kernel that follows are wired as the band kernel's path was."""
+    kernel that follows are wired as the band kernel's path was; also with cu_seqlens that
+    hold one sequence, which the folded path takes."""
     import functools
 
     import nsa
@@ -181,6 +182,8 @@ def test_nsa_func_with_folded_cmp_matches_reference(B, T, monkeypatch):
             mk(B, T, H, Dv), torch.rand(B, T, HQ, 3, generator=g)]
     do = mk(B, T, HQ, Dv)
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=8, sel_count=3, window=10)
+    if one_seq:
+        kw["cu_seqlens"] = torch.tensor([0, T], dtype=torch.int32)
     grads = []
     for fn in (lambda *a: nsa.nsa_func(*a, backend="triton", **kw), lambda *a: R.nsa_ref(*a, **kw)):
         leaves = [x.clone().requires_grad_() for x in args]
@@ -189,3 +192,20 @@ def test_nsa_func_with_folded_cmp_matches_reference(B, T, monkeypatch):
     for name, a, r in zip(["o", "q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"], *grads):
         err = (a - r).abs().max().item()
         assert err <= 1e-4 * max(1.0, r.abs().max().item()), (name, err)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_gpu_use_conditions():
+    """On a GPU: bf16 from MIN_LEN positions, one sequence (cu_seqlens of one or none), no
+    q_offset, not deterministic, not fp32."""
+    T = CD.MIN_LEN
+    q = torch.zeros(1, T, 4, 16, device="cuda", dtype=torch.bfloat16)
+    v = torch.zeros(1, (T - 32) // 16 + 1, 2, 16, device="cuda", dtype=torch.bfloat16)
+    one, two = torch.tensor([0, T]), torch.tensor([0, 5, T])
+    assert CD.use(q, v, cu_seqlens=None, q_offset=0) and CD.use(q, v, cu_seqlens=one, q_offset=0)
+    assert not CD.use(q, v, cu_seqlens=two, q_offset=0)
+    assert not CD.use(q, v, cu_seqlens=None, q_offset=1)
+    assert not CD.use(q, v, cu_seqlens=None, q_offset=0, deterministic=True)
+    assert not CD.use(q.float(), v.float(), cu_seqlens=None, q_offset=0)
+    assert not CD.use(q[:, :T - 1], v, cu_seqlens=None, q_offset=0)

@@ -130,14 +130,16 @@ def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
 
 def use(q, v_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
     """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): at least
-    :data:`MIN_LEN` positions from position 0 (q_offset 0) without cu_seqlens, CUDA tensors in
+    :data:`MIN_LEN` positions from position 0 (q_offset 0), one sequence a batch row (no
+    cu_seqlens, or one that holds a single sequence), CUDA tensors in
     bf16/fp16, head dims that cuDNN's fused attention takes (multiples of 8, at most 256), a
     batch element under 2^31 elements (cuDNN's tensor dims and strides are int32), cuDNN
     present, no cuDNN call of this process failed (:func:`attempt`); not ``deterministic``
     (the band kernel's backward has a fixed order of sums)."""
     T, HQ, Dk = q.shape[1:]
     Dv = v_cmp.shape[-1]
-    return (ENABLED and _FAILED is None and T >= MIN_LEN and q_offset == 0 and cu_seqlens is None and not deterministic
+    one_seq = cu_seqlens is None or (len(cu_seqlens) == 2 and q.shape[0] == 1)  # [0, T]: one sequence
+    return (ENABLED and _FAILED is None and T >= MIN_LEN and q_offset == 0 and one_seq and not deterministic
             and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv)) and T * HQ * max(Dk, Dv) < 2 ** 31
             and torch.backends.cudnn.is_available())
