@@ -54,7 +54,7 @@ def errors(B, T) -> dict:
                 lse_inf_same=bool(torch.equal(torch.isinf(lse_c), torch.isinf(lse_r))))
 
 
-def timings(T, rep) -> dict:
+def timings(T, rep, per_call=()) -> dict:
     q, k, v, do = inputs(1, T)
     sc = 1 / math.sqrt(DK)
     o_t, lse_t = compressed_attention_triton(q, k, v, cmp_block=L, cmp_stride=D)
@@ -67,10 +67,13 @@ def timings(T, rep) -> dict:
         "dense_bwd": lambda: CD.cmp_dense_backward(q, k, v, o_c, lse_c, do, cmp_block=L, cmp_stride=D,
                                                    scale=sc, dq=dq),
     }
+    for m in per_call:  # the backward a few offsets a cuDNN call (less of its fp32 dq workspace at once)
+        fns[f"dense_bwd_per{m}"] = lambda m=m: CD.cmp_dense_backward(q, k, v, o_c, lse_c, do, cmp_block=L,
+                                                                    cmp_stride=D, scale=sc, dq=dq, offsets_per_call=m)
     out = dict(T=T)
     for name, fn in fns.items():
         try:
-            out[name + "_ms"] = _bench(fn, rep)[0]
+            out[name + "_ms"], out[name + "_peak_gb"] = _bench(fn, rep)
         except Exception as e:
             traceback.print_exc(limit=4)
             out[name + "_error"] = repr(e)[:400]
@@ -116,6 +119,7 @@ def main() -> None:
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 65536])
     p.add_argument("--check", type=int, nargs="+", default=[4096, 4111], help="T of the error checks")
     p.add_argument("--rep", type=int, default=200)
+    p.add_argument("--offsets-per-call", type=int, nargs="*", default=[], help="also time the backward so")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="only draw the PNG of this result file")
     a = p.parse_args()
@@ -131,7 +135,7 @@ def main() -> None:
             traceback.print_exc(limit=4)
             res["errors"].append(dict(T=T, error=repr(e)[:400]))
     for T in a.seqlens:
-        res["timings"].append(timings(T, a.rep))
+        res["timings"].append(timings(T, a.rep, a.offsets_per_call))
     meta = result_meta("triton.testing.do_bench median (L2 flushed between calls)")
     path = a.out or f"benchmarks/results/cmp_dense_{gpu_tag(meta['gpu'])}.json"
     with open(path, "w") as f:
