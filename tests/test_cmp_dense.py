@@ -2,9 +2,9 @@
 
 On the CPU the attention calls are :func:`attend_math` (PyTorch, fp32), so what these tests
 check is the folding: the d offsets as a batch over views of q, o, do, lse and dq, the short
-last block, the rows that see nothing, the dk/dv sums over the offsets. On a GPU the same
-cases run through cuDNN (bf16, against the band kernel's own error). The gate kernel runs
-under TRITON_INTERPRET=1 without CUDA.
+last block, the rows that see nothing, the dk/dv sums over the offsets. On a GPU, cases of
+the paper's geometry also run through cuDNN (bf16, against the band kernel's own error). The
+gate kernel runs under TRITON_INTERPRET=1 without CUDA.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ CASES = [
     pytest.param(1, 70, 16, 4, 192, 128, 32, 16, id="paper-dims-gqa4"),
     pytest.param(2, 63, 6, 3, 24, 8, 8, 4, id="gqa2-l8-d4"),
     pytest.param(1, 41, 4, 4, 8, 8, 16, 16, id="mha-l16-d16"),
+    pytest.param(1, 50, 64, 1, 8, 8, 16, 8, id="gqa64"),
 ]
 
 
