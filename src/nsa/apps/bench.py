@@ -338,12 +338,8 @@ def _bwd_breakdown(c, x, rep) -> dict:
     band_cmp = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,  # noqa: E731
                                         lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g)
     dense = cmp_dense.use(q, vc, cu_seqlens=None, q_offset=0)
-
-    def dense_cmp():
-        do_cmp = cmp_dense.gate_split(do, o_cmp, gates, g["d_gates"], 0)
-        cmp_dense.cmp_dense_backward(q, kc, vc, o_cmp, lse_cmp, do_cmp, cmp_block=c["l"], cmp_stride=c["d"],
-                                     scale=sc, dq=dq, offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
-
+    dense_cmp = lambda: cmp_dense.gated_backward(do, q, kc, vc, o_cmp, lse_cmp, gates, g["d_gates"],  # noqa: E731
+                                                 cmp_block=c["l"], cmp_stride=c["d"], scale=sc, dq=dq)
     pieces = {
         "bwd_cmp": dense_cmp if dense else band_cmp,
         **({"bwd_cmp_band": band_cmp} if dense else {}),

@@ -1153,10 +1153,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     dense = None
     if cmp_dense.use(q, v_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det):
         # cuDNN's backward of the folded causal attention, from the branch's do
-        do_cmp = cmp_dense.gate_split(grad_o, o_cmp, gates, d_gates, 0)
-        dense = cmp_dense.attempt(cmp_dense.cmp_dense_backward, q, k_cmp, v_cmp, o_cmp, lse_cmp, do_cmp,
-                                  cmp_block=l, cmp_stride=d, scale=sc, dq=dq,
-                                  offsets_per_call=cmp_dense.OFFSETS_PER_CALL)
+        dense = cmp_dense.attempt(cmp_dense.gated_backward, grad_o, q, k_cmp, v_cmp, o_cmp, lse_cmp, gates,
+                                  d_gates, cmp_block=l, cmp_stride=d, scale=sc, dq=dq)
     if dense is not None:
         _, dk_cmp, dv_cmp = dense
     else:  # (the band dq kernel stores dq and the gate's gradient whole, over a failed attempt's)

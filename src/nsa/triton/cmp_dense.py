@@ -222,7 +222,7 @@ def cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block: int, cmp_strid
     for b in range(B):
         for r in range(0, d if n else 0, step):
             part = lambda x: _fold(x, b, s0, n, d)[r:r + step]  # noqa: E731  offsets r .. r + step - 1
-            m = part(q).shape[0]
+            m = min(step, d - r)
             gq, gk, gv = attend_bwd(part(do), part(q), _keys(k_cmp, b, n, m), _keys(v_cmp, b, n, m), part(o),
                                     part(lse), True, scale)
             part(dq).copy_(gq)
@@ -237,3 +237,13 @@ def cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block: int, cmp_strid
             dk[b, :n + 1] += gk[0].transpose(0, 1)
             dv[b, :n + 1] += gv[0].transpose(0, 1)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def gated_backward(grad_o, q, k_cmp, v_cmp, o, lse, gates, d_gates, *, cmp_block: int, cmp_stride: int,
+                   scale: float, dq=None):
+    """The cmp branch's share of NSA's backward from the gated output's gradient ``grad_o``: Eq. 5
+    (:func:`gate_split`: the branch's do and, into d_gates[..., 0], the gate's gradient), then
+    :func:`cmp_dense_backward` (:data:`OFFSETS_PER_CALL` offsets a call). (dq, dk_cmp, dv_cmp)."""
+    do_cmp = gate_split(grad_o, o, gates, d_gates, 0)
+    return cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                              scale=scale, dq=dq, offsets_per_call=OFFSETS_PER_CALL)
