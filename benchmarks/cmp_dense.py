@@ -4,7 +4,11 @@ reference (paper configuration: HQ 64, H 4, Dk 192, Dv 128, l 32, d 16; bf16, ra
 
     python benchmarks/cmp_dense.py --seqlens 8192 16384 65536
 writes benchmarks/results/cmp_dense_{gpu}.json (``--out`` to choose) and its PNG
-(``--plot FILE``: only the PNG of an existing result file).
+(``--plot FILE``: only the PNG of an existing result file). ``--train-step T`` times instead
+whole training steps (``nsa bench train``'s NSA step, paper configuration, one process) with
+``cmp_dense.OFFSETS_PER_CALL`` None, each of ``--offsets-per-call``, then None again:
+
+    python benchmarks/cmp_dense.py --train-step 65536 --offsets-per-call 4 8
 """
 
 from __future__ import annotations
@@ -89,6 +93,22 @@ def timings(T, rep, per_call=()) -> dict:
     return out
 
 
+def train_steps(T, rep, per_call) -> list[dict]:
+    """Forward, forward + backward and peak memory of the NSA training step at each
+    OFFSETS_PER_CALL (None first and last: the spread of two runs of one setting)."""
+    from nsa.apps import bench as Bn
+
+    c = dict(Bn.CONFIGS["paper"], name="paper")
+    x = Bn._inputs(T, c, "cuda")
+    rows = []
+    for m in [None, *per_call, None]:
+        CD.OFFSETS_PER_CALL = m
+        f, both, peak = Bn._run_train(T, c, x, [], rep=rep)["nsa"]
+        rows.append(dict(T=T, offsets_per_call=m, fwd_ms=f, fwd_bwd_ms=both, bwd_ms=both - f, peak_gb=peak))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def plot(path: str) -> str:
     """Forward and backward ms of both paths per T, beside the JSON."""
     import matplotlib
@@ -120,11 +140,20 @@ def main() -> None:
     p.add_argument("--check", type=int, nargs="+", default=[4096, 4111], help="T of the error checks")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--offsets-per-call", type=int, nargs="*", default=[], help="also time the backward so")
+    p.add_argument("--train-step", type=int, default=None, metavar="T",
+                   help="time training steps at T for each --offsets-per-call instead")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None, help="only draw the PNG of this result file")
     a = p.parse_args()
     if a.plot:
         print("wrote", plot(a.plot))
+        return
+    if a.train_step:
+        meta = result_meta("triton.testing.do_bench median")
+        path = a.out or f"benchmarks/results/train_cmp_dense_opc_{gpu_tag(meta['gpu'])}.json"
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, train_steps=train_steps(a.train_step, 400, a.offsets_per_call)), f, indent=1)
+        print("wrote", path)
         return
     res = dict(errors=[], timings=[])
     for i, T in enumerate(a.check):

@@ -86,7 +86,7 @@ def _specs(HQ, H, Dk, Dv):
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False,
-                       **slc),
+                       TMA=False, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     # the counted transposed index (one launch config: 4 warps, 1 stage)
@@ -108,6 +108,16 @@ def _specs(HQ, H, Dk, Dv):
             specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch, **plain)
         specs[f"band_dkdv_{name}_edges"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1), MODE=mode,
                                                 QCH=0, **dict(band, EDGES=True, ADD=True))
+    if sq["BT"] == 1:  # one position a tile: the slc forward and dq read their blocks through descriptors
+        ddesc = dict(TYPES, IDX="*i64", TUNE_T="i32", KD0=f"tensordesc<bf16[64, {BK0}]>",
+                     KD1=f"tensordesc<bf16[64, {BK1 or BK0}]>", VD=f"tensordesc<bf16[64, {dims['BV']}]>")
+        specs["slc_dq_tma"] = spec("_selected_bwd", sq, ddesc, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1,
+                                   SHARE=-1, SKIP=False, TMA=True, **slc)
+        fwd = dict(slc, HP=sq["HP"], BT=1, N_SEL=16, NP=16, WRITE_LSE=True, CLAMP=True, K0_FULL=True,
+                   V_FULL=True, SHARE=-1, SKIP=False, TMA=True)
+        for w, st in ((2, 1), (2, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
+            specs[f"slc_fwd_tma_w{w}_s{st}"] = dict(module="nsa.triton.selected", kernel="_selected_fwd",
+                                                    types=ddesc, constexprs=fwd, num_warps=w, num_stages=st)
     # Eq. 5 for cmp when cuDNN runs its backward (nsa.triton.cmp_dense.gate_split)
     specs["gate_split"] = dict(module="nsa.triton.cmp_dense", kernel="_gate_split",
                                types=dict(DG="*fp32", n_rows="i32"), num_warps=4, num_stages=1,
@@ -140,13 +150,13 @@ def test_selected_tiles_of_small_groups_do_not_spill(h, gpu_triton):
     assert min(c["num_warps"] for c in C.tuned_variants()["_selected_fwd"]) == 2
     dims = dict(HQ=4 * h, G=h, DK=64, DV=64, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=cfg["HP"], BT=cfg["BT"], BK0=64,
                 BK1=0, BV=64, PREC="tf32", UPCAST=False)
-    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False)
+    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False, TMA=False)
     sq, _ = BW._slc_configs(h, 64, 64, False)
     specs = {f"fwd-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                      constexprs=fwd, num_warps=w, num_stages=st)
              for w, st in ((2, 1), (2, 3), (4, 3))}
     specs["dq"] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types,
-                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False),
+                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False, TMA=False),
                        num_warps=sq["num_warps"],
                        num_stages=sq["num_stages"])
     with ThreadPoolExecutor(2) as pool:
@@ -169,24 +179,25 @@ def test_selected_split_launch_does_not_spill(h, gpu_triton):
 
     bt = 64 // h
     share = int(S.SHARE_FRACTION * bt * 16)  # as share_split, which selected.SPLIT turns off
-    types = dict(TYPES, IDX="*i64", FLAGS="*i8", TUNE_T="i32")
+    types = dict(TYPES, IDX="*i64", FLAGS="*i8", TUNE_T="i32", KD0="tensordesc<bf16[64, 128]>",
+                 KD1="tensordesc<bf16[64, 64]>", VD="tensordesc<bf16[64, 128]>")
     dims = dict(HQ=4 * h, G=h, DK=192, DV=128, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=h, BK0=128, BK1=64, BV=128,
                 PREC="tf32", UPCAST=False, WRITE_LSE=True)
-    shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False)
+    shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False, TMA=False)
     kept = S._prune([SimpleNamespace(**c) for c in C.tuned_variants()["_selected_fwd"]], {}, SHARE=share)
     assert kept and min(c.num_warps for c in kept) == 4
     specs = {f"shared-w{c.num_warps}-s{c.num_stages}": dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                             types=types, constexprs=shared, num_warps=c.num_warps,
                                                             num_stages=c.num_stages) for c in kept}
-    rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True)
+    rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True, TMA=True)
     specs.update({f"rest-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                            constexprs=rest, num_warps=w, num_stages=st)
                   for w, st in ((2, 1), (2, 3), (4, 3))})
     sq, _ = BW._slc_configs(h, 192, 128, False)
     dq = dict(dims, KV=False, HAVE_LSE=True, GIDX=1)
     del dq["WRITE_LSE"]
-    for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False), BW.SLC_DQ_SHARED),
-                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True), sq)):
+    for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False, TMA=False), BW.SLC_DQ_SHARED),
+                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True, TMA=True), sq)):
         specs[name] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types, constexprs=const,
                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     with ThreadPoolExecutor(2) as pool:

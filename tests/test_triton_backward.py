@@ -120,6 +120,38 @@ def test_selected_backward_arbitrary_lists(dkdv, chunk, det):
         _close(a, b)
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
+def test_selected_one_position_tiles_descriptors_and_pointers(tma, monkeypatch):
+    """16 heads a group (one position a tile): the slc forward and dq read each block through
+    tensor descriptors (selected.use_tma) or through pointer loads, and both equal the
+    reference, with -1 holes, blocks past a sequence's keys and partial last blocks in two
+    packed sequences (a block's rows past its sequence are the next one's, hidden by the mask)."""
+    SL = selected_attention_triton.__globals__
+    monkeypatch.setitem(SL, "TMA", tma)
+    cu, lp, HQ, H = [0, 27, 43], 8, 32, 2
+    q, k, v, _, _, do, cu_t = _inputs(cu[-1], HQ, H, 48, 32, 8, 4, cu, seed=5)
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for s0, s1 in zip(cu[:-1], cu[1:]):
+        for t in range(s1 - s0):  # per group: the local block, then 2 others (up to 1 past the keys) or -1
+            grp = []
+            for _ in range(H):
+                others = [b for b in torch.randperm(5, generator=g).tolist() if b != t // lp][:2]
+                grp.append([t // lp] + [b if torch.rand(1, generator=g).item() < 0.8 else -1 for b in others])
+            rows.append(grp)
+    idx = torch.tensor(rows, device=DEV).view(1, cu[-1], H, 3)
+    kw = dict(sel_block=lp, cu_seqlens=cu_t)
+    rec = Launches(SL["_selected_fwd_tuned"], 0)
+    monkeypatch.setitem(SL, "_selected_fwd_tuned", rec)
+    o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, **kw)
+    assert [c["TMA"] for c, _ in rec.calls] == [tma]
+    _close(o, R.selected_attention_ref(q, k, v, idx, **kw))
+    got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse, **kw)
+    ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+
+
 @pytest.mark.parametrize("HQ,H,cu,off,with_lse", [pytest.param(32, 2, [0, 37, 38, 70], 0, True, id="h16-2groups-varlen"),
                                                   pytest.param(16, 1, [0, 70], 0, False, id="h16-lse-recomputed"),
                                                   pytest.param(32, 1, [0, 45], 60, True, id="h32-offset")])
@@ -146,7 +178,7 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
     kernel = BW._selected_bwd
     for frac in (SL["SHARE_FRACTION"], 1.0):
         monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
-        rec = Launches(kernel, 13)
+        rec = Launches(kernel, 16)  # FLAGS
         monkeypatch.setattr(BW, "_selected_bwd", rec)
         got = BW.selected_attention_backward(q, k, v, idx, o, do, lse=lse if with_lse else None, **kw)
         assert [(c["BT"], c["SHARE"], c["SKIP"]) for c, _ in rec.calls] == [(bt, int(frac * bt * n), False),

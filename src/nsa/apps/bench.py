@@ -8,7 +8,9 @@ the difference. For each T (default 8k..128k, batch 1) and configuration it time
 * ``nsa``: :func:`nsa.nsa_func` (backend="triton"): k_cmp/v_cmp are inputs (phi is the
   layer's job), except in the fla configuration where mean pooling is timed too, as fla's
   ``parallel_nsa`` pools inside;
-* the four kernels alone (per-kernel breakdown: cmp, select, slc, win + gates);
+* the four kernels alone (per-kernel breakdown: cmp, select, slc, win + gates); cmp is what the
+  forward runs: cuDNN where :func:`nsa.triton.cmp_dense.use` holds (then ``k_cmp_band`` times
+  the band kernel beside it);
 * PyTorch SDPA full causal attention, flash and cuDNN backends (GQA through enable_gqa, else
   expanded k/v), and FlexAttention (causal block mask, torch.compile);
 * fla's ``parallel_nsa`` (package fla-core) in its own configuration (l = l' = d = 64, mean
@@ -240,7 +242,7 @@ def bench_inputs(T, c, device, realistic: bool) -> tuple[tuple, dict]:
 def _run_nsa(T, c, x, breakdown, rep):
     from .. import nsa_func
     from ..reference import compress_mean
-    from ..triton import band, select, selected
+    from ..triton import band, cmp_dense, select, selected
 
     q, kc, vc, k, v, kw, vw, gates = x
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"])
@@ -261,9 +263,14 @@ def _run_nsa(T, c, x, breakdown, rep):
         idx = select.select_blocks_triton(q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"],
                                           sel_count=c["n"], lse=lse)
         o_slc = selected.selected_attention_triton(q, k, v, idx, sel_block=c["lp"])
-        out["k_cmp"] = _bench(lambda: band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens,
-                                                          cmp_block=c["l"], cmp_stride=c["d"],
-                                                          write_lse=True), rep)
+        band_cmp = lambda: band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens,  # noqa: E731
+                                               cmp_block=c["l"], cmp_stride=c["d"], write_lse=True)
+        if cmp_dense.use(q, vc, cu_seqlens=None, q_offset=0):  # what the forward runs, the band kernel beside
+            out["k_cmp"] = _bench(lambda: cmp_dense.cmp_dense(q, kc, vc, cmp_block=c["l"], cmp_stride=c["d"],
+                                                              scale=sc), rep)
+            out["k_cmp_band"] = _bench(band_cmp, rep)
+        else:
+            out["k_cmp"] = _bench(band_cmp, rep)
         out["k_select"] = _bench(lambda: select.select_blocks_triton(
             q, kc, cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], lse=lse), rep)
         out["k_slc"] = _bench(lambda: selected.selected_attention_triton(q, k, v, idx, sel_block=c["lp"]), rep)

@@ -38,27 +38,45 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import _common as C
 from . import cmp_dense
 from ._common import LOG2E
-from .selected import share_split, split_tile, tile_block, tile_uniques
+from .selected import block_descriptors, share_split, split_tile, tile_block, tile_uniques, use_tma
 
 
 @triton.jit
 def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, qk_scale, sm_scale,
                 dq0, dq1, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
-                PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
+                KD0, KD1, VD, krow, kcol, vcol, TMA: tl.constexpr):
     """One key tile: rows x keys ``kn`` (offsets inside the tile's K/V bases). With KV, adds
-    dk/dv of the tile atomically; returns the updated dq chunks (unscaled by sm_scale)."""
+    dk/dv of the tile atomically; returns the updated dq chunks (unscaled by sm_scale). TMA:
+    the tile's keys and values come through the descriptors KD0, KD1, VD (row krow, columns
+    kcol / vcol: :func:`.selected.block_descriptors`), rows past the keys hidden by kn_ok."""
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
-    k0 = C.load_cols(Kb, kn * (H * DK), kn_ok, 0, BK0, DK, UPCAST)
+    if TMA:
+        k0 = KD0.load([krow, kcol])
+        if UPCAST:
+            k0 = k0.to(tl.float32)
+    else:
+        k0 = C.load_cols(Kb, kn * (H * DK), kn_ok, 0, BK0, DK, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
-        k1 = C.load_cols(Kb, kn * (H * DK), kn_ok, BK0, BK1, DK, UPCAST)
+        if TMA:
+            k1 = KD1.load([krow, kcol + BK0])
+            if UPCAST:
+                k1 = k1.to(tl.float32)
+        else:
+            k1 = C.load_cols(Kb, kn * (H * DK), kn_ok, BK0, BK1, DK, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
     vis = vis & ok[:, None] & kn_ok[None, :]
     p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # exact probabilities
-    v = C.load_cols(Vb, kn * (H * DV), kn_ok, 0, BV, DV, UPCAST)
+    if TMA:
+        v = VD.load([krow, vcol])
+        if UPCAST:
+            v = v.to(tl.float32)
+    else:
+        v = C.load_cols(Vb, kn * (H * DV), kn_ok, 0, BV, DV, UPCAST)
     if KV:
         gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)  # [BN, BV]
         tl.atomic_add(GVb + kn[:, None] * (H * DV) + dv[None, :], gv,
@@ -241,7 +259,8 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, 
             vis = (u[None, :] <= pos[:, None]) & (u[None, :] > pos[:, None] - WINDOW)
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, bn, n < n_hi, vis, qk_scale,
-                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False)
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False,
+                               K, K, K, 0, 0, 0, False)
     _store_dq(GQ, GQOUT, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, DQ_MODE, UPCAST)
 
 
@@ -402,16 +421,20 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
 
 
 @triton.jit
-def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS, TBL, SEQ, LSEBUF, sm_scale, q_offset,
+def _selected_bwd(Q, K, V, KD0, KD1, VD, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS, TBL, SEQ, LSEBUF,
+                  sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
-                  HAVE_LSE: tl.constexpr, GIDX: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr):
+                  HAVE_LSE: tl.constexpr, GIDX: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr,
+                  TMA: tl.constexpr):
     """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group).
     Without HAVE_LSE a first pass computes the slc lse into LSEBUF. GIDX >= 0: DO is the gated
     output's gradient (:func:`_load_rows`: DG, DOB). SHARE / SKIP: the two passes of a split
-    launch, as the forward's (:func:`.selected._selected_fwd`)."""
+    launch, as the forward's (:func:`.selected._selected_fwd`). TMA (one position a tile, no
+    KV): the gradient pass reads each block through the descriptors KD0, KD1, VD, as the
+    forward does."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -458,10 +481,12 @@ def _selected_bwd(Q, K, V, DO, O, DELTA, GQ, GK, GV, GATES, DG, DOB, IDX, FLAGS,
     for ps in range(0, n_steps):
         blk, sel, u, u_ok = tile_block(lists, uniq, ps, row_ok, k_len, SEL_L, BS, HP, BT)
         kv_row = (k_start + tl.maximum(blk, 0).to(tl.int64) * SEL_L) * H + g
+        krow = (k_start + tl.maximum(blk, 0) * SEL_L).to(tl.int32)  # the block's first row (TMA)
         vis = sel[:, None] & (u[None, :] <= pos[:, None])
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
-                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, KV)
+                               sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, KV,
+                               KD0, KD1, VD, krow, g * DK, g * DV, TMA)
     _store_dq(GQ, GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, 0)
 
 
@@ -1033,10 +1058,12 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
 
     def dq_launch(cfg, share, skip):
         tbl = C.prog_table(lens, cfg["BT"], q.device)
+        tma = dkdv != "atomic" and use_tma(q, k, v, cfg["BT"], BK0, BK1, common["BV"])
+        descs = block_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
         _selected_bwd[(tbl.shape[0], H)](
-            q, k, v, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, flags, tbl,
+            q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, flags, tbl,
             seq, lse, float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic",
-            HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, **common, **cfg)
+            HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, TMA=tma, **common, **cfg)
 
     if split:
         dq_launch(dict(cfg_q, **({} if C.interpreting() else SLC_DQ_SHARED), BT=split[0]), split[1], False)

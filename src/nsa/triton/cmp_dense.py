@@ -41,8 +41,13 @@ cuDNN 14.26 / 29.68 / 158.60; cuDNN's backward also holds more memory (its fp32
 dq accumulator, ~75 MB per 1k positions: 16.8 -> 21.6 GB at 64k), so at 16k, a tie, the band
 kernel stays."""
 
-OFFSETS_PER_CALL = None
-"""The backward's offsets per cuDNN call (:func:`cmp_dense_backward`); None: all d at once."""
+OFFSETS_PER_CALL = 4
+"""The backward's offsets per cuDNN call (:func:`cmp_dense_backward`); None: all d at once.
+cuDNN's fp32 dq workspace scales with the offsets of a call. At 64k on an H100 (paper
+configuration, train_cmp_dense_opc_h100.json) a training step peaks at 21.6 GB with all 16
+offsets at once, 18.8 with 8 a call and 16.8 with 4 (the band kernel's peak), in steps of
+160.8 / 162.7 (all at once, twice), 163.6 (8) and 161.2 ms (4); the cmp backward alone
+(cmp_dense_opc_h100.json) 38.2 -> 38.5 (8) and 41.7 ms (4)."""
 
 _FAILED: str | None = None  # why a cuDNN call failed in this process (then the band kernel from there on)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
@@ -139,16 +140,19 @@ def tile_block(lists, uniq, ps, row_ok, k_len, SEL_L: tl.constexpr, BS: tl.const
 
 
 @triton.jit
-def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_offset,
+def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   WRITE_LSE: tl.constexpr, CLAMP: tl.constexpr, K0_FULL: tl.constexpr,
-                  V_FULL: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr):
+                  V_FULL: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr, TMA: tl.constexpr):
     """SHARE >= 0: the shared pass (BT > 1) of a split launch; it takes the tiles whose walk has
     at most SHARE distinct blocks and marks their positions in FLAGS [rows, H] (int8: 1 taken,
-    0 left). SKIP: the one-position pass after it, which leaves the marked positions alone."""
+    0 left). SKIP: the one-position pass after it, which leaves the marked positions alone.
+    TMA (one position a tile): each block's keys and values arrive through the tensor
+    descriptors KD0, KD1 (K viewed [B * Tk, H * Dk], boxes [BS, BK0] and [BS, BK1]) and VD (V,
+    [BS, BV]), so the copy engine fetches the next blocks while this one is computed."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -186,15 +190,23 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
             kr = tl.minimum(ar, (k_len - 1 - blk_row).to(tl.int32))
         kb = K + ((k_start + blk_row) * H + g) * DK
         vb = V + ((k_start + blk_row) * H + g) * DV
-        kt0 = C.load_tile(kb + dk0[:, None] + kr[None, :] * (H * DK), u_ok[None, :] & (dk0[:, None] < DK), K0_FULL)
+        if TMA:  # rows past the keys: the next sequence's or zeros, both hidden by vis
+            krow = (k_start + tl.maximum(blk, 0) * SEL_L).to(tl.int32)
+            kt0 = tl.trans(KD0.load([krow, g * DK]))
+        else:
+            kt0 = C.load_tile(kb + dk0[:, None] + kr[None, :] * (H * DK), u_ok[None, :] & (dk0[:, None] < DK),
+                              K0_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             kt0 = kt0.to(tl.float32)
         s = tl.dot(q0, kt0, input_precision=PREC)
         if BK1 > 0:
-            k1_ok = dk1[:, None] < DK
-            if not CLAMP:  # repeats of a block inside the tile (blk = -1) load nothing
-                k1_ok = k1_ok & u_ok[None, :]
-            kt1 = tl.load(kb + dk1[:, None] + kr[None, :] * (H * DK), mask=k1_ok, other=0.0)
+            if TMA:
+                kt1 = tl.trans(KD1.load([krow, g * DK + BK0]))
+            else:
+                k1_ok = dk1[:, None] < DK
+                if not CLAMP:  # repeats of a block inside the tile (blk = -1) load nothing
+                    k1_ok = k1_ok & u_ok[None, :]
+                kt1 = tl.load(kb + dk1[:, None] + kr[None, :] * (H * DK), mask=k1_ok, other=0.0)
             if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
                 kt1 = kt1.to(tl.float32)
             s += tl.dot(q1, kt1, input_precision=PREC)
@@ -204,7 +216,10 @@ def _selected_fwd(Q, K, V, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_off
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = C.load_tile(vb + kr[:, None] * (H * DV) + dv[None, :], u_ok[:, None] & (dv[None, :] < DV), V_FULL)
+        if TMA:
+            v = VD.load([krow, g * DV])
+        else:
+            v = C.load_tile(vb + kr[:, None] * (H * DV) + dv[None, :], u_ok[:, None] & (dv[None, :] < DV), V_FULL)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -229,7 +244,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE',
-                                                  'CLAMP', 'SHARE'], [2, 4, 8], [1, 2, 3], prune=_prune)
+                                                  'CLAMP', 'SHARE', 'TMA'], [2, 4, 8], [1, 2, 3], prune=_prune)
 
 # A shared tile of BT positions costs about 1.4x a one-position tile per block step at h = 16
 # (H100, prefill_slc_tile_ab_h100.json: 64 rows against 16), so it pays when its walk has at
@@ -240,6 +255,32 @@ SHARE_FRACTION = 0.7
 # 64k from 49.8 to 44.4, but from 52.8 to 58.9 on random inputs at 64k, and its dq made the
 # training step slower (13.9 -> 14.7 ms at 8k, realistic inputs).
 SPLIT = False
+
+TMA = True
+"""Whether one-position tiles load their blocks through tensor descriptors (:func:`use_tma`)."""
+
+
+def use_tma(q, k, v, BT: int, BK0: int, BK1: int, BV: int) -> bool:
+    """Whether a slc kernel's one-position tiles (BT = 1) read each selected block's keys and
+    values through tensor descriptors (TMA boxes of ``[l', Dk]`` and ``[l', Dv]`` rows of k and v
+    viewed ``[B * Tk, H * D]``): :data:`TMA`, 16-bit inputs on a Hopper or later GPU (every dtype
+    under the interpreter, so that the CPU tests run it), head dims that the two dot chunks and
+    the value tile cover exactly, 16-byte aligned bases, int32 row coordinates."""
+    if not TMA or BT != 1 or not k.numel() or BK0 + BK1 != k.shape[-1] or BV != v.shape[-1]:
+        return False
+    if k.shape[0] * k.shape[1] >= 2 ** 31 or k.data_ptr() % 16 or v.data_ptr() % 16:
+        return False
+    if C.interpreting():
+        return True
+    return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def block_descriptors(k, v, BS: int, BK0: int, BK1: int, BV: int) -> tuple:
+    """(KD0, KD1, VD) of :func:`use_tma`: k ``[B, Tk, H, Dk]`` and v viewed ``[B * Tk, H * D]``,
+    boxes of BS rows (a selected block) x BK0 / BK1 / BV columns."""
+    k2, v2 = k.view(-1, k.shape[2] * k.shape[3]), v.view(-1, v.shape[2] * v.shape[3])
+    kd0 = TensorDescriptor.from_tensor(k2, [BS, BK0])
+    return kd0, TensorDescriptor.from_tensor(k2, [BS, BK1]) if BK1 else kd0, TensorDescriptor.from_tensor(v2, [BS, BV])
 
 
 def share_split(h: int, n: int) -> tuple[int, int] | None:
@@ -287,6 +328,7 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     cfg = _config(HQ // H, Dk, Dv, C.interpreting())
     BK0, BK1 = C.split_dim(Dk)
     BV = max(16, C.next_pow2(Dv))
+    BS = max(16, C.next_pow2(sel_block))
     split = share_split(HQ // H, n) if k_slc.shape[1] > 0 else None
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else o
 
@@ -294,16 +336,18 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
         # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
         # a block's repeats must load nothing
         clamp = BT == 1 and k_slc.shape[1] > 0
+        tma = use_tma(q, k_slc, v_slc, BT, BK0, BK1, BV)
+        descs = block_descriptors(k_slc, v_slc, BS, BK0, BK1, BV) if tma else (q, q, q)
         tbl = C.prog_table(lens, BT, q.device)
         fixed = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
         _selected_fwd_tuned[(tbl.shape[0], H)](
-            q, k_slc, v_slc, o, lse if return_lse else o, block_indices, flags, tbl, seq, C.next_pow2(T),
+            q, k_slc, v_slc, *descs, o, lse if return_lse else o, block_indices, flags, tbl, seq, C.next_pow2(T),
             default_scale(scale, Dk), int(q_offset),
-            HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=max(16, C.next_pow2(sel_block)), N_SEL=n,
+            HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=BS, N_SEL=n,
             NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=BT, BK0=BK0, BK1=BK1, BV=BV,
             PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse,
             CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk, V_FULL=clamp and BV == Dv, SHARE=share, SKIP=skip,
-            **fixed)
+            TMA=tma, **fixed)
 
     if split:
         launch(split[0], split[1], False)
