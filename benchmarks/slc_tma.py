@@ -1,0 +1,71 @@
+"""The slc forward and backward with one-position tiles reading their blocks through TMA
+descriptors (``nsa.triton.selected.TMA``, the default) against pointer loads, paper
+configuration, random bf16 inputs: each kernel alone (forward, dq + dk/dv) and the whole NSA
+training step, the two variants alternated twice in one process, with the outputs' differences.
+
+    python benchmarks/slc_tma.py benchmarks/results/slc_tma_ab_h100.json 8192 65536
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import torch
+
+from nsa.apps import bench as Bn
+from nsa.triton import backward as BW
+from nsa.triton import selected as S
+
+
+def ab(T: int, c: dict) -> dict:
+    x = Bn._inputs(T, c, "cuda")
+    q, kc, vc, k, v, kw, vw, gates = x
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+    fwd = lambda: S.selected_attention_triton(q, k, v, idx, sel_block=c["lp"], return_lse=True)  # noqa: E731
+    bwd = lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc, seq=seq,  # noqa: E731
+                                       lens=lens, dq_acc=dq, lse=lse_slc, **g)
+    row, outs = dict(T=T), {}
+    for tma in (False, True, False, True):
+        S.TMA = tma
+        tag = "tma" if tma else "ptr"
+        try:
+            outs[tag] = fwd()[0]
+            dq.zero_()
+            outs[tag + "_dk"] = bwd()[1].clone()
+            outs[tag + "_dq"] = dq.clone()
+            row.setdefault(f"fwd_{tag}_ms", []).append(Bn._bench(fwd, 200)[0])
+            row.setdefault(f"bwd_{tag}_ms", []).append(Bn._bench(bwd, 200)[0])
+        except Exception as e:
+            traceback.print_exc(limit=5)
+            row[f"{tag}_error"] = repr(e)[:300]
+    if "tma" in outs and "ptr" in outs:
+        row["o_same"] = bool(torch.equal(outs["tma"], outs["ptr"]))
+        for n in ("", "_dq", "_dk"):
+            row[f"{n.strip('_') or 'o'}_maxdiff"] = (outs["tma" + n].float() - outs["ptr" + n].float()).abs().max().item()
+    for tma in (False, True, False, True):
+        S.TMA = tma
+        try:
+            f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
+            row.setdefault(f"step_{'tma' if tma else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
+        except Exception as e:
+            traceback.print_exc(limit=5)
+            row["step_error"] = repr(e)[:300]
+    S.TMA = True
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    c = dict(Bn.CONFIGS["paper"], name="paper")
+    rows = [ab(T, c) for T in seqlens]
+    with open(out, "w") as f:
+        json.dump(dict(meta=Bn.result_meta("do_bench median; ptr/tma alternated"), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
