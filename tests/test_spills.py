@@ -72,16 +72,20 @@ def _specs(HQ, H, Dk, Dv):
                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     plain = dict(EDGES=False, ADD=False, **band)
+    # the dq kernels read their key tiles through descriptors (bf16 on Hopper), as shipped
+    kdesc = dict(TYPES, KD0=f"tensordesc<bf16[{cq['BN']}, {BK0}]>", KD1=f"tensordesc<bf16[{cq['BN']}, {BK1 or BK0}]>",
+                 VD=f"tensordesc<bf16[{cq['BN']}, {dims['BV']}]>")
+    dq_tma = dict(GM=True, TMA=True, **band)
     specs = {
         # cmp's also writes the group-major q of the descriptor tiles, both write do_i group-major
-        "band_dq_cmp": spec("_band_bwd_dq", cq, MODE=0, GIDX=0, DQ_MODE=1, GM=True, WRITE_QG=True, **band),
-        "band_dq_win": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=False, **band),
+        "band_dq_cmp": spec("_band_bwd_dq", cq, kdesc, MODE=0, GIDX=0, DQ_MODE=1, WRITE_QG=True, **dq_tma),
+        "band_dq_win": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=False, **dq_tma),
         # the window's when cuDNN ran cmp's backward (nsa.triton.cmp_dense): it writes the q copy
-        "band_dq_win_qg": spec("_band_bwd_dq", cq, MODE=1, GIDX=2, DQ_MODE=2, GM=True, WRITE_QG=True, **band),
+        "band_dq_win_qg": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=True, **dq_tma),
         # a branch alone (no gates): copies q and do group-major for its descriptor tiles, or not
-        "band_dq_add": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=True, WRITE_QG=True, **band),
+        "band_dq_add": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=-1, DQ_MODE=0, WRITE_QG=True, **dq_tma),
         "band_dq_add_rows": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
-                                 **band),
+                                 TMA=False, **band),
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
@@ -118,6 +122,24 @@ def _specs(HQ, H, Dk, Dv):
         for w, st in ((2, 1), (2, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
             specs[f"slc_fwd_tma_w{w}_s{st}"] = dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                     types=ddesc, constexprs=fwd, num_warps=w, num_stages=st)
+    # the band forward, its key tiles through descriptors (bf16 on Hopper) and through pointers,
+    # at every config its autotuner keeps (band._prune)
+    from nsa.triton import band as BD
+
+    cf = BD._config(h, Dk, Dv, False)
+    fdesc = dict(TYPES, TUNE_T="i32", KD0=f"tensordesc<bf16[{cf['BN']}, {BK0}]>",
+                 KD1=f"tensordesc<bf16[{cf['BN']}, {BK1 or BK0}]>", VD=f"tensordesc<bf16[{cf['BN']}, {dims['BV']}]>")
+    ftiles = dict(band, HP=cf["HP"], BT=cf["BT"], BN=cf["BN"], WRITE_LSE=True, WRITE_BRANCH=False)
+    from triton import Config
+
+    kept = BD._prune([Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (2, 3)], {}, **ftiles)
+    assert kept and all(c.num_warps == 8 for c in kept) == (cf["BT"] * cf["HP"] > 64)
+    for w, st in ((c.num_warps, c.num_stages) for c in kept):
+        for mode, gates in ((0, False), (1, True)):
+            for tma in (True, False):
+                specs[f"band_fwd_m{mode}_w{w}_s{st}_tma{int(tma)}"] = dict(
+                    module="nsa.triton.band", kernel="_band_fwd", types=fdesc, num_warps=w, num_stages=st,
+                    constexprs=dict(ftiles, MODE=mode, FUSE_GATES=gates, TMA=tma))
     # Eq. 5 for cmp when cuDNN runs its backward (nsa.triton.cmp_dense.gate_split)
     specs["gate_split"] = dict(module="nsa.triton.cmp_dense", kernel="_gate_split",
                                types=dict(DG="*fp32", n_rows="i32"), num_warps=4, num_stages=1,
@@ -266,14 +288,16 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     assert all(r["regs"] > 0 for r in res.values()), res
 
 
-SELECT_TYPES = dict(LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32", sm_scale="fp32", q_offset="i32")
+SELECT_TYPES = dict(LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32", sm_scale="fp32", q_offset="i32",
+                    KD0="tensordesc<bf16[64, 128]>", KD1="tensordesc<bf16[64, 64]>")
 
 
 @pytest.mark.slow
 def test_select_tiles_do_not_spill(gpu_triton):
     """The selection kernel at the paper geometry with 16 heads a group (fp32 Eq. 9 mapping) and
     one head a group (the mapping as bf16 tensor-core dots), at every num_warps its autotuner
-    keeps after pruning (2 stages, the tuned choice at 64k): no stack frame."""
+    keeps after pruning (2 stages, the tuned choice at 64k), its chunks of compressed keys through
+    tensor descriptors (bf16 on Hopper) and through pointers: no stack frame."""
     from triton import Config
 
     from nsa.triton import select as S
@@ -287,10 +311,12 @@ def test_select_tiles_do_not_spill(gpu_triton):
                      INTERP=False, UPCAST=False, **tiles)
         kept = S._prune([Config({}, num_warps=w, num_stages=2) for w in (4, 8)], {}, G=h, **tiles)
         for c in kept:
-            specs[f"h{h}-warps{c.num_warps}"] = dict(module="nsa.triton.select", kernel="_select_fwd",
-                                                     types=SELECT_TYPES, constexprs=const, num_warps=c.num_warps,
-                                                     num_stages=2)
-    assert set(specs) == {"h16-warps4", "h1-warps8"}  # small groups: 8 warps only; 64-row tiles: 4
+            for tma in (True, False):
+                specs[f"h{h}-warps{c.num_warps}-tma{int(tma)}"] = dict(
+                    module="nsa.triton.select", kernel="_select_fwd", types=SELECT_TYPES,
+                    constexprs=dict(const, TMA=tma), num_warps=c.num_warps, num_stages=2)
+    # small groups: 8 warps only; 64-row tiles: 4
+    assert {n.rsplit("-", 1)[0] for n in specs} == {"h16-warps4", "h1-warps8"}
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

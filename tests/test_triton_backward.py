@@ -410,9 +410,25 @@ NSA_CASES = [
 ]
 
 
+def pointer_loads(monkeypatch):
+    """Every kernel that can read its key tiles through tensor descriptors reads them by
+    pointers instead (the path of GPUs before Hopper, fp32 inputs and inexact head dims)."""
+    from nsa.triton import band, select
+
+    SL = selected_attention_triton.__globals__
+    monkeypatch.setitem(SL, "TMA", False)
+    monkeypatch.setattr(band, "TMA", False)
+    monkeypatch.setattr(select, "TMA", False)
+    monkeypatch.setattr(BW, "BAND_DQ_TMA", False)
+
+
+@pytest.mark.parametrize("loads", ["descriptors", "pointers"])
 @pytest.mark.parametrize("c,shared", NSA_CASES)
-def test_nsa_func_backward(c, shared):
-    """nsa_func(backend='triton') gradients of all 8 inputs equal the reference's."""
+def test_nsa_func_backward(c, shared, loads, monkeypatch):
+    """nsa_func(backend='triton') gradients of all 8 inputs equal the reference's, with the key
+    tiles through tensor descriptors where the kernels take them and through pointers."""
+    if loads == "pointers":
+        pointer_loads(monkeypatch)
     c = dict(c)
     cu = c.pop("cu", None)
     q, k, v, kc, vc, do, cu_t = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"], cu)

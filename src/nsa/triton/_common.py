@@ -18,6 +18,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..geometry import num_cmp_blocks
 
@@ -95,6 +96,30 @@ def load_cols(base, rows, row_ok, col0, BK: tl.constexpr, D: tl.constexpr, UPCAS
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+def tma_ok(q, k, v, BK0: int, BK1: int, BV: int) -> bool:
+    """Whether a kernel may read tiles of k ``[B, Tk, H, Dk]`` and v through tensor descriptors
+    (:func:`kv_descriptors`): 16-bit inputs on a Hopper or later GPU (every dtype under the
+    interpreter, so that the CPU tests run it), head dims that the two dot chunks and the value
+    tile cover exactly, 16-byte aligned bases, int32 row coordinates."""
+    if not k.numel() or BK0 + BK1 != k.shape[-1] or BV != v.shape[-1]:
+        return False
+    if k.shape[0] * k.shape[1] >= 2 ** 31 or k.data_ptr() % 16 or v.data_ptr() % 16:
+        return False
+    if interpreting():
+        return True
+    return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def kv_descriptors(k, v, rows: int, BK0: int, BK1: int, BV: int) -> tuple:
+    """(KD0, KD1, VD): k ``[B, Tk, H, Dk]`` and v viewed ``[B * Tk, H * D]``, boxes of ``rows``
+    key rows x BK0 / BK1 / BV columns (a kernel reads head g's tile at row r from column g * Dk,
+    g * Dk + BK0 and g * Dv). Rows past the tensor read zeros."""
+    k2, v2 = k.view(-1, k.shape[2] * k.shape[3]), v.view(-1, v.shape[2] * v.shape[3])
+    kd0 = TensorDescriptor.from_tensor(k2, [rows, BK0])
+    kd1 = TensorDescriptor.from_tensor(k2, [rows, BK1]) if BK1 else kd0
+    return kd0, kd1, TensorDescriptor.from_tensor(v2, [rows, BV])
 
 
 def interpreting() -> bool:

@@ -38,7 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import _common as C
 from . import cmp_dense
 from ._common import LOG2E
-from .selected import block_descriptors, share_split, split_tile, tile_block, tile_uniques, use_tma
+from .selected import share_split, split_tile, tile_block, tile_uniques, use_tma
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
     """One key tile: rows x keys ``kn`` (offsets inside the tile's K/V bases). With KV, adds
     dk/dv of the tile atomically; returns the updated dq chunks (unscaled by sm_scale). TMA:
     the tile's keys and values come through the descriptors KD0, KD1, VD (row krow, columns
-    kcol / vcol: :func:`.selected.block_descriptors`), rows past the keys hidden by kn_ok."""
+    kcol / vcol: :func:`nsa.triton._common.kv_descriptors`), rows past the keys hidden by kn_ok."""
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     if TMA:
@@ -209,19 +209,19 @@ def _store_dq_cols(GQ, OUT, row0, rel, row_ok, col0, x, DK: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, QG, TBL, SEQ, sm_scale,
-              q_offset, k_offset, NT,
+def _band_bwd_dq(Q, K, V, KD0, KD1, VD, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, QG, TBL, SEQ,
+              sm_scale, q_offset, k_offset, NT,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr, GIDX: tl.constexpr, DQ_MODE: tl.constexpr,
-              GM: tl.constexpr, WRITE_QG: tl.constexpr):
+              GM: tl.constexpr, WRITE_QG: tl.constexpr, TMA: tl.constexpr):
     """Query-centric dq of the band; GIDX >= 0: DO is the gated output's gradient and the
     branch's gate is GATES[..., GIDX] (:func:`_load_rows`: DG, DOB); DQ_MODE: :func:`_store_dq`.
     GM: DOB receives the do rows (gated or not) in the group-major copy ``[H, NT, G, Dv]`` that
     the dk/dv kernel's descriptor tiles read; WRITE_QG: the q rows go to the group-major copy
-    QG as well (the first band branch)."""
+    QG as well (the first band branch). TMA: key/value tiles through KD0, KD1, VD."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -260,7 +260,7 @@ def _band_bwd_dq(Q, K, V, DO, O, LSE, DELTA, GQ, GQOUT, GK, GV, GATES, DG, DOB, 
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV,
                                GK + kv_row * DK, GV + kv_row * DV, bn, n < n_hi, vis, qk_scale,
                                sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False,
-                               K, K, K, 0, 0, 0, False)
+                               KD0, KD1, VD, (k_start + n0).to(tl.int32), g * DK, g * DV, TMA)
     _store_dq(GQ, GQOUT, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, DQ_MODE, UPCAST)
 
 
@@ -820,10 +820,12 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
                  WINDOW=window, BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
                  PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     tbl = C.prog_table(lens, cfg_q["BT"], q.device)
+    kv_tma = BAND_DQ_TMA and C.tma_ok(q, k, v, BK0, BK1, const["BV"])
+    descs = C.kv_descriptors(k, v, cfg_q["BN"], BK0, BK1, const["BV"]) if kv_tma else (q, q, q)
     _band_bwd_dq[(tbl.shape[0], H)](
-        q, k, v, do, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
+        q, k, v, *descs, do, o, lse, delta, dq, dq if dq_out is None else dq_out, dk, dv, gated["GATES"], gated["DG"],
         gated["DOB"], q_gm if tma else q, tbl, seq, float(scale), int(q_offset), int(k_offset), B * T,
-        GIDX=gated["GIDX"], DQ_MODE=dq_mode, GM=tma, WRITE_QG=tma and write_q_gm, **const, **cfg_q)
+        GIDX=gated["GIDX"], DQ_MODE=dq_mode, GM=tma, WRITE_QG=tma and write_q_gm, TMA=kv_tma, **const, **cfg_q)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated or TMA) for the dk/dv kernel
     if dq_mode == 2:
         dq = dq_out
@@ -862,6 +864,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
     return dq, dk, dv
+
+
+BAND_DQ_TMA = True
+"""Whether the band dq kernel reads its key/value tiles through tensor descriptors where
+:func:`nsa.triton._common.tma_ok` allows."""
 
 
 def _band_tma(q, H: int) -> bool:
@@ -1059,7 +1066,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     def dq_launch(cfg, share, skip):
         tbl = C.prog_table(lens, cfg["BT"], q.device)
         tma = dkdv != "atomic" and use_tma(q, k, v, cfg["BT"], BK0, BK1, common["BV"])
-        descs = block_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
+        descs = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
         _selected_bwd[(tbl.shape[0], H)](
             q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, flags, tbl,
             seq, lse, float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic",

@@ -46,13 +46,23 @@ def _key_rows(base, bn, cols, n_ok, stride, D: tl.constexpr, MASKED: tl.constexp
 
 
 @triton.jit
-def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale, k_offset,
+def _tma_rows(D, row, col, UPCAST: tl.constexpr):
+    """The descriptor D's box at (row, col) (:func:`nsa.triton._common.kv_descriptors`)."""
+    x = D.load([row, col])
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos, g, H, qk_scale, k_offset,
                DK: tl.constexpr, DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr,
                CMP_D: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr, BK0: tl.constexpr,
                BK1: tl.constexpr, BV: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr):
+               UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One BN-key tile of the online softmax. Without MASKED every key of the tile exists and
-    every row sees it: no visibility mask and no load masks on the key rows."""
+    every row sees it: no visibility mask and no load masks on the key rows. TMA: the tiles
+    come through the descriptors KD0, KD1, VD (rows past n_hi: other keys or zeros, masked)."""
     bn = tl.arange(0, BN)
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
@@ -61,10 +71,17 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_sca
     kv_row = (k_start + n0).to(tl.int64) * H + g
     Kb = K + kv_row * DK
     Vb = V + kv_row * DV
-    k0 = _key_rows(Kb, bn, dk0, n_ok, H * DK, DK, MASKED, UPCAST)
+    krow = (k_start + n0).to(tl.int32)
+    if TMA:
+        k0 = _tma_rows(KD0, krow, g * DK, UPCAST)
+    else:
+        k0 = _key_rows(Kb, bn, dk0, n_ok, H * DK, DK, MASKED, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
-        k1 = _key_rows(Kb, bn, BK0 + tl.arange(0, BK1), n_ok, H * DK, DK, MASKED, UPCAST)
+        if TMA:
+            k1 = _tma_rows(KD1, krow, g * DK + BK0, UPCAST)
+        else:
+            k1 = _key_rows(Kb, bn, BK0 + tl.arange(0, BK1), n_ok, H * DK, DK, MASKED, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
     if MASKED:
         if MODE == 0:
@@ -80,20 +97,24 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_sca
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _key_rows(Vb, bn, dv, n_ok, H * DV, DV, MASKED, UPCAST)
+    if TMA:
+        v = _tma_rows(VD, krow, g * DV, UPCAST)
+    else:
+        v = _key_rows(Vb, bn, dv, n_ok, H * DV, DV, MASKED, UPCAST)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, TUNE_T,
+def _band_fwd(Q, K, V, KD0, KD1, VD, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, TUNE_T,
               sm_scale, q_offset, k_offset,
               HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               MODE: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr, WINDOW: tl.constexpr,
               HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
               BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
               WRITE_LSE: tl.constexpr, FUSE_GATES: tl.constexpr, WRITE_BRANCH: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """TMA: key/value tiles through the descriptors KD0, KD1, VD (:func:`_band_step`)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -134,17 +155,17 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, TUNE_T,
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for n0 in range(n_lo, n_a, BN):  # window head: rows see different first keys
-        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos, g, H, qk_scale,
                                    k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
-                                   True, PREC, UPCAST)
+                                   True, PREC, UPCAST, TMA)
     for n0 in range(n_a, n_b, BN):  # every row sees every key: no masks
-        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos, g, H, qk_scale,
                                    k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
-                                   False, PREC, UPCAST)
+                                   False, PREC, UPCAST, TMA)
     for n0 in range(n_b, n_hi, BN):  # tail: the causal edge
-        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, k_start, n0, n_hi, pos, g, H, qk_scale,
+        acc, m_i, l_i = _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos, g, H, qk_scale,
                                    k_offset, DK, DV, MODE, CMP_L, CMP_D, WINDOW, BN, BK0, BK1, BV,
-                                   True, PREC, UPCAST)
+                                   True, PREC, UPCAST, TMA)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # rows that see no key: exactly 0
@@ -168,8 +189,21 @@ def _band_fwd(Q, K, V, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, TUNE_T,
 
 
 
+def _prune(configs, named_args, **kwargs):
+    """Tiles of more than 64 rows (head dims up to 128) at 4 warps spill (sm_90 compile with
+    triton 3.6: 16-520 bytes a thread, tests/test_spills.py): they tune over 8 warps."""
+    a = {**named_args, **kwargs}
+    if a["BT"] * a["HP"] > 64:
+        return [c for c in configs if c.num_warps >= 8]
+    return configs
+
+
 _band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WRITE_BRANCH',
-                                          'WINDOW'], [4, 8], [2, 3])
+                                          'WINDOW', 'TMA'], [4, 8], [2, 3], prune=_prune)
+
+TMA = True
+"""Whether the band forward reads its key/value tiles through tensor descriptors where
+:func:`nsa.triton._common.tma_ok` allows."""
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
@@ -204,16 +238,18 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
     BK0, BK1 = C.split_dim(Dk)
     fuse = gates is not None
     dummy = o
+    tma = TMA and C.tma_ok(q, k, v, BK0, BK1, max(16, C.next_pow2(Dv)))
+    descs = C.kv_descriptors(k, v, cfg["BN"], BK0, BK1, max(16, C.next_pow2(Dv))) if tma else (q, q, q)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     _band_fwd_tuned[(tbl.shape[0], H)](
-        q, k if k.numel() else q, v if v.numel() else o, o, lse if write_lse else dummy,
+        q, k if k.numel() else q, v if v.numel() else o, *descs, o, lse if write_lse else dummy,
         gates if fuse else dummy, o_cmp if fuse else dummy, o_slc if fuse else dummy,
         o_branch if o_branch is not None else dummy, tbl, seq, C.next_pow2(T),
         float(scale), int(q_offset), int(k_offset),
         HQ=HQ, G=h, DK=Dk, DV=Dv, MODE=mode, CMP_L=cmp_block, CMP_D=cmp_stride, WINDOW=window,
         HP=cfg["HP"], BT=cfg["BT"], BN=cfg["BN"], BK0=BK0, BK1=BK1, BV=max(16, C.next_pow2(Dv)),
         WRITE_LSE=write_lse, FUSE_GATES=fuse, WRITE_BRANCH=o_branch is not None, PREC=C.dot_precision(q.dtype),
-        UPCAST=C.upcast(q.dtype), **launch)
+        UPCAST=C.upcast(q.dtype), TMA=tma, **launch)
     return o, lse
 
 

@@ -130,14 +130,17 @@ def _halve(x, R: tl.constexpr, M: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, qk_scale, H,
+def _merge_chunk(best, q0, q1, KC, KD0, KD1, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w, qk_scale, H,
                  DK: tl.constexpr, A: tl.constexpr, CM1: tl.constexpr, CMP_L: tl.constexpr, CMP_D: tl.constexpr,
                  SEL_L: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr,
                  NB: tl.constexpr, BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
-                 INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr, MASKED: tl.constexpr):
+                 INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr, MASKED: tl.constexpr,
+                 TMA: tl.constexpr):
     """One chunk of selection blocks from j0 on: its scores, their group sum and Eq. 9 mapping,
     merged into the running top list ``best`` [BT, NB] (returned). MASKED: rows, tokens and
-    visibility masked; otherwise the chunk is interior (every row sees every token)."""
+    visibility masked; otherwise the chunk is interior (every row sees every token). TMA: the
+    chunk's compressed keys through the descriptors KD0, KD1 (rows before 0 or past the tensor
+    read zeros, other sequences' rows are masked as i_ok says)."""
     ci = tl.arange(0, BC)
     cj = tl.arange(0, BJ)
     dk0 = tl.arange(0, BK0)
@@ -146,14 +149,21 @@ def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp
     i_ok = (i >= 0) & (i < c_len)
     KCb = KC + ((c_start + j0 * A - CM1).to(tl.int64) * H + g) * DK  # may point before row 0: masked
     # interior chunks: every token is in the sequence, the loads need no mask
-    k0 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk0[None, :], i_ok[:, None], not MASKED)
+    krow = (c_start + j0 * A - CM1).to(tl.int32)
+    if TMA:
+        k0 = KD0.load([krow, g * DK])
+    else:
+        k0 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk0[None, :], i_ok[:, None], not MASKED)
     if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
         k0 = k0.to(tl.float32)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
-        # columns past DK (Dk = 40: 32 + 16) would read the next row, or past the tensor's end
-        k1 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None] & (dk1[None, :] < DK),
-                         (not MASKED) and BK0 + BK1 == DK)
+        if TMA:
+            k1 = KD1.load([krow, g * DK + BK0])
+        else:
+            # columns past DK (Dk = 40: 32 + 16) would read the next row, or past the tensor's end
+            k1 = C.load_tile(KCb + ci[:, None] * (H * DK) + dk1[None, :], i_ok[:, None] & (dk1[None, :] < DK),
+                             (not MASKED) and BK0 + BK1 == DK)
         if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
             k1 = k1.to(tl.float32)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -208,12 +218,13 @@ def _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp
 
 
 @triton.jit
-def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
+def _select_fwd(Q, KC, KD0, KD1, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                 CMP_L: tl.constexpr, CMP_D: tl.constexpr, SEL_L: tl.constexpr, N_SEL: tl.constexpr,
                 HP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr, NB: tl.constexpr,
                 BJE: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr, PREC: tl.constexpr,
-                INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr):
+                INTERP: tl.constexpr, UPCAST: tl.constexpr, EQ9_DOT: tl.constexpr, TMA: tl.constexpr):
+    """TMA: the compressed keys through the descriptors KD0, KD1 (:func:`_merge_chunk`)."""
     BM: tl.constexpr = BT * HP
     A: tl.constexpr = SEL_L // CMP_D  # compressed-token starts per selection block
     CM1: tl.constexpr = CMP_L // CMP_D - 1  # compressed tokens reaching into the next block
@@ -269,17 +280,17 @@ def _select_fwd(Q, KC, LSE, OUT, TBL, SEQ, TUNE_T, sm_scale, q_offset,
     j_b = tl.minimum(J_A + n_int * BJE, n_blocks).to(tl.int32)
     j_a = tl.minimum(J_A, j_b)
     for j0 in range(0, j_a, BJE):
-        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+        best = _merge_chunk(best, q0, q1, KC, KD0, KD1, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
                             qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
-                            INTERP, UPCAST, EQ9_DOT, True)
+                            INTERP, UPCAST, EQ9_DOT, True, TMA)
     for j0 in range(j_a, j_b, BJE):
-        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+        best = _merge_chunk(best, q0, q1, KC, KD0, KD1, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
                             qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
-                            INTERP, UPCAST, EQ9_DOT, False)
+                            INTERP, UPCAST, EQ9_DOT, False, TMA)
     for j0 in range(j_b, n_blocks, BJE):
-        best = _merge_chunk(best, q0, q1, KC, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
+        best = _merge_chunk(best, q0, q1, KC, KD0, KD1, c_start, c_len, g, j0, lse, pos, row_ok, posp, cur, ovb, w,
                             qk_scale, H, DK, A, CM1, CMP_L, CMP_D, SEL_L, HP, BT, BC, BJ, NB, BJE, BK0, BK1, PREC,
-                            INTERP, UPCAST, EQ9_DOT, True)
+                            INTERP, UPCAST, EQ9_DOT, True, TMA)
 
     # the first N_SEL keys are I_t; emit their blocks ascending, -1 padded
     BIG: tl.constexpr = 0x7FFFFFFF
@@ -305,8 +316,12 @@ def _prune(configs, named_args, **kwargs):
     return configs
 
 
-_select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL'], [4, 8],
-                                [1, 2, 3], prune=_prune)
+_select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL', 'TMA'],
+                                [4, 8], [1, 2, 3], prune=_prune)
+
+TMA = True
+"""Whether the selection kernel reads its chunks of compressed keys through tensor descriptors
+where :func:`nsa.triton._common.tma_ok` allows."""
 
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
@@ -356,10 +371,12 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     tbl = C.prog_table(lens, cfg["BT"], q.device)
     BK0, BK1 = C.split_dim(Dk)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
+    tma = TMA and C.tma_ok(q, k_cmp, k_cmp, BK0, BK1, Dk)
+    descs = C.kv_descriptors(k_cmp, k_cmp, cfg["BC"], BK0, BK1, BK0)[:2] if tma else (q, q)
     _select_fwd_tuned[(tbl.shape[0], H)](
-        q, k_cmp if k_cmp.numel() else q, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
+        q, k_cmp if k_cmp.numel() else q, *descs, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
         HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"],
         EQ9_DOT=cfg["EQ9_DOT"], BK0=BK0, BK1=BK1,
-        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), INTERP=C.interpreting(), **launch)
+        PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), INTERP=C.interpreting(), TMA=tma, **launch)
     return out

@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common as C
 from ._common import LOG2E
@@ -154,7 +153,7 @@ def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, s
     0 left). SKIP: the one-position pass after it, which leaves the marked positions alone.
     TMA (one position a tile): each block's keys and values arrive through the tensor
     descriptors KD0, KD1 (K viewed [B * Tk, H * Dk], boxes [BS, BK0] and [BS, BK1]) and VD (V,
-    [BS, BV]), so the copy engine fetches the next blocks while this one is computed."""
+    [BS, BV]; :func:`nsa.triton._common.kv_descriptors`), so the copy engine fetches the next blocks while this one is computed."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -264,25 +263,9 @@ TMA = True
 
 def use_tma(q, k, v, BT: int, BK0: int, BK1: int, BV: int) -> bool:
     """Whether a slc kernel's one-position tiles (BT = 1) read each selected block's keys and
-    values through tensor descriptors (TMA boxes of ``[l', Dk]`` and ``[l', Dv]`` rows of k and v
-    viewed ``[B * Tk, H * D]``): :data:`TMA`, 16-bit inputs on a Hopper or later GPU (every dtype
-    under the interpreter, so that the CPU tests run it), head dims that the two dot chunks and
-    the value tile cover exactly, 16-byte aligned bases, int32 row coordinates."""
-    if not TMA or BT != 1 or not k.numel() or BK0 + BK1 != k.shape[-1] or BV != v.shape[-1]:
-        return False
-    if k.shape[0] * k.shape[1] >= 2 ** 31 or k.data_ptr() % 16 or v.data_ptr() % 16:
-        return False
-    if C.interpreting():
-        return True
-    return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] >= 9
-
-
-def block_descriptors(k, v, BS: int, BK0: int, BK1: int, BV: int) -> tuple:
-    """(KD0, KD1, VD) of :func:`use_tma`: k ``[B, Tk, H, Dk]`` and v viewed ``[B * Tk, H * D]``,
-    boxes of BS rows (a selected block) x BK0 / BK1 / BV columns."""
-    k2, v2 = k.view(-1, k.shape[2] * k.shape[3]), v.view(-1, v.shape[2] * v.shape[3])
-    kd0 = TensorDescriptor.from_tensor(k2, [BS, BK0])
-    return kd0, TensorDescriptor.from_tensor(k2, [BS, BK1]) if BK1 else kd0, TensorDescriptor.from_tensor(v2, [BS, BV])
+    values through tensor descriptors (TMA boxes of ``[l', Dk]`` and ``[l', Dv]``:
+    :func:`nsa.triton._common.kv_descriptors`): :data:`TMA` and :func:`nsa.triton._common.tma_ok`."""
+    return TMA and BT == 1 and C.tma_ok(q, k, v, BK0, BK1, BV)
 
 
 def share_split(h: int, n: int) -> tuple[int, int] | None:
@@ -339,7 +322,7 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
         # a block's repeats must load nothing
         clamp = BT == 1 and k_slc.shape[1] > 0
         tma = use_tma(q, k_slc, v_slc, BT, BK0, BK1, BV)
-        descs = block_descriptors(k_slc, v_slc, BS, BK0, BK1, BV) if tma else (q, q, q)
+        descs = C.kv_descriptors(k_slc, v_slc, BS, BK0, BK1, BV) if tma else (q, q, q)
         tbl = C.prog_table(lens, BT, q.device)
         fixed = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
         _selected_fwd_tuned[(tbl.shape[0], H)](

@@ -1,0 +1,88 @@
+"""Key tiles through TMA descriptors against pointer loads, per kernel and for the whole NSA step:
+the band forward (cmp; win with the gates; ``band.TMA``), the selection kernel (``select.TMA``),
+the band dq (window backward; ``backward.BAND_DQ_TMA``) and the training step with every one of
+them (and the slc kernels' ``selected.TMA``) on or off. Paper configuration, random bf16 inputs,
+the two variants alternated twice in one process.
+
+    python benchmarks/tma_ab.py benchmarks/results/tma_ab_h100.json 8192 65536
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import torch
+
+from nsa.apps import bench as Bn
+from nsa.triton import backward as BW
+from nsa.triton import band, select, selected
+
+FLAGS = [(band, "TMA"), (select, "TMA"), (BW, "BAND_DQ_TMA"), (selected, "TMA")]
+
+
+def set_all(on: bool) -> None:
+    for mod, name in FLAGS:
+        setattr(mod, name, on)
+
+
+def ab(T: int, c: dict) -> dict:
+    x = Bn._inputs(T, c, "cuda")
+    q, kc, vc, k, v, kw, vw, gates = x
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
+    geo = dict(cmp_block=c["l"], cmp_stride=c["d"])
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+    kernels = {  # name: (flag, fn)
+        "cmp_fwd": ((band, "TMA"), lambda: band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens,
+                                                               write_lse=True, **geo)),
+        "win_fwd": ((band, "TMA"), lambda: band.band_attention(q, kw, vw, mode=1, scale=sc, seq=seq, lens=lens,
+                                                               window=c["w"], gates=gates, o_cmp=o_cmp,
+                                                               o_slc=o_slc)),
+        "select": ((select, "TMA"), lambda: select.select_blocks_triton(q, kc, sel_block=c["lp"],
+                                                                        sel_count=c["n"], lse=lse_cmp, **geo)),
+        "win_bwd": ((BW, "BAND_DQ_TMA"), lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2,
+                                                                  **g, **win)),
+    }
+    row = dict(T=T)
+    set_all(True)
+    for name, ((mod, flag), fn) in kernels.items():
+        outs = {}
+        for on in (False, True, False, True):
+            setattr(mod, flag, on)
+            tag = "tma" if on else "ptr"
+            try:
+                r = fn()
+                outs[tag] = (r[0] if isinstance(r, tuple) else r).float()
+                row.setdefault(f"{name}_{tag}_ms", []).append(Bn._bench(fn, 200)[0])
+            except Exception as e:
+                traceback.print_exc(limit=5)
+                row[f"{name}_{tag}_error"] = repr(e)[:300]
+        setattr(mod, flag, True)
+        if len(outs) == 2:
+            row[f"{name}_maxdiff"] = (outs["tma"] - outs["ptr"]).abs().max().item()
+    for on in (False, True, False, True):
+        set_all(on)
+        try:
+            f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
+            row.setdefault(f"step_{'tma' if on else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
+        except Exception as e:
+            traceback.print_exc(limit=5)
+            row["step_error"] = repr(e)[:300]
+    set_all(True)
+    print({k: v for k, v in row.items()}, flush=True)
+    return row
+
+
+def main() -> None:
+    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    c = dict(Bn.CONFIGS["paper"], name="paper")
+    rows = [ab(T, c) for T in seqlens]
+    with open(out, "w") as f:
+        json.dump(dict(meta=Bn.result_meta("do_bench median; pointer loads / TMA alternated"), rows=rows), f,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
