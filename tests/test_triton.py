@@ -158,15 +158,23 @@ def test_compressed(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
     assert (o[~fin.unsqueeze(-1).expand_as(o)] == 0).all()  # empty rows: exactly 0
 
 
+@pytest.mark.parametrize("descriptors", [False, True], ids=["pointers", "descriptors"])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES)
-def test_window(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
+def test_window(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, descriptors, monkeypatch):
+    """The window's key tiles through pointers and, where the head dims allow, through tensor
+    descriptors (band.TMA)."""
+    monkeypatch.setitem(sliding_window_triton.__globals__["band_attention"].__globals__, "TMA", descriptors)
     q, k, v, _, _, _, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     _close(sliding_window_triton(q, k, v, window=w, cu_seqlens=cu_t),
            R.sliding_window_ref(q, k, v, window=w, cu_seqlens=cu_t))
 
 
+@pytest.mark.parametrize("descriptors", [False, True], ids=["pointers", "descriptors"])
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", CASES)
-def test_select(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu):
+def test_select(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, descriptors, monkeypatch):
+    """Chunks of compressed keys through pointers and, where the head dims allow, through tensor
+    descriptors (select.TMA; the first chunk's rows start before row 0)."""
+    monkeypatch.setitem(select_blocks_triton.__globals__, "TMA", descriptors)
     q, k, v, kc, vc, _, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
     kw = dict(cmp_block=l, cmp_stride=d, sel_block=lp, sel_count=n, cu_seqlens=cu_t)
     got = nsa.select_blocks(q, kc, backend="triton", **kw)

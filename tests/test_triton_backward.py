@@ -410,16 +410,17 @@ NSA_CASES = [
 ]
 
 
-def pointer_loads(monkeypatch):
-    """Every kernel that can read its key tiles through tensor descriptors reads them by
-    pointers instead (the path of GPUs before Hopper, fp32 inputs and inexact head dims)."""
+def key_loads(monkeypatch, descriptors: bool):
+    """Every kernel that can read its key tiles through tensor descriptors (the interpreter
+    takes them wherever their flag is on) reads them so, or by pointers (the path of GPUs
+    before Hopper, fp32 inputs and inexact head dims)."""
     from nsa.triton import band, select
 
     SL = selected_attention_triton.__globals__
-    monkeypatch.setitem(SL, "TMA", False)
-    monkeypatch.setattr(band, "TMA", False)
-    monkeypatch.setattr(select, "TMA", False)
-    monkeypatch.setattr(BW, "BAND_DQ_TMA", False)
+    monkeypatch.setitem(SL, "TMA", descriptors)
+    monkeypatch.setattr(band, "TMA", descriptors)
+    monkeypatch.setattr(select, "TMA", descriptors)
+    monkeypatch.setattr(BW, "BAND_DQ_TMA", descriptors)
 
 
 @pytest.mark.parametrize("loads", ["descriptors", "pointers"])
@@ -427,8 +428,7 @@ def pointer_loads(monkeypatch):
 def test_nsa_func_backward(c, shared, loads, monkeypatch):
     """nsa_func(backend='triton') gradients of all 8 inputs equal the reference's, with the key
     tiles through tensor descriptors where the kernels take them and through pointers."""
-    if loads == "pointers":
-        pointer_loads(monkeypatch)
+    key_loads(monkeypatch, loads == "descriptors")
     c = dict(c)
     cu = c.pop("cu", None)
     q, k, v, kc, vc, do, cu_t = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"], cu)

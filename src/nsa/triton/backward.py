@@ -866,9 +866,9 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     return dq, dk, dv
 
 
-BAND_DQ_TMA = True
+BAND_DQ_TMA = False
 """Whether the band dq kernel reads its key/value tiles through tensor descriptors where
-:func:`nsa.triton._common.tma_ok` allows."""
+:func:`nsa.triton._common.tma_ok` allows. Off until timed on a GPU."""
 
 
 def _band_tma(q, H: int) -> bool:

@@ -201,9 +201,10 @@ def _prune(configs, named_args, **kwargs):
 _band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WRITE_BRANCH',
                                           'WINDOW', 'TMA'], [4, 8], [2, 3], prune=_prune)
 
-TMA = True
+TMA = False
 """Whether the band forward reads its key/value tiles through tensor descriptors where
-:func:`nsa.triton._common.tma_ok` allows."""
+:func:`nsa.triton._common.tma_ok` allows. Off until timed on a GPU (the slc kernels', which are,
+are on: :data:`nsa.triton.selected.TMA`)."""
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""

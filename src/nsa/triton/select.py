@@ -319,9 +319,9 @@ def _prune(configs, named_args, **kwargs):
 _select_fwd_tuned = C.autotuned(_select_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'CMP_L', 'CMP_D', 'SEL_L', 'N_SEL', 'TMA'],
                                 [4, 8], [1, 2, 3], prune=_prune)
 
-TMA = True
+TMA = False
 """Whether the selection kernel reads its chunks of compressed keys through tensor descriptors
-where :func:`nsa.triton._common.tma_ok` allows."""
+where :func:`nsa.triton._common.tma_ok` allows. Off until timed on a GPU."""
 
 def _config(h: int, n: int, cmp_block: int, cmp_stride: int, sel_block: int, interp: bool) -> dict:
     a, cm1 = sel_block // cmp_stride, cmp_block // cmp_stride - 1
