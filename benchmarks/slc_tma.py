@@ -45,7 +45,8 @@ def ab(T: int, c: dict) -> dict:
     if "tma" in outs and "ptr" in outs:
         row["o_same"] = bool(torch.equal(outs["tma"], outs["ptr"]))
         for n in ("", "_dq", "_dk"):
-            row[f"{n.strip('_') or 'o'}_maxdiff"] = (outs["tma" + n].float() - outs["ptr" + n].float()).abs().max().item()
+            diff = outs["tma" + n].float() - outs["ptr" + n].float()
+            row[f"{n.strip('_') or 'o'}_maxdiff"] = diff.abs().max().item()
     for tma in (False, True, False, True):
         S.TMA = tma
         try:

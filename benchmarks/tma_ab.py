@@ -4,7 +4,7 @@ the band dq (window backward; ``backward.BAND_DQ_TMA``) and the training step wi
 them (and the slc kernels' ``selected.TMA``) on or off. Paper configuration, random bf16 inputs,
 the two variants alternated twice in one process.
 
-    python benchmarks/tma_ab.py benchmarks/results/tma_ab_h100.json 8192 65536
+    python benchmarks/tma_ab.py OUT.json 8192 65536
 """
 
 from __future__ import annotations

@@ -264,8 +264,8 @@ cfg = S._config(G, 16, 32, 16, 64, False)
 const = dict(HQ=G, G=G, DK=128, CMP_L=32, CMP_D=16, SEL_L=64, N_SEL=16, HP=HP, BT=BT, BC=cfg["BC"],
              BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"], BK0=128, BK1=0, PREC="tf32", INTERP=False, UPCAST=False,
              EQ9_DOT=cfg["EQ9_DOT"], TMA=False)
-sig = dict(Q="*bf16", KC="*bf16", KD0="*bf16", KD1="*bf16", LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64", TUNE_T="i32",
-           sm_scale="fp32", q_offset="i32", **{k: "constexpr" for k in const})
+sig = dict(Q="*bf16", KC="*bf16", KD0="*bf16", KD1="*bf16", LSE="*fp32", OUT="*i64", TBL="*i32", SEQ="*i64",
+           TUNE_T="i32", sm_scale="fp32", q_offset="i32", **{k: "constexpr" for k in const})
 names = S._select_fwd.arg_names
 src = ASTSource(fn=S._select_fwd, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))

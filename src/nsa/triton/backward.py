@@ -1068,7 +1068,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
         tma = dkdv != "atomic" and use_tma(q, k, v, cfg["BT"], BK0, BK1, common["BV"])
         descs = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
         _selected_bwd[(tbl.shape[0], H)](
-            q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices, flags, tbl,
+            q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices,
+            flags, tbl,
             seq, lse, float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic",
             HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, TMA=tma, **common, **cfg)
 

@@ -374,7 +374,8 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     tma = TMA and C.tma_ok(q, k_cmp, k_cmp, BK0, BK1, Dk)
     descs = C.kv_descriptors(k_cmp, k_cmp, cfg["BC"], BK0, BK1, BK0)[:2] if tma else (q, q)
     _select_fwd_tuned[(tbl.shape[0], H)](
-        q, k_cmp if k_cmp.numel() else q, *descs, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk), int(q_offset),
+        q, k_cmp if k_cmp.numel() else q, *descs, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk),
+        int(q_offset),
         HQ=HQ, G=HQ // H, DK=Dk, CMP_L=cmp_block, CMP_D=cmp_stride, SEL_L=sel_block, N_SEL=sel_count,
         HP=cfg["HP"], BT=cfg["BT"], BC=cfg["BC"], BJ=cfg["BJ"], NB=cfg["NB"], BJE=cfg["BJE"],
         EQ9_DOT=cfg["EQ9_DOT"], BK0=BK0, BK1=BK1,

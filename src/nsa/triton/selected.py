@@ -153,7 +153,8 @@ def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, s
     0 left). SKIP: the one-position pass after it, which leaves the marked positions alone.
     TMA (one position a tile): each block's keys and values arrive through the tensor
     descriptors KD0, KD1 (K viewed [B * Tk, H * Dk], boxes [BS, BK0] and [BS, BK1]) and VD (V,
-    [BS, BV]; :func:`nsa.triton._common.kv_descriptors`), so the copy engine fetches the next blocks while this one is computed."""
+    [BS, BV]; :func:`nsa.triton._common.kv_descriptors`), so the copy engine fetches the next
+    blocks while this one is computed."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
