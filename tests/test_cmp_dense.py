@@ -31,6 +31,17 @@ from nsa.triton import cmp_dense as CD  # noqa: E402
 CUDA = torch.cuda.is_available()
 
 
+def _live_module():
+    """nsa.triton.cmp_dense as the kernels that nsa_func runs see it: other test files drop the
+    nsa.triton modules and import them again (to build the kernels for the interpreter), so the
+    CD imported above may no longer be the one that nsa.triton.nsa and .backward call."""
+    import importlib
+
+    live = importlib.import_module("nsa.triton.nsa").cmp_dense
+    assert importlib.import_module("nsa.triton.backward").cmp_dense is live
+    return live
+
+
 def _case(B, T, HQ, H, Dk, Dv, l, d, seed=0, dtype=torch.float64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     tc = 0 if T < l else (T - l) // d + 1
@@ -171,10 +182,13 @@ def test_nsa_func_with_folded_cmp_matches_reference(B, T, one_seq, monkeypatch):
 
     import nsa
 
-    monkeypatch.setattr(CD, "use", lambda *a, **k: True)
-    monkeypatch.setattr(CD, "cmp_dense", functools.partial(CD.cmp_dense, attend=CD.attend_math))
-    monkeypatch.setattr(CD, "cmp_dense_backward",
-                        functools.partial(CD.cmp_dense_backward, attend_bwd=CD.attend_math_bwd))
+    live = _live_module()
+    monkeypatch.setattr(live, "use", lambda *a, **k: True)
+    ran = []
+    folded, folded_bwd = (functools.partial(live.cmp_dense, attend=live.attend_math),
+                          functools.partial(live.cmp_dense_backward, attend_bwd=live.attend_math_bwd))
+    monkeypatch.setattr(live, "cmp_dense", lambda *a, **k: ran.append("f") or folded(*a, **k))
+    monkeypatch.setattr(live, "cmp_dense_backward", lambda *a, **k: ran.append("b") or folded_bwd(*a, **k))
     HQ, H, Dk, Dv, l, d = 4, 2, 32, 16, 8, 4
     g = torch.Generator().manual_seed(T)
     mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -190,6 +204,59 @@ def test_nsa_func_with_folded_cmp_matches_reference(B, T, one_seq, monkeypatch):
         leaves = [x.clone().requires_grad_() for x in args]
         o = fn(*leaves)
         grads.append([o.detach(), *torch.autograd.grad(o, leaves, do)])
+    for name, a, r in zip(["o", "q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"], *grads):
+        err = (a - r).abs().max().item()
+        assert err <= 1e-4 * max(1.0, r.abs().max().item()), (name, err)
+    assert ran == ["f", "b"]  # the folded path ran, forward and backward
+
+
+@pytest.mark.parametrize("cu,long", [pytest.param([0, 45, 52, 100], [0, 2], id="long-short-long"),
+                                     pytest.param([0, 9, 50, 53], [1], id="short-long-short"),
+                                     pytest.param([0, 41, 90], [0, 1], id="all-long")])
+def test_nsa_func_packed_long_sequences_through_cudnn(cu, long, monkeypatch):
+    """A packed batch (cu_seqlens of several sequences): the sequences of at least MIN_LEN
+    positions run the folded cmp (the PyTorch stand-in for cuDNN on the CPU), the band kernel the
+    others, forward and backward; the output and all eight gradients equal the reference's, and
+    each path ran the sequences it should (recorded)."""
+    import functools
+
+    import nsa
+
+    live = _live_module()
+    monkeypatch.setattr(live, "MIN_LEN", 40)
+    monkeypatch.setattr(live, "_eligible", lambda *a: True)  # the CUDA/cuDNN conditions, on the CPU
+    ran = []  # (forward or backward, positions) of each folded call
+
+    def record(fn, tag):
+        def run(q, *a, **k):
+            ran.append((tag, q.shape[1]))
+            return fn(q, *a, **k)
+        return run
+
+    monkeypatch.setattr(live, "cmp_dense", record(functools.partial(live.cmp_dense, attend=live.attend_math), "f"))
+    monkeypatch.setattr(live, "cmp_dense_backward", record(
+        functools.partial(live.cmp_dense_backward, attend_bwd=live.attend_math_bwd), "b"))
+    HQ, H, Dk, Dv, l, d, T = 8, 1, 32, 16, 8, 4, cu[-1]
+    g = torch.Generator().manual_seed(T)
+    mk = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    k, v = mk(1, T, H, Dk), mk(1, T, H, Dv)
+    spans = list(zip(cu[:-1], cu[1:]))
+    comp = lambda x: torch.cat([R.compress_mean(x[:, a:b], l, d) for a, b in spans], 1)  # noqa: E731
+    args = [mk(1, T, HQ, Dk), comp(k), comp(v), k, v, mk(1, T, H, Dk), mk(1, T, H, Dv),
+            torch.rand(1, T, HQ, 3, generator=g)]
+    do = mk(1, T, HQ, Dv)
+    # a window of 44: the window's dk/dv has whole query tiles (8 positions x 32 keys under the
+    # interpreter), which read the group-major q copy that the window's dq kernel writes for the
+    # sequences that cuDNN ran
+    kw = dict(cmp_block=l, cmp_stride=d, sel_block=8, sel_count=3, window=44,
+              cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    grads = []
+    for fn in (lambda *a: nsa.nsa_func(*a, backend="triton", **kw), lambda *a: R.nsa_ref(*a, **kw)):
+        leaves = [x.clone().requires_grad_() for x in args]
+        o = fn(*leaves)
+        grads.append([o.detach(), *torch.autograd.grad(o, leaves, do)])
+    lengths = [spans[i][1] - spans[i][0] for i in long]
+    assert ran == [("f", n) for n in lengths] + [("b", n) for n in lengths]
     for name, a, r in zip(["o", "q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"], *grads):
         err = (a - r).abs().max().item()
         assert err <= 1e-4 * max(1.0, r.abs().max().item()), (name, err)

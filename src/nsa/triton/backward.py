@@ -1185,17 +1185,24 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
     index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
-    dense = None
+    dense, spans = None, []
+    cmp = dict(mode=0, scale=sc, seq=seq, q_offset=qo, cmp_block=l, cmp_stride=d, dq_acc=dq, gate=0, dq_mode=1,
+               q_gm=qg, **gkw)
     if cmp_dense.use(q, v_cmp, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det):
         # cuDNN's backward of the folded causal attention, from the branch's do
         dense = cmp_dense.attempt(cmp_dense.gated_backward, grad_o, q, k_cmp, v_cmp, o_cmp, lse_cmp, gates,
                                   d_gates, cmp_block=l, cmp_stride=d, scale=sc, dq=dq)
+    else:  # a packed batch: cuDNN for its long sequences, the band kernel for the others
+        spans = cmp_dense.dense_spans(q, v_cmp, lens, cu_seqlens=kw["cu_seqlens"], q_offset=qo, deterministic=det)
     if dense is not None:
         _, dk_cmp, dv_cmp = dense
-    else:  # (the band dq kernel stores dq and the gate's gradient whole, over a failed attempt's)
-        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, mode=0, scale=sc,
-                                          seq=seq, lens=lens, q_offset=qo, cmp_block=l, cmp_stride=d,
-                                          dq_acc=dq, gate=0, dq_mode=1, q_gm=qg, **gkw)
+    elif spans:  # the band kernel leaves the long sequences' rows (and their keys' dk, dv: 0) to cuDNN
+        blens = cmp_dense.band_lens(lens, spans)
+        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=blens, **cmp)
+        dense = cmp_dense.attempt(cmp_dense.gated_backward_spans, grad_o, q, k_cmp, v_cmp, o_cmp, lse_cmp, gates,
+                                  d_gates, spans, dk_cmp, dv_cmp, cmp_block=l, cmp_stride=d, scale=sc, dq=dq)
+    if dense is None:  # (the band dq kernel stores dq and the gate's gradient whole, over a failed attempt's)
+        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=lens, **cmp)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det, chunk=chunk, index=index, **gkw)

@@ -133,21 +133,56 @@ def attend_math_bwd(do, q, k, v, o, lse, causal: bool, scale: float):
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
+def _eligible(q, v_cmp, q_offset: int, deterministic: bool) -> bool:
+    """What :func:`use` and :func:`dense_spans` require besides the lengths."""
+    HQ, Dk = q.shape[2:]
+    Dv = v_cmp.shape[-1]
+    return (ENABLED and _FAILED is None and q_offset == 0 and not deterministic
+            and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv)) and torch.backends.cudnn.is_available())
+
+
+def _fits(T: int, q, v_cmp) -> bool:
+    """A sequence of T positions is long enough (:data:`MIN_LEN`) and under 2^31 elements a
+    tensor (cuDNN's tensor dims and strides are int32)."""
+    return T >= MIN_LEN and T * q.shape[2] * max(q.shape[3], v_cmp.shape[-1]) < 2 ** 31
+
+
 def use(q, v_cmp, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> bool:
     """Whether :func:`cmp_dense` runs the cmp branch of this call (:data:`ENABLED`): at least
     :data:`MIN_LEN` positions from position 0 (q_offset 0), one sequence a batch row (no
-    cu_seqlens, or one that holds a single sequence), CUDA tensors in
-    bf16/fp16, head dims that cuDNN's fused attention takes (multiples of 8, at most 256), a
-    batch element under 2^31 elements (cuDNN's tensor dims and strides are int32), cuDNN
-    present, no cuDNN call of this process failed (:func:`attempt`); not ``deterministic``
-    (the band kernel's backward has a fixed order of sums)."""
-    T, HQ, Dk = q.shape[1:]
-    Dv = v_cmp.shape[-1]
+    cu_seqlens, or one that holds a single sequence; several packed sequences:
+    :func:`dense_spans`), CUDA tensors in bf16/fp16, head dims that cuDNN's fused attention
+    takes (multiples of 8, at most 256), a batch element under 2^31 elements, cuDNN present, no
+    cuDNN call of this process failed (:func:`attempt`); not ``deterministic`` (the band
+    kernel's backward has a fixed order of sums)."""
     one_seq = cu_seqlens is None or (len(cu_seqlens) == 2 and q.shape[0] == 1)  # [0, T]: one sequence
-    return (ENABLED and _FAILED is None and T >= MIN_LEN and q_offset == 0 and one_seq and not deterministic
-            and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and all(x % 8 == 0 and x <= 256 for x in (Dk, Dv)) and T * HQ * max(Dk, Dv) < 2 ** 31
-            and torch.backends.cudnn.is_available())
+    return one_seq and _fits(q.shape[1], q, v_cmp) and _eligible(q, v_cmp, q_offset, deterministic)
+
+
+def dense_spans(q, v_cmp, lens, *, cu_seqlens, q_offset: int, deterministic: bool = False) -> list[tuple]:
+    """The packed sequences (``cu_seqlens`` of several sequences, q ``[1, T, HQ, Dk]``) that
+    :func:`cmp_dense` runs, each of at least :data:`MIN_LEN` positions, under :func:`use`'s
+    other conditions: (sequence, q0, q1, c0, c1), its rows of q and of the compressed stream;
+    ``lens``: the host lengths of :func:`nsa.triton._common.seq_table`. The band kernel runs
+    the others (:func:`band_lens`). Empty where :func:`use` decides (no cu_seqlens, one
+    sequence) or no sequence qualifies."""
+    if cu_seqlens is None or q.shape[0] != 1 or len(lens) < 2 or not _eligible(q, v_cmp, q_offset, deterministic):
+        return []
+    spans, q0, c0 = [], 0, 0
+    for i, (n, tc) in enumerate(zip(lens, lens.k_cmp)):
+        if _fits(n, q, v_cmp):
+            spans.append((i, q0, q0 + n, c0, c0 + tc))
+        q0, c0 = q0 + n, c0 + tc
+    return spans
+
+
+def band_lens(lens, spans):
+    """``lens`` with the query and compressed-key lengths of the sequences in ``spans`` set to 0:
+    the band kernel's programs then leave those sequences to :func:`cmp_dense_spans`."""
+    dense = {s[0] for s in spans}
+    zero = lambda xs: tuple(0 if i in dense else x for i, x in enumerate(xs))  # noqa: E731
+    return C.SeqLens(zero(lens), lens.k_slc, lens.k_win, zero(lens.k_cmp))
 
 
 def attempt(fn, *args, **kwargs):
@@ -183,15 +218,17 @@ def _keys(k, b: int, n: int, reps: int):
     return k[b, :n].transpose(0, 1).unsqueeze(0).expand(reps, -1, -1, -1)
 
 
-def cmp_dense(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int, scale: float, attend=attend_cudnn):
+def cmp_dense(q, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int, scale: float, attend=attend_cudnn, out=None):
     """Branch cmp: (o ``[B, T, HQ, Dv]`` in q's dtype, lse ``[B, T, HQ]`` fp32); contract of
-    :func:`nsa.triton.compressed_attention_triton` (no cu_seqlens, q_offset 0)."""
+    :func:`nsa.triton.compressed_attention_triton` (no cu_seqlens, q_offset 0). ``out``: (o, lse)
+    to write into (views of a larger pair: :func:`cmp_dense_spans`)."""
     B, T, HQ, _ = q.shape
     Dv = v_cmp.shape[-1]
     s0, n, rem = _plan(T, cmp_block, cmp_stride)
     d = cmp_stride
-    o = q.new_empty(B, T, HQ, Dv)
-    lse = q.new_empty(B, T, HQ, dtype=torch.float32)
+    if out is None:
+        out = q.new_empty(B, T, HQ, Dv), q.new_empty(B, T, HQ, dtype=torch.float32)
+    o, lse = out
     o[:, :s0] = 0
     lse[:, :s0] = float("-inf")
     for b in range(B):
@@ -242,6 +279,29 @@ def cmp_dense_backward(q, k_cmp, v_cmp, o, lse, do, *, cmp_block: int, cmp_strid
             dk[b, :n + 1] += gk[0].transpose(0, 1)
             dv[b, :n + 1] += gv[0].transpose(0, 1)
     return dq, dk.to(k_cmp.dtype), dv.to(v_cmp.dtype)
+
+
+def cmp_dense_spans(q, k_cmp, v_cmp, o, lse, spans, *, cmp_block: int, cmp_stride: int, scale: float):
+    """:func:`cmp_dense` of each packed sequence in ``spans`` (:func:`dense_spans`), into its rows
+    of o ``[1, T, HQ, Dv]`` and lse ``[1, T, HQ]`` (the band kernel writes the others)."""
+    for _, a, b, c0, c1 in spans:
+        cmp_dense(q[:, a:b], k_cmp[:, c0:c1], v_cmp[:, c0:c1], cmp_block=cmp_block, cmp_stride=cmp_stride,
+                  scale=scale, out=(o[:, a:b], lse[:, a:b]))
+    return o, lse
+
+
+def gated_backward_spans(grad_o, q, k_cmp, v_cmp, o, lse, gates, d_gates, spans, dk, dv, *, cmp_block: int,
+                         cmp_stride: int, scale: float, dq):
+    """:func:`gated_backward` of each packed sequence in ``spans``: its rows of dq and d_gates[..., 0]
+    and its compressed keys' rows of dk, dv (the band kernel's backward did the other sequences,
+    leaving these rows of dk and dv 0). (dq, dk, dv)."""
+    for _, a, b, c0, c1 in spans:
+        _, gk, gv = gated_backward(grad_o[:, a:b], q[:, a:b], k_cmp[:, c0:c1], v_cmp[:, c0:c1], o[:, a:b],
+                                   lse[:, a:b], gates[:, a:b], d_gates[:, a:b], cmp_block=cmp_block,
+                                   cmp_stride=cmp_stride, scale=scale, dq=dq[:, a:b])
+        dk[:, c0:c1] = gk
+        dv[:, c0:c1] = gv
+    return dq, dk, dv
 
 
 def gated_backward(grad_o, q, k_cmp, v_cmp, o, lse, gates, d_gates, *, cmp_block: int, cmp_stride: int,

@@ -1,7 +1,8 @@
 """All of NSA in Triton (semantics §1-8): four launches, the gates fused into the last one.
 
 1. cmp: compressed attention, o_cmp and its log-sum-exp: dense causal attention through cuDNN
-   where :func:`.cmp_dense.use` holds (:mod:`.cmp_dense`), else the band kernel (:mod:`.compressed`).
+   where :func:`.cmp_dense.use` holds, or for the long sequences of a packed batch
+   (:func:`.cmp_dense.dense_spans`; :mod:`.cmp_dense`), else the band kernel (:mod:`.compressed`).
 2. select: scores + top-n in one pass over the compressed tokens, using that lse (:mod:`.select`).
 3. slc: selected attention over the chosen blocks (:mod:`.selected`).
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
@@ -46,10 +47,15 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
                                   cmp_stride=cmp_stride, scale=sc)
     if dense is not None:
         o_cmp, lse = dense
-    else:
-        o_cmp, lse = band_attention(q, k_cmp, v_cmp, mode=0, scale=sc, seq=seq, lens=lens,
-                                    q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                    write_lse=True)  # [B, T, HQ, Dv], [B, T, HQ]
+    else:  # the band kernel, but for the long packed sequences that cuDNN runs
+        spans = cmp_dense.dense_spans(q, v_cmp, lens, cu_seqlens=cu_seqlens, q_offset=q_offset)
+        cmp = dict(mode=0, scale=sc, seq=seq, q_offset=q_offset, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                   write_lse=True)
+        o_cmp, lse = band_attention(q, k_cmp, v_cmp, lens=cmp_dense.band_lens(lens, spans) if spans else lens,
+                                    **cmp)  # [B, T, HQ, Dv], [B, T, HQ]
+        if spans and cmp_dense.attempt(cmp_dense.cmp_dense_spans, q, k_cmp, v_cmp, o_cmp, lse, spans,
+                                       cmp_block=cmp_block, cmp_stride=cmp_stride, scale=sc) is None:
+            o_cmp, lse = band_attention(q, k_cmp, v_cmp, lens=lens, **cmp)
     idx = select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]
