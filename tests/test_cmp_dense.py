@@ -277,3 +277,38 @@ def test_gpu_use_conditions():
     assert not CD.use(q, v, cu_seqlens=None, q_offset=0, deterministic=True)
     assert not CD.use(q.float(), v.float(), cu_seqlens=None, q_offset=0)
     assert not CD.use(q[:, :T - 1], v, cu_seqlens=None, q_offset=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_gpu_packed_long_sequences_through_cudnn(monkeypatch):
+    """On a GPU, paper geometry, bf16: a packed batch whose long sequences run cmp through cuDNN
+    (dense_spans with MIN_LEN lowered) gives the output and gradients of the band kernel's run
+    (ENABLED off) within bf16 rounding, and dense_spans picks the long ones."""
+    import nsa
+
+    live = _live_module()
+    monkeypatch.setattr(live, "MIN_LEN", 1024)
+    cu = [0, 1500, 1700, 3300]
+    HQ, H, Dk, Dv, l, d, T = 64, 4, 192, 128, 32, 16, cu[-1]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    mk = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    k, v = mk(1, T, H, Dk), mk(1, T, H, Dv)
+    comp = lambda x: torch.cat([R.compress_mean(x[:, a:b], l, d) for a, b in zip(cu[:-1], cu[1:])], 1)  # noqa: E731
+    args = [mk(1, T, HQ, Dk), comp(k), comp(v), k, v, mk(1, T, H, Dk), mk(1, T, H, Dv),
+            torch.rand(1, T, HQ, 3, device="cuda", generator=g).to(torch.bfloat16)]
+    do = mk(1, T, HQ, Dv)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    kw = dict(cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
+    from nsa.triton._common import seq_table
+    _, lens = seq_table(1, T, T, T, args[1].shape[1], cu_t, l, d, "cuda")
+    assert [s[0] for s in live.dense_spans(args[0], args[2], lens, cu_seqlens=cu_t, q_offset=0)] == [0, 2]
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(live, "ENABLED", on)
+        leaves = [x.clone().requires_grad_() for x in args]
+        o = nsa.nsa_func(*leaves, backend="triton", **kw)
+        runs.append([o.detach(), *torch.autograd.grad(o, leaves, do)])
+    for name, a, b in zip(["o", "q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"], *runs):
+        rel = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert rel < 2e-2, (name, rel)
