@@ -1,21 +1,29 @@
 """Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split] [--dense]
+        [--packed] [--tma]
 
 det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
 launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies;
 --dense: two sequences as a batch (no cu_seqlens) with cmp through cuDNN
-(nsa.triton.cmp_dense.ENABLED), which varlen calls do not take.
+(nsa.triton.cmp_dense.ENABLED); --packed: the varlen batch with its sequences of 200+
+positions through cuDNN (cmp_dense.dense_spans, MIN_LEN lowered); --tma: every kernel's key
+tiles through tensor descriptors (band.TMA, select.TMA, backward.BAND_DQ_TMA; the slc kernels'
+are on by default).
 """
 import sys
 import torch
 from nsa import nsa_func
 from nsa.reference import compress_mean
-from nsa.triton import cmp_dense, selected
+from nsa.triton import backward, band, cmp_dense, select, selected
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--")]
 selected.SPLIT = "--split" in sys.argv[1:]
-cmp_dense.ENABLED = dense = "--dense" in sys.argv[1:]
+packed = "--packed" in sys.argv[1:]
+cmp_dense.ENABLED = dense = "--dense" in sys.argv[1:] or packed
+if packed:
+    cmp_dense.MIN_LEN = 200
+band.TMA = select.TMA = backward.BAND_DQ_TMA = "--tma" in sys.argv[1:]
 torch.manual_seed(0)
 dev = "cuda"
 cu = torch.tensor([0, 77, 300, 301, 1203], dtype=torch.int32, device=dev)
@@ -26,7 +34,7 @@ bounds = cu.tolist()
 kc = torch.cat([compress_mean(k[:, a:b], l, d) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 vc = torch.cat([compress_mean(v[:, a:b], l, d) for a, b in zip(bounds[:-1], bounds[1:])], 1)
 g = torch.rand(1, T, HQ, 3, device=dev).to(torch.bfloat16)
-if dense:  # positions 1 .. 1202 as a batch of two sequences of 601
+if dense and not packed:  # positions 1 .. 1202 as a batch of two sequences of 601
     q, k, v, g = (x[:, 1:].reshape(2, 601, *x.shape[2:]) for x in (q, k, v, g))
     kc, vc = compress_mean(k, l, d), compress_mean(v, l, d)
     cu = None
@@ -39,4 +47,5 @@ for det in ([False, True] if not argv else [argv[0] == "det"]):
         o = nsa_func(*leaves, **kw)
     o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
-    print("ok det", det, "split", selected.SPLIT, "dense", dense, float(leaves[0].grad.float().norm()))
+    print("ok det", det, "split", selected.SPLIT, "dense", dense, "packed", packed, "tma", band.TMA,
+          float(leaves[0].grad.float().norm()))
