@@ -17,6 +17,7 @@ import torch
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
 from nsa.triton import selected as S
+from tma_ab import alternated_steps  # benchmarks/ (the script's folder is on the path)
 
 
 def ab(T: int, c: dict) -> dict:
@@ -47,15 +48,7 @@ def ab(T: int, c: dict) -> dict:
         for n in ("", "_dq", "_dk"):
             diff = outs["tma" + n].float() - outs["ptr" + n].float()
             row[f"{n.strip('_') or 'o'}_maxdiff"] = diff.abs().max().item()
-    for tma in (False, True, False, True):
-        S.TMA = tma
-        try:
-            f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
-            row.setdefault(f"step_{'tma' if tma else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
-        except Exception as e:
-            traceback.print_exc(limit=5)
-            row["step_error"] = repr(e)[:300]
-    S.TMA = True
+    row.update(alternated_steps(T, c, x, lambda on: setattr(S, "TMA", on)))
     print(row, flush=True)
     return row
 

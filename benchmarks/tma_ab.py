@@ -27,6 +27,23 @@ def set_all(on: bool) -> None:
         setattr(mod, name, on)
 
 
+def alternated_steps(T: int, c: dict, x, switch) -> dict:
+    """The NSA training step (``nsa bench train``'s) with ``switch(False)`` (pointer loads) and
+    ``switch(True)`` (descriptors) alternated twice, ``switch(True)`` after: {"step_ptr": [...],
+    "step_tma": [...]} of (fwd_ms, fwd_bwd_ms, peak_gb), or "step_error"."""
+    row = {}
+    for on in (False, True, False, True):
+        switch(on)
+        try:
+            f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
+            row.setdefault(f"step_{'tma' if on else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
+        except Exception as e:
+            traceback.print_exc(limit=5)
+            row["step_error"] = repr(e)[:300]
+    switch(True)
+    return row
+
+
 def ab(T: int, c: dict) -> dict:
     x = Bn._inputs(T, c, "cuda")
     q, kc, vc, k, v, kw, vw, gates = x
@@ -62,16 +79,8 @@ def ab(T: int, c: dict) -> dict:
         setattr(mod, flag, True)
         if len(outs) == 2:
             row[f"{name}_maxdiff"] = (outs["tma"] - outs["ptr"]).abs().max().item()
-    for on in (False, True, False, True):
-        set_all(on)
-        try:
-            f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
-            row.setdefault(f"step_{'tma' if on else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
-        except Exception as e:
-            traceback.print_exc(limit=5)
-            row["step_error"] = repr(e)[:300]
-    set_all(True)
-    print({k: v for k, v in row.items()}, flush=True)
+    row.update(alternated_steps(T, c, x, set_all))
+    print(row, flush=True)
     return row
 
 

@@ -115,11 +115,22 @@ def tma_ok(q, k, v, BK0: int, BK1: int, BV: int) -> bool:
 def kv_descriptors(k, v, rows: int, BK0: int, BK1: int, BV: int) -> tuple:
     """(KD0, KD1, VD): k ``[B, Tk, H, Dk]`` and v viewed ``[B * Tk, H * D]``, boxes of ``rows``
     key rows x BK0 / BK1 / BV columns (a kernel reads head g's tile at row r from column g * Dk,
-    g * Dk + BK0 and g * Dv). Rows past the tensor read zeros."""
-    k2, v2 = k.view(-1, k.shape[2] * k.shape[3]), v.view(-1, v.shape[2] * v.shape[3])
+    g * Dk + BK0 and g * Dv: :func:`tma_tile`). Rows past the tensor read zeros. v None: VD
+    None (keys only)."""
+    k2 = k.view(-1, k.shape[2] * k.shape[3])
     kd0 = TensorDescriptor.from_tensor(k2, [rows, BK0])
     kd1 = TensorDescriptor.from_tensor(k2, [rows, BK1]) if BK1 else kd0
-    return kd0, kd1, TensorDescriptor.from_tensor(v2, [rows, BV])
+    vd = None if v is None else TensorDescriptor.from_tensor(v.view(-1, v.shape[2] * v.shape[3]), [rows, BV])
+    return kd0, kd1, vd
+
+
+@triton.jit
+def tma_tile(D, row, col, UPCAST: tl.constexpr):
+    """The descriptor D's box at (row, col) (:func:`kv_descriptors`); fp32 under UPCAST."""
+    x = D.load([row, col])
+    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
+        x = x.to(tl.float32)
+    return x
 
 
 def interpreting() -> bool:

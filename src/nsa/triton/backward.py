@@ -54,27 +54,21 @@ def _tile_grads(q0, q1, do, lse2, delta, ok, Kb, Vb, GKb, GVb, kn, kn_ok, vis, q
     dk0 = tl.arange(0, BK0)
     dv = tl.arange(0, BV)
     if TMA:
-        k0 = KD0.load([krow, kcol])
-        if UPCAST:
-            k0 = k0.to(tl.float32)
+        k0 = C.tma_tile(KD0, krow, kcol, UPCAST)
     else:
         k0 = C.load_cols(Kb, kn * (H * DK), kn_ok, 0, BK0, DK, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
         dk1 = BK0 + tl.arange(0, BK1)
         if TMA:
-            k1 = KD1.load([krow, kcol + BK0])
-            if UPCAST:
-                k1 = k1.to(tl.float32)
+            k1 = C.tma_tile(KD1, krow, kcol + BK0, UPCAST)
         else:
             k1 = C.load_cols(Kb, kn * (H * DK), kn_ok, BK0, BK1, DK, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
     vis = vis & ok[:, None] & kn_ok[None, :]
     p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # exact probabilities
     if TMA:
-        v = VD.load([krow, vcol])
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = C.tma_tile(VD, krow, vcol, UPCAST)
     else:
         v = C.load_cols(Vb, kn * (H * DV), kn_ok, 0, BV, DV, UPCAST)
     if KV:

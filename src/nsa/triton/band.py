@@ -46,15 +46,6 @@ def _key_rows(base, bn, cols, n_ok, stride, D: tl.constexpr, MASKED: tl.constexp
 
 
 @triton.jit
-def _tma_rows(D, row, col, UPCAST: tl.constexpr):
-    """The descriptor D's box at (row, col) (:func:`nsa.triton._common.kv_descriptors`)."""
-    x = D.load([row, col])
-    if UPCAST:  # the CPU interpreter's bf16 dot is wrong (triton 3.9)
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
 def _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos, g, H, qk_scale, k_offset,
                DK: tl.constexpr, DV: tl.constexpr, MODE: tl.constexpr, CMP_L: tl.constexpr,
                CMP_D: tl.constexpr, WINDOW: tl.constexpr, BN: tl.constexpr, BK0: tl.constexpr,
@@ -73,13 +64,13 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos
     Vb = V + kv_row * DV
     krow = (k_start + n0).to(tl.int32)
     if TMA:
-        k0 = _tma_rows(KD0, krow, g * DK, UPCAST)
+        k0 = C.tma_tile(KD0, krow, g * DK, UPCAST)
     else:
         k0 = _key_rows(Kb, bn, dk0, n_ok, H * DK, DK, MASKED, UPCAST)
     s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
     if BK1 > 0:
         if TMA:
-            k1 = _tma_rows(KD1, krow, g * DK + BK0, UPCAST)
+            k1 = C.tma_tile(KD1, krow, g * DK + BK0, UPCAST)
         else:
             k1 = _key_rows(Kb, bn, BK0 + tl.arange(0, BK1), n_ok, H * DK, DK, MASKED, UPCAST)
         s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
@@ -98,7 +89,7 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
-        v = _tma_rows(VD, krow, g * DV, UPCAST)
+        v = C.tma_tile(VD, krow, g * DV, UPCAST)
     else:
         v = _key_rows(Vb, bn, dv, n_ok, H * DV, DV, MASKED, UPCAST)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)

@@ -372,7 +372,7 @@ def select_blocks_triton(q, k_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64,
     BK0, BK1 = C.split_dim(Dk)
     launch = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
     tma = TMA and C.tma_ok(q, k_cmp, k_cmp, BK0, BK1, Dk)
-    descs = C.kv_descriptors(k_cmp, k_cmp, cfg["BC"], BK0, BK1, BK0)[:2] if tma else (q, q)
+    descs = C.kv_descriptors(k_cmp, None, cfg["BC"], BK0, BK1, BK0)[:2] if tma else (q, q)
     _select_fwd_tuned[(tbl.shape[0], H)](
         q, k_cmp if k_cmp.numel() else q, *descs, lse, out, tbl, seq, C.next_pow2(T), default_scale(scale, Dk),
         int(q_offset),
