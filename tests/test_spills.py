@@ -63,7 +63,7 @@ def _specs(HQ, H, Dk, Dv):
     sq, skv = BW._slc_configs(h, Dk, Dv, False)
     skv_chunk = skv["chunk"]
     ch = C.next_pow2(skv_chunk)  # the slc dk/dv item's positions, a constexpr of the kernel
-    skv = {k: v for k, v in skv.items() if k != "chunk"}
+    skv = {k: v for k, v in skv.items() if k not in ("chunk", "span")}
     slc = dict(dims, SEL_L=64, BS=64)
 
     def spec(kernel, cfg, types=TYPES, **const):
@@ -94,9 +94,9 @@ def _specs(HQ, H, Dk, Dv):
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     # the counted transposed index (one launch config: 4 warps, 1 stage)
-    tidx = dict(H=H, N_SEL=16, NP=16, N_BLK=1024, SEL_L=64, BR=64)
+    tidx = dict(H=H, N_SEL=16, NP=16, N_BLK=1024, SEL_L=64, BR=64, SPAN=BW.SLC_SPAN)
     itypes = dict(TYPES, BI="*i32", HIST="*i32", n_keys="i32", STARTS="*i64", ENDS="*i64", FIRST="*i64",
-                  SEGS="*i64")
+                  SEGS="*i64", q_offset="i32", n_r="i32", n_items="i32")
     one = dict(num_warps=4, num_stages=1)
     specs["tidx_count"] = spec("_tidx_count", one, itypes, **tidx)
     specs["tidx_place"] = spec("_tidx_place", one, itypes, **tidx)

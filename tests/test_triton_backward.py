@@ -189,7 +189,8 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
 
 
 def test_transposed_index():
-    """Items cover every (position, group, block) entry once, in chunks, positions ascending."""
+    """Items cover every (position, group, block) entry once, in chunks, positions ascending;
+    blocks that start after their position (block 2 for positions 0 and 1) are left out."""
     idx = torch.tensor([[[[0, -1, 2]], [[2, 0, -1]], [[0, 1, 2]]]], device=DEV)  # [1, 3, 1, 3]
     seq, lens = BW._seq(idx.new_zeros(1, 3, 1, 1), idx.new_zeros(1, 3, 1, 1), idx[:, :0], idx[:, :0],
                         None, 1, 1)
@@ -197,9 +198,9 @@ def test_transposed_index():
     real = [r for r in items.tolist() if r[4] > 0]  # sized by a bound: empty items follow
     assert all(r[4] == 0 for r in items.tolist()[len(real):])
     got = [(int(j), tuple(qpos[s:s + c].tolist())) for _, _, j, s, c in real]
-    assert got == [(0, (0, 1)), (0, (2,)), (1, (2,)), (2, (0, 1)), (2, (2,))]
+    assert got == [(0, (0, 1)), (0, (2,)), (1, (2,)), (2, (2,))]
     # segments: each block's items, consecutive; empty segments follow
-    assert [(items[f, 2].item(), c) for f, c in segs.tolist() if c] == [(0, 2), (1, 1), (2, 2)]
+    assert [(items[f, 2].item(), c) for f, c in segs.tolist() if c] == [(0, 2), (1, 1), (2, 1)]
     assert all(c == 0 for _, c in segs.tolist()[3:])
 
 
@@ -219,14 +220,36 @@ def _random_selection(B, T, H, n, lp, cu, q_offset, seed):
     return idx.to(DEV)
 
 
-@pytest.mark.parametrize("B,T,H,n,lp,chunk,cu,q_offset", [
-    (1, 150, 2, 4, 16, 8, None, 0),
-    (2, 97, 1, 3, 8, 4, None, 0),
-    (1, 160, 2, 5, 16, 16, [0, 37, 100, 160], 0),
-    (1, 90, 3, 4, 16, 8, None, 21),  # a prefill after 21 cached positions
+@pytest.mark.parametrize("B,T,H,n,lp,chunk,cu,q_offset,span", [
+    (1, 150, 2, 4, 16, 8, None, 0, 0),
+    (1, 150, 2, 4, 16, 8, None, 0, 40),  # positions cut into spans of 40
+    (2, 97, 1, 3, 8, 4, None, 0, 0),
+    (2, 97, 1, 3, 8, 4, None, 0, 16),
+    (1, 160, 2, 5, 16, 16, [0, 37, 100, 160], 0, 0),
+    (1, 160, 2, 5, 16, 16, [0, 37, 100, 160], 0, 32),
+    (1, 90, 3, 4, 16, 8, None, 21, 0),  # a prefill after 21 cached positions
+    (1, 90, 3, 4, 16, 8, None, 21, 25),
 ])
-def test_transposed_index_triton(B, T, H, n, lp, chunk, cu, q_offset):
-    _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed=T)
+def test_transposed_index_triton(B, T, H, n, lp, chunk, cu, q_offset, span):
+    _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed=T, span=span)
+
+
+def test_transposed_index_leaves_out_blocks_without_gradient():
+    """Entries of blocks that start after their position (or past the keys) are not indexed:
+    every item's count is of blocks the position sees part of."""
+    B, T, H, n, lp = 1, 70, 2, 3, 8
+    idx = _random_selection(B, T, H, n, lp, None, 0, seed=3)
+    t = torch.arange(T, device=DEV)[None, :, None, None]
+    future = torch.randint(0, 40, idx.shape, device=DEV).to(idx.dtype)  # blocks 0..39 of 8: some past T
+    idx = torch.where((idx < 0) & (future % 2 == 0), future, idx)
+    z = idx.new_zeros(B, T, 1, 1)
+    seq, lens = BW._seq(idx[..., :1, :1], z, z[:, :0], z[:, :0], None, 1, 1)
+    seen = int(((idx >= 0) & (idx * lp <= t)).sum())
+    assert seen < int((idx >= 0).sum())  # some entries are of blocks the position does not see
+    for span in (0, 16):
+        for items, _, _ in (BW.transposed_index(idx, seq, lens, H, lp, 4, 0, span),
+                            BW.transposed_index_triton(idx, seq, lens, H, lp, 4, 0, span)):
+            assert int(items[:, 4].sum()) == seen
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -241,19 +264,20 @@ def test_transposed_index_triton_random_shapes(data):
     lp = data.draw(st.sampled_from([4, 8, 16]))
     _check_counted_index(B, T, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 6)), lp,
                          data.draw(st.sampled_from([2, 4, 8, 64])), cu,
-                         0 if cu else data.draw(st.integers(0, 40)), seed=T)
+                         0 if cu else data.draw(st.integers(0, 40)), seed=T,
+                         span=data.draw(st.sampled_from([0, 1, 7, 32])))
 
 
-def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed):
+def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed, span=0):
     """The counted index (Triton) against the sorted one: the same items and segments, each
     item the same positions; a segment's own positions (those that see part of the block)
-    first, as the dk/dv kernel's unmasked tiles need."""
+    first, as the dk/dv kernel's unmasked tiles need. Every item's positions lie in one span."""
     idx = _random_selection(B, T, H, n, lp, cu, q_offset, seed=seed)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
     z = idx.new_zeros(B, T + q_offset, 1, 1)
     seq, lens = BW._seq(idx[..., :1, :1], z, z[:, :0], z[:, :0], cu_t, 1, 1)
-    want = BW.transposed_index(idx, seq, lens, H, lp, chunk)
-    got = BW.transposed_index_triton(idx, seq, lens, H, lp, chunk, q_offset)
+    want = BW.transposed_index(idx, seq, lens, H, lp, chunk, q_offset, span)
+    got = BW.transposed_index_triton(idx, seq, lens, H, lp, chunk, q_offset, span)
     (wi, wq, ws), (gi, gq, gs) = [[x.cpu() for x in r] for r in (want, got)]
     real = int((wi[:, 4] > 0).sum())
     assert real == int((gi[:, 4] > 0).sum()) and (gi[real:, 4] == 0).all()
@@ -266,6 +290,8 @@ def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed):
         blk, st, cnt = int(gi[f, 2]), int(gi[f, 3]), int(gi[f:f + c, 4].sum())
         pos, ref = gq[st:st + cnt].tolist(), wq[st:st + cnt].tolist()
         assert sorted(pos) == ref  # the same positions ...
+        if span:
+            assert len({t // span for t in pos}) == 1
         own = [q_offset + t < (blk + 1) * lp - 1 for t in pos]
         assert own == sorted(own, reverse=True)  # ... the own ones first
 

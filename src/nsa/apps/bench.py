@@ -345,6 +345,7 @@ def _bwd_breakdown(c, x, rep) -> dict:
     band_cmp = lambda: BW.band_backward(q, kc, vc, o_cmp, lse_cmp, do, mode=0, scale=sc, seq=seq,  # noqa: E731
                                         lens=lens, cmp_block=c["l"], cmp_stride=c["d"], dq_acc=dq, gate=0, **g)
     dense = cmp_dense.use(q, vc, cu_seqlens=None, q_offset=0)
+    kv = BW._slc_configs(c["HQ"] // c["H"], c["Dk"], c["Dv"], False)[1]  # the slc dk/dv's chunk and span
     dense_cmp = lambda: cmp_dense.gated_backward(do, q, kc, vc, o_cmp, lse_cmp, gates, g["d_gates"],  # noqa: E731
                                                  cmp_block=c["l"], cmp_stride=c["d"], scale=sc, dq=dq)
     pieces = {
@@ -357,8 +358,9 @@ def _bwd_breakdown(c, x, rep) -> dict:
         "bwd_slc": lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc,
                                                 seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g),
         # the work items of its dk/dv kernel: counted (what it runs), and sorted (deterministic=True)
-        "bwd_slc_index": lambda: BW.transposed_index_triton(idx, seq, lens, c["H"], c["lp"], 256),
-        "bwd_slc_index_sorted": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], 256),
+        "bwd_slc_index": lambda: BW.transposed_index_triton(idx, seq, lens, c["H"], c["lp"], kv["chunk"], 0,
+                                                            kv["span"]),
+        "bwd_slc_index_sorted": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], kv["chunk"]),
         "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2, **g, **win),
     }
     out = {}

@@ -622,12 +622,13 @@ def _segment_sum(PART, OUT, SEGS, ITEMS, SEQ, H: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _tidx_entries(BI, TBL, SEQ, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-                  N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+def _tidx_entries(BI, TBL, SEQ, q_offset, n_r, SPAN: tl.constexpr, H: tl.constexpr, N_SEL: tl.constexpr,
+                  NP: tl.constexpr, N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
     """The selections of BR positions of one group (TBL row: sequence, first local position):
-    their keys (sequence, group, block) in the transposed index, which of them are real (not
-    -1, and not a block past the sequence's keys, which has no gradient), and which are the
-    block's own positions (those that do not see all of it)."""
+    their keys (sequence, group, span of positions, block) in the transposed index, which of
+    them are real (not -1, not a block past the sequence's keys nor one that starts after the
+    position: neither has a gradient), and which are the block's own positions (those that do
+    not see all of it)."""
     seq = tl.load(TBL + tl.program_id(0) * 2).to(tl.int64)
     t0 = tl.load(TBL + tl.program_id(0) * 2 + 1)
     g = tl.program_id(1)
@@ -638,39 +639,43 @@ def _tidx_entries(BI, TBL, SEQ, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, 
     j = tl.arange(0, NP)
     ok = (t[:, None] < q_len) & (j[None, :] < N_SEL)
     blk = tl.load(BI + ((q_start + t[:, None]) * H + g) * N_SEL + j[None, :], mask=ok, other=-1)
-    ok = ok & (blk >= 0) & (blk * SEL_L < k_len)
-    key = (seq * H + g) * N_BLK + blk
+    ok = ok & (blk >= 0) & (blk * SEL_L < k_len) & (blk * SEL_L <= q_offset + t[:, None])
+    key = (((seq * H + g) * n_r + t[:, None] // SPAN) * N_BLK) + blk
     own = q_offset + t[:, None] < blk * SEL_L + SEL_L - 1
     return t, key, ok, own
 
 
 @triton.jit
-def _tidx_count(BI, TBL, SEQ, HIST, n_keys, q_offset, H: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
-                N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+def _tidx_count(BI, TBL, SEQ, HIST, n_keys, q_offset, n_r, SPAN: tl.constexpr, H: tl.constexpr,
+                N_SEL: tl.constexpr, NP: tl.constexpr, N_BLK: tl.constexpr, SEL_L: tl.constexpr,
+                BR: tl.constexpr):
     """Transposed index, pass 1: per key, the entries (HIST[key]) and the own ones among them
     (HIST[n_keys + key])."""
-    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, H, N_SEL, NP, N_BLK, SEL_L, BR)
+    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, n_r, SPAN, H, N_SEL, NP, N_BLK, SEL_L, BR)
     tl.atomic_add(HIST + key, 1, mask=ok, sem="relaxed")
     tl.atomic_add(HIST + n_keys + key, 1, mask=ok & own, sem="relaxed")
 
 
 @triton.jit
-def _tidx_place(BI, TBL, SEQ, HIST, STARTS, QPOS, n_keys, q_offset, H: tl.constexpr, N_SEL: tl.constexpr,
-                NP: tl.constexpr, N_BLK: tl.constexpr, SEL_L: tl.constexpr, BR: tl.constexpr):
+def _tidx_place(BI, TBL, SEQ, HIST, STARTS, QPOS, n_keys, q_offset, n_r, SPAN: tl.constexpr, H: tl.constexpr,
+                N_SEL: tl.constexpr, NP: tl.constexpr, N_BLK: tl.constexpr, SEL_L: tl.constexpr,
+                BR: tl.constexpr):
     """Pass 2: each entry takes a slot of its key's segment by counting the key's pass-1 count
     down: own positions the slots [0, own), the others [own, count), so that the own ones
     (the only ones that need the causal mask) are a prefix. The order inside each part is
     the atomics' (deterministic=True builds the index sorted instead)."""
-    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, H, N_SEL, NP, N_BLK, SEL_L, BR)
+    t, key, ok, own = _tidx_entries(BI, TBL, SEQ, q_offset, n_r, SPAN, H, N_SEL, NP, N_BLK, SEL_L, BR)
     slot = tl.atomic_add(HIST + key + tl.where(own, n_keys, 0), -1, mask=ok, sem="relaxed") - 1
     start = tl.load(STARTS + key, mask=ok, other=0)
     tl.store(QPOS + start + slot, tl.broadcast_to(t[:, None], [BR, NP]).to(tl.int64), mask=ok)
 
 
 @triton.jit
-def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, H: tl.constexpr, N_BLK: tl.constexpr, CHUNK: tl.constexpr):
+def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, n_r, n_items, H: tl.constexpr, N_BLK: tl.constexpr,
+                CHUNK: tl.constexpr):
     """Pass 3, one program per key: its work items (sequence, group, block, first entry,
-    count <= CHUNK) from item FIRST[key] on, and its SEGS row (first item, item count)."""
+    count <= CHUNK) from item FIRST[key] on (below n_items, the host's bound of them), and its
+    SEGS row (first item, item count)."""
     s = tl.program_id(0).to(tl.int64)
     st = tl.load(STARTS + s)
     cnt = tl.load(ENDS + s) - st
@@ -678,10 +683,10 @@ def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, H: tl.constexpr, N_BLK: tl.con
     nch = (cnt + CHUNK - 1) // CHUNK
     tl.store(SEGS + s * 2, first)
     tl.store(SEGS + s * 2 + 1, nch)
-    seq = s // (H * N_BLK)
-    g = (s // N_BLK) % H
+    seq = s // (H * n_r * N_BLK)
+    g = (s // (n_r * N_BLK)) % H
     blk = s % N_BLK
-    for c in range(0, nch):
+    for c in range(0, tl.minimum(nch, n_items - first)):
         row = ITEMS + (first + c) * 5
         tl.store(row, seq)
         tl.store(row + 1, g)
@@ -741,6 +746,12 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
 # 8 warps x 1 stage 152; tests/test_spills.py).
 SLC_DQ_SHARED = dict(num_warps=8, num_stages=2)
 
+SLC_SPAN = 2048
+"""Query positions a span of the slc dk/dv's index (:func:`transposed_index`'s ``span``; 0: the
+whole sequence) on a GPU: the q and do rows of one group's span (2048 x 16 heads x (192 +
+128) bf16: 21 MB in the paper geometry) fit the L2 cache that the programs running at once
+share."""
+
 
 def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
     """Tiles of the slc backward: (dq kernel: HP, BT, num_warps, num_stages; dk/dv kernel over
@@ -751,7 +762,8 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
     cfg_q = dict(HP=HP, BT=BT, num_warps=4, num_stages=1 if interp else 2)
     HP, BT, _ = C.rows_for(h, 64 if interp else 128)
     # [l', Dk + Dv] fp32 accumulators: more warps than the dq kernel's 16-row tiles
-    cfg_kv = dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1, chunk=64 if interp else 256)
+    cfg_kv = dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1, chunk=64 if interp else 256,
+                  span=32 if interp else SLC_SPAN)  # small spans in the interpreter: several a test
     return cfg_q, cfg_kv
 
 
@@ -897,30 +909,54 @@ def _q_chunk(q_chunk, n_kprog: int, t_max: int, BT: int, device) -> int:
     return C.cdiv(C.cdiv(t_max, n), BT) * BT if n > 1 else 0
 
 
-def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int):
+def _span_ranges(lens, span: int) -> int:
+    """Position spans a sequence of the index is cut into (``span`` 0: one, the whole)."""
+    return max(1, C.cdiv(max(lens, default=0), span)) if span else 1
+
+
+def _items_bound(lens, H: int, sel_block: int, chunk: int, span: int, q_offset: int, entries: int) -> int:
+    """An upper bound of the transposed index's work items: a (sequence, group, span, block)
+    key holds entries only for blocks that start at or before the span's last position (and
+    within the sequence's keys), and makes at most one item more than its entries // chunk."""
+    n_keys = 0
+    for n, nk in zip(lens, lens.k_slc):
+        nblk = C.cdiv(nk, sel_block)
+        for e in (range(span, n + span, span) if span and n else [n]):
+            n_keys += min(nblk, (q_offset + min(e, n) - 1) // sel_block + 1) if n else 0
+    return H * n_keys + entries // chunk
+
+
+def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int = 0,
+                     span: int = 0):
     """Work items of :func:`_selected_bwd_dkdv` (torch ops on the device, no host sync: sizes
     are upper bounds known on the host, and the rows past the real ones are empty).
 
     block_indices ``[B, T, H, n]`` -> (items int64 ``[I, 5]``: sequence, group, block, first
     entry, count <= chunk (0: an empty item); qpos int64 ``[B*T*H*n]``: local query
-    positions sorted by (sequence, group, block), ascending inside each; segs int64 ``[S, 2]``:
-    first item and item count (0: empty) of each selected (sequence, group, block)). A block
-    selected by many queries (block 0, the local blocks) is split into chunks of ``chunk``
-    positions, so no program walks all T queries. S = min(entries, sequences x H x blocks)
-    and I = S + entries // chunk bound the real counts.
+    positions sorted by (sequence, group, span, block), ascending inside each; segs int64
+    ``[S, 2]``: first item and item count (0: empty) of each (sequence, group, span, block)
+    selected). A block selected by many queries (block 0, the local blocks) is split into
+    chunks of ``chunk`` positions, so no program walks all T queries. ``span`` > 0 also cuts
+    each sequence's positions into spans of that many, keys ordered span by span: the programs
+    that run at once then gather the query rows of one span (which the L2 cache can hold)
+    rather than of the whole sequence; a block's share is then split over its spans' items.
+    Entries of -1, of blocks past the sequence's keys and of blocks that start after their
+    position (``q_offset`` + t) are left out: they have no gradient.
     """
     B, T, _, n = block_indices.shape
     dev = block_indices.device
     N = seq.shape[0]
     n_blk = max(1, -(-max(lens.k_slc, default=0) // sel_block))
-    sentinel = N * H * n_blk  # the key of an empty slot (-1): after every real key
+    n_r = _span_ranges(lens, span)
+    sentinel = N * H * n_r * n_blk  # the key of an empty slot (-1): after every real key
     seq_of_row = torch.repeat_interleave(torch.arange(N, device=dev), seq[:, C.QN], output_size=B * T)
     t_local = torch.arange(B * T, device=dev) - seq[seq_of_row, C.Q0]
     flat = block_indices.reshape(B * T, H, n).to(torch.int64)
     grp = torch.arange(H, device=dev)[None, :, None]
-    # -1 and blocks past the sequence's keys (no gradient) are empty slots
-    real = (flat >= 0) & (flat * sel_block < seq[seq_of_row, C.KSN][:, None, None])
-    key = torch.where(real, (seq_of_row[:, None, None] * H + grp) * n_blk + flat, sentinel)
+    real = ((flat >= 0) & (flat * sel_block < seq[seq_of_row, C.KSN][:, None, None])
+            & (flat * sel_block <= q_offset + t_local[:, None, None]))
+    rng = (t_local // span if span else torch.zeros_like(t_local))[:, None, None]
+    key = torch.where(real, ((seq_of_row[:, None, None] * H + grp) * n_r + rng) * n_blk + flat, sentinel)
     key, order = torch.sort(key.reshape(-1), stable=True)  # stable: positions stay ascending
     qpos = t_local[order // (H * n)]
     E = key.numel()
@@ -935,51 +971,59 @@ def transposed_index(block_indices, seq, lens, H: int, sel_block: int, chunk: in
         0, torch.where(ok, seg, S), torch.ones_like(key))[:S]
     nch = (counts + chunk - 1) // chunk  # 0 for the segments past the real ones
     first = torch.cumsum(nch, 0) - nch
-    n_items = S + E // chunk
+    n_items = min(S + E // chunk, _items_bound(lens, H, sel_block, chunk, span, q_offset, E))
     item = torch.searchsorted(first + nch, torch.arange(n_items, device=dev), right=True).clamp_(max=max(S - 1, 0))
     c = torch.arange(n_items, device=dev) - first[item]
     cnt = torch.clamp(counts[item] - c * chunk, min=0, max=chunk)
     u = torch.where(cnt > 0, uniq[item], 0)
-    items = torch.stack([u // (H * n_blk), (u // n_blk) % H, u % n_blk, starts[item] + c * chunk, cnt], 1)
+    items = torch.stack([u // (H * n_r * n_blk), (u // (n_r * n_blk)) % H, u % n_blk, starts[item] + c * chunk,
+                         cnt], 1)
     return items.contiguous(), qpos.contiguous(), torch.stack([first, nch], 1).contiguous()
 
 
-def transposed_index_triton(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int = 0):
+def transposed_index_triton(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int = 0,
+                            span: int = 0):
     """:func:`transposed_index` in three Triton passes and a few scans (11 launches against ~40,
     no sort): the same items and segments; each segment holds the same positions, its own
     positions (``q_offset + t < (block + 1) * sel_block - 1``) first, the rest after them, each
     part in the atomics' order (not ascending: the dk/dv kernel needs only the own ones first).
-    S is every (sequence, group, block): N x H x blocks."""
+    S is every (sequence, group, span, block): N x H x spans x blocks."""
     B, T, _, n = block_indices.shape
     dev = block_indices.device
     n_blk = max(1, -(-max(lens.k_slc, default=0) // sel_block))
-    n_keys = seq.shape[0] * H * n_blk
+    n_r = _span_ranges(lens, span)
+    n_keys = seq.shape[0] * H * n_r * n_blk
     E = B * T * H * n
     BR = 64  # positions per program: [64, next_pow2(n)] entries
     tbl = C.prog_table(lens, BR, dev)
     meta = dict(H=H, N_SEL=n, NP=C.next_pow2(n), N_BLK=n_blk, SEL_L=sel_block, BR=BR)
+    ranges = (int(q_offset), n_r)
+    meta["SPAN"] = span or 1 << 30  # a constant: t // SPAN without a division routine; 0: one span
     hist = torch.zeros(2 * n_keys, dtype=torch.int32, device=dev)  # counts, own counts
     bi = block_indices.contiguous()
-    _tidx_count[(tbl.shape[0], H)](bi, tbl, seq, hist, n_keys, int(q_offset), **meta)
+    _tidx_count[(tbl.shape[0], H)](bi, tbl, seq, hist, n_keys, *ranges, **meta)
     counts = hist[:n_keys]
     ends = torch.cumsum(counts, 0)  # int64
     starts = ends - counts
     nch = (counts + (chunk - 1)) // chunk
     first = torch.cumsum(nch, 0) - nch
     qpos = torch.empty(E, dtype=torch.int64, device=dev)  # past the real entries: never read
-    _tidx_place[(tbl.shape[0], H)](bi, tbl, seq, hist, starts, qpos, n_keys, int(q_offset), **meta)
-    items = torch.zeros(n_keys + E // chunk, 5, dtype=torch.int64, device=dev)
+    _tidx_place[(tbl.shape[0], H)](bi, tbl, seq, hist, starts, qpos, n_keys, *ranges, **meta)
+    n_items = min(n_keys + E // chunk, _items_bound(lens, H, sel_block, chunk, span, q_offset, E))
+    items = torch.zeros(n_items, 5, dtype=torch.int64, device=dev)
     segs = torch.empty(n_keys, 2, dtype=torch.int64, device=dev)
-    _tidx_items[(n_keys,)](starts, ends, first, items, segs, H=H, N_BLK=n_blk, CHUNK=chunk)
+    _tidx_items[(n_keys,)](starts, ends, first, items, segs, n_r, n_items, H=H, N_BLK=n_blk, CHUNK=chunk)
     return items, qpos, segs
 
 
-def slc_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int, deterministic: bool):
-    """The slc dk/dv kernel's work items: sorted (:func:`transposed_index`, positions ascending:
-    the order ``deterministic`` needs) or counted (:func:`transposed_index_triton`)."""
+def slc_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_offset: int, deterministic: bool,
+              span: int = 0):
+    """The slc dk/dv kernel's work items: sorted (:func:`transposed_index`, positions ascending,
+    one span: the order ``deterministic`` needs, whose sums add a block's items in one segment)
+    or counted (:func:`transposed_index_triton`, cut into spans of ``span`` positions)."""
     if deterministic:
-        return transposed_index(block_indices, seq, lens, H, sel_block, chunk)
-    return transposed_index_triton(block_indices, seq, lens, H, sel_block, chunk, q_offset)
+        return transposed_index(block_indices, seq, lens, H, sel_block, chunk, q_offset)
+    return transposed_index_triton(block_indices, seq, lens, H, sel_block, chunk, q_offset, span)
 
 
 _SIDE: dict = {}  # device -> the side stream that builds the transposed index
@@ -1013,7 +1057,7 @@ def slc_index_beside(*args):
 
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
-                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, lse=None,
+                      q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, span=None, lse=None,
                       deterministic=False, gates=None, d_gates=None, index=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
@@ -1021,13 +1065,14 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     ``[B, T, H, n]``, o and do ``[B, T, HQ, Dv]``. Returns (dq, dk, dv) in fp32; dq is added
     into ``dq_acc`` when given. lse ``[B, T, HQ]`` fp32 (the forward's ``return_lse``) saves
     the kernel's first pass, which recomputes it otherwise. dkdv: "transposed" (key-centric over :func:`transposed_index`,
-    one atomic add per block and chunk of ``chunk`` positions) or "atomic" (dk/dv added by the
+    one atomic add per block and chunk of ``chunk`` positions, in spans of ``span`` positions:
+    :func:`transposed_index`; None: the tile config's) or "atomic" (dk/dv added by the
     query-centric kernel at every selected block: simpler, far more atomic traffic).
     deterministic ("transposed" only): each work item stores its share into a buffer of its
     own and :func:`_segment_sum` adds a block's shares in item order (bitwise the same
     gradients on every run, at the cost of that buffer: n_items x l' x (Dk + Dv) fp32).
     gates / d_gates: as :func:`band_backward`'s, for the slc gate (index 1). index ("transposed"):
-    the ``join`` of :func:`slc_index_beside` started earlier with the same ``chunk``,
+    the ``join`` of :func:`slc_index_beside` started earlier with the same ``chunk``, ``span``,
     ``q_offset`` and ``deterministic`` (default: built here).
     """
     if deterministic and dkdv != "transposed":
@@ -1074,9 +1119,10 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)
         chunk = chunk or cfg_kv["chunk"]
-        del cfg_kv["chunk"]
+        span = cfg_kv["span"] if span is None else span
+        del cfg_kv["chunk"], cfg_kv["span"]
         items, qpos, segs = (index() if index else
-                             slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic))
+                             slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic, span))
         if items.shape[0]:
             BS = common["BS"]
             gk, gv = dk, dv
@@ -1175,9 +1221,11 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     # the group-major q of both band branches' descriptor tiles: written by cmp's dq kernel
     # (by the window's when there are no compressed keys and cmp's does not run)
     H = k_cmp.shape[2]
-    # the slc dk/dv kernel's index builds beside the cmp branch's backward, chunked as that kernel's default
-    chunk = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]["chunk"]
-    index = slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det) if B * T else None
+    # the slc dk/dv kernel's index builds beside the cmp branch's backward, cut as that kernel's default
+    cfg_kv = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]
+    chunk, span = cfg_kv["chunk"], cfg_kv["span"]
+    index = (slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det, span)
+             if B * T else None)
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None
     dense, spans = None, []
     cmp = dict(mode=0, scale=sc, seq=seq, q_offset=qo, cmp_block=l, cmp_stride=d, dq_acc=dq, gate=0, dq_mode=1,
@@ -1199,7 +1247,7 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
         _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=lens, **cmp)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
-                                          lse=lse_slc, deterministic=det, chunk=chunk, index=index, **gkw)
+                                          lse=lse_slc, deterministic=det, chunk=chunk, span=span, index=index, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
