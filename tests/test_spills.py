@@ -94,7 +94,7 @@ def _specs(HQ, H, Dk, Dv):
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
     # the counted transposed index (one launch config: 4 warps, 1 stage)
-    tidx = dict(H=H, N_SEL=16, NP=16, N_BLK=1024, SEL_L=64, BR=64, SPAN=BW.SLC_SPAN)
+    tidx = dict(H=H, N_SEL=16, NP=16, N_BLK=1024, SEL_L=64, BR=64, SPAN=4096)
     itypes = dict(TYPES, BI="*i32", HIST="*i32", n_keys="i32", STARTS="*i64", ENDS="*i64", FIRST="*i64",
                   SEGS="*i64", q_offset="i32", n_r="i32", n_items="i32")
     one = dict(num_warps=4, num_stages=1)
@@ -110,8 +110,9 @@ def _specs(HQ, H, Dk, Dv):
         name = ("cmp", "win")[mode]
         for qch in ((1024, 0) if mode == 0 else (0,)):
             specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch, **plain)
-        specs[f"band_dkdv_{name}_edges"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1), MODE=mode,
-                                                QCH=0, **dict(band, EDGES=True, ADD=True))
+        for qch in ((1024, 0) if mode == 0 else (0,)):  # the edges launch takes the TMA launch's chunks
+            specs[f"band_dkdv_{name}_edges_q{qch}"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1),
+                                                           MODE=mode, QCH=qch, **dict(band, EDGES=True, ADD=True))
     if sq["BT"] == 1:  # one position a tile: the slc forward and dq read their blocks through descriptors
         ddesc = dict(TYPES, IDX="*i64", TUNE_T="i32", KD0=f"tensordesc<bf16[64, {BK0}]>",
                      KD1=f"tensordesc<bf16[64, {BK1 or BK0}]>", VD=f"tensordesc<bf16[64, {dims['BV']}]>")

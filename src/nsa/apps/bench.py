@@ -359,7 +359,7 @@ def _bwd_breakdown(c, x, rep) -> dict:
                                                 seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g),
         # the work items of its dk/dv kernel: counted (what it runs), and sorted (deterministic=True)
         "bwd_slc_index": lambda: BW.transposed_index_triton(idx, seq, lens, c["H"], c["lp"], kv["chunk"], 0,
-                                                            kv["span"]),
+                                                            BW._slc_span(kv["span"], lens)),
         "bwd_slc_index_sorted": lambda: BW.transposed_index(idx, seq, lens, c["H"], c["lp"], kv["chunk"]),
         "bwd_win": lambda: BW.band_backward(q, kw, vw, o_win, lse_win, do, dq_acc=dq, gate=2, **g, **win),
     }

@@ -746,11 +746,23 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
 # 8 warps x 1 stage 152; tests/test_spills.py).
 SLC_DQ_SHARED = dict(num_warps=8, num_stages=2)
 
-SLC_SPAN = 2048
+SLC_SPAN = None
 """Query positions a span of the slc dk/dv's index (:func:`transposed_index`'s ``span``; 0: the
-whole sequence) on a GPU: the q and do rows of one group's span (2048 x 16 heads x (192 +
-128) bf16: 21 MB in the paper geometry) fit the L2 cache that the programs running at once
-share."""
+whole sequence) on a GPU; None: by the longest sequence (:func:`_slc_span`)."""
+
+
+def _slc_span(span, lens) -> int:
+    """The span of the slc dk/dv's index: ``span`` unless None, else T / 16 for the longest
+    sequence's T, within 1024 .. 4096 positions (32 in the interpreter, to have several a test).
+    A group's q and do rows of 4096 positions (16 heads x (192 + 128) bf16) are 42 MB, near the
+    50 MB of L2 that the programs running at once share. H200, paper configuration, slc
+    backward against the whole sequence's items (0): 8k 5.52 -> 5.16 ms at 1024, 5.20 at 2048;
+    64k 46.0 -> 49.2 at 1024, 46.1 at 2048, 45.3 at 4096, more items costing more (slc_span_h200.json)."""
+    if span is not None:
+        return span
+    if C.interpreting():
+        return 32
+    return min(4096, max(1024, C.next_pow2(max(lens, default=0)) // 16))
 
 
 def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
@@ -763,7 +775,7 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
     HP, BT, _ = C.rows_for(h, 64 if interp else 128)
     # [l', Dk + Dv] fp32 accumulators: more warps than the dq kernel's 16-row tiles
     cfg_kv = dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1, chunk=64 if interp else 256,
-                  span=32 if interp else SLC_SPAN)  # small spans in the interpreter: several a test
+                  span=SLC_SPAN)
     return cfg_q, cfg_kv
 
 
@@ -872,9 +884,12 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     return dq, dk, dv
 
 
-BAND_DQ_TMA = False
+BAND_DQ_TMA = True
 """Whether the band dq kernel reads its key/value tiles through tensor descriptors where
-:func:`nsa.triton._common.tma_ok` allows. Off until timed on a GPU."""
+:func:`nsa.triton._common.tma_ok` allows. H200, paper configuration, the window's backward
+(tma_ab_h200.json): 2.548 -> 2.541 ms at 8k, 19.9-20.1 -> 19.8-20.5 at 64k (a tie), the same
+gradients; on with the other descriptor loads, whose training step together went 13.16-13.27 ->
+12.77-12.89 ms at 8k and 155.2-155.4 -> 149.3-151.3 at 64k."""
 
 
 def _band_tma(q, H: int) -> bool:
@@ -1119,7 +1134,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)
         chunk = chunk or cfg_kv["chunk"]
-        span = cfg_kv["span"] if span is None else span
+        span = _slc_span(cfg_kv["span"] if span is None else span, lens)
         del cfg_kv["chunk"], cfg_kv["span"]
         items, qpos, segs = (index() if index else
                              slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic, span))
@@ -1223,7 +1238,7 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
     H = k_cmp.shape[2]
     # the slc dk/dv kernel's index builds beside the cmp branch's backward, cut as that kernel's default
     cfg_kv = _slc_configs(HQ // k_slc.shape[2], Dk, v_slc.shape[3], C.interpreting())[1]
-    chunk, span = cfg_kv["chunk"], cfg_kv["span"]
+    chunk, span = cfg_kv["chunk"], _slc_span(cfg_kv["span"], lens)
     index = (slc_index_beside(idx, seq, lens, k_slc.shape[2], kw["sel_block"], chunk, qo, det, span)
              if B * T else None)
     qg = torch.empty(H, B * T, HQ // H, Dk, dtype=q.dtype, device=q.device) if _band_tma(q, H) else None

@@ -192,10 +192,13 @@ def _prune(configs, named_args, **kwargs):
 _band_fwd_tuned = C.autotuned(_band_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'MODE', 'FUSE_GATES', 'WRITE_BRANCH',
                                           'WINDOW', 'TMA'], [4, 8], [2, 3], prune=_prune)
 
-TMA = False
+TMA = True
 """Whether the band forward reads its key/value tiles through tensor descriptors where
-:func:`nsa.triton._common.tma_ok` allows. Off until timed on a GPU (the slc kernels', which are,
-are on: :data:`nsa.triton.selected.TMA`)."""
+:func:`nsa.triton._common.tma_ok` allows. H200, paper configuration, pointer loads -> descriptors
+(tma_ab_h200.json): cmp 0.317 -> 0.304 ms at 8k, 12.8 -> 12.2 at 64k; win (with the gates)
+0.596 -> 0.575 and 4.89 -> 4.66 (one of two 64k rounds 4.96 against 4.92); outputs bitwise the
+same."""
+
 
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     """Tile shape: ~64-128 rows of (position, head), 64-key tiles."""
