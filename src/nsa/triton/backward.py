@@ -325,8 +325,9 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
     BM consecutive rows there, which the copy engine loads into shared memory ahead of use
     (the loop is pipelined) as the MMA operand itself, with no per-row addresses in registers.
     EDGES: the other (masked) tiles only, read row by row (do from the group-major copy),
-    added into GK/GV (ADD), a second launch after the TMA one (a mask's registers and the
-    pipeline do not fit in one kernel). Neither: every tile, masked, q and do as given."""
+    added into GK/GV (ADD; into chunk c's slice with QCH), a second launch after the TMA one (a
+    mask's registers and the pipeline do not fit in one kernel). Neither: every tile, masked, q
+    and do as given."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -403,6 +404,9 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
                                          HP, BT, DK, DV, BK0, BK1, BV, MODE, CMP_L, CMP_D, WINDOW, PREC, UPCAST,
                                          False, False)
 
+    if EDGES:
+        if n_tiles <= 0:  # nothing to add (a chunk before or past the tile's rows)
+            return
     GKb = GK + kv_row * DK
     GVb = GV + kv_row * DV
     if QCH > 0:  # chunk c's own fp32 slice, written once (zeros from chunks before the keys' queries)
@@ -871,10 +875,11 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         dod = TensorDescriptor.from_tensor(do.view(-1, Dv), [bm, const["BV"]])
         _band_bwd_dkdv[grid](q, k, v, do, qd, qd1, dod, *args, QCH=qch, TMA=True, EDGES=False, ADD=False,
                              **const, **cfg_kv)
-        # the masked tiles, added into chunk 0's slice, one program per key tile (its own rows)
+        # the masked tiles, added into their chunk's slice: cmp's staircase rows (a 64-key tile's
+        # last keys complete 1024 positions after its first) spread over the chunks' programs
         edge = dict(cfg_kv, num_stages=1)
-        _band_bwd_dkdv[grid[:2] + (1,)](q, k, v, do, q, q, do, *args, QCH=0, TMA=False, EDGES=True, ADD=True,
-                                        **const, **edge)
+        _band_bwd_dkdv[grid](q, k, v, do, q, q, do, *args, QCH=qch, TMA=False, EDGES=True, ADD=True,
+                             **const, **edge)
     else:
         _band_bwd_dkdv[grid](q, k, v, do, q, q, do, *args, QCH=qch, TMA=False, EDGES=False, ADD=False,
                              **const, **cfg_kv)
