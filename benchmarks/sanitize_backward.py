@@ -1,20 +1,22 @@
 """Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split] [--dense]
-        [--packed] [--tma]
+        [--packed] [--no-tma] [--chunks]
 
 det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
 launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies;
 --dense: two sequences as a batch (no cu_seqlens) with cmp through cuDNN
 (nsa.triton.cmp_dense.ENABLED); --packed: the varlen batch with its sequences of 200+
-positions through cuDNN (cmp_dense.dense_spans, MIN_LEN lowered); --tma: every kernel's key
-tiles through tensor descriptors (band.TMA, select.TMA, backward.BAND_DQ_TMA; the slc kernels'
-are on by default).
+positions through cuDNN (cmp_dense.dense_spans, MIN_LEN lowered); --no-tma: every kernel's key
+tiles by pointer loads (band.TMA, select.TMA, backward.BAND_DQ_TMA and selected.TMA off; all on
+by default); --chunks: the cmp dk/dv split into query chunks of 128 positions (its descriptor
+tiles and masked edge tiles per chunk), which the GPU's sizing leaves off at this length.
 """
 import sys
 import torch
 from nsa import nsa_func
 from nsa.reference import compress_mean
+from nsa.triton import _common as C
 from nsa.triton import backward, band, cmp_dense, select, selected
 
 argv = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -23,7 +25,10 @@ packed = "--packed" in sys.argv[1:]
 cmp_dense.ENABLED = dense = "--dense" in sys.argv[1:] or packed
 if packed:
     cmp_dense.MIN_LEN = 200
-band.TMA = select.TMA = backward.BAND_DQ_TMA = "--tma" in sys.argv[1:]
+if "--no-tma" in sys.argv[1:]:  # pointer loads everywhere
+    band.TMA = select.TMA = backward.BAND_DQ_TMA = selected.TMA = False
+if "--chunks" in sys.argv[1:]:
+    backward._q_chunk = lambda q_chunk, n_kprog, t_max, BT, device: C.cdiv(128, BT) * BT
 torch.manual_seed(0)
 dev = "cuda"
 cu = torch.tensor([0, 77, 300, 301, 1203], dtype=torch.int32, device=dev)
