@@ -27,16 +27,17 @@ def set_all(on: bool) -> None:
         setattr(mod, name, on)
 
 
-def alternated_steps(T: int, c: dict, x, switch) -> dict:
+def alternated_steps(T: int, c: dict, x, switch, names=("ptr", "tma")) -> dict:
     """The NSA training step (``nsa bench train``'s) with ``switch(False)`` (pointer loads) and
     ``switch(True)`` (descriptors) alternated twice, ``switch(True)`` after: {"step_ptr": [...],
-    "step_tma": [...]} of (fwd_ms, fwd_bwd_ms, peak_gb), or "step_error"."""
+    "step_tma": [...]} of (fwd_ms, fwd_bwd_ms, peak_gb), or "step_error"; ``names``: the two
+    keys' suffixes (off, on)."""
     row = {}
     for on in (False, True, False, True):
         switch(on)
         try:
             f, b, p = Bn._run_train(T, c, x, [], rep=300 if T > 16384 else 200)["nsa"]
-            row.setdefault(f"step_{'tma' if on else 'ptr'}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
+            row.setdefault(f"step_{names[on]}", []).append(dict(fwd_ms=f, fwd_bwd_ms=b, peak_gb=p))
         except Exception as e:
             traceback.print_exc(limit=5)
             row["step_error"] = repr(e)[:300]

@@ -26,11 +26,13 @@ from sm90 import compile_sm90  # noqa: E402
 from nsa.triton import _common as C  # noqa: E402
 from nsa.triton import backward as BW  # noqa: E402
 from nsa.triton import decode as D  # noqa: E402
+from nsa.triton import selected as S  # noqa: E402
 
 GPU_TRITON = "3.6.0"
 TYPES = dict(LSE="*fp32", DELTA="*fp32", GQ="*fp32", GK="*fp32", GV="*fp32", TBL="*i32", KTBL="*i32", FLAGS="*i8",
              SEQ="*i64", ITEMS="*i64", QPOS="*i64", IDX="*i64", LSEBUF="*fp32", sm_scale="fp32",
-             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32", NT="i32")
+             q_offset="i32", k_offset="i32", part_k="i64", part_v="i64", DG="*fp32", NT="i32", OF="*fp32",
+             LSEF="*fp32")
 # (query heads, kv heads, Dk, Dv) as the benchmarks run them: the kv heads enter the address
 # arithmetic (H = 4 made the window dk/dv tiles of H = 1 spill), so they are the real ones
 GEOMETRIES = {"paper": (64, 4, 192, 128), "d128": (64, 4, 128, 128), "gqa4-d64": (16, 4, 64, 64)}
@@ -90,6 +92,7 @@ def _specs(HQ, H, Dk, Dv):
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
         "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False,
+                       FORCED=False,
                        TMA=False, **slc),
         "slc_dkdv": spec("_selected_bwd_dkdv", skv, PARTIAL=False, CH=ch, **slc),
     }
@@ -116,10 +119,17 @@ def _specs(HQ, H, Dk, Dv):
     if sq["BT"] == 1:  # one position a tile: the slc forward and dq read their blocks through descriptors
         ddesc = dict(TYPES, IDX="*i64", TUNE_T="i32", KD0=f"tensordesc<bf16[64, {BK0}]>",
                      KD1=f"tensordesc<bf16[64, {BK1 or BK0}]>", VD=f"tensordesc<bf16[64, {dims['BV']}]>")
+        # one position a tile leaves its forced blocks to the forced-block kernels (nsa_func's path)
         specs["slc_dq_tma"] = spec("_selected_bwd", sq, ddesc, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1,
-                                   SHARE=-1, SKIP=False, TMA=True, **slc)
+                                   SHARE=-1, SKIP=False, TMA=True, FORCED=True, **slc)
+        cf = S.forced_config(h, False)
+        fdims = {k_: slc[k_] for k_ in BW._FORCED_ARGS}
+        specs["forced_fwd"] = dict(module="nsa.triton.selected", kernel="_forced_fwd", types=TYPES,
+                                   constexprs=dict(fdims, HP=cf["HP"], BT=cf["BT"]), num_warps=cf["num_warps"],
+                                   num_stages=cf["num_stages"])
+        specs["forced_dq"] = spec("_forced_bwd_dq", cf, **fdims)
         fwd = dict(slc, HP=sq["HP"], BT=1, N_SEL=16, NP=16, WRITE_LSE=True, CLAMP=True, K0_FULL=True,
-                   V_FULL=True, SHARE=-1, SKIP=False, TMA=True)
+                   V_FULL=True, SHARE=-1, SKIP=False, TMA=True, FORCED=True)
         for w, st in ((2, 1), (2, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
             specs[f"slc_fwd_tma_w{w}_s{st}"] = dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                     types=ddesc, constexprs=fwd, num_warps=w, num_stages=st)
@@ -166,20 +176,22 @@ def test_selected_tiles_of_small_groups_do_not_spill(h, gpu_triton):
     positions and walks their distinct blocks (selected.tile_uniques: the dedup and sort of up
     to 16 x 16 slots): the forward at the fewest warps its autotuner tries (the most registers a
     thread), at 1 and 3 stages, and at 4 warps x 3 stages; the dq at its configuration."""
-    from nsa.triton import selected as S
+
 
     types = dict(TYPES, IDX="*i32", TUNE_T="i32")
     cfg = S._config(h, 64, 64, False)
     assert min(c["num_warps"] for c in C.tuned_variants()["_selected_fwd"]) == 2
     dims = dict(HQ=4 * h, G=h, DK=64, DV=64, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=cfg["HP"], BT=cfg["BT"], BK0=64,
                 BK1=0, BV=64, PREC="tf32", UPCAST=False)
-    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False, TMA=False)
+    fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False, TMA=False,
+               FORCED=False)
     sq, _ = BW._slc_configs(h, 64, 64, False)
     specs = {f"fwd-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                      constexprs=fwd, num_warps=w, num_stages=st)
              for w, st in ((2, 1), (2, 3), (4, 3))}
     specs["dq"] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types,
-                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False, TMA=False),
+                       constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False, TMA=False,
+                                       FORCED=False),
                        num_warps=sq["num_warps"],
                        num_stages=sq["num_stages"])
     with ThreadPoolExecutor(2) as pool:
@@ -198,7 +210,7 @@ def test_selected_split_launch_does_not_spill(h, gpu_triton):
     stages; the dq's two passes at their configs (backward.SLC_DQ_SHARED, _slc_configs)."""
     from types import SimpleNamespace
 
-    from nsa.triton import selected as S
+
 
     bt = 64 // h
     share = int(S.SHARE_FRACTION * bt * 16)  # as share_split, which selected.SPLIT turns off
@@ -206,21 +218,23 @@ def test_selected_split_launch_does_not_spill(h, gpu_triton):
                  KD1="tensordesc<bf16[64, 64]>", VD="tensordesc<bf16[64, 128]>")
     dims = dict(HQ=4 * h, G=h, DK=192, DV=128, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=h, BK0=128, BK1=64, BV=128,
                 PREC="tf32", UPCAST=False, WRITE_LSE=True)
-    shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False, TMA=False)
+    shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False, TMA=False,
+                  FORCED=False)
     kept = S._prune([SimpleNamespace(**c) for c in C.tuned_variants()["_selected_fwd"]], {}, SHARE=share)
     assert kept and min(c.num_warps for c in kept) == 4
     specs = {f"shared-w{c.num_warps}-s{c.num_stages}": dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                             types=types, constexprs=shared, num_warps=c.num_warps,
                                                             num_stages=c.num_stages) for c in kept}
-    rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True, TMA=True)
+    rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True, TMA=True, FORCED=False)
     specs.update({f"rest-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                            constexprs=rest, num_warps=w, num_stages=st)
                   for w, st in ((2, 1), (2, 3), (4, 3))})
     sq, _ = BW._slc_configs(h, 192, 128, False)
     dq = dict(dims, KV=False, HAVE_LSE=True, GIDX=1)
     del dq["WRITE_LSE"]
-    for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False, TMA=False), BW.SLC_DQ_SHARED),
-                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True, TMA=True), sq)):
+    for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False, TMA=False, FORCED=False),
+                              BW.SLC_DQ_SHARED),
+                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True, TMA=True, FORCED=False), sq)):
         specs[name] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types, constexprs=const,
                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     with ThreadPoolExecutor(2) as pool:

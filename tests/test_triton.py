@@ -389,7 +389,7 @@ def test_selected_split_launch(HQ, H, cu, off, monkeypatch):
     kernel = SL["_selected_fwd_tuned"]
     for frac in (SL["SHARE_FRACTION"], 1.0):
         monkeypatch.setitem(SL, "SHARE_FRACTION", frac)
-        rec = Launches(kernel, 9)  # FLAGS
+        rec = Launches(kernel, 11)  # FLAGS
         monkeypatch.setitem(SL, "_selected_fwd_tuned", rec)
         o, lse = selected_attention_triton(q, k, v, idx, sel_block=lp, cu_seqlens=cu_t, q_offset=off,
                                            return_lse=True)

@@ -188,6 +188,45 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
             _close(a, b)
 
 
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,cu,off", [
+    pytest.param(150, 16, 1, 192, 128, 16, 8, 16, 5, None, 0, id="h16-paperdims"),
+    pytest.param(130, 32, 2, 40, 24, 8, 4, 8, 4, [0, 7, 8, 61, 130], 0, id="h16-2groups-varlen-oddD"),
+    pytest.param(90, 32, 1, 32, 48, 8, 4, 16, 3, None, 45, id="h32-offset"),
+])
+def test_selected_forced_blocks(T, HQ, H, Dk, Dv, l, d, lp, n, cu, off, monkeypatch):
+    """forced=True (nsa_func's own selection): the forced blocks of every list (block 0, the
+    position's own block and the one before it) are attended by tiles of several positions
+    (_forced_fwd, _forced_bwd_dq) and the one-position tiles walk the rest; output, lse and all
+    three gradients equal the reference's, and both forced kernels ran."""
+    SL = selected_attention_triton.__globals__
+    monkeypatch.setitem(SL, "FORCED", True)  # off by default until timed
+    monkeypatch.setitem(BW.use_forced.__globals__, "FORCED", True)
+    q, k, v, kc, _, do, cu_t = _inputs(off + T, HQ, H, Dk, Dv, l, d, cu if off == 0 else None, seed=T)
+    q, do = q[:, off:], do[:, off:]
+    kw = dict(sel_block=lp, cu_seqlens=cu_t, q_offset=off)
+    idx = R.select_blocks_ref(q, kc, cmp_block=l, cmp_stride=d, sel_count=n, **kw)
+    runs = []
+    for name, mod in (("_forced_fwd", SL), ("_forced_bwd_dq", BW.__dict__)):
+        kernel = mod[name]
+
+        class Counted:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                runs.append(name)
+                return kernel[grid]
+
+        monkeypatch.setitem(mod, name, Counted())
+    o, lse = selected_attention_triton(q, k, v, idx, return_lse=True, forced=True, **kw)
+    _close(o, R.selected_attention_ref(q, k, v, idx, **kw))
+    _close(lse, selected_attention_triton(q, k, v, idx, return_lse=True, **kw)[1])
+    seq, lens = BW._seq(q, k, k[:, :0], k[:, :0], cu_t, 1, 1)
+    got = BW.selected_backward(q, k, v, idx, o, do, scale=Dk ** -0.5, seq=seq, lens=lens, lse=lse, forced=True,
+                               **{k_: kw[k_] for k_ in ("sel_block", "q_offset")})
+    ref = _ref_grads(lambda a, b, c: R.selected_attention_ref(a, b, c, idx, **kw), (q, k, v), do)
+    for a, b in zip(got, ref):
+        _close(a, b)
+    assert runs == ["_forced_fwd", "_forced_bwd_dq"]
+
+
 def test_transposed_index():
     """Items cover every (position, group, block) entry once, in chunks, positions ascending;
     blocks that start after their position (block 2 for positions 0 and 1) are left out."""
@@ -453,8 +492,11 @@ def key_loads(monkeypatch, descriptors: bool):
 @pytest.mark.parametrize("c,shared", NSA_CASES)
 def test_nsa_func_backward(c, shared, loads, monkeypatch):
     """nsa_func(backend='triton') gradients of all 8 inputs equal the reference's, with the key
-    tiles through tensor descriptors where the kernels take them and through pointers."""
+    tiles through tensor descriptors where the kernels take them and through pointers; the
+    descriptor run also takes the forced blocks apart (selected.FORCED) where a group has 16+
+    heads."""
     key_loads(monkeypatch, loads == "descriptors")
+    monkeypatch.setitem(BW.use_forced.__globals__, "FORCED", loads == "descriptors")
     c = dict(c)
     cu = c.pop("cu", None)
     q, k, v, kc, vc, do, cu_t = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"], cu)

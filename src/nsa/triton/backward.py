@@ -38,7 +38,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import _common as C
 from . import cmp_dense
 from ._common import LOG2E
-from .selected import share_split, split_tile, tile_block, tile_uniques, use_tma
+from .selected import (drop_forced, forced_block, forced_blocks, forced_config, share_split, split_tile,
+                       tile_block, tile_uniques, use_forced, use_tma)
 
 
 @triton.jit
@@ -426,13 +427,14 @@ def _selected_bwd(Q, K, V, KD0, KD1, VD, DO, O, DELTA, GQ, GK, GV, GATES, DG, DO
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, KV: tl.constexpr,
                   HAVE_LSE: tl.constexpr, GIDX: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr,
-                  TMA: tl.constexpr):
+                  TMA: tl.constexpr, FORCED: tl.constexpr):
     """slc dq (and with KV, dk/dv by atomics): one program per (position tile, group).
     Without HAVE_LSE a first pass computes the slc lse into LSEBUF. GIDX >= 0: DO is the gated
     output's gradient (:func:`_load_rows`: DG, DOB). SHARE / SKIP: the two passes of a split
     launch, as the forward's (:func:`.selected._selected_fwd`). TMA (one position a tile, no
     KV): the gradient pass reads each block through the descriptors KD0, KD1, VD, as the
-    forward does."""
+    forward does. FORCED (HAVE_LSE, one position a tile): the position's forced blocks are left
+    to :func:`_forced_bwd_dq`, which runs after this kernel."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -441,7 +443,11 @@ def _selected_bwd(Q, K, V, KD0, KD1, VD, DO, O, DELTA, GQ, GK, GV, GATES, DG, DO
     go, lists = split_tile(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE, SKIP)
     if not go:
         return
+    if FORCED:
+        lists, n_rest = drop_forced(lists, q_offset + t0, SEL_L)
     n_steps, uniq = tile_uniques(lists, N_SEL, BT)  # each block once, as the forward
+    if FORCED:
+        n_steps = n_rest
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     ar = tl.arange(0, BS)
@@ -485,6 +491,38 @@ def _selected_bwd(Q, K, V, KD0, KD1, VD, DO, O, DELTA, GQ, GK, GV, GATES, DG, DO
                                GK + kv_row * DK, GV + kv_row * DV, ar, u_ok, vis, qk_scale,
                                sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, KV,
                                KD0, KD1, VD, krow, g * DK, g * DV, TMA)
+    _store_dq(GQ, GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, 0)
+
+
+@triton.jit
+def _forced_bwd_dq(Q, K, V, DO, DELTA, LSE, GQ, TBL, SEQ, sm_scale, q_offset,
+                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                   SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+                   BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """The slc dq over the forced blocks (:func:`.selected._forced_fwd`'s tiles), added into the
+    fp32 dq buffer GQ after :func:`_selected_bwd` (FORCED) has written the branch's do (DO), delta
+    and its share of dq over the other blocks; LSE, the slc log-sum-exp over all blocks."""
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H: tl.constexpr = HQ // G
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+    q0, q1, do, lse2, delta, ok = _load_rows(Q, DO, LSE, DELTA, DO, row0, rel, row_ok, DK, DV, BK0, BK1, BV,
+                                             UPCAST, False)
+    ar = tl.arange(0, BS)
+    qk_scale = sm_scale * LOG2E
+    first, n_blk = forced_blocks(t0, q_len, q_offset, BT, SEL_L)
+    dq0 = tl.zeros([BM, BK0], dtype=tl.float32)
+    dq1 = tl.zeros([BM, BK1 if BK1 > 0 else 16], dtype=tl.float32)
+    for i in range(0, n_blk):
+        blk, forced, u, u_ok = forced_block(i, first, pos, k_len, ar, SEL_L)
+        kv_row = (k_start + blk.to(tl.int64) * SEL_L) * H + g
+        vis = forced[:, None] & (u[None, :] <= pos[:, None])
+        dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV, K, V, ar, u_ok, vis,
+                               qk_scale, sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False,
+                               Q, Q, Q, 0, 0, 0, False)
     _store_dq(GQ, GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, 0)
 
 
@@ -700,6 +738,7 @@ def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, n_r, n_items, H: tl.constexpr,
 
 
 # ------------------------------------------------------------------------------ launchers
+_FORCED_ARGS = ("HQ", "G", "DK", "DV", "SEL_L", "BS", "BK0", "BK1", "BV", "PREC", "UPCAST")
 def _tma_rows(h: int, dtype: torch.dtype, device, interp: bool) -> bool:
     """Whether the band dk/dv reads its query tiles through tensor descriptors (``TMA`` of
     :func:`_band_bwd_dkdv`): heads a group a power of two up to 128 (tiles without padding
@@ -1078,7 +1117,7 @@ def slc_index_beside(*args):
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
                       q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, span=None, lse=None,
-                      deterministic=False, gates=None, d_gates=None, index=None):
+                      deterministic=False, gates=None, d_gates=None, index=None, forced=False):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
@@ -1093,7 +1132,9 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     gradients on every run, at the cost of that buffer: n_items x l' x (Dk + Dv) fp32).
     gates / d_gates: as :func:`band_backward`'s, for the slc gate (index 1). index ("transposed"):
     the ``join`` of :func:`slc_index_beside` started earlier with the same ``chunk``, ``span``,
-    ``q_offset`` and ``deterministic`` (default: built here).
+    ``q_offset`` and ``deterministic`` (default: built here). forced (with lse): the lists hold
+    their positions' forced blocks, as the forward's ``forced``: their dq share comes from
+    :func:`_forced_bwd_dq` where the forward took them apart.
     """
     if deterministic and dkdv != "transposed":
         raise ValueError("deterministic=True needs dkdv='transposed'")
@@ -1121,6 +1162,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     # as the forward: tiles of several positions that share their blocks first, then the rest
     split = share_split(HQ // H, n) if k.shape[1] > 0 else None
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else dq
+    use_f = forced and have_lse and dkdv != "atomic" and use_forced(HQ // H, cfg_q["BT"], split)
 
     def dq_launch(cfg, share, skip):
         tbl = C.prog_table(lens, cfg["BT"], q.device)
@@ -1130,11 +1172,16 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
             q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices,
             flags, tbl,
             seq, lse, float(scale), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)), KV=dkdv == "atomic",
-            HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, TMA=tma, **common, **cfg)
+            HAVE_LSE=have_lse, GIDX=gated["GIDX"], SHARE=share, SKIP=skip, TMA=tma, FORCED=use_f, **common, **cfg)
 
     if split:
         dq_launch(dict(cfg_q, **({} if C.interpreting() else SLC_DQ_SHARED), BT=split[0]), split[1], False)
     dq_launch(cfg_q, -1, split is not None)
+    if use_f:  # the forced blocks' share, from the do_i and delta that the dq kernel wrote
+        cfg_f = forced_config(HQ // H, C.interpreting())
+        tbl = C.prog_table(lens, cfg_f["BT"], q.device)
+        _forced_bwd_dq[(tbl.shape[0], H)](q, k, v, gated["DOB"], delta, lse, dq, tbl, seq, float(scale),
+                                          int(q_offset), **{k_: common[k_] for k_ in _FORCED_ARGS}, **cfg_f)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)
@@ -1267,7 +1314,8 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
         _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=lens, **cmp)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
-                                          lse=lse_slc, deterministic=det, chunk=chunk, span=span, index=index, **gkw)
+                                          lse=lse_slc, deterministic=det, chunk=chunk, span=span, index=index,
+                                          forced=True, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,

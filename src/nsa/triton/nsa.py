@@ -59,8 +59,9 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     idx = select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]
+    # the selection's lists hold every position's forced blocks: several positions a tile attend those
     o_slc = selected_attention_triton(q, k_slc, v_slc, idx, sel_block=sel_block, scale=sc,
-                                      cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux)
+                                      cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux, forced=True)
     o_slc, lse_slc = o_slc if aux else (o_slc, None)
     save_win = aux and save_win
     o_win = torch.empty_like(o_cmp) if save_win else o_cmp.new_empty(0)

@@ -141,20 +141,109 @@ def tile_block(lists, uniq, ps, row_ok, k_len, SEL_L: tl.constexpr, BS: tl.const
 
 
 @triton.jit
-def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_offset,
+def drop_forced(lists, pos, SEL_L: tl.constexpr):
+    """One position's list [1, NP] without its forced blocks (block 0, its own block pos // l' and
+    the one before it), which :func:`_forced_fwd` attends: (the other blocks ascending, then -1;
+    their count)."""
+    j = pos // SEL_L
+    keep = (lists > 0) & (lists != j) & (lists != j - 1)
+    srt = tl.sort(tl.where(keep, lists, 0x7FFFFFFF), 1)
+    return tl.where(srt == 0x7FFFFFFF, -1, srt), tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+
+
+@triton.jit
+def forced_blocks(t0, q_len, q_offset, BT: tl.constexpr, SEL_L: tl.constexpr):
+    """(the first non-zero block, the count) of the forced blocks of a tile's positions: block 0,
+    then the blocks from max(j_lo - 1, 1) to j_hi, where j_lo .. j_hi (j_hi <= j_lo + 1) are the
+    positions' own blocks."""
+    j_lo = (q_offset + t0) // SEL_L
+    j_hi = (q_offset + tl.minimum(t0 + BT, q_len) - 1) // SEL_L
+    first = tl.maximum(j_lo - 1, 1)
+    return first, 1 + tl.maximum(j_hi - first + 1, 0)
+
+
+@triton.jit
+def forced_block(i, first, pos, k_len, ar, SEL_L: tl.constexpr):
+    """Step i of a tile's forced blocks (:func:`forced_blocks`): (blk; [rows] whether it is one
+    of each row's forced blocks, 0, pos // l' or the one before; u [BS], its key positions;
+    u_ok, the existing ones)."""
+    blk = tl.where(i == 0, 0, first + i - 1)
+    jr = pos // SEL_L
+    u = blk * SEL_L + ar
+    return blk, (blk == 0) | (blk == jr) | (blk == jr - 1), u, (ar < SEL_L) & (u < k_len)
+
+
+@triton.jit
+def _forced_fwd(Q, K, V, OF, LSEF, TBL, SEQ, sm_scale, q_offset,
+                HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
+                BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """The forced blocks of every selection (block 0, the position's own block and the one
+    before it: the same for all l' positions of a selection block), BT positions x the group's
+    heads a tile, each block's keys loaded once for the tile instead of once a position. Writes
+    the rows' output over those blocks (normalised, fp32) to OF and its log-sum-exp (base 2,
+    in units of the scaled score) to LSEF, from which the slc kernel goes on (FORCED) over the
+    other blocks."""
+    BM: tl.constexpr = BT * HP
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    H = HQ // G
+    t0, q_start, q_len, k_start, k_len = C.program_rows(TBL, SEQ, pid, 2)  # slc keys
+    tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
+    Qb = Q + row0 * DK
+    q0 = C.load_cols(Qb, rel * DK, row_ok, 0, BK0, DK, UPCAST)  # [BM, BK0]
+    q1 = q0
+    if BK1 > 0:
+        q1 = C.load_cols(Qb, rel * DK, row_ok, BK0, BK1, DK, UPCAST)
+    qk_scale = sm_scale * LOG2E
+    ar = tl.arange(0, BS)
+    first, n_blk = forced_blocks(t0, q_len, q_offset, BT, SEL_L)
+    m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for i in range(0, n_blk):
+        blk, forced, u, u_ok = forced_block(i, first, pos, k_len, ar, SEL_L)
+        kb = K + ((k_start + blk.to(tl.int64) * SEL_L) * H + g) * DK
+        s = tl.dot(q0, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)), input_precision=PREC)
+        if BK1 > 0:
+            s += tl.dot(q1, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)),
+                        input_precision=PREC)
+        vis = (forced & row_ok)[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = C.load_cols(V + ((k_start + blk.to(tl.int64) * SEL_L) * H + g) * DV, ar * (H * DV), u_ok, 0, BV, DV,
+                        UPCAST)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    dv = tl.arange(0, BV)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(OF + (row0 + rel)[:, None] * DV + dv[None, :], o, mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSEF + row0 + rel, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), -1.0e30),
+             mask=row_ok)
+
+
+@triton.jit
+def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, OF, LSEF, IDX, FLAGS, TBL, SEQ, TUNE_T, sm_scale, q_offset,
                   HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   SEL_L: tl.constexpr, BS: tl.constexpr, N_SEL: tl.constexpr, NP: tl.constexpr,
                   HP: tl.constexpr, BT: tl.constexpr, BK0: tl.constexpr, BK1: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                   WRITE_LSE: tl.constexpr, CLAMP: tl.constexpr, K0_FULL: tl.constexpr,
-                  V_FULL: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr, TMA: tl.constexpr):
+                  V_FULL: tl.constexpr, SHARE: tl.constexpr, SKIP: tl.constexpr, TMA: tl.constexpr,
+                  FORCED: tl.constexpr):
     """SHARE >= 0: the shared pass (BT > 1) of a split launch; it takes the tiles whose walk has
     at most SHARE distinct blocks and marks their positions in FLAGS [rows, H] (int8: 1 taken,
     0 left). SKIP: the one-position pass after it, which leaves the marked positions alone.
     TMA (one position a tile): each block's keys and values arrive through the tensor
     descriptors KD0, KD1 (K viewed [B * Tk, H * Dk], boxes [BS, BK0] and [BS, BK1]) and VD (V,
     [BS, BV]; :func:`nsa.triton._common.kv_descriptors`), so the copy engine fetches the next
-    blocks while this one is computed."""
+    blocks while this one is computed. FORCED (one position a tile, lists that hold the
+    position's forced blocks): the walk starts from :func:`_forced_fwd`'s output and lse over
+    those blocks (OF, LSEF) and steps over the others only."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -163,6 +252,8 @@ def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, s
     go, lists = split_tile(IDX, FLAGS, q_start, t0, q_len, g, H, N_SEL, NP, BT, SHARE, SKIP)
     if not go:
         return
+    if FORCED:
+        lists, n_rest = drop_forced(lists, q_offset + t0, SEL_L)
 
     tq, row_ok, pos, row0, rel = C.tile_rows(t0, g, q_start, q_len, q_offset, HQ, G, HP, BM)
     q_row = rel * DK
@@ -180,6 +271,12 @@ def _selected_fwd(Q, K, V, KD0, KD1, VD, O, LSE, IDX, FLAGS, TBL, SEQ, TUNE_T, s
     m_i = tl.full([BM], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BV], dtype=tl.float32)
+    if FORCED:  # continue from the forced blocks' softmax: max lse, sum 1, the normalised output
+        n_steps = n_rest
+        m_i = tl.load(LSEF + row0 + rel, mask=row_ok, other=-1.0e30)
+        l_i = tl.where(row_ok, 1.0, 0.0)
+        acc = tl.load(OF + (row0 + rel)[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                      other=0.0)
     for ps in range(0, n_steps):
         blk, sel, u, u_ok = tile_block(lists, uniq, ps, row_ok, k_len, SEL_L, BS, HP, BT)
         # one scalar base per block, small offsets inside it: fewer 64-bit address registers
@@ -246,7 +343,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 _selected_fwd_tuned = C.autotuned(_selected_fwd, ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE',
-                                                  'CLAMP', 'SHARE', 'TMA'], [2, 4, 8], [1, 2, 3], prune=_prune)
+                                                  'CLAMP', 'SHARE', 'TMA', 'FORCED'], [2, 4, 8], [1, 2, 3],
+                                prune=_prune)
 
 # A shared tile of BT positions costs about 1.4x a one-position tile per block step at h = 16
 # (H100, prefill_slc_tile_ab_h100.json: 64 rows against 16), so it pays when its walk has at
@@ -281,6 +379,37 @@ def share_split(h: int, n: int) -> tuple[int, int] | None:
     return bt, int(SHARE_FRACTION * bt * n)
 
 
+FORCED = False
+"""Whether one-position tiles leave their forced blocks to :func:`_forced_fwd` where the caller
+says the lists hold them (``forced=True``; nsa_func's own selection does). Off until
+``benchmarks/slc_forced.py`` has timed it on a GPU; the CPU tests run it."""
+
+
+def use_forced(h: int, BT: int, split) -> bool:
+    """Whether the forced blocks go through :func:`_forced_fwd`: one position a tile (h >= 16),
+    no split launch (whose shared tiles walk every block they list)."""
+    return FORCED and BT == 1 and split is None and h >= 16
+
+
+def forced_config(h: int, interp: bool) -> dict:
+    """The forced-block tiles: 128 rows of (position, head) on a GPU (8 positions at h = 16)."""
+    HP, BT, _ = C.rows_for(h, 64 if interp else 128)
+    return dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1)
+
+
+def forced_attention(q, k_slc, v_slc, seq, lens, sel_block: int, scale: float, q_offset: int, common: dict):
+    """:func:`_forced_fwd` over every position: (of fp32 ``[B, T, HQ, Dv]``, lsef fp32
+    ``[B, T, HQ]``, base 2 in units of the scaled score)."""
+    B, T, HQ, _ = q.shape
+    H = k_slc.shape[2]
+    of = torch.empty(B, T, HQ, common["DV"], dtype=torch.float32, device=q.device)
+    lsef = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    cfg = forced_config(HQ // H, C.interpreting())
+    tbl = C.prog_table(lens, cfg["BT"], q.device)
+    _forced_fwd[(tbl.shape[0], H)](q, k_slc, v_slc, of, lsef, tbl, seq, float(scale), int(q_offset), **common, **cfg)
+    return of, lsef
+
+
 def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
     HP, BT, _ = C.rows_for(h, 16)
     if interp:
@@ -290,7 +419,7 @@ def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
 
 
 def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, scale=None,
-                              cu_seqlens=None, q_offset=0, return_lse=False):
+                              cu_seqlens=None, q_offset=0, return_lse=False, forced=False):
     """Branch slc: o [B, T, HQ, Dv] in q's dtype, forward only (with ``return_lse``:
     (o, lse [B, T, HQ] fp32 natural log), the lse the backward reuses).
 
@@ -301,6 +430,9 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
 
     At 16-32 heads a group the launch is split (:func:`share_split`): tiles of several
     positions whose lists share enough blocks go first, the other positions one a tile.
+    ``forced``: every list holds its position's forced blocks (block 0, t // l' and the one
+    before it; the selection's semantics), so that where one position is a tile (h >= 16, no
+    split) :func:`_forced_fwd` attends those for several positions at once (:func:`use_forced`).
     """
     q, k_slc, v_slc = q.contiguous(), k_slc.contiguous(), v_slc.contiguous()
     block_indices = block_indices.contiguous()
@@ -317,6 +449,13 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     BS = max(16, C.next_pow2(sel_block))
     split = share_split(HQ // H, n) if k_slc.shape[1] > 0 else None
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else o
+    common = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
+                  PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
+    of = lsef = o  # stand-ins, never read
+    use_f = forced and use_forced(HQ // H, cfg["BT"], split) and k_slc.shape[1] > 0
+    if use_f:
+        of, lsef = forced_attention(q, k_slc, v_slc, seq, lens, sel_block, default_scale(scale, Dk), q_offset,
+                                    common)
 
     def launch(BT, share, skip):
         # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
@@ -327,13 +466,10 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
         tbl = C.prog_table(lens, BT, q.device)
         fixed = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
         _selected_fwd_tuned[(tbl.shape[0], H)](
-            q, k_slc, v_slc, *descs, o, lse if return_lse else o, block_indices, flags, tbl, seq, C.next_pow2(T),
-            default_scale(scale, Dk), int(q_offset),
-            HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=BS, N_SEL=n,
-            NP=max(2, C.next_pow2(n)), HP=cfg["HP"], BT=BT, BK0=BK0, BK1=BK1, BV=BV,
-            PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype), WRITE_LSE=return_lse,
-            CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk, V_FULL=clamp and BV == Dv, SHARE=share, SKIP=skip,
-            TMA=tma, **fixed)
+            q, k_slc, v_slc, *descs, o, lse if return_lse else o, of, lsef, block_indices, flags, tbl, seq,
+            C.next_pow2(T), default_scale(scale, Dk), int(q_offset), N_SEL=n, NP=max(2, C.next_pow2(n)),
+            HP=cfg["HP"], BT=BT, WRITE_LSE=return_lse, CLAMP=clamp, K0_FULL=clamp and BK0 <= Dk,
+            V_FULL=clamp and BV == Dv, SHARE=share, SKIP=skip, TMA=tma, FORCED=use_f, **common, **fixed)
 
     if split:
         launch(split[0], split[1], False)
