@@ -1,7 +1,7 @@
 """Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split] [--dense]
-        [--packed] [--no-tma] [--chunks]
+        [--packed] [--no-tma] [--chunks] [--forced]
 
 det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
 launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies;
@@ -10,7 +10,8 @@ launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so
 positions through cuDNN (cmp_dense.dense_spans, MIN_LEN lowered); --no-tma: every kernel's key
 tiles by pointer loads (band.TMA, select.TMA, backward.BAND_DQ_TMA and selected.TMA off; all on
 by default); --chunks: the cmp dk/dv split into query chunks of 128 positions (its descriptor
-tiles and masked edge tiles per chunk), which the GPU's sizing leaves off at this length.
+tiles and masked edge tiles per chunk), which the GPU's sizing leaves off at this length;
+--forced: the forced blocks in 8-position tiles (nsa.triton.selected.FORCED, off by default).
 """
 import sys
 import torch
@@ -27,6 +28,7 @@ if packed:
     cmp_dense.MIN_LEN = 200
 if "--no-tma" in sys.argv[1:]:  # pointer loads everywhere
     band.TMA = select.TMA = backward.BAND_DQ_TMA = selected.TMA = False
+selected.FORCED = "--forced" in sys.argv[1:]
 if "--chunks" in sys.argv[1:]:
     backward._q_chunk = lambda q_chunk, n_kprog, t_max, BT, device: C.cdiv(128, BT) * BT
 torch.manual_seed(0)
