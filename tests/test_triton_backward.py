@@ -307,6 +307,40 @@ def test_transposed_index_triton_random_shapes(data):
                          span=data.draw(st.sampled_from([0, 1, 7, 32])))
 
 
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_transposed_index_items_bound(data):
+    """The host's bound on the index's work items (which sizes the dk/dv grid): its keys part is
+    the number of (sequence, group, span, block) keys that can hold an entry, exactly what lists
+    naming every block fill (future blocks and blocks past the keys included, which are left
+    out), and each key adds at most one item beyond its entries // chunk."""
+    T = data.draw(st.integers(1, 120))
+    cu = [0, T]
+    if T > 2 and data.draw(st.booleans()):
+        cu = [0, *sorted(set(data.draw(st.lists(st.integers(1, T - 1), min_size=1, max_size=3)))), T]
+    H, lp = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([4, 8, 16]))
+    chunk, span = data.draw(st.sampled_from([1, 2, 8, 64])), data.draw(st.sampled_from([0, 1, 5, 16, 64]))
+    q_offset = 0 if len(cu) > 2 else data.draw(st.integers(0, 30))
+    n = (T + q_offset) // lp + 3  # every block of the longest sequence and two past its keys
+    idx = torch.arange(n, dtype=torch.int32).expand(1, T, H, n).contiguous()
+    z = idx.new_zeros(1, T + q_offset, 1, 1)
+    cu_t = torch.tensor(cu, dtype=torch.int32) if len(cu) > 2 else None
+    seq, lens = BW._seq(idx[..., :1, :1], z, z[:, :0], z[:, :0], cu_t, 1, 1)
+    counts = {}
+    for a, b in zip(cu[:-1], cu[1:]):
+        k_len = b - a + q_offset
+        for t in range(b - a):
+            for h in range(H):
+                for blk in range(n):
+                    if blk * lp < k_len and blk * lp <= q_offset + t:
+                        key = (a, h, t // span if span else 0, blk)
+                        counts[key] = counts.get(key, 0) + 1
+    big = T * H * n + 1  # one item a key
+    assert BW._items_bound(lens, H, lp, big, span, q_offset, T * H * n) == len(counts)
+    items = sum(-(-c // chunk) for c in counts.values())
+    assert items <= BW._items_bound(lens, H, lp, chunk, span, q_offset, T * H * n)
+
+
 def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed, span=0):
     """The counted index (Triton) against the sorted one: the same items and segments, each
     item the same positions; a segment's own positions (those that see part of the block)
