@@ -188,19 +188,22 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
             _close(a, b)
 
 
-@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,cu,off", [
-    pytest.param(150, 16, 1, 192, 128, 16, 8, 16, 5, None, 0, id="h16-paperdims"),
-    pytest.param(130, 32, 2, 40, 24, 8, 4, 8, 4, [0, 7, 8, 61, 130], 0, id="h16-2groups-varlen-oddD"),
-    pytest.param(90, 32, 1, 32, 48, 8, 4, 16, 3, None, 45, id="h32-offset"),
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,cu,off,tma", [
+    pytest.param(150, 16, 1, 192, 128, 16, 8, 16, 5, None, 0, True, id="h16-paperdims"),
+    pytest.param(130, 32, 2, 40, 24, 8, 4, 8, 4, [0, 7, 8, 61, 130], 0, True, id="h16-2groups-varlen-oddD"),
+    pytest.param(130, 32, 2, 40, 24, 8, 4, 8, 4, [0, 7, 8, 61, 130], 0, False, id="h16-2groups-varlen-pointers"),
+    pytest.param(90, 32, 1, 32, 48, 8, 4, 16, 3, None, 45, True, id="h32-offset"),
 ])
-def test_selected_forced_blocks(T, HQ, H, Dk, Dv, l, d, lp, n, cu, off, monkeypatch):
+def test_selected_forced_blocks(T, HQ, H, Dk, Dv, l, d, lp, n, cu, off, tma, monkeypatch):
     """forced=True (nsa_func's own selection): the forced blocks of every list (block 0, the
     position's own block and the one before it) are attended by tiles of several positions
     (_forced_fwd, _forced_bwd_dq) and the one-position tiles walk the rest; output, lse and all
-    three gradients equal the reference's, and both forced kernels ran."""
+    three gradients equal the reference's, and both forced kernels ran; their blocks through
+    descriptors (selected.TMA) or pointers."""
     SL = selected_attention_triton.__globals__
-    monkeypatch.setitem(SL, "FORCED", True)  # off by default until timed
-    monkeypatch.setitem(BW.use_forced.__globals__, "FORCED", True)
+    for mod in (SL, BW.use_forced.__globals__):
+        monkeypatch.setitem(mod, "FORCED", True)  # off by default until timed
+        monkeypatch.setitem(mod, "TMA", tma)
     q, k, v, kc, _, do, cu_t = _inputs(off + T, HQ, H, Dk, Dv, l, d, cu if off == 0 else None, seed=T)
     q, do = q[:, off:], do[:, off:]
     kw = dict(sel_block=lp, cu_seqlens=cu_t, q_offset=off)

@@ -495,14 +495,15 @@ def _selected_bwd(Q, K, V, KD0, KD1, VD, DO, O, DELTA, GQ, GK, GV, GATES, DG, DO
 
 
 @triton.jit
-def _forced_bwd_dq(Q, K, V, DO, DELTA, LSE, GQ, TBL, SEQ, sm_scale, q_offset,
+def _forced_bwd_dq(Q, K, V, KD0, KD1, VD, DO, DELTA, LSE, GQ, TBL, SEQ, sm_scale, q_offset,
                    HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, TMA: tl.constexpr):
     """The slc dq over the forced blocks (:func:`.selected._forced_fwd`'s tiles), added into the
     fp32 dq buffer GQ after :func:`_selected_bwd` (FORCED) has written the branch's do (DO), delta
-    and its share of dq over the other blocks; LSE, the slc log-sum-exp over all blocks."""
+    and its share of dq over the other blocks; LSE, the slc log-sum-exp over all blocks. TMA:
+    the blocks through the descriptors KD0, KD1, VD."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -520,9 +521,10 @@ def _forced_bwd_dq(Q, K, V, DO, DELTA, LSE, GQ, TBL, SEQ, sm_scale, q_offset,
         blk, forced, u, u_ok = forced_block(i, first, pos, k_len, ar, SEL_L)
         kv_row = (k_start + blk.to(tl.int64) * SEL_L) * H + g
         vis = forced[:, None] & (u[None, :] <= pos[:, None])
+        krow = (k_start + blk * SEL_L).to(tl.int32)
         dq0, dq1 = _tile_grads(q0, q1, do, lse2, delta, ok, K + kv_row * DK, V + kv_row * DV, K, V, ar, u_ok, vis,
                                qk_scale, sm_scale, dq0, dq1, H, DK, DV, BK0, BK1, BV, PREC, UPCAST, False,
-                               Q, Q, Q, 0, 0, 0, False)
+                               KD0, KD1, VD, krow, g * DK, g * DV, TMA)
     _store_dq(GQ, GQ, row0, rel, row_ok, dq0, dq1, sm_scale, DK, BK0, BK1, 0)
 
 
@@ -1180,8 +1182,10 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if use_f:  # the forced blocks' share, from the do_i and delta that the dq kernel wrote
         cfg_f = forced_config(HQ // H, C.interpreting())
         tbl = C.prog_table(lens, cfg_f["BT"], q.device)
-        _forced_bwd_dq[(tbl.shape[0], H)](q, k, v, gated["DOB"], delta, lse, dq, tbl, seq, float(scale),
-                                          int(q_offset), **{k_: common[k_] for k_ in _FORCED_ARGS}, **cfg_f)
+        tma = use_tma(q, k, v, 1, BK0, BK1, common["BV"])
+        descs = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
+        _forced_bwd_dq[(tbl.shape[0], H)](q, k, v, *descs, gated["DOB"], delta, lse, dq, tbl, seq, float(scale),
+                                          int(q_offset), TMA=tma, **{k_: common[k_] for k_ in _FORCED_ARGS}, **cfg_f)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)

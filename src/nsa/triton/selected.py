@@ -174,17 +174,17 @@ def forced_block(i, first, pos, k_len, ar, SEL_L: tl.constexpr):
 
 
 @triton.jit
-def _forced_fwd(Q, K, V, OF, LSEF, TBL, SEQ, sm_scale, q_offset,
+def _forced_fwd(Q, K, V, KD0, KD1, VD, OF, LSEF, TBL, SEQ, sm_scale, q_offset,
                 HQ: tl.constexpr, G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr,
                 BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, TMA: tl.constexpr):
     """The forced blocks of every selection (block 0, the position's own block and the one
     before it: the same for all l' positions of a selection block), BT positions x the group's
     heads a tile, each block's keys loaded once for the tile instead of once a position. Writes
     the rows' output over those blocks (normalised, fp32) to OF and its log-sum-exp (base 2,
     in units of the scaled score) to LSEF, from which the slc kernel goes on (FORCED) over the
-    other blocks."""
+    other blocks. TMA: the blocks through the descriptors KD0, KD1, VD, as the slc kernel's."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -205,18 +205,29 @@ def _forced_fwd(Q, K, V, OF, LSEF, TBL, SEQ, sm_scale, q_offset,
     for i in range(0, n_blk):
         blk, forced, u, u_ok = forced_block(i, first, pos, k_len, ar, SEL_L)
         kb = K + ((k_start + blk.to(tl.int64) * SEL_L) * H + g) * DK
-        s = tl.dot(q0, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)), input_precision=PREC)
+        krow = (k_start + blk * SEL_L).to(tl.int32)  # TMA: rows past the keys are hidden by vis
+        if TMA:
+            k0 = C.tma_tile(KD0, krow, g * DK, UPCAST)
+        else:
+            k0 = C.load_cols(kb, ar * (H * DK), u_ok, 0, BK0, DK, UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=PREC)
         if BK1 > 0:
-            s += tl.dot(q1, tl.trans(C.load_cols(kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)),
-                        input_precision=PREC)
+            if TMA:
+                k1 = C.tma_tile(KD1, krow, g * DK + BK0, UPCAST)
+            else:
+                k1 = C.load_cols(kb, ar * (H * DK), u_ok, BK0, BK1, DK, UPCAST)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
         vis = (forced & row_ok)[:, None] & u_ok[None, :] & (u[None, :] <= pos[:, None])
         s = tl.where(vis, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = C.load_cols(V + ((k_start + blk.to(tl.int64) * SEL_L) * H + g) * DV, ar * (H * DV), u_ok, 0, BV, DV,
-                        UPCAST)
+        if TMA:
+            v = C.tma_tile(VD, krow, g * DV, UPCAST)
+        else:
+            v = C.load_cols(V + ((k_start + blk.to(tl.int64) * SEL_L) * H + g) * DV, ar * (H * DV), u_ok, 0, BV,
+                            DV, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     dv = tl.arange(0, BV)
@@ -406,7 +417,11 @@ def forced_attention(q, k_slc, v_slc, seq, lens, sel_block: int, scale: float, q
     lsef = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     cfg = forced_config(HQ // H, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
-    _forced_fwd[(tbl.shape[0], H)](q, k_slc, v_slc, of, lsef, tbl, seq, float(scale), int(q_offset), **common, **cfg)
+    tma = use_tma(q, k_slc, v_slc, 1, common["BK0"], common["BK1"], common["BV"])
+    dims = (common["BS"], common["BK0"], common["BK1"], common["BV"])
+    descs = C.kv_descriptors(k_slc, v_slc, *dims) if tma else (q, q, q)
+    _forced_fwd[(tbl.shape[0], H)](q, k_slc, v_slc, *descs, of, lsef, tbl, seq, float(scale), int(q_offset), TMA=tma,
+                                   **common, **cfg)
     return of, lsef
 
 
