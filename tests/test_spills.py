@@ -124,13 +124,11 @@ def _specs(HQ, H, Dk, Dv):
                                    SHARE=-1, SKIP=False, TMA=True, FORCED=True, **slc)
         cf = S.forced_config(h, False)
         fdims = {k_: slc[k_] for k_ in BW._FORCED_ARGS}
-        for tma in (True, False):  # descriptors on Hopper with 16-bit inputs, pointers elsewhere
-            types = ddesc if tma else TYPES
-            specs[f"forced_fwd_tma{int(tma)}"] = dict(module="nsa.triton.selected", kernel="_forced_fwd",
-                                                      types=types, constexprs=dict(fdims, HP=cf["HP"], BT=cf["BT"],
-                                                                                   TMA=tma),
-                                                      num_warps=cf["num_warps"], num_stages=cf["num_stages"])
-            specs[f"forced_dq_tma{int(tma)}"] = spec("_forced_bwd_dq", cf, types, TMA=tma, **fdims)
+        # the forced-block kernels (selected.FORCED), with descriptors as on Hopper with 16-bit inputs
+        specs["forced_fwd"] = dict(module="nsa.triton.selected", kernel="_forced_fwd", types=ddesc,
+                                   constexprs=dict(fdims, HP=cf["HP"], BT=cf["BT"], TMA=True),
+                                   num_warps=cf["num_warps"], num_stages=cf["num_stages"])
+        specs["forced_dq"] = spec("_forced_bwd_dq", cf, ddesc, TMA=True, **fdims)
         fwd = dict(slc, HP=sq["HP"], BT=1, N_SEL=16, NP=16, WRITE_LSE=True, CLAMP=True, K0_FULL=True,
                    V_FULL=True, SHARE=-1, SKIP=False, TMA=True, FORCED=True)
         for w, st in ((2, 1), (2, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
