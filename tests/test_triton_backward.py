@@ -344,6 +344,19 @@ def test_transposed_index_items_bound(data):
     assert items <= BW._items_bound(lens, H, lp, chunk, span, q_offset, T * H * n)
 
 
+def test_slc_span_by_lengths(monkeypatch):
+    """The slc index's span on a GPU: T / 16 within 1024..4096 for one sequence, longer spans for
+    packs of many (at most 64 sequence-spans, so the keys stay few), 32 in the interpreter."""
+    seqlens = lambda *n: BW.C.SeqLens(n, n, n, n)  # noqa: E731
+    assert BW._slc_span(None, seqlens(8192)) == 32 and BW._slc_span(100, seqlens(8192)) == 100
+    monkeypatch.setattr(BW.C, "interpreting", lambda: False)
+    assert [BW._slc_span(None, seqlens(t)) for t in (1000, 8192, 65536, 131072)] == [1024, 1024, 4096, 4096]
+    assert BW._slc_span(None, seqlens(65536, 100)) == 4096  # 2 x 16 spans
+    assert BW._slc_span(None, seqlens(65536, *[100] * 7)) == 8192  # 8 sequences x 8 spans
+    assert BW._slc_span(None, seqlens(65536, *[100] * 99)) == 65536  # one span each
+    assert BW._slc_span(0, seqlens(65536)) == 0  # the whole sequence, asked for
+
+
 def _check_counted_index(B, T, H, n, lp, chunk, cu, q_offset, seed, span=0):
     """The counted index (Triton) against the sorted one: the same items and segments, each
     item the same positions; a segment's own positions (those that see part of the block)

@@ -802,12 +802,18 @@ def _slc_span(span, lens) -> int:
     A group's q and do rows of 4096 positions (16 heads x (192 + 128) bf16) are 42 MB, near the
     50 MB of L2 that the programs running at once share. H200, paper configuration, slc
     backward against the whole sequence's items (0): 8k 5.52 -> 5.16 ms at 1024, 5.20 at 2048;
-    64k 46.0 -> 49.2 at 1024, 46.1 at 2048, 45.3 at 4096, more items costing more (slc_span_h200.json)."""
+    64k 46.0 -> 49.2 at 1024, 46.1 at 2048, 45.3 at 4096, more items costing more (slc_span_h200.json).
+    The index has a key per (sequence, group, span, block) with spans and blocks counted for the
+    longest sequence, so a pack of many sequences gets longer spans: at most 64 sequence-spans."""
     if span is not None:
         return span
     if C.interpreting():
         return 32
-    return min(4096, max(1024, C.next_pow2(max(lens, default=0)) // 16))
+    t = max(lens, default=0)
+    span = min(4096, max(1024, C.next_pow2(t) // 16))
+    if len(lens) > 1:
+        span = max(span, C.cdiv(t, max(1, 64 // len(lens))))
+    return span
 
 
 def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
