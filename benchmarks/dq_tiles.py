@@ -15,10 +15,9 @@ import json
 import sys
 import traceback
 
-import torch
-
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
+from tma_ab import ab_state  # benchmarks/ (the script's folder is on the path)
 
 TILES = [(4, 32, 4, 3), (4, 64, 4, 2), (8, 64, 8, 2), (4, 64, 8, 2)]  # shipped first
 
@@ -46,11 +45,9 @@ def main() -> None:
             json.dump(dict(meta=Bn.result_meta("do_bench median"), tiles=TILES, rows=rows), f, indent=1)
 
     for T in seqlens:
-        x = Bn._inputs(T, c, "cuda")
+        x, state, dq, g = ab_state(T, c)
         q, kc, vc, k, v, kw, vw, gates = x
-        o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+        o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
 
         def run(mode, fn):
             if mode == 0:

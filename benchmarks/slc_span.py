@@ -10,25 +10,19 @@ inputs.
 
 from __future__ import annotations
 
-import json
-import sys
 import traceback
-
-import torch
 
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
-from tma_ab import alternated_steps  # benchmarks/ (the script's folder is on the path)
+from tma_ab import ab_main, ab_state, alternated_steps  # benchmarks/ (the script's folder is on the path)
 
 SPANS = (0, 1024, 2048, 4096)
 
 
 def ab(T: int, c: dict) -> dict:
-    x = Bn._inputs(T, c, "cuda")
+    x, state, dq, g = ab_state(T, c)
     q, kc, vc, k, v, kw, vw, gates = x
-    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
     row, ref = dict(T=T), None
     for rnd in range(2):
         for span in SPANS:
@@ -59,11 +53,7 @@ def ab(T: int, c: dict) -> dict:
 
 
 def main() -> None:
-    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    c = dict(Bn.CONFIGS["paper"], name="paper")
-    rows = [ab(T, c) for T in seqlens]
-    with open(out, "w") as f:
-        json.dump(dict(meta=Bn.result_meta("do_bench median; spans alternated"), rows=rows), f, indent=1)
+    ab_main(ab, "do_bench median; spans alternated")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ training step, the two variants alternated twice in one process, with the output
 
 from __future__ import annotations
 
-import json
-import sys
 import traceback
 
 import torch
@@ -17,15 +15,13 @@ import torch
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
 from nsa.triton import selected as S
-from tma_ab import alternated_steps  # benchmarks/ (the script's folder is on the path)
+from tma_ab import ab_main, ab_state, alternated_steps  # benchmarks/ (the script's folder is on the path)
 
 
 def ab(T: int, c: dict) -> dict:
-    x = Bn._inputs(T, c, "cuda")
+    x, state, dq, g = ab_state(T, c)
     q, kc, vc, k, v, kw, vw, gates = x
-    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
     fwd = lambda: S.selected_attention_triton(q, k, v, idx, sel_block=c["lp"], return_lse=True)  # noqa: E731
     bwd = lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc, seq=seq,  # noqa: E731
                                        lens=lens, dq_acc=dq, lse=lse_slc, **g)
@@ -54,11 +50,7 @@ def ab(T: int, c: dict) -> dict:
 
 
 def main() -> None:
-    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    c = dict(Bn.CONFIGS["paper"], name="paper")
-    rows = [ab(T, c) for T in seqlens]
-    with open(out, "w") as f:
-        json.dump(dict(meta=Bn.result_meta("do_bench median; ptr/tma alternated"), rows=rows), f, indent=1)
+    ab_main(ab, "do_bench median; ptr/tma alternated")
 
 
 if __name__ == "__main__":

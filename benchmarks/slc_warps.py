@@ -13,12 +13,11 @@ import json
 import sys
 import traceback
 
-import torch
-
 from nsa.apps import bench as Bn
 from nsa.triton import _common as C
 from nsa.triton import backward as BW
 from nsa.triton import selected as S
+from tma_ab import ab_state  # benchmarks/ (the script's folder is on the path)
 
 KEY = ['TUNE_T', 'HQ', 'G', 'DK', 'DV', 'SEL_L', 'N_SEL', 'BT', 'WRITE_LSE', 'CLAMP', 'SHARE', 'TMA']
 
@@ -35,11 +34,9 @@ def main() -> None:
 
     rows = []
     for T in seqlens:
-        x = Bn._inputs(T, c, "cuda")
+        x, state, dq, g = ab_state(T, c)
         q, kc, vc, k, v, kw, vw, gates = x
-        o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
+        o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
         fwd = lambda: S.selected_attention_triton(q, k, v, idx, sel_block=c["lp"], return_lse=True)  # noqa: E731
         bwd = lambda: BW.selected_backward(q, k, v, idx, o_slc, do, sel_block=c["lp"], scale=sc,  # noqa: E731
                                            seq=seq, lens=lens, dq_acc=dq, lse=lse_slc, **g)

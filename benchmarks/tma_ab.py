@@ -27,6 +27,25 @@ def set_all(on: bool) -> None:
         setattr(mod, name, on)
 
 
+def ab_state(T: int, c: dict):
+    """(x, the saved forward state of :func:`nsa.apps.bench.backward_state`, an fp32 dq buffer,
+    the gate kwargs of a gated branch backward) for random inputs of T positions in config c:
+    what every A/B script of this folder times its kernels on."""
+    x = Bn._inputs(T, c, "cuda")
+    q, gates = x[0], x[7]
+    return x, Bn.backward_state(c, x), dq, g
+
+
+def ab_main(ab, timing: str) -> None:
+    """``python SCRIPT OUT.json T ...``: ``ab(T, c)`` (a row) for each T in the paper
+    configuration, the rows written to OUT.json with the result meta (``timing``)."""
+    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    c = dict(Bn.CONFIGS["paper"], name="paper")
+    rows = [ab(T, c) for T in seqlens]
+    with open(out, "w") as f:
+        json.dump(dict(meta=Bn.result_meta(timing), rows=rows), f, indent=1)
+
+
 def alternated_steps(T: int, c: dict, x, switch, names=("ptr", "tma")) -> dict:
     """The NSA training step (``nsa bench train``'s) with ``switch(False)`` (pointer loads) and
     ``switch(True)`` (descriptors) alternated twice, ``switch(True)`` after: {"step_ptr": [...],
@@ -46,9 +65,9 @@ def alternated_steps(T: int, c: dict, x, switch, names=("ptr", "tma")) -> dict:
 
 
 def ab(T: int, c: dict) -> dict:
-    x = Bn._inputs(T, c, "cuda")
+    x, state, dq, g = ab_state(T, c)
     q, kc, vc, k, v, kw, vw, gates = x
-    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = Bn.backward_state(c, x)
+    o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"])
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
@@ -86,12 +105,7 @@ def ab(T: int, c: dict) -> dict:
 
 
 def main() -> None:
-    out, seqlens = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    c = dict(Bn.CONFIGS["paper"], name="paper")
-    rows = [ab(T, c) for T in seqlens]
-    with open(out, "w") as f:
-        json.dump(dict(meta=Bn.result_meta("do_bench median; pointer loads / TMA alternated"), rows=rows), f,
-                  indent=1)
+    ab_main(ab, "do_bench median; pointer loads / TMA alternated")
 
 
 if __name__ == "__main__":
