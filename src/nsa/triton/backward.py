@@ -1172,10 +1172,14 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     flags = torch.empty(B * T, H, dtype=torch.int8, device=q.device) if split else dq
     use_f = forced and have_lse and dkdv != "atomic" and use_forced(HQ // H, cfg_q["BT"], split)
 
+    # one-position tiles read their blocks through descriptors: the dq kernel's and the forced blocks'
+    tma1 = dkdv != "atomic" and use_tma(q, k, v, 1, BK0, BK1, common["BV"])
+    descs1 = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma1 else (q, q, q)
+
     def dq_launch(cfg, share, skip):
         tbl = C.prog_table(lens, cfg["BT"], q.device)
-        tma = dkdv != "atomic" and use_tma(q, k, v, cfg["BT"], BK0, BK1, common["BV"])
-        descs = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
+        tma = tma1 and cfg["BT"] == 1
+        descs = descs1 if tma else (q, q, q)
         _selected_bwd[(tbl.shape[0], H)](
             q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices,
             flags, tbl,
@@ -1188,10 +1192,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     if use_f:  # the forced blocks' share, from the do_i and delta that the dq kernel wrote
         cfg_f = forced_config(HQ // H, C.interpreting())
         tbl = C.prog_table(lens, cfg_f["BT"], q.device)
-        tma = use_tma(q, k, v, 1, BK0, BK1, common["BV"])
-        descs = C.kv_descriptors(k, v, common["BS"], BK0, BK1, common["BV"]) if tma else (q, q, q)
-        _forced_bwd_dq[(tbl.shape[0], H)](q, k, v, *descs, gated["DOB"], delta, lse, dq, tbl, seq, float(scale),
-                                          int(q_offset), TMA=tma, **{k_: common[k_] for k_ in _FORCED_ARGS}, **cfg_f)
+        _forced_bwd_dq[(tbl.shape[0], H)](q, k, v, *descs1, gated["DOB"], delta, lse, dq, tbl, seq, float(scale),
+                                          int(q_offset), TMA=tma1, **{k_: common[k_] for k_ in _FORCED_ARGS}, **cfg_f)
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated) for the dk/dv kernel
     if dkdv == "transposed":
         cfg_kv = dict(cfg_kv)

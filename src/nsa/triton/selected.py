@@ -408,20 +408,18 @@ def forced_config(h: int, interp: bool) -> dict:
     return dict(HP=HP, BT=BT, num_warps=4 if interp else 8, num_stages=1)
 
 
-def forced_attention(q, k_slc, v_slc, seq, lens, sel_block: int, scale: float, q_offset: int, common: dict):
+def forced_attention(q, k_slc, v_slc, seq, lens, scale: float, q_offset: int, common: dict, descs):
     """:func:`_forced_fwd` over every position: (of fp32 ``[B, T, HQ, Dv]``, lsef fp32
-    ``[B, T, HQ]``, base 2 in units of the scaled score)."""
+    ``[B, T, HQ]``, base 2 in units of the scaled score). descs: the one-position tiles'
+    (KD0, KD1, VD) (:func:`nsa.triton._common.kv_descriptors`), or None for pointer loads."""
     B, T, HQ, _ = q.shape
     H = k_slc.shape[2]
     of = torch.empty(B, T, HQ, common["DV"], dtype=torch.float32, device=q.device)
     lsef = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
     cfg = forced_config(HQ // H, C.interpreting())
     tbl = C.prog_table(lens, cfg["BT"], q.device)
-    tma = use_tma(q, k_slc, v_slc, 1, common["BK0"], common["BK1"], common["BV"])
-    dims = (common["BS"], common["BK0"], common["BK1"], common["BV"])
-    descs = C.kv_descriptors(k_slc, v_slc, *dims) if tma else (q, q, q)
-    _forced_fwd[(tbl.shape[0], H)](q, k_slc, v_slc, *descs, of, lsef, tbl, seq, float(scale), int(q_offset), TMA=tma,
-                                   **common, **cfg)
+    _forced_fwd[(tbl.shape[0], H)](q, k_slc, v_slc, *(descs or (q, q, q)), of, lsef, tbl, seq, float(scale),
+                                   int(q_offset), TMA=descs is not None, **common, **cfg)
     return of, lsef
 
 
@@ -467,17 +465,18 @@ def selected_attention_triton(q, k_slc, v_slc, block_indices, *, sel_block=64, s
     common = dict(HQ=HQ, G=HQ // H, DK=Dk, DV=Dv, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1, BV=BV,
                   PREC=C.dot_precision(q.dtype), UPCAST=C.upcast(q.dtype))
     of = lsef = o  # stand-ins, never read
+    # one-position tiles read their blocks through descriptors: the slc kernel's and the forced blocks'
+    descs1 = C.kv_descriptors(k_slc, v_slc, BS, BK0, BK1, BV) if use_tma(q, k_slc, v_slc, 1, BK0, BK1, BV) else None
     use_f = forced and use_forced(HQ // H, cfg["BT"], split) and k_slc.shape[1] > 0
     if use_f:
-        of, lsef = forced_attention(q, k_slc, v_slc, seq, lens, sel_block, default_scale(scale, Dk), q_offset,
-                                    common)
+        of, lsef = forced_attention(q, k_slc, v_slc, seq, lens, default_scale(scale, Dk), q_offset, common, descs1)
 
     def launch(BT, share, skip):
         # one position per tile: K/V rows clamped into the sequence (no row masks); with several,
         # a block's repeats must load nothing
         clamp = BT == 1 and k_slc.shape[1] > 0
-        tma = use_tma(q, k_slc, v_slc, BT, BK0, BK1, BV)
-        descs = C.kv_descriptors(k_slc, v_slc, BS, BK0, BK1, BV) if tma else (q, q, q)
+        tma = descs1 is not None and BT == 1
+        descs = descs1 if tma else (q, q, q)
         tbl = C.prog_table(lens, BT, q.device)
         fixed = dict(num_warps=cfg['num_warps'], num_stages=cfg['num_stages']) if C.interpreting() else {}
         _selected_fwd_tuned[(tbl.shape[0], H)](
