@@ -33,6 +33,8 @@ def ab_state(T: int, c: dict):
     what every A/B script of this folder times its kernels on."""
     x = Bn._inputs(T, c, "cuda")
     q, gates = x[0], x[7]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
     return x, Bn.backward_state(c, x), dq, g
 
 

@@ -49,6 +49,13 @@ def gpu_triton():
     return path
 
 
+def _variants():
+    """The slc forward's autotune candidates, as the objects its prune function takes."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(**c) for c in C.tuned_variants()["_selected_fwd"]]
+
+
 def _specs(HQ, H, Dk, Dv):
     """(name, spec) of every backward kernel as the launchers configure it for bf16 on a GPU, in
     NSA's backward (each dq kernel applying its branch's gate: GIDX 0 cmp, 1 slc, 2 win; cmp
@@ -59,7 +66,7 @@ def _specs(HQ, H, Dk, Dv):
                 UPCAST=False)
     band = dict(dims, CMP_L=32, CMP_D=16, WINDOW=512)
     cq, ckv = BW._band_configs(h, Dk, Dv, 0, False)
-    _, ckv_win = BW._band_configs(h, Dk, Dv, 1, False)
+    cq_win, ckv_win = BW._band_configs(h, Dk, Dv, 1, False)
     # the descriptor tiles (bf16 on Hopper), where the launcher takes them
     tma = {mode: BW._band_configs(h, Dk, Dv, mode, False, True)[1] for mode in (0, 1)}
     sq, skv = BW._slc_configs(h, Dk, Dv, False)
@@ -77,16 +84,18 @@ def _specs(HQ, H, Dk, Dv):
     # the dq kernels read their key tiles through descriptors (bf16 on Hopper), as shipped
     kdesc = dict(TYPES, KD0=f"tensordesc<bf16[{cq['BN']}, {BK0}]>", KD1=f"tensordesc<bf16[{cq['BN']}, {BK1 or BK0}]>",
                  VD=f"tensordesc<bf16[{cq['BN']}, {dims['BV']}]>")
+    kdesc_win = dict(kdesc, **{name: f"tensordesc<bf16[{cq_win['BN']}, {kdesc[name].split(', ')[1]}"
+                               for name in ("KD0", "KD1", "VD")})
     dq_tma = dict(GM=True, TMA=True, **band)
     specs = {
         # cmp's also writes the group-major q of the descriptor tiles, both write do_i group-major
         "band_dq_cmp": spec("_band_bwd_dq", cq, kdesc, MODE=0, GIDX=0, DQ_MODE=1, WRITE_QG=True, **dq_tma),
-        "band_dq_win": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=False, **dq_tma),
+        "band_dq_win": spec("_band_bwd_dq", cq_win, kdesc_win, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=False, **dq_tma),
         # the window's when cuDNN ran cmp's backward (nsa.triton.cmp_dense): it writes the q copy
-        "band_dq_win_qg": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=True, **dq_tma),
+        "band_dq_win_qg": spec("_band_bwd_dq", cq_win, kdesc_win, MODE=1, GIDX=2, DQ_MODE=2, WRITE_QG=True, **dq_tma),
         # a branch alone (no gates): copies q and do group-major for its descriptor tiles, or not
-        "band_dq_add": spec("_band_bwd_dq", cq, kdesc, MODE=1, GIDX=-1, DQ_MODE=0, WRITE_QG=True, **dq_tma),
-        "band_dq_add_rows": spec("_band_bwd_dq", cq, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
+        "band_dq_add": spec("_band_bwd_dq", cq_win, kdesc_win, MODE=1, GIDX=-1, DQ_MODE=0, WRITE_QG=True, **dq_tma),
+        "band_dq_add_rows": spec("_band_bwd_dq", cq_win, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
                                  TMA=False, **band),
         "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
         "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
@@ -120,7 +129,7 @@ def _specs(HQ, H, Dk, Dv):
         ddesc = dict(TYPES, IDX="*i64", TUNE_T="i32", KD0=f"tensordesc<bf16[64, {BK0}]>",
                      KD1=f"tensordesc<bf16[64, {BK1 or BK0}]>", VD=f"tensordesc<bf16[64, {dims['BV']}]>")
         # one position a tile leaves its forced blocks to the forced-block kernels (nsa_func's path)
-        specs["slc_dq_tma"] = spec("_selected_bwd", sq, ddesc, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1,
+        specs["slc_dq_tma"] = spec("_selected_bwd", BW.slc_dq_config(sq, True), ddesc, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1,
                                    SHARE=-1, SKIP=False, TMA=True, FORCED=True, **slc)
         cf = S.forced_config(h, False)
         fdims = {k_: slc[k_] for k_ in BW._FORCED_ARGS}
@@ -131,7 +140,9 @@ def _specs(HQ, H, Dk, Dv):
         specs["forced_dq"] = spec("_forced_bwd_dq", cf, ddesc, TMA=True, **fdims)
         fwd = dict(slc, HP=sq["HP"], BT=1, N_SEL=16, NP=16, WRITE_LSE=True, CLAMP=True, K0_FULL=True,
                    V_FULL=True, SHARE=-1, SKIP=False, TMA=True, FORCED=True)
-        for w, st in ((2, 1), (2, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
+        fewest = min(c.num_warps for c in S._prune(_variants(), {}, **fwd))
+        assert fewest == 1
+        for w, st in ((fewest, 1), (fewest, 3), (8, 3)):  # the fewest warps (most registers a thread), the most
             specs[f"slc_fwd_tma_w{w}_s{st}"] = dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                     types=ddesc, constexprs=fwd, num_warps=w, num_stages=st)
     # the band forward, its key tiles through descriptors (bf16 on Hopper) and through pointers,
@@ -181,15 +192,16 @@ def test_selected_tiles_of_small_groups_do_not_spill(h, gpu_triton):
 
     types = dict(TYPES, IDX="*i32", TUNE_T="i32")
     cfg = S._config(h, 64, 64, False)
-    assert min(c["num_warps"] for c in C.tuned_variants()["_selected_fwd"]) == 2
     dims = dict(HQ=4 * h, G=h, DK=64, DV=64, SEL_L=64, BS=64, N_SEL=16, NP=16, HP=cfg["HP"], BT=cfg["BT"], BK0=64,
                 BK1=0, BV=64, PREC="tf32", UPCAST=False)
     fwd = dict(dims, WRITE_LSE=True, CLAMP=True, K0_FULL=False, V_FULL=False, SHARE=-1, SKIP=False, TMA=False,
                FORCED=False)
     sq, _ = BW._slc_configs(h, 64, 64, False)
+    fewest = min(c.num_warps for c in S._prune(_variants(), {}, **fwd))
+    assert fewest == 2
     specs = {f"fwd-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                      constexprs=fwd, num_warps=w, num_stages=st)
-             for w, st in ((2, 1), (2, 3), (4, 3))}
+             for w, st in ((fewest, 1), (fewest, 3), (4, 3))}
     specs["dq"] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types,
                        constexprs=dict(dims, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False, TMA=False,
                                        FORCED=False),
@@ -209,8 +221,6 @@ def test_selected_split_launch_does_not_spill(h, gpu_triton):
     heads, 2 of 32) at every config its autotuner keeps (selected._prune), its one-position
     pass that skips what the first took at the fewest warps, 1 and 3 stages, and at 4 warps x 3
     stages; the dq's two passes at their configs (backward.SLC_DQ_SHARED, _slc_configs)."""
-    from types import SimpleNamespace
-
 
 
     bt = 64 // h
@@ -221,21 +231,24 @@ def test_selected_split_launch_does_not_spill(h, gpu_triton):
                 PREC="tf32", UPCAST=False, WRITE_LSE=True)
     shared = dict(dims, BT=bt, CLAMP=False, K0_FULL=False, V_FULL=False, SHARE=share, SKIP=False, TMA=False,
                   FORCED=False)
-    kept = S._prune([SimpleNamespace(**c) for c in C.tuned_variants()["_selected_fwd"]], {}, SHARE=share)
+    kept = S._prune(_variants(), {}, SHARE=share)
     assert kept and min(c.num_warps for c in kept) == 4
     specs = {f"shared-w{c.num_warps}-s{c.num_stages}": dict(module="nsa.triton.selected", kernel="_selected_fwd",
                                                             types=types, constexprs=shared, num_warps=c.num_warps,
                                                             num_stages=c.num_stages) for c in kept}
     rest = dict(dims, BT=1, CLAMP=True, K0_FULL=True, V_FULL=True, SHARE=-1, SKIP=True, TMA=True, FORCED=False)
+    fewest = min(c.num_warps for c in S._prune(_variants(), {}, **rest))
+    assert fewest == (1 if h <= 16 else 2)
     specs.update({f"rest-w{w}-s{st}": dict(module="nsa.triton.selected", kernel="_selected_fwd", types=types,
                                            constexprs=rest, num_warps=w, num_stages=st)
-                  for w, st in ((2, 1), (2, 3), (4, 3))})
+                  for w, st in ((fewest, 1), (fewest, 3), (4, 3))})
     sq, _ = BW._slc_configs(h, 192, 128, False)
     dq = dict(dims, KV=False, HAVE_LSE=True, GIDX=1)
     del dq["WRITE_LSE"]
     for name, const, cfg in (("dq-shared", dict(dq, BT=bt, SHARE=share, SKIP=False, TMA=False, FORCED=False),
                               BW.SLC_DQ_SHARED),
-                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True, TMA=True, FORCED=False), sq)):
+                             ("dq-rest", dict(dq, BT=1, SHARE=-1, SKIP=True, TMA=True, FORCED=False),
+                              BW.slc_dq_config(sq, True))):
         specs[name] = dict(module="nsa.triton.backward", kernel="_selected_bwd", types=types, constexprs=const,
                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     with ThreadPoolExecutor(2) as pool:

@@ -75,6 +75,16 @@ def round_out(x, dtype: tl.constexpr, EMU_RTNE: tl.constexpr):
 
 
 @triton.jit
+def softmax_step(s, m_i, l_i):
+    """One online-softmax step over a tile of base-2 scores s [M, N]: the tile's weights p, the
+    factor alpha that rescales what was accumulated, and the new running max and sum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def load_tile(ptr, mask, FULL: tl.constexpr):
     """A tile load, without a mask when FULL (every address valid: no predicates), else 0 where
     ``mask`` is off."""

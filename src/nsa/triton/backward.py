@@ -768,13 +768,20 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
     ``tma`` (:func:`_tma_rows`): the dk/dv of both branches walks its unmasked tiles through
     tensor descriptors, 128 rows with 2 stages (3 do not fit in shared memory at Dk 192), and
     its masked edge tiles in a second launch of the plain 128-row, 1-stage tile: H200, 64k,
-    paper, dk/dv kernels: cmp 43.5 -> 37.2 ms, win 16.2 -> 10.3 (bwd_tma_h200.json)."""
+    paper, dk/dv kernels: cmp 43.5 -> 37.2 ms, win 16.2 -> 10.3 (bwd_tma_h200.json).
+
+    The window's dq walks 128 rows x 64 keys at 8 warps, 2 stages (H100, paper, window
+    backward 2.62 -> 2.48 ms at 8k, 20.3 -> 19.4 at 64k; cmp's 64 x 32 won for cmp:
+    dq_tiles_h100.json)."""
     if interp:  # the interpreter pays per op: big tiles, few programs
         HP, BT, _ = C.rows_for(h, 64)
         cfg = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=1)
         return cfg, dict(cfg, TMA=tma)
     HP, BT, _ = C.rows_for(h, 64)
     cfg_q = dict(HP=HP, BT=BT, BN=32, num_warps=4, num_stages=3)
+    if mode == 1:  # the window's dq: 128 rows x 64 keys
+        HP, BT, _ = C.rows_for(h, 128)
+        cfg_q = dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=2)
     if tma:  # 128-row tiles, loads overlapped with the previous tile's products
         HP, BT, _ = C.rows_for(h, 128)
         return cfg_q, dict(HP=HP, BT=BT, BN=64, num_warps=8, num_stages=2, TMA=True)
@@ -790,6 +797,19 @@ def _band_configs(h: int, Dk: int, Dv: int, mode: int, interp: bool, tma: bool =
 # stages is the config without spills (sm_90 compile: 4 warps spill 80-104 bytes a thread,
 # 8 warps x 1 stage 152; tests/test_spills.py).
 SLC_DQ_SHARED = dict(num_warps=8, num_stages=2)
+
+# The slc dq's one-position tiles of at most 16 heads reading their blocks through descriptors
+# run at 2 warps (~243 registers at Dk 192, no spill; pointer loads spill 24 bytes there): H100,
+# paper configuration, slc backward 5.31 -> 5.01 ms at 8k, 49.0 -> 46.2 at 64k (slc_warps_h100.json).
+SLC_DQ_TMA_WARPS = 2
+
+
+def slc_dq_config(cfg: dict, tma: bool) -> dict:
+    """The slc dq launch's config: ``cfg`` of :func:`_slc_configs`, at SLC_DQ_TMA_WARPS for
+    one-position tiles of at most 16 heads through descriptors (``tma``)."""
+    if tma and cfg["BT"] == 1 and cfg["HP"] <= 16:
+        return dict(cfg, num_warps=SLC_DQ_TMA_WARPS)
+    return cfg
 
 SLC_SPAN = None
 """Query positions a span of the slc dk/dv's index (:func:`transposed_index`'s ``span``; 0: the
@@ -1180,6 +1200,7 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
         tbl = C.prog_table(lens, cfg["BT"], q.device)
         tma = tma1 and cfg["BT"] == 1
         descs = descs1 if tma else (q, q, q)
+        cfg = slc_dq_config(cfg, tma)
         _selected_bwd[(tbl.shape[0], H)](
             q, k, v, *descs, do, o, delta, dq, dk, dv, gated["GATES"], gated["DG"], gated["DOB"], block_indices,
             flags, tbl,

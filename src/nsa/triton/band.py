@@ -84,10 +84,7 @@ def _band_step(acc, m_i, l_i, q0, q1, K, V, KD0, KD1, VD, k_start, n0, n_hi, pos
         s = tl.where(vis, s * qk_scale, float("-inf"))
     else:
         s = s * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = C.softmax_step(s, m_i, l_i)
     if TMA:
         v = C.tma_tile(VD, krow, g * DV, UPCAST)
     else:

@@ -76,10 +76,7 @@ def _scores_tile(q0, q1, kb, keys, k_ok, ROW: tl.constexpr, DK: tl.constexpr, BK
 def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key tile of an online softmax: scores s [rows, keys] (log2 units, -inf where
     masked) and their values v [keys, BV] into the running (max, sum, P V) of each row."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = C.softmax_step(s, m_i, l_i)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
