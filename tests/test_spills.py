@@ -270,7 +270,9 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
     not type-check: a paged attend kernel whose two branches gave the key rows different integer
     types ran there and failed to compile on GPUs."""
     # the paper geometry with its 4 kv heads (they enter the address arithmetic)
-    dims = dict(HQ=64, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1)
+    # with their programmatic-dependent-launch waits and signals (decode.PDL), as on Hopper
+    dims = dict(HQ=64, G=16, HP=16, DK=192, DV=128, BK0=128, BK1=64, BV=128, PREC="tf32", UPCAST=False, NQ=1,
+                PDL=True)
 
     def spec(kernel, **const):
         names = getattr(D, kernel).arg_names  # the shared dims that this kernel takes

@@ -21,6 +21,8 @@ keys, flash-decoding style, and the h query heads of a group share every key the
 5. combine: one program per (sequence, query head) merges the partials of each branch, all
    loaded at once, and mixes them with the gates.
 
+Kernels 2-5 may launch as programmatic dependents of the one before them (:data:`PDL`).
+
 Reference: :func:`nsa.reference.nsa_decode_ref` (same signature).
 """
 
@@ -39,6 +41,18 @@ from . import _common as C
 from ._common import LOG2E
 from .band import default_scale
 
+try:  # grid dependency control (sm_90+): triton 3.3 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: the launches stay serial
+    gdc_launch_dependents = gdc_wait = None
+
+PDL = False
+"""Programmatic dependent launch of the step's kernels after the first (Hopper and later,
+compiled kernels): each launches while the one before it drains, does what needs nothing of it
+(q, the gates, the window's keys) and waits (``griddepcontrol.wait``) before reading its
+outputs, so a step does not pay a launch gap between its kernels. Off (serial launches) until
+``benchmarks/decode_pdl.py`` has timed it on a GPU and the GPU decode tests have run with it;
+the kernels compile with it for sm_90 (tests/test_spills.py)."""
 
 
 @triton.jit
@@ -162,7 +176,7 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
                 L_CMP: tl.constexpr, D_CMP: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                 BK1: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
                 UPCAST: tl.constexpr, NQ: tl.constexpr, QT: tl.constexpr, PAGED: tl.constexpr,
-                CPP: tl.constexpr):
+                CPP: tl.constexpr, PDL: tl.constexpr):
     """Program (sp, (b, j, g)): split sp of the compressed tokens for the group's heads of QT
     consecutive new tokens of sequence b (tokens j * QT .., rows [QT * HP], token-major), so
     that the tokens of a step share each key tile they load. TUNE_R, TUNE_T: autotuning keys
@@ -214,6 +228,8 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
         seen = h_ok[:, None] & (ii[None, :] < vis[:, None])  # an earlier token sees fewer
         tl.store(S + rows[:, None] * TS + ii[None, :], s, mask=seen)
         m_i, l_i, acc = _softmax_step(tl.where(seen, s, float("-inf")), v, m_i, l_i, acc, PREC, UPCAST)
+    if PDL:  # the scores kernel may launch (it waits for this one's stores)
+        gdc_launch_dependents()
     tl.store(PM + rows * NSPLIT + sp, m_i, mask=h_ok)
     tl.store(PL + rows * NSPLIT + sp, l_i, mask=h_ok)
     tl.store(PACC + (rows * NSPLIT + sp)[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & (dv[None, :] < DV))
@@ -223,7 +239,7 @@ def _decode_cmp(Q, KC, VC, LENS, BT, S, PM, PL, PACC, qk_scale, TC, TS, CH, NSPL
 def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
                    HQ: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, NSP: tl.constexpr,
                    BJ: tl.constexpr, L_CMP: tl.constexpr, D_CMP: tl.constexpr,
-                   SEL_L: tl.constexpr, RP: tl.constexpr, NQ: tl.constexpr):
+                   SEL_L: tl.constexpr, RP: tl.constexpr, NQ: tl.constexpr, PDL: tl.constexpr):
     """Program (jb, (r, g)): the Eq. 9-10 scores of blocks jb * BJ .. of row r's group g.
     d divides l and l', so block j's compressed tokens are its own R = l'/d tokens j * R + c
     (c < R: for all BJ blocks one contiguous run of each head's row when R is a power of two,
@@ -238,6 +254,9 @@ def _decode_scores(S, PM, PL, LENS, SCORE, TS, NSPLIT, N_SEL_MAX,
     b, n = _row_len(LENS, r, NQ)
     pos = n - 1
     nvis = _visible_cmp(n, TS, L_CMP, D_CMP)
+    if PDL:  # the cmp kernel's scores and partials
+        gdc_wait()
+        gdc_launch_dependents()
     # each head's lse (log2 units) from the cmp partials
     sps = tl.arange(0, NSP)
     pmask = h_ok[:, None] & (sps[None, :] < NSPLIT)
@@ -289,8 +308,12 @@ def _top_n(SCORE, N_SEL_MAX, NP: tl.constexpr, NSELP: tl.constexpr):
 
 
 @triton.jit
-def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr):
+def _decode_top_n(SCORE, IDX, N_SEL_MAX, N_SEL: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
+                  PDL: tl.constexpr):
     bg = tl.program_id(0).to(tl.int64)
+    if PDL:  # the scores kernel's block scores
+        gdc_wait()
+        gdc_launch_dependents()
     ids = _top_n(SCORE + bg * N_SEL_MAX, N_SEL_MAX, NP, NSELP)
     slots = tl.arange(0, NP)
     tl.store(IDX + bg * N_SEL + slots, ids, mask=slots < N_SEL)
@@ -303,13 +326,15 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
                    SEL_L: tl.constexpr, BS: tl.constexpr, HP: tl.constexpr, BK0: tl.constexpr,
                    BK1: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr, NSELP: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr, NQ: tl.constexpr, PAGED: tl.constexpr,
-                   PAGED_WIN: tl.constexpr, PS: tl.constexpr, SPP: tl.constexpr):
+                   PAGED_WIN: tl.constexpr, PS: tl.constexpr, SPP: tl.constexpr, PDL: tl.constexpr):
     """Program pp: SPP slots of one branch, one partial softmax over them. pp < cdiv(N_SEL, SPP):
     the selected blocks pp * SPP ..; else the window chunks (pp - cdiv(N_SEL, SPP)) * SPP ..
     (BS keys each); slots past a branch's end are empty. NSELP > 0: the blocks from the group's
     block scores (:func:`_top_n`); else from IDX. PAGED: k_slc/v_slc are pools of pages of PS
     rows addressed through BT; PAGED_WIN: the window reads them too (shared k/v), else its ring
-    KW/VW [B, TW, H, D]."""
+    KW/VW [B, TW, H, D]. PDL: the selected blocks' programs wait for the kernel before (their
+    block scores or lists) after loading q; the window's, which read nothing of it, before their
+    stores, so that every program has waited when this kernel completes."""
     pp = tl.program_id(0)
     H: tl.constexpr = HQ // G
     NPS: tl.constexpr = (N_SEL + SPP - 1) // SPP  # programs of the selected blocks
@@ -320,6 +345,9 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
     # the step waits on this kernel's memory round trips: q first, before the top-n, and each
     # block's values with its keys (not after the scores), so that the loads overlap
     q0, q1 = _group_q(Q, r, g, HQ, G, HP, DK, BK0, BK1, UPCAST)
+    if PDL:
+        if pp < NPS:
+            gdc_wait()
     ids = tl.full([NP], -1, tl.int32)
     if NSELP > 0:
         if pp < NPS:
@@ -355,6 +383,9 @@ def _decode_attend(Q, KS, VS, KW, VW, IDX, SCORE, N_SEL_MAX, LENS, BT, PM, PL, P
         m_i, l_i, acc = _softmax_step(tl.where(ok[None, :], s * qk_scale, float("-inf")), v, m_i, l_i, acc, PREC,
                                       UPCAST)
     rows = rows * (NPS + NPW) + pp
+    if PDL:
+        gdc_wait()  # (returns at once where it has waited)
+        gdc_launch_dependents()
     tl.store(PM + rows, m_i, mask=h_ok)
     tl.store(PL + rows, l_i, mask=h_ok)
     tl.store(PACC + rows[:, None] * DV + dv[None, :], acc, mask=h_ok[:, None] & dmask)
@@ -379,19 +410,21 @@ def _merge_row(PM, PL, PACC, row, lo, cnt, NP, NPP: tl.constexpr, DV: tl.constex
 @triton.jit
 def _decode_combine(PM, PL, PACC, PM2, PL2, PACC2, GATES, O, NSPLIT,
                     DV: tl.constexpr, N_SEL: tl.constexpr, NW: tl.constexpr, NSP: tl.constexpr,
-                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr):
+                    NS2: tl.constexpr, NW2: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     """One program per (query row, query head) and BV columns of Dv: merge each branch's
     partials (NSPLIT of cmp, N_SEL of slc, NW of the window), mix by the gates. Column chunks
     give a small batch more programs, each loading fewer partial columns (the step waits on
     these loads)."""
     row = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1) * BV
-    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV, d0)
-    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV, d0)
-    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV, d0)
     g0 = tl.load(GATES + row * 3).to(tl.float32)
     g1 = tl.load(GATES + row * 3 + 1).to(tl.float32)
     g2 = tl.load(GATES + row * 3 + 2).to(tl.float32)
+    if PDL:  # every branch's partials (the attend kernel waited for the cmp kernel's)
+        gdc_wait()
+    o_cmp = _merge_row(PM, PL, PACC, row, 0, NSPLIT, NSPLIT, NSP, DV, BV, d0)
+    o_slc = _merge_row(PM2, PL2, PACC2, row, 0, N_SEL, N_SEL + NW, NS2, DV, BV, d0)
+    o_win = _merge_row(PM2, PL2, PACC2, row, N_SEL, NW, N_SEL + NW, NW2, DV, BV, d0)
     o = g0 * o_cmp + g1 * o_slc + g2 * o_win
     dv = d0 + tl.arange(0, BV)
     tl.store(O + row * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
@@ -411,6 +444,16 @@ def _top_n_where(n_sel: int, slots: int, device) -> str:
     if n_sel > 4096:
         return "torch"
     return "slots" if slots <= 4 * _sms(device) else "kernel"
+
+
+def _pdl(device) -> bool:
+    """Whether the step's kernels 2-5 launch as programmatic dependents (:data:`PDL`)."""
+    return PDL and gdc_wait is not None and not C.interpreting() and device.type == "cuda" and _sm90(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=None)
@@ -461,7 +504,7 @@ class _Plan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, maxp, npages, page_size, cpp, n_max,
-          cmp_block, cmp_stride, sel_block, sel_count, window, scale, interp) -> _Plan:
+          cmp_block, cmp_stride, sel_block, sel_count, window, scale, interp, pdl=False) -> _Plan:
     G = HQ // H
     R = B * NQ  # query rows
     HP = max(16, C.next_pow2(G))  # the tensor-core minimum of rows
@@ -471,6 +514,7 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     qk_scale = default_scale(scale, Dk) * LOG2E.value
     common = dict(HQ=HQ, G=G, HP=HP, PREC=C.dot_precision(dtype), UPCAST=C.upcast(dtype), NQ=NQ)
     launch = dict(num_warps=4, num_stages=1) if interp else {}  # GPUs: autotuned, or the defaults
+    dep = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)  # kernels 2-5 (PDL)
     # 1. cmp partials and raw scores; QT new tokens of a sequence share a program's key tiles
     # (up to 64 rows: QT * HP)
     qt = min(C.next_pow2(NQ), max(1, 64 // HP))
@@ -485,7 +529,7 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     cmp = ((nsplit, progs), (qk_scale, tc_bound, ts, ch, nsplit, maxp, npages, C.next_pow2(progs),
                               C.next_pow2(max(tc_used, 1))),
            dict(DK=Dk, DV=Dv, L_CMP=cmp_block, D_CMP=cmp_stride, BK0=BK0, BK1=BK1, BV=BV, BN=BN, PAGED=paged,
-                CPP=cpp, QT=qt, **common, **launch))
+                CPP=cpp, QT=qt, PDL=pdl, **common, **launch))
     # 2. block scores
     n_sel_max = geometry.num_sel_blocks(n_max, sel_block)
     BJ = 16 if interp else 64  # blocks a program; fewer while they would not fill the GPU twice
@@ -494,12 +538,12 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     nsp = max(2, C.next_pow2(nsplit))
     scores = ((C.cdiv(n_sel_max, BJ), R * H), (ts, nsplit, n_sel_max),
               dict(HQ=HQ, G=G, HP=HP, NSP=nsp, BJ=BJ, L_CMP=cmp_block, D_CMP=cmp_stride, SEL_L=sel_block,
-                   RP=C.next_pow2(sel_block // cmp_stride), NQ=NQ, **launch))
+                   RP=C.next_pow2(sel_block // cmp_stride), NQ=NQ, **dep, **launch))
     # 3. the top n (ties to the lower index, as the reference)
     np_ = C.next_pow2(sel_count)
     nselp = max(16, np_, C.next_pow2(n_sel_max))
     where = _top_n_where(n_sel_max, R * H * sel_count, device)
-    top_n = ((R * H,), (n_sel_max,), dict(N_SEL=sel_count, NP=np_, NSELP=nselp, **launch))
+    top_n = ((R * H,), (n_sel_max,), dict(N_SEL=sel_count, NP=np_, NSELP=nselp, **dep, **launch))
     # 4. a partial softmax per spp selected blocks and per spp window chunks
     BS = max(16, C.next_pow2(sel_block))
     nw = C.cdiv(window, BS)
@@ -509,12 +553,12 @@ def _plan(B, NQ, HQ, Dk, H, Dv, Tc, Tk, Tw, dtype, device, paged, paged_win, max
     attend = ((np2, R * H), (qk_scale, Tk, Tw, maxp, npages, C.next_pow2(R * H)),
               dict(DK=Dk, DV=Dv, N_SEL=sel_count, NW=nw, WINDOW=window, SEL_L=sel_block, BS=BS, BK0=BK0, BK1=BK1,
                    BV=BV, NP=np_, NSELP=nselp if where == "slots" else 0, PAGED=paged, PAGED_WIN=paged_win,
-                   PS=page_size, SPP=spp, **common, **launch))
+                   PS=page_size, SPP=spp, **dep, **common, **launch))
     # 5. merge and mix, one program per (query row, query head) and column chunk: chunks of 32
     # while the rows alone would not fill the GPU twice
     bvc = BV if R * HQ >= 2 * _sms(device) else max(16, min(BV, 32))
     combine = ((R * HQ, BV // bvc), (nsplit,), dict(DV=Dv, N_SEL=nps, NW=npw, NSP=nsp, NS2=max(2, C.next_pow2(nps)),
-                                                    NW2=max(2, C.next_pow2(npw)), BV=bvc, **launch))
+                                                    NW2=max(2, C.next_pow2(npw)), BV=bvc, **dep, **launch))
     shapes = ((R, HQ, ts), (R, HQ, nsplit), (R, HQ, nsplit), (R, HQ, nsplit, Dv), (R, H, n_sel_max),
               (R, HQ, np2), (R, HQ, np2), (R, HQ, np2, Dv))
     sizes = [math.prod(x) for x in shapes]
@@ -594,7 +638,7 @@ def nsa_decode_triton(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cac
         return o
     p = _plan(B, NQ, HQ, Dk, H, Dv, k_cmp.shape[1], k_slc.shape[1], k_win.shape[1], q.dtype, dev, paged, paged_win,
               maxp, npages, page_size, cpp, n_max, cmp_block, cmp_stride, sel_block, sel_count, window, scale,
-              C.interpreting())
+              C.interpreting(), _pdl(dev))
     s_buf, pm, pl, pacc, score, pm2, pl2, pacc2, *_ = _buffers(p, dev)
     # the plan fixes every integer and constexpr; the tensors add their dtypes (lens and the
     # block table may be int32 or int64)
