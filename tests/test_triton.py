@@ -1074,6 +1074,36 @@ def test_gpu_decode_relaunch_equals_first_launch():
     _check_low_precision(nsa.nsa_decode, R.nsa_decode_ref, (q_odd, *args[1:]), kw)
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_n", ["slots", "kernel"])
+def test_gpu_decode_dependent_launches_equal_serial(top_n, monkeypatch):
+    """The step with kernels 2-5 launched as programmatic dependents (decode.PDL) equals the
+    serial step bit for bit, eager and replayed from a CUDA graph, with the top-n found by the
+    slot programs (batch 1) and by its own kernel (more slots than the GPU holds four times)."""
+    from nsa.triton import decode as D
+    if not D._sm90(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    lens = [5000] if top_n == "slots" else [5000, 4097, 3001, 640] * 4
+    c = dict(lens=lens, HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, lp=64, n=16, w=512, ring=True)
+    args, kw, _ = _decode_inputs(c, torch.bfloat16, full=False)
+    kw = dict(kw, max_seqlen=max(lens))
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(D, "PDL", pdl)
+        step = lambda: nsa.nsa_decode(*args, **kw)  # noqa: E731
+        eager = step()
+        assert D._top_n_where(G.num_sel_blocks(max(lens), 64), len(lens) * 4 * 16, torch.device(DEV)) == top_n
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        outs[pdl] = (eager, out.clone())
+    _close(outs[True][0], outs[False][0], 0)
+    _close(outs[True][1], outs[False][1], 0)
+
+
 def _plans(D):
     """The decode plans alive in the launcher's cache (lru_cache keeps no list: walk the GC)."""
     import gc
