@@ -26,11 +26,23 @@ def test_tuned_variants_lists_every_autotuned_kernel():
 
     v = C.tuned_variants()
     # the launchers' lists (band.py, select.py, selected.py, decode.py)
-    want = {"_band_fwd": (2, 2), "_select_fwd": (2, 3), "_selected_fwd": (3, 3), "_decode_cmp": (2, 3),
+    want = {"_band_fwd": (2, 2), "_select_fwd": (2, 3), "_selected_fwd": (4, 3), "_decode_cmp": (2, 3),
             "_decode_attend": (2, 2)}
     for name, (nw, ns) in want.items():
         assert len(v[name]) == nw * ns, name
         assert len({(c["num_warps"], c["num_stages"]) for c in v[name]}) == nw * ns
+    # the slc forward times at most 3 warps x 3 stages of its 4 x 3 for any launch (the first
+    # call's time): 1, 4, 8 warps for one-position descriptor tiles, 2, 4, 8 else, 4, 8 shared
+    from types import SimpleNamespace
+
+    cfgs = [SimpleNamespace(**c) for c in v["_selected_fwd"]]
+    for args, warps in ((dict(SHARE=-1, TMA=True, BT=1, HP=16), {1, 4, 8}),
+                        (dict(SHARE=-1, TMA=False, BT=1, HP=16), {2, 4, 8}),
+                        (dict(SHARE=-1, TMA=True, BT=1, HP=32), {2, 4, 8}),
+                        (dict(SHARE=-1, TMA=True, BT=4, HP=4), {2, 4, 8}),
+                        (dict(SHARE=12, TMA=False, BT=4, HP=16), {4, 8})):
+        kept = selected._prune(cfgs, {}, **args)
+        assert {c.num_warps for c in kept} == warps and len(kept) == 3 * len(warps), args
 
 
 @triton.jit
