@@ -97,9 +97,9 @@ def _specs(HQ, H, Dk, Dv):
         "band_dq_add": spec("_band_bwd_dq", cq_win, kdesc_win, MODE=1, GIDX=-1, DQ_MODE=0, WRITE_QG=True, **dq_tma),
         "band_dq_add_rows": spec("_band_bwd_dq", cq_win, MODE=1, GIDX=-1, DQ_MODE=0, GM=False, WRITE_QG=False,
                                  TMA=False, **band),
-        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, **plain),
-        "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, **plain),
-        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, **plain),
+        "band_dkdv_cmp_split": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=1024, BTG=ckv["BT"], **plain),
+        "band_dkdv_cmp": spec("_band_bwd_dkdv", ckv, MODE=0, QCH=0, BTG=ckv["BT"], **plain),
+        "band_dkdv_win": spec("_band_bwd_dkdv", ckv_win, MODE=1, QCH=0, BTG=ckv_win["BT"], **plain),
         "slc_dq": spec("_selected_bwd", sq, N_SEL=16, NP=16, KV=False, HAVE_LSE=True, GIDX=1, SHARE=-1, SKIP=False,
                        FORCED=False,
                        TMA=False, **slc),
@@ -121,10 +121,14 @@ def _specs(HQ, H, Dk, Dv):
                      DOD=f"tensordesc<bf16[{blk}, {dims['BV']}]>")
         name = ("cmp", "win")[mode]
         for qch in ((1024, 0) if mode == 0 else (0,)):
-            specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch, **plain)
-        for qch in ((1024, 0) if mode == 0 else (0,)):  # the edges launch takes the TMA launch's chunks
-            specs[f"band_dkdv_{name}_edges_q{qch}"] = spec("_band_bwd_dkdv", dict(cfg, TMA=False, num_stages=1),
-                                                           MODE=mode, QCH=qch, **dict(band, EDGES=True, ADD=True))
+            specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch,
+                                                         BTG=cfg["BT"], **plain)
+        # the edges launch takes the TMA launch's chunks, at each tile it may run (backward.EDGE_ROWS)
+        for qch in ((1024, 0) if mode == 0 else (0,)):
+            for rows in (0, 32):
+                edge = dict(BW._edge_config(cfg, h, rows or None), TMA=False)
+                specs[f"band_dkdv_{name}_edges{rows or ''}_q{qch}"] = spec(
+                    "_band_bwd_dkdv", edge, MODE=mode, QCH=qch, BTG=cfg["BT"], **dict(band, EDGES=True, ADD=True))
     if sq["BT"] == 1:  # one position a tile: the slc forward and dq read their blocks through descriptors
         ddesc = dict(TYPES, IDX="*i64", TUNE_T="i32", KD0=f"tensordesc<bf16[64, {BK0}]>",
                      KD1=f"tensordesc<bf16[64, {BK1 or BK0}]>", VD=f"tensordesc<bf16[64, {dims['BV']}]>")

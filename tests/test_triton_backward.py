@@ -414,6 +414,31 @@ def test_compressed_backward(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, q_chunk):
     _check_compressed_backward(q, kc, vc, do, q_chunk, cmp_block=l, cmp_stride=d, cu_seqlens=cu_t)
 
 
+@pytest.mark.parametrize("branch", ["win", "cmp", "cmp-chunks"])
+@pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,w,cu", BAND_CASES[-3:-1])
+def test_band_backward_edge_tiles_smaller_than_the_descriptor_tiles(T, HQ, H, Dk, Dv, l, d, lp, n, w, cu, branch,
+                                                                   monkeypatch):
+    """backward.EDGE_ROWS = 32: the dk/dv's masked edge tiles walked in tiles of half the
+    descriptor tiles' rows (on the descriptor launch's grid of tiles), with cmp's chunks too;
+    the gradients equal the reference's and the edges launch took the smaller tile."""
+    monkeypatch.setattr(BW, "EDGE_ROWS", 32)
+    SL = BW.band_backward.__globals__
+    rec = Launches(SL["_band_bwd_dkdv"], 9)
+    monkeypatch.setitem(SL, "_band_bwd_dkdv", rec)
+    q, k, v, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, l, d, cu)
+    if branch == "win":
+        kw = dict(window=w, cu_seqlens=cu_t)
+        got = BW.sliding_window_backward(q, k, v, do, **kw)
+        ref = _ref_grads(lambda a, b, c: R.sliding_window_ref(a, b, c, **kw), (q, k, v), do)
+        for a, b in zip(got, ref):
+            _close(a, b)
+    else:
+        _check_compressed_backward(q, kc, vc, do, 1 if branch == "cmp-chunks" else 0, cmp_block=l, cmp_stride=d,
+                                   cu_seqlens=cu_t)
+    (main, _), (edges, _) = rec.calls
+    assert main["TMA"] and edges["EDGES"] and edges["BT"] * 2 == main["BT"] == edges["BTG"]
+
+
 @pytest.mark.parametrize("HQ,H", [(8, 2), (6, 2)], ids=["block-rows", "row-loads"])
 def test_band_backward_batch_rows_are_independent(HQ, H):
     """Batch 2 without cu_seqlens: the dk/dv's query blocks of the group-major copies start at

@@ -310,7 +310,7 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
                    WINDOW: tl.constexpr, HP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                    BK0: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                    UPCAST: tl.constexpr, QCH: tl.constexpr, TMA: tl.constexpr, EDGES: tl.constexpr,
-                   ADD: tl.constexpr):
+                   ADD: tl.constexpr, BTG: tl.constexpr):
     """Key-centric dk/dv (flash-attention-2): a program owns BN keys of one group and walks
     the query tiles that see them, so dk/dv stay in registers. QCH = 0: one program walks every
     such tile and stores dk/dv. QCH > 0 (cmp at long T, where the first key tiles are seen by
@@ -328,7 +328,8 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
     EDGES: the other (masked) tiles only, read row by row (do from the group-major copy),
     added into GK/GV (ADD; into chunk c's slice with QCH), a second launch after the TMA one (a
     mask's registers and the pipeline do not fit in one kernel). Neither: every tile, masked, q
-    and do as given."""
+    and do as given. BTG: the grid of positions on which the two launches split the tiles (the
+    TMA launch's BT; the edges may walk them in smaller tiles of BT, a divisor of BTG)."""
     BM: tl.constexpr = BT * HP
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -355,9 +356,9 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
     else:
         tq_lo = tl.maximum(n0 + k_offset - q_offset, 0)
         tq_hi = tl.minimum(n_last + k_offset + WINDOW - q_offset, q_len)
-    # tiles on one grid of BT positions from 0, whatever the launch: the chunks (QCH a multiple
-    # of BT) and the edge launch of TMA walk parts of the same tiles
-    tq_lo = (tq_lo // BT) * BT
+    # tiles on one grid of BTG positions from 0, whatever the launch: the chunks (QCH a multiple
+    # of BTG) and the edge launch of TMA walk parts of the same tiles
+    tq_lo = (tq_lo // BTG) * BTG
     if QCH > 0:  # this program's chunk
         c0 = tl.program_id(2) * QCH
         tq_lo = tl.maximum(tq_lo, c0)
@@ -375,8 +376,8 @@ def _band_bwd_dkdv(Q, K, V, DO, QD, QD1, DOD, LSE, DELTA, GK, GV, KTBL, SEQ, sm_
         else:  # positions that see the last key and still the first: [n_last, n0 + w - 1] + k_offset
             t_a = n_last + k_offset - q_offset
             t_b = tl.minimum(n0 + k_offset + WINDOW - q_offset, tq_hi)
-        t_a = tl.minimum(((tl.maximum(t_a, tq_lo) + BT - 1) // BT) * BT, tq_hi)  # whole tiles, in [tq_lo, tq_hi]
-        t_b = tl.maximum((tl.minimum(t_b, tq_hi) // BT) * BT, t_a)
+        t_a = tl.minimum(((tl.maximum(t_a, tq_lo) + BTG - 1) // BTG) * BTG, tq_hi)  # whole tiles, in [tq_lo, tq_hi]
+        t_b = tl.maximum((tl.minimum(t_b, tq_hi) // BTG) * BTG, t_a)
     if TMA:
         for tq0 in range(t_a, t_b, BT):
             t = ((g * NT + q_start + tq0) * G).to(tl.int32)  # the tile's first row in the copies
@@ -941,19 +942,37 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
         qd1 = TensorDescriptor.from_tensor(q2[:, BK0:], [bm, BK1]) if BK1 else qd
         dod = TensorDescriptor.from_tensor(do.view(-1, Dv), [bm, const["BV"]])
         _band_bwd_dkdv[grid](q, k, v, do, qd, qd1, dod, *args, QCH=qch, TMA=True, EDGES=False, ADD=False,
-                             **const, **cfg_kv)
+                             BTG=cfg_kv["BT"], **const, **cfg_kv)
         # the masked tiles, added into their chunk's slice: cmp's staircase rows (a 64-key tile's
         # last keys complete 1024 positions after its first) spread over the chunks' programs
-        edge = dict(cfg_kv, num_stages=1)
         _band_bwd_dkdv[grid](q, k, v, do, q, q, do, *args, QCH=qch, TMA=False, EDGES=True, ADD=True,
-                             **const, **edge)
+                             BTG=cfg_kv["BT"], **const, **_edge_config(cfg_kv, HQ // H))
     else:
         _band_bwd_dkdv[grid](q, k, v, do, q, q, do, *args, QCH=qch, TMA=False, EDGES=False, ADD=False,
-                             **const, **cfg_kv)
+                             BTG=cfg_kv["BT"], **const, **cfg_kv)
     if qch or tma:
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
     return dq, dk, dv
+
+
+EDGE_ROWS = None
+"""Rows of the band dk/dv's masked edge tiles (the launch after the descriptor tiles' one):
+None, the descriptor tile's 128 at 1 stage (pipelining them spills); 32, tiles of 32 rows at 3
+stages and 8 warps, the one spill-free pipelined edge tile (sm_90, paper geometry: 64 rows at 2
+stages spill 8-48 bytes, 128 rows 56-104). Off until `benchmarks/dq_tiles.py` times it on a GPU."""
+
+
+def _edge_config(cfg_kv: dict, h: int, rows: int | None = None) -> dict:
+    """The edges launch's tiles (``rows``, default :data:`EDGE_ROWS`) from the descriptor
+    launch's ``cfg_kv``."""
+    rows = EDGE_ROWS if rows is None else rows
+    if rows is None:
+        return dict(cfg_kv, num_stages=1)
+    HP, BT, _ = C.rows_for(h, rows)
+    if HP != cfg_kv["HP"] or cfg_kv["BT"] % BT:  # the two launches split one grid of tiles
+        return dict(cfg_kv, num_stages=1)
+    return dict(cfg_kv, BT=BT, num_warps=8, num_stages=3)
 
 
 BAND_DQ_TMA = True
