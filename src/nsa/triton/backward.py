@@ -960,7 +960,7 @@ EDGE_ROWS = None
 """Rows of the band dk/dv's masked edge tiles (the launch after the descriptor tiles' one):
 None, the descriptor tile's 128 at 1 stage (pipelining them spills); 32, tiles of 32 rows at 3
 stages and 8 warps, the one spill-free pipelined edge tile (sm_90, paper geometry: 64 rows at 2
-stages spill 8-48 bytes, 128 rows 56-104). Off until `benchmarks/dq_tiles.py` times it on a GPU."""
+stages spill 8-48 bytes, 128 rows 56-104). Off until `benchmarks/edge_tiles.py` times it on a GPU."""
 
 
 def _edge_config(cfg_kv: dict, h: int, rows: int | None = None) -> dict:
