@@ -123,9 +123,10 @@ def _specs(HQ, H, Dk, Dv):
         for qch in ((1024, 0) if mode == 0 else (0,)):
             specs[f"band_dkdv_{name}_tma_q{qch}"] = spec("_band_bwd_dkdv", cfg, descs, MODE=mode, QCH=qch,
                                                          BTG=cfg["BT"], **plain)
-        # the edges launch takes the TMA launch's chunks, at each tile it may run (backward.EDGE_ROWS)
+        # the edges launch takes the TMA launch's chunks, at each tile it may run (backward.EDGE_ROWS;
+        # 32 rows, off until timed, at the paper's head dims)
         for qch in ((1024, 0) if mode == 0 else (0,)):
-            for rows in (0, 32):
+            for rows in ((0, 32) if (Dk, Dv) == (192, 128) else (0,)):
                 edge = dict(BW._edge_config(cfg, h, rows or None), TMA=False)
                 specs[f"band_dkdv_{name}_edges{rows or ''}_q{qch}"] = spec(
                     "_band_bwd_dkdv", edge, MODE=mode, QCH=qch, BTG=cfg["BT"], **dict(band, EDGES=True, ADD=True))
