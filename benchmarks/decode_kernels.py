@@ -22,20 +22,25 @@ from profile_kernels import device_ms
 PAPER = dict(HQ=64, H=4, Dk=192, Dv=128, l=32, d=16, w=512)
 
 
-def kernel_us(B: int, T: int, S: int, steps: int = 50) -> dict:
-    """Mean device microseconds per replayed step of each kernel of ``nsa_decode``."""
+def paper_inputs(B: int, T: int, S: int = 1):
+    """((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), cache_seqlens) of a decode step in
+    the paper configuration: B sequences of T cached tokens, S new tokens each, random bf16."""
     c, dev = PAPER, "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
     H, HQ, Dk, Dv, w = c["H"], c["HQ"], c["Dk"], c["Dv"], c["w"]
     tc = (T - c["l"]) // c["d"] + 1
-    q, kc, vc = mk(B, S, HQ, Dk), mk(B, tc, H, Dk), mk(B, tc, H, Dv)
-    k, v, kw, vw = mk(B, T, H, Dk), mk(B, T, H, Dv), mk(B, w, H, Dk), mk(B, w, H, Dv)
-    gates = torch.rand(B, S, HQ, 3, device=dev, generator=gen).to(torch.bfloat16)
-    lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+    x = (mk(B, S, HQ, Dk), mk(B, tc, H, Dk), mk(B, tc, H, Dv), mk(B, T, H, Dk), mk(B, T, H, Dv), mk(B, w, H, Dk),
+         mk(B, w, H, Dv), torch.rand(B, S, HQ, 3, device=dev, generator=gen).to(torch.bfloat16))
+    return x, torch.full((B,), T, dtype=torch.int32, device=dev)
+
+
+def kernel_us(B: int, T: int, S: int, steps: int = 50) -> dict:
+    """Mean device microseconds per replayed step of each kernel of ``nsa_decode``."""
+    x, lens = paper_inputs(B, T, S)
 
     def step():
-        return nsa_decode(q, kc, vc, k, v, kw, vw, gates, cache_seqlens=lens, max_seqlen=T)
+        return nsa_decode(*x, cache_seqlens=lens, max_seqlen=T)
 
     for _ in range(3):  # compile and autotune outside the graph
         step()
@@ -43,7 +48,7 @@ def kernel_us(B: int, T: int, S: int, steps: int = 50) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=dev)  # larger than L2
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")  # larger than L2
     for _ in range(10):
         flush.zero_()
         graph.replay()

@@ -17,25 +17,16 @@ import triton
 from nsa import nsa_decode
 from nsa.apps.bench import result_meta
 from nsa.triton import decode as D
+from decode_kernels import paper_inputs  # benchmarks/ (the script's folder is on the path)
 
 CASES = [(1, 65536), (1, 131072), (16, 65536)]  # (batch, cached tokens)
-
-
-def inputs(B: int, T: int):
-    dev, gen = "cuda", torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
-    H, HQ, Dk, Dv, w = 4, 64, 192, 128, 512
-    tc = (T - 32) // 16 + 1
-    x = (mk(B, 1, HQ, Dk), mk(B, tc, H, Dk), mk(B, tc, H, Dv), mk(B, T, H, Dk), mk(B, T, H, Dv), mk(B, w, H, Dk),
-         mk(B, w, H, Dv), torch.rand(B, 1, HQ, 3, device=dev, generator=gen).to(torch.bfloat16))
-    return x, torch.full((B,), T, dtype=torch.int32, device=dev)
 
 
 def main() -> None:
     out = sys.argv[1]
     rows = []
     for B, T in CASES:
-        x, lens = inputs(B, T)
+        x, lens = paper_inputs(B, T)
         step = lambda: nsa_decode(*x, cache_seqlens=lens, max_seqlen=T)  # noqa: E731
         row, outs = dict(batch=B, T=T), {}
         for rnd in range(2):

@@ -14,7 +14,7 @@ import traceback
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
 from nsa.triton import selected as S
-from tma_ab import ab_main, ab_state, alternated_steps  # benchmarks/ (the script's folder is on the path)
+from tma_ab import ab_main, ab_state, alternated_steps, maxdiffs  # benchmarks/ (the script's folder is on the path)
 
 
 def ab(T: int, c: dict) -> dict:
@@ -39,10 +39,7 @@ def ab(T: int, c: dict) -> dict:
             traceback.print_exc(limit=5)
             row[f"{tag}_error"] = repr(e)[:300]
     S.FORCED = True
-    if "forced" in outs and "walk" in outs:
-        for n in ("", "_dq"):
-            diff = outs["forced" + n].float() - outs["walk" + n].float()
-            row[f"{n.strip('_') or 'o'}_maxdiff"] = diff.abs().max().item()
+    row.update(maxdiffs(outs, "forced", "walk", ("", "_dq")))
     row.update(alternated_steps(T, c, x, lambda on: setattr(S, "FORCED", on), names=("walk", "forced")))
     print(row, flush=True)
     return row

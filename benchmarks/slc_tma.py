@@ -15,7 +15,7 @@ import torch
 from nsa.apps import bench as Bn
 from nsa.triton import backward as BW
 from nsa.triton import selected as S
-from tma_ab import ab_main, ab_state, alternated_steps  # benchmarks/ (the script's folder is on the path)
+from tma_ab import ab_main, ab_state, alternated_steps, maxdiffs  # benchmarks/ (the script's folder is on the path)
 
 
 def ab(T: int, c: dict) -> dict:
@@ -41,9 +41,7 @@ def ab(T: int, c: dict) -> dict:
             row[f"{tag}_error"] = repr(e)[:300]
     if "tma" in outs and "ptr" in outs:
         row["o_same"] = bool(torch.equal(outs["tma"], outs["ptr"]))
-        for n in ("", "_dq", "_dk"):
-            diff = outs["tma" + n].float() - outs["ptr" + n].float()
-            row[f"{n.strip('_') or 'o'}_maxdiff"] = diff.abs().max().item()
+    row.update(maxdiffs(outs, "tma", "ptr", ("", "_dq", "_dk")))
     row.update(alternated_steps(T, c, x, lambda on: setattr(S, "TMA", on)))
     print(row, flush=True)
     return row

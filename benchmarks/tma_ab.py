@@ -48,6 +48,15 @@ def ab_main(ab, timing: str) -> None:
         json.dump(dict(meta=Bn.result_meta(timing), rows=rows), f, indent=1)
 
 
+def maxdiffs(outs: dict, a: str, b: str, parts=("",)) -> dict:
+    """{"o_maxdiff", "<part>_maxdiff": max |outs[a + part] - outs[b + part]|} for each of
+    ``parts`` ("" the output, "_dq", ...), or {} where either variant failed."""
+    if a not in outs or b not in outs:
+        return {}
+    return {f"{n.strip('_') or 'o'}_maxdiff": (outs[a + n].float() - outs[b + n].float()).abs().max().item()
+            for n in parts}
+
+
 def alternated_steps(T: int, c: dict, x, switch, names=("ptr", "tma")) -> dict:
     """The NSA training step (``nsa bench train``'s) with ``switch(False)`` (pointer loads) and
     ``switch(True)`` (descriptors) alternated twice, ``switch(True)`` after: {"step_ptr": [...],
@@ -71,8 +80,6 @@ def ab(T: int, c: dict) -> dict:
     q, kc, vc, k, v, kw, vw, gates = x
     o_cmp, lse_cmp, idx, o_slc, lse_slc, o_win, lse_win, do, sc, seq, lens, win = state
     geo = dict(cmp_block=c["l"], cmp_stride=c["d"])
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    g = dict(gates=gates, d_gates=torch.zeros(gates.shape, dtype=torch.float32, device=q.device))
     kernels = {  # name: (flag, fn)
         "cmp_fwd": ((band, "TMA"), lambda: band.band_attention(q, kc, vc, mode=0, scale=sc, seq=seq, lens=lens,
                                                                write_lse=True, **geo)),

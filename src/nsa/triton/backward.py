@@ -741,7 +741,9 @@ def _tidx_items(STARTS, ENDS, FIRST, ITEMS, SEGS, n_r, n_items, H: tl.constexpr,
 
 
 # ------------------------------------------------------------------------------ launchers
-_FORCED_ARGS = ("HQ", "G", "DK", "DV", "SEL_L", "BS", "BK0", "BK1", "BV", "PREC", "UPCAST")
+_FORCED_ARGS = ("HQ", "G", "DK", "DV", "SEL_L", "BS", "BK0", "BK1", "BV", "PREC", "UPCAST")  # _forced_bwd_dq's
+
+
 def _tma_rows(h: int, dtype: torch.dtype, device, interp: bool) -> bool:
     """Whether the band dk/dv reads its query tiles through tensor descriptors (``TMA`` of
     :func:`_band_bwd_dkdv`): heads a group a power of two up to 128 (tiles without padding
@@ -811,6 +813,7 @@ def slc_dq_config(cfg: dict, tma: bool) -> dict:
     if tma and cfg["BT"] == 1 and cfg["HP"] <= 16:
         return dict(cfg, num_warps=SLC_DQ_TMA_WARPS)
     return cfg
+
 
 SLC_SPAN = None
 """Query positions a span of the slc dk/dv's index (:func:`transposed_index`'s ``span``; 0: the

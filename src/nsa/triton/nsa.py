@@ -59,7 +59,8 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     idx = select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]
-    # the selection's lists hold every position's forced blocks: several positions a tile attend those
+    # the selection's lists hold every position's forced blocks (attended by tiles of several
+    # positions where selected.FORCED is on)
     o_slc = selected_attention_triton(q, k_slc, v_slc, idx, sel_block=sel_block, scale=sc,
                                       cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux, forced=True)
     o_slc, lse_slc = o_slc if aux else (o_slc, None)
