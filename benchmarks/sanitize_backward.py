@@ -1,7 +1,7 @@
 """Forward + backward at an odd varlen shape (for compute-sanitizer memcheck / racecheck).
 
     compute-sanitizer --tool memcheck python benchmarks/sanitize_backward.py [det|nodet] [--split] [--dense]
-        [--packed] [--no-tma] [--chunks] [--forced]
+        [--packed] [--no-tma] [--chunks] [--forced] [--edges32]
 
 det / nodet: only deterministic=True / False (default both); --split: the slc kernels' split
 launch on (nsa.triton.selected.SPLIT, off by default): 16 heads a group here, so it applies;
@@ -11,7 +11,8 @@ positions through cuDNN (cmp_dense.dense_spans, MIN_LEN lowered); --no-tma: ever
 tiles by pointer loads (band.TMA, select.TMA, backward.BAND_DQ_TMA and selected.TMA off; all on
 by default); --chunks: the cmp dk/dv split into query chunks of 128 positions (its descriptor
 tiles and masked edge tiles per chunk), which the GPU's sizing leaves off at this length;
---forced: the forced blocks in 8-position tiles (nsa.triton.selected.FORCED, off by default).
+--forced: the forced blocks in 8-position tiles (nsa.triton.selected.FORCED, off by default);
+--edges32: the band dk/dv's masked edge tiles at 32 rows (nsa.triton.backward.EDGE_ROWS).
 """
 import sys
 import torch
@@ -29,6 +30,7 @@ if packed:
 if "--no-tma" in sys.argv[1:]:  # pointer loads everywhere
     band.TMA = select.TMA = backward.BAND_DQ_TMA = selected.TMA = False
 selected.FORCED = "--forced" in sys.argv[1:]
+backward.EDGE_ROWS = 32 if "--edges32" in sys.argv[1:] else None
 if "--chunks" in sys.argv[1:]:
     backward._q_chunk = lambda q_chunk, n_kprog, t_max, BT, device: C.cdiv(128, BT) * BT
 torch.manual_seed(0)

@@ -3,12 +3,19 @@ read nothing outside the pools, on the first call and when relaunched, also with
 table entries (clamped) past and within what the lengths need (the max_seqlen path does not
 check the table).
 
-    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py
+    compute-sanitizer --tool memcheck python benchmarks/sanitize_decode.py [--pdl]
+
+--pdl: kernels 2-5 as programmatic dependent launches (nsa.triton.decode.PDL, off by default).
 """
+import sys
+
 import torch
 
 from nsa import nsa_decode
 from nsa.reference import compress_mean
+from nsa.triton import decode
+
+decode.PDL = "--pdl" in sys.argv[1:]
 
 torch.manual_seed(0)
 dev = "cuda"

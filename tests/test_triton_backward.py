@@ -714,6 +714,34 @@ def test_gpu_nsa_backward_deterministic():
         assert ((a.float() - f.float()).norm() / f.float().norm()).item() < 1e-2
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu", [None, [0, 77, 3000, 3001, 4099]], ids=["one", "varlen"])
+def test_gpu_dkdv_beside_equals_one_stream(cu, monkeypatch):
+    """The cmp and slc dk/dv launches on a side stream (backward.DKDV_BESIDE) give the
+    gradients of one stream bit for bit (deterministic=True), also when the stream's memory is
+    reused by the next step at once; the default path's within its atomics' reordering."""
+    T, HQ, H, Dk, Dv = 4099, 64, 4, 192, 128
+    q, k, v, kc, vc, do, cu_t = _inputs(T, HQ, H, Dk, Dv, 32, 16, cu=cu, dtype=torch.bfloat16)
+    gates = torch.rand(1, T, HQ, 3, device=DEV).to(torch.bfloat16)
+    args = (q, kc, vc, k, v, k.flip(1), v.flip(1), gates)
+
+    def run(det):
+        return _ref_grads(lambda *a: nsa.nsa_func(*a, backend="triton", deterministic=det, cu_seqlens=cu_t), args, do)
+
+    outs = {}
+    for beside in (False, True):
+        monkeypatch.setattr(BW, "DKDV_BESIDE", beside)
+        outs[beside] = [[g.clone() for g in run(det)] for det in (True, False, True)]
+    for one, side in zip(outs[False], outs[True]):
+        for a, b in zip(one, side):
+            assert not torch.isnan(b).any()
+            assert ((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12)).item() < 1e-2
+    for det in (0, 2):
+        for a, b in zip(outs[False][det], outs[True][det]):
+            assert torch.equal(a, b)
+
+
 def test_branch_backward_varlen_empty_sequence():
     """A zero-length sequence inside cu_seqlens contributes no program and no gradient."""
     q, k, v, kc, vc, do, cu_t = _inputs(30, 4, 2, 32, 32, 8, 4, cu=[0, 0, 11, 11, 30])

@@ -10,6 +10,7 @@ each with its start row in the flattened ``[B*T]`` query, key and compressed-key
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -146,6 +147,47 @@ def tma_tile(D, row, col, UPCAST: tl.constexpr):
 def interpreting() -> bool:
     """True when Triton runs on the CPU interpreter (CPU debugging and CI)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_STREAMS: dict = {}  # (device, name) -> a side stream
+
+
+def side_stream(device, name: str):
+    """The CUDA device's side stream ``name``, for launches that may overlap the current
+    stream's; None under the interpreter, off CUDA and while a graph is captured (the launches
+    then stay on the current stream)."""
+    if device.type != "cuda" or interpreting() or torch.cuda.is_current_stream_capturing():
+        return None
+    key = (device, name)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
+
+
+@contextlib.contextmanager
+def on_side(stream, *used):
+    """Launches in the block go to ``stream`` (None: the current stream), after the current
+    stream's work so far. ``used``: tensors of the current stream that the block reads or
+    writes; the allocator does not hand out their memory again before ``stream`` has done that
+    work. The current stream waits for it at :func:`join_side`."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in used:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
+
+
+def join_side(stream, *made) -> None:
+    """The current stream waits for ``stream``'s work (None: nothing to wait for); ``made``:
+    tensors allocated on ``stream`` that the current stream uses and frees from here."""
+    if stream is None:
+        return
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+    for t in made:
+        t.record_stream(torch.cuda.current_stream(stream.device))
 
 
 def cdiv(a: int, b: int) -> int:

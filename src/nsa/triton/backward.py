@@ -856,7 +856,8 @@ def _slc_configs(h: int, Dk: int, Dv: int, interp: bool) -> tuple[dict, dict]:
 
 def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_offset=0,
                   k_offset=0, cmp_block=1, cmp_stride=1, window=1, dq_acc=None, q_chunk=None,
-                  gates=None, gate=0, d_gates=None, dq_mode=0, dq_out=None, q_gm=None, write_q_gm=True):
+                  gates=None, gate=0, d_gates=None, dq_mode=0, dq_out=None, q_gm=None, write_q_gm=True,
+                  dkdv_stream=None):
     """Gradients of :func:`.band.band_attention` (MODE 0 cmp / 1 win): two launches, dq
     query-centric and dk/dv key-centric (flash-attention-2), deterministic on every path (no
     atomics). q_chunk (cmp only; None picks it from the GPU's size, 0 turns it off): query
@@ -882,6 +883,10 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     the dk/dv kernel's descriptor tiles read, written by this call's dq kernel when
     ``write_q_gm`` (else already written by an earlier branch of the same backward); None: a
     copy of this call's own.
+
+    dkdv_stream (:func:`C.side_stream`, None: the current stream): where the dk/dv launches
+    go, after the dq kernel, so that they overlap the caller's next launches; dk and dv are
+    then ready after :func:`C.join_side` of that stream.
     """
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous()
     B, T, HQ, Dk = q.shape
@@ -922,10 +927,23 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated or TMA) for the dk/dv kernel
     if dq_mode == 2:
         dq = dq_out
+    used = (q, k, v, do, lse, delta, seq, dk, dv) + ((q_gm,) if tma else ())
+    with C.on_side(dkdv_stream, *used):
+        _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, lens, mode, scale, q_offset, k_offset, q_chunk,
+                   const, cfg_kv)
+    return dq, dk, dv
+
+
+def _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, lens, mode, scale, q_offset, k_offset, q_chunk,
+               const, cfg_kv):
+    """The dk/dv launches of :func:`band_backward` (written into dk and dv)."""
+    B, T, HQ, Dk = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    BK0, BK1 = const["BK0"], const["BK1"]
     klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
     ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
     if not ktbl.shape[0]:
-        return dq, dk, dv
+        return
     qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
     n_ch = C.cdiv(max(lens), qch) if qch else 1
     tma = cfg_kv.pop("TMA")
@@ -956,7 +974,6 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     if qch or tma:
         dk.copy_(gk.sum(0))
         dv.copy_(gv.sum(0))
-    return dq, dk, dv
 
 
 EDGE_ROWS = None
@@ -1135,31 +1152,18 @@ def slc_index(block_indices, seq, lens, H: int, sel_block: int, chunk: int, q_of
     return transposed_index_triton(block_indices, seq, lens, H, sel_block, chunk, q_offset, span)
 
 
-_SIDE: dict = {}  # device -> the side stream that builds the transposed index
-
-
 def slc_index_beside(*args):
-    """:func:`slc_index` (same arguments) started on a side stream (CUDA; on the current one
-    elsewhere and while capturing a graph), to overlap other work: its small latency-bound
-    kernels (at 8k in the paper geometry on an H100 0.25 ms counted, 0.76 sorted) serve only
-    the slc dk/dv kernel. Returns ``join``: ``join()`` makes the current stream wait for the
-    index and returns it."""
-    dev = args[0].device
-    if dev.type != "cuda" or C.interpreting() or torch.cuda.is_current_stream_capturing():
-        index = slc_index(*args)
-        return lambda: index
-    main = torch.cuda.current_stream(dev)
-    side = _SIDE.get(dev)
-    if side is None:
-        side = _SIDE[dev] = torch.cuda.Stream(dev)
-    side.wait_stream(main)  # block_indices is ready
-    with torch.cuda.stream(side):
+    """:func:`slc_index` (same arguments) started on a side stream (:func:`C.side_stream`; the
+    current one where there is none), to overlap other work: its small latency-bound kernels
+    (at 8k in the paper geometry on an H100 0.25 ms counted, 0.76 sorted) serve only the slc
+    dk/dv kernel. Returns ``join``: ``join()`` makes the current stream wait for the index and
+    returns it."""
+    side = C.side_stream(args[0].device, "index")
+    with C.on_side(side, args[0]):
         index = slc_index(*args)
 
     def join():
-        main.wait_stream(side)
-        for t in index:  # allocated on the side stream, used and freed on the main one
-            t.record_stream(main)
+        C.join_side(side, *index)  # allocated on the side stream, used and freed on the current one
         return index
 
     return join
@@ -1167,7 +1171,8 @@ def slc_index_beside(*args):
 
 def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: float, seq, lens,
                       q_offset=0, dq_acc=None, dkdv="transposed", chunk=None, span=None, lse=None,
-                      deterministic=False, gates=None, d_gates=None, index=None, forced=False):
+                      deterministic=False, gates=None, d_gates=None, index=None, forced=False,
+                      dkdv_stream=None):
     """Gradients of :func:`.selected.selected_attention_triton`.
 
     q ``[B, T, HQ, Dk]``, k ``[B, Tk, H, Dk]``, v ``[B, Tk, H, Dv]``, block_indices
@@ -1184,7 +1189,8 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
     the ``join`` of :func:`slc_index_beside` started earlier with the same ``chunk``, ``span``,
     ``q_offset`` and ``deterministic`` (default: built here). forced (with lse): the lists hold
     their positions' forced blocks, as the forward's ``forced``: their dq share comes from
-    :func:`_forced_bwd_dq` where the forward took them apart.
+    :func:`_forced_bwd_dq` where the forward took them apart. dkdv_stream ("transposed"): as
+    :func:`band_backward`'s.
     """
     if deterministic and dkdv != "transposed":
         raise ValueError("deterministic=True needs dkdv='transposed'")
@@ -1243,23 +1249,34 @@ def selected_backward(q, k, v, block_indices, o, do, *, sel_block: int, scale: f
         chunk = chunk or cfg_kv["chunk"]
         span = _slc_span(cfg_kv["span"] if span is None else span, lens)
         del cfg_kv["chunk"], cfg_kv["span"]
-        items, qpos, segs = (index() if index else
-                             slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic, span))
-        if items.shape[0]:
-            BS = common["BS"]
-            gk, gv = dk, dv
-            if deterministic:
-                gk = torch.empty(items.shape[0], BS, Dk, dtype=torch.float32, device=q.device)
-                gv = torch.empty(items.shape[0], BS, Dv, dtype=torch.float32, device=q.device)
-            _selected_bwd_dkdv[(items.shape[0],)](
-                q, k, v, do, do, lse, delta, gk, gv, items, qpos, seq, float(scale), int(q_offset),
-                PARTIAL=deterministic, CH=C.next_pow2(chunk), **common, **cfg_kv)
-            if deterministic:
-                for part, out, D in ((gk, dk, Dk), (gv, dv, Dv)):
-                    BD = min(64, max(16, C.next_pow2(D)))
-                    _segment_sum[(segs.shape[0], C.cdiv(D, BD))](
-                        part, out, segs, items, seq, H=H, D=D, SEL_L=sel_block, BS=BS, BD=BD, num_warps=4)
+        index = index() if index else None
+        with C.on_side(dkdv_stream, q, k, v, do, lse, delta, dk, dv, seq, block_indices, *(index or ())):
+            if index is None:
+                index = slc_index(block_indices, seq, lens, H, sel_block, chunk, q_offset, deterministic, span)
+            _slc_dkdv(q, k, v, do, lse, delta, dk, dv, seq, index, sel_block, scale, q_offset, chunk, deterministic,
+                      common, cfg_kv)
     return dq, dk, dv
+
+
+def _slc_dkdv(q, k, v, do, lse, delta, dk, dv, seq, index, sel_block, scale, q_offset, chunk, deterministic,
+              common, cfg_kv):
+    """The dk/dv launches of :func:`selected_backward`'s transposed path (added into dk and dv)."""
+    items, qpos, segs = index
+    if not items.shape[0]:
+        return
+    H, Dk, Dv, BS = k.shape[2], k.shape[3], v.shape[3], common["BS"]
+    gk, gv = dk, dv
+    if deterministic:
+        gk = torch.empty(items.shape[0], BS, Dk, dtype=torch.float32, device=q.device)
+        gv = torch.empty(items.shape[0], BS, Dv, dtype=torch.float32, device=q.device)
+    _selected_bwd_dkdv[(items.shape[0],)](
+        q, k, v, do, do, lse, delta, gk, gv, items, qpos, seq, float(scale), int(q_offset),
+        PARTIAL=deterministic, CH=C.next_pow2(chunk), **common, **cfg_kv)
+    if deterministic:
+        for part, out, D in ((gk, dk, Dk), (gv, dv, Dv)):
+            BD = min(64, max(16, C.next_pow2(D)))
+            _segment_sum[(segs.shape[0], C.cdiv(D, BD))](
+                part, out, segs, items, seq, H=H, D=D, SEL_L=sel_block, BS=BS, BD=BD, num_warps=4)
 
 
 # ------------------------------------------------------------------------------ functions
@@ -1309,6 +1326,13 @@ def selected_attention_backward(q, k_slc, v_slc, block_indices, o, do, *, sel_bl
                                    scale=default_scale(scale, q.shape[-1]), seq=seq, lens=lens,
                                    q_offset=q_offset, lse=lse, deterministic=deterministic)
     return dq.to(q.dtype), dk.to(k_slc.dtype), dv.to(v_slc.dtype)
+
+
+DKDV_BESIDE = False
+"""Whether :func:`nsa_backward` runs the cmp (band kernel) and slc dk/dv launches on a side stream
+(:func:`nsa.triton._common.side_stream`), beside the slc and window dq kernels that follow them
+on the current stream: the dk/dv kernels are latency-bound at one program a multiprocessor, the
+slc dq L2-bound. Off until `benchmarks/dkdv_beside.py` times it on a GPU."""
 
 
 def nsa_backward(grad_o, inputs, saved, kw, needs=None):
@@ -1365,17 +1389,21 @@ def nsa_backward(grad_o, inputs, saved, kw, needs=None):
         _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=blens, **cmp)
         dense = cmp_dense.attempt(cmp_dense.gated_backward_spans, grad_o, q, k_cmp, v_cmp, o_cmp, lse_cmp, gates,
                                   d_gates, spans, dk_cmp, dv_cmp, cmp_block=l, cmp_stride=d, scale=sc, dq=dq)
+    # the cmp and slc dk/dv launches beside the next branches' dq (DKDV_BESIDE)
+    side = C.side_stream(q.device, "dkdv") if DKDV_BESIDE else None
     if dense is None:  # (the band dq kernel stores dq and the gate's gradient whole, over a failed attempt's)
-        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=lens, **cmp)
+        _, dk_cmp, dv_cmp = band_backward(q, k_cmp, v_cmp, o_cmp, lse_cmp, grad_o, lens=lens, dkdv_stream=side,
+                                          **cmp)
     _, dk_slc, dv_slc = selected_backward(q, k_slc, v_slc, idx, o_slc, grad_o, sel_block=kw["sel_block"],
                                           scale=sc, seq=seq, lens=lens, q_offset=qo, dq_acc=dq,
                                           lse=lse_slc, deterministic=det, chunk=chunk, span=span, index=index,
-                                          forced=True, **gkw)
+                                          forced=True, dkdv_stream=side, **gkw)
     dq, dk_win, dv_win = band_backward(q, k_win, v_win, o_win, lse_win, grad_o, mode=1, scale=sc,
                                        seq=seq, lens=lens, q_offset=qo, k_offset=kw["win_k_offset"],
                                        window=kw["window"], dq_acc=dq, gate=2, dq_mode=2,
                                        dq_out=torch.empty_like(q), q_gm=qg,
                                        write_q_gm=dense is not None or not k_cmp.numel(), **gkw)
+    C.join_side(side)
     grads = (dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, d_gates)
     needs = [x.requires_grad for x in inputs] if needs is None else needs
     return tuple(gr.to(x.dtype) if need else None for gr, x, need in zip(grads, inputs, needs))
