@@ -452,6 +452,31 @@ def test_nsa_func(c, shared):
     _close(nsa.nsa_func(*args, backend="triton", **kw), R.nsa_ref(*args, **kw))
 
 
+@pytest.mark.parametrize("c", NSA_CASES[1:])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_window_beside_equals_fused_epilogue(c, dtype, monkeypatch):
+    """The window as a pass of its own, mixed by band.gate_mix (nsa.WIN_BESIDE; on a side stream
+    on a GPU), gives the fused epilogue's output bit for bit, and for the backward the same o_win
+    and lse_win."""
+    from nsa.triton import nsa as N
+    c = dict(c)
+    cu = c.pop("cu", None)
+    q, k, v, kc, vc, gates, cu_t = _inputs(c["T"], c["HQ"], c["H"], c["Dk"], c["Dv"], c["l"], c["d"], cu, dtype)
+    args = (q, kc, vc, k, v, k.flip(1), v.flip(1), gates)
+    kw = dict(cmp_block=c["l"], cmp_stride=c["d"], sel_block=c["lp"], sel_count=c["n"], window=c["w"], scale=None,
+              cu_seqlens=cu_t, q_offset=0, win_k_offset=0, aux=True, save_win=True)
+    outs = {}
+    for beside in (False, True):
+        monkeypatch.setattr(N, "WIN_BESIDE", beside)
+        o, saved = N._nsa_forward(*args, **kw)
+        outs[beside] = (o, saved[5], saved[6])
+        assert torch.equal(N._nsa_forward(*args, **dict(kw, aux=False)), o)
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)
+    _close(outs[True][0].float(), R.nsa_ref(*args, **{k_: kw[k_] for k_ in list(kw)[:5]}, cu_seqlens=cu_t).float(),
+           tol=2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
 def test_launch_tables_follow_the_packing():
     """The launchers cache their per-sequence tables (building one copies host -> device and
     waits for the stream): two packings of the same total length, one after the other, must

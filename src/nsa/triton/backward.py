@@ -1332,7 +1332,7 @@ DKDV_BESIDE = False
 """Whether :func:`nsa_backward` runs the cmp (band kernel) and slc dk/dv launches on a side stream
 (:func:`nsa.triton._common.side_stream`), beside the slc and window dq kernels that follow them
 on the current stream: the dk/dv kernels are latency-bound at one program a multiprocessor, the
-slc dq L2-bound. Off until `benchmarks/dkdv_beside.py` times it on a GPU."""
+slc dq L2-bound. Off until `benchmarks/beside.py` times it on a GPU."""
 
 
 def nsa_backward(grad_o, inputs, saved, kw, needs=None):

@@ -172,8 +172,36 @@ def _band_fwd(Q, K, V, KD0, KD1, VD, O, LSE, GATES, OCMP, OSLC, OBR, TBL, SEQ, T
         g2 = tl.load(Gb + rel * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
         oc = tl.load(OCMP + row0 * DV + o_off, mask=o_mask, other=0.0).to(tl.float32)
         osl = tl.load(OSLC + row0 * DV + o_off, mask=o_mask, other=0.0).to(tl.float32)
-        o = g0[:, None] * oc + g1[:, None] * osl + g2[:, None] * o
+        o = _mix(g0, g1, g2, oc, osl, o)
     tl.store(O + row0 * DV + o_off, o.to(O.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _mix(g0, g1, g2, oc, osl, ow):
+    """Eq. 5 in fp32, one expression for the window's epilogue and :func:`_gate_mix`."""
+    return g0[:, None] * oc + g1[:, None] * osl + g2[:, None] * ow
+
+
+@triton.jit
+def _gate_mix(GATES, OCMP, OSLC, OWIN, O, OBR, n_rows, DV: tl.constexpr, BV: tl.constexpr, BR: tl.constexpr,
+              WRITE_BRANCH: tl.constexpr):
+    """o = g0*o_cmp + g1*o_slc + g2*o_win for BR rows of [rows, DV] a program, o_win the window's
+    fp32 output (unrounded, as the epilogue mixes it: the same o bit for bit); WRITE_BRANCH: o_win
+    also in OBR's dtype."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    ok = r < n_rows
+    dv = tl.arange(0, BV)
+    off = r[:, None] * DV + dv[None, :]
+    m = ok[:, None] & (dv[None, :] < DV)
+    g0 = tl.load(GATES + r * 3, mask=ok, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + r * 3 + 1, mask=ok, other=0.0).to(tl.float32)
+    g2 = tl.load(GATES + r * 3 + 2, mask=ok, other=0.0).to(tl.float32)
+    oc = tl.load(OCMP + off, mask=m, other=0.0).to(tl.float32)
+    osl = tl.load(OSLC + off, mask=m, other=0.0).to(tl.float32)
+    ow = tl.load(OWIN + off, mask=m, other=0.0)
+    if WRITE_BRANCH:
+        tl.store(OBR + off, ow.to(OBR.dtype.element_ty), mask=m)
+    tl.store(O + off, _mix(g0, g1, g2, oc, osl, ow).to(O.dtype.element_ty), mask=m)
 
 
 
@@ -211,17 +239,17 @@ def _config(h: int, Dk: int, Dv: int, interp: bool) -> dict:
 def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens: list[int],
                    q_offset: int = 0, k_offset: int = 0, cmp_block: int = 1, cmp_stride: int = 1,
                    window: int = 1, write_lse: bool = False, gates=None, o_cmp=None, o_slc=None,
-                   o_branch=None):
+                   o_branch=None, out_dtype=None):
     """Launch :func:`_band_fwd`. q [B, T, HQ, Dk], k [B, Tk, H, Dk], v [B, Tk, H, Dv] contiguous.
     With gates (and o_cmp, o_slc) o is the gated mix; ``o_branch`` ([B, T, HQ, Dv], contiguous)
     then receives the branch's own output as well.
 
-    Returns (o [B, T, HQ, Dv] in q's dtype, lse [B, T, HQ] fp32 or None).
+    Returns (o [B, T, HQ, Dv] in ``out_dtype`` (default q's), lse [B, T, HQ] fp32 or None).
     """
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[3]
     h = HQ // H
-    o = torch.empty(B, T, HQ, Dv, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, T, HQ, Dv, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if write_lse else None
     if B * T == 0:
         return o, lse
@@ -243,6 +271,22 @@ def band_attention(q, k, v, *, mode: int, scale: float, seq: torch.Tensor, lens:
         WRITE_LSE=write_lse, FUSE_GATES=fuse, WRITE_BRANCH=o_branch is not None, PREC=C.dot_precision(q.dtype),
         UPCAST=C.upcast(q.dtype), TMA=tma, **launch)
     return o, lse
+
+
+def gate_mix(gates, o_cmp, o_slc, o_win, o_branch=None):
+    """Eq. 5 as a pass of its own (:func:`_gate_mix`): o = g0*o_cmp + g1*o_slc + g2*o_win in
+    o_cmp's dtype, equal bit for bit to the window's fused epilogue (:func:`band_attention` with
+    gates) when o_win is its fp32 output. gates [B, T, HQ, 3], o_* [B, T, HQ, Dv] contiguous;
+    ``o_branch`` (o_win's shape): receives o_win in its own dtype."""
+    o = torch.empty_like(o_cmp)
+    rows, Dv = o.numel() // max(o.shape[-1], 1), o.shape[-1]
+    if rows == 0:
+        return o
+    BV = max(16, C.next_pow2(Dv))
+    BR = max(1, 4096 // BV)  # 4k elements a program
+    _gate_mix[(C.cdiv(rows, BR),)](gates, o_cmp, o_slc, o_win, o, o if o_branch is None else o_branch, rows,
+                                   DV=Dv, BV=BV, BR=BR, WRITE_BRANCH=o_branch is not None, num_warps=4)
+    return o
 
 
 def default_scale(scale, Dk: int) -> float:

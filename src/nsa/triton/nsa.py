@@ -22,9 +22,17 @@ import torch
 
 from . import _common as C
 from . import cmp_dense
-from .band import band_attention, default_scale
+from .band import band_attention, default_scale, gate_mix
 from .select import select_blocks_triton
 from .selected import selected_attention_triton
+
+
+WIN_BESIDE = False
+"""Whether the forward runs the window as a pass of its own, its fp32 output mixed with the
+other branches by :func:`.band.gate_mix` (the same o bit for bit), on a side stream
+(:func:`._common.side_stream`) beside the slc kernel: the window's tiles are bound by the
+tensor cores, slc's by L2, so each may fill what the other leaves. Off (the window's epilogue
+mixes the branches) until `benchmarks/beside.py` times it on a GPU."""
 
 
 def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_block, cmp_stride,
@@ -59,16 +67,25 @@ def _nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, cmp_bloc
     idx = select_blocks_triton(q, k_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
                                sel_block=sel_block, sel_count=sel_count, scale=sc,
                                cu_seqlens=cu_seqlens, q_offset=q_offset, lse=lse)  # [B, T, H, n]
+    save_win = aux and save_win
+    win = dict(mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset, k_offset=win_k_offset, window=window,
+               write_lse=save_win)
+    side = C.side_stream(q.device, "win") if WIN_BESIDE else None
+    if WIN_BESIDE:  # the window's fp32 output, on a side stream beside slc where there is one
+        with C.on_side(side, q, k_win, v_win, seq):
+            o_w32, lse_win = band_attention(q, k_win, v_win, out_dtype=torch.float32, **win)
     # the selection's lists hold every position's forced blocks (attended by tiles of several
     # positions where selected.FORCED is on)
     o_slc = selected_attention_triton(q, k_slc, v_slc, idx, sel_block=sel_block, scale=sc,
                                       cu_seqlens=cu_seqlens, q_offset=q_offset, return_lse=aux, forced=True)
     o_slc, lse_slc = o_slc if aux else (o_slc, None)
-    save_win = aux and save_win
     o_win = torch.empty_like(o_cmp) if save_win else o_cmp.new_empty(0)
-    o, lse_win = band_attention(q, k_win, v_win, mode=1, scale=sc, seq=seq, lens=lens, q_offset=q_offset,
-                                k_offset=win_k_offset, window=window, gates=gates, o_cmp=o_cmp,
-                                o_slc=o_slc, write_lse=save_win, o_branch=o_win if save_win else None)
+    if WIN_BESIDE:
+        C.join_side(side, o_w32, *([lse_win] if save_win else []))
+        o = gate_mix(gates, o_cmp, o_slc, o_w32, o_branch=o_win if save_win else None)
+    else:
+        o, lse_win = band_attention(q, k_win, v_win, gates=gates, o_cmp=o_cmp, o_slc=o_slc,
+                                    o_branch=o_win if save_win else None, **win)
     if not aux:
         return o
     if not save_win:
