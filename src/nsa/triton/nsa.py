@@ -7,7 +7,8 @@
 3. slc: selected attention over the chosen blocks (:mod:`.selected`).
 4. win: sliding-window attention whose epilogue reads o_cmp, o_slc and the gates and writes
    o = g0*o_cmp + g1*o_slc + g2*o_win, so no separate combine pass (:mod:`.band`); when the
-   backward will run, also o_win and its lse (no window recompute there).
+   backward will run, also o_win and its lse (no window recompute there). With
+   :data:`WIN_BESIDE` the window runs beside slc and :func:`.band.gate_mix` mixes (a fifth launch).
 
 Autograd lives at the op boundary (:mod:`nsa.ops`): the registered op ``torch.ops.nsa.nsa_fwd``
 runs :func:`_nsa_forward` and keeps o_cmp, the block indices, o_slc, o_win and the three lse;
