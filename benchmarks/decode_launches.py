@@ -80,6 +80,7 @@ def _stub_kernels() -> None:
         setattr(D, name, _CountedStub(getattr(D, name)))
     A._decode_append = _CountedStub(A._decode_append)
     A._decode_write_cmp = _CountedStub(A._decode_write_cmp)
+    A._decode_compress_write = _CountedStub(A._decode_compress_write)
     C.interpreting = lambda: False  # the launcher as on a GPU
     C._current_stream = lambda: 0
 

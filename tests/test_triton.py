@@ -633,6 +633,49 @@ def test_decode_append_paged_equals_reference(shared):
                 torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("Dk,Dv,l,hidden,dtype,cache_dtype,mlp,paged", [
+    pytest.param(16, 8, 8, 16, torch.float32, torch.float32, True, False, id="fp32-mlp"),
+    pytest.param(64, 64, 32, 64, torch.bfloat16, torch.bfloat16, True, False, id="bf16-mlp-small-preset"),
+    pytest.param(40, 24, 8, 12, torch.bfloat16, torch.float32, True, True, id="bf16-fp32cache-mlp-paged"),
+    pytest.param(192, 128, 16, 48, torch.float16, torch.float16, True, False, id="fp16-mlp-192/128"),
+    pytest.param(32, 16, 8, 0, torch.bfloat16, torch.bfloat16, False, True, id="bf16-mean-paged"),
+])
+def test_compress_write_step_equals_reference(Dk, Dv, l, hidden, dtype, cache_dtype, mlp, paged):
+    """phi of a step's raw blocks (the compressor's MLP, or the mean) and the compressed token's
+    write in one launch equal phi in PyTorch (nsa.reference.compress_phi, each op rounding to the
+    layer's dtype) and write_cmp_step_ref: rows only where a position completes a block."""
+    from nsa.cache import compress_write_step_ref
+    from nsa.triton.append import compress_write_step_triton
+
+    B, H, d, ps = 3, 2, l // 2, 2 * l
+    g = torch.Generator().manual_seed(Dk + l + hidden)
+    mk = lambda *sh, dt=dtype, sc=1.0: (sc * torch.randn(*sh, generator=g)).to(dt).to(DEV)  # noqa: E731
+    params = [(mk(l, D, sc=0.3), mk(hidden, l * D, sc=(l * D) ** -0.5), mk(hidden, sc=0.1), mk(D, hidden, sc=hidden ** -0.5),
+               mk(D, sc=0.1)) if mlp else None for D in (Dk, Dv)]
+    cap = 6 * l
+    if paged:
+        P = cap // ps
+        table = torch.randperm(B * P, generator=g).view(B, P).to(torch.int32).to(DEV)
+        paging = dict(block_table=table, slots=torch.tensor([1, 2, 0], device=DEV))
+        cmp = [mk(B * P, ps // d, H, D, dt=cache_dtype) for D in (Dk, Dv)]
+    else:
+        paging = {}
+        cmp = [mk(B, G.num_cmp_blocks(cap, l, d), H, D, dt=cache_dtype) for D in (Dk, Dv)]
+    ref, init = [t.clone() for t in cmp], [t.clone() for t in cmp]
+    eps = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    n_due = 0
+    for pos in ([0, l - 1, l + d - 1], [l - 2, 2 * l + d - 1, 3 * l], [cap - 1, 5 * l - 1, l + 1]):
+        s = torch.tensor(pos, device=DEV)
+        raw = [mk(B, l, H, D, dt=cache_dtype) for D in (Dk, Dv)]
+        compress_write_step_triton(s, *raw, *params, *cmp, cmp_block=l, cmp_stride=d, dtype=dtype, **paging)
+        compress_write_step_ref(s, *raw, *params, *ref, cmp_block=l, cmp_stride=d, dtype=dtype, **paging)
+        for a, b in zip(cmp, ref):  # sums in another order than PyTorch's: a rounding apart at most
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 * eps, atol=eps)
+        n_due += sum(p + 1 >= l and (p + 1 - l) % d == 0 for p in pos)
+    assert n_due >= 4
+    assert not any(torch.equal(a, b) for a, b in zip(cmp, init))  # tokens were written
+
+
 def _triton_and_torch_layers(shared_kv: bool, seed: int):
     """A small layer on the Triton backend and the same weights on the PyTorch one (the
     compression MLP's last layer, zero at init, made non-zero so that phi is not the mean)."""

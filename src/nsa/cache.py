@@ -272,14 +272,50 @@ class NSACache:
 
 
 def _write_token(write, cache, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, **paging) -> None:
-    """A step's compressed token: computed every step (phi in ``dtype``) from the raw block ending
-    at the new positions s, written into the cache's k_cmp / v_cmp by ``write``
-    (:func:`write_cmp_step_ref` or its kernel, ``paging`` its block table and slots) only where
-    the position completes a block."""
-    if cache.k_cmp.shape[1]:  # (a contiguous cache shorter than one block never compresses)
-        tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, cache.k_cmp.dtype)
-        write(s, tok_k[:, 0], tok_v[:, 0], cache.k_cmp, cache.v_cmp, cmp_block=cache.cmp_block,
-              cmp_stride=cache.cmp_stride, **paging)
+    """A step's compressed token: phi (in ``dtype``) of the raw block ending at the new positions
+    s, written into the cache's k_cmp / v_cmp only where the position completes a block.
+    ``write``: :func:`write_cmp_step_ref` or its kernel (phi computed here, every step), or
+    :func:`compress_write_step_ref` or its kernel (phi's parameters passed: phi and the write
+    in one launch, where phi is a :class:`nsa.layer.Compressor` whose parameters are in
+    ``dtype``); ``paging``: the block table and slots."""
+    if not cache.k_cmp.shape[1]:  # (a contiguous cache shorter than one block never compresses)
+        return
+    geo = dict(cmp_block=cache.cmp_block, cmp_stride=cache.cmp_stride, **paging)
+    params = _phi_params(phi_k, dtype), _phi_params(phi_v, dtype)
+    if write is not write_cmp_step_ref and all(p is not False for p in params):
+        from .triton.append import compress_write_step_triton
+
+        compress_write_step_triton(s, raw_k, raw_v, *params, cache.k_cmp, cache.v_cmp, dtype=dtype, **geo)
+        return
+    tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, cache.k_cmp.dtype)
+    write(s, tok_k[:, 0], tok_v[:, 0], cache.k_cmp, cache.v_cmp, **geo)
+
+
+def _phi_params(phi: Phi, dtype: torch.dtype):
+    """phi's parameters for the fused kernel (``Compressor.params()``: a tuple, or None for the
+    mean), or False where the kernel cannot run it (another callable, parameters in another
+    dtype, or a dtype the kernel does not take)."""
+    params = getattr(phi, "params", None)
+    if params is None or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    params = params()
+    if params is not None and any(p.dtype != dtype for p in params):
+        return False
+    return params
+
+
+def compress_write_step_ref(seqlens, raw_k, raw_v, phi_k, phi_v, k_cmp, v_cmp, *, cmp_block: int, cmp_stride: int,
+                            dtype: torch.dtype, block_table=None, slots=None) -> None:
+    """Reference of :func:`nsa.triton.append.compress_write_step_triton`: phi
+    (:func:`nsa.reference.compress_phi`, in ``dtype``; ``phi_k`` / ``phi_v`` its parameters or
+    None for the mean) of the raw blocks ``raw_k`` ``[B, l, H, Dk]`` / ``raw_v`` ending at
+    positions ``seqlens``, written as :func:`write_cmp_step_ref` writes its tokens."""
+    from .reference import compress_phi
+
+    tok_k = compress_phi(raw_k[:, None].to(dtype), phi_k)[:, 0]
+    tok_v = compress_phi(raw_v[:, None].to(dtype), phi_v)[:, 0]
+    write_cmp_step_ref(seqlens, tok_k, tok_v, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                       block_table=block_table, slots=slots)
 
 
 def _step_functions(backend: str):

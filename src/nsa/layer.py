@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import geometry, ops, reference
@@ -33,13 +32,16 @@ class Compressor(nn.Module):
             nn.init.zeros_(self.fc2.weight)
             nn.init.zeros_(self.fc2.bias)
 
+    def params(self):
+        """(pos, fc1 weight, fc1 bias, fc2 weight, fc2 bias) of "mlp", None for "mean": what
+        :func:`nsa.reference.compress_phi` and the decode step's kernel take."""
+        if self.kind == "mean":
+            return None
+        return self.pos, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
         """blocks [B, N, l, H, D] -> [B, N, H, D]."""
-        if self.kind == "mean":
-            return blocks.mean(2)
-        x = blocks + self.pos[:, None, :].to(blocks.dtype)
-        flat = x.movedim(2, 3).flatten(-2)  # [B, N, H, l*D]
-        return x.mean(2) + self.fc2(F.silu(self.fc1(flat)))
+        return reference.compress_phi(blocks, self.params())
 
 
 class NSAAttention(nn.Module):

@@ -32,6 +32,20 @@ from .geometry import (cmp_visible, eligible_blocks, forced_blocks, num_cmp_bloc
 _CHUNK_ELEMS = 1 << 25
 
 
+def compress_phi(blocks: torch.Tensor, params=None) -> torch.Tensor:
+    """phi over blocks ``[B, N, l, H, D]`` -> ``[B, N, H, D]``: the block's mean, plus with
+    ``params`` = (pos ``[l, D]``, w1 ``[hidden, l * D]``, b1, w2 ``[D, hidden]``, b2) an MLP over
+    the block flattened position-major, after a learned intra-block position embedding
+    (:class:`nsa.layer.Compressor`'s "mlp"; None: its "mean")."""
+    if params is None:
+        return blocks.mean(2)
+    pos, w1, b1, w2, b2 = params
+    x = blocks + pos[:, None, :].to(blocks.dtype)
+    flat = x.movedim(2, 3).flatten(-2)  # [B, N, H, l*D]
+    return x.mean(2) + torch.nn.functional.linear(torch.nn.functional.silu(
+        torch.nn.functional.linear(flat, w1, b1)), w2, b2)
+
+
 def compress_mean(x: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
     """phi = "mean": [B, T, H, D] -> [B, Tc, H, D], the mean of each block's l positions."""
     return cmp_blocks(x, cmp_block, cmp_stride).mean(2)

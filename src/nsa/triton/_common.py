@@ -120,7 +120,8 @@ def tma_ok(q, k, v, BK0: int, BK1: int, BV: int) -> bool:
         return False
     if interpreting():
         return True
-    return q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device)[0] >= 9
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.device.type == "cuda"
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def kv_descriptors(k, v, rows: int, BK0: int, BK1: int, BV: int) -> tuple:

@@ -9,12 +9,14 @@ tail, the compressed token's conditional write. :func:`_decode_append`, one prog
 (sequence, KV head), rotates the group's query heads and the new keys of every branch by the
 position's row of the rotation table, writes them where the cache keeps them, and returns the
 raw block ending at the new position (what the compression phi pools) with the tail moved up
-by one; :func:`_decode_write_cmp` writes phi's token where the position completes a block. The
-compression itself (an MLP) runs between them in PyTorch. Contiguous caches and page pools
-through a block table (constexpr ``PS``, the page size) alike.
+by one; :func:`_decode_compress_write` computes phi (the layer's compressor: the mean, or its
+MLP) of that block and writes the token where the position completes a block, returning at
+once on the other steps: two launches a step where phi in PyTorch took a dozen more.
+:func:`_decode_write_cmp` writes a token computed elsewhere (another phi). Contiguous caches and
+page pools through a block table (constexpr ``PS``, the page size) alike.
 
-References: :func:`nsa.cache.decode_append_ref`, :func:`nsa.cache.write_cmp_step_ref` (same
-signatures).
+References: :func:`nsa.cache.decode_append_ref`, :func:`nsa.cache.compress_write_step_ref`,
+:func:`nsa.cache.write_cmp_step_ref` (same signatures).
 """
 
 from __future__ import annotations
@@ -154,6 +156,76 @@ def _decode_write_cmp(POS, TOKK, TOKV, KC, VC, BT, SLOT, TC, MAXP, NPAGES, H: tl
     tl.store(VC + at * DV + cv, tl.load(TOKV + src * DV + cv, mask=mv), mask=mv)
 
 
+@triton.jit
+def _phi_in(RAW, PE, row, t, d, ok, H: tl.constexpr, D: tl.constexpr, MLP: tl.constexpr, LDT: tl.constexpr,
+            EMU: tl.constexpr):
+    """The compressor's input at block row t, column d: the raw key in the layer's dtype LDT, plus
+    the position embedding (MLP), each result rounded to LDT as PyTorch's ops round theirs."""
+    x = C.round_out(tl.load(RAW + (row + t * H) * D + d, mask=ok, other=0.0).to(tl.float32), LDT, EMU)
+    x = x.to(tl.float32)
+    if MLP:
+        pe = C.round_out(tl.load(PE + t * D + d, mask=ok, other=0.0).to(tl.float32), LDT, EMU).to(tl.float32)
+        x = C.round_out(x + pe, LDT, EMU).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _phi(RAW, PE, W1, B1, W2, B2, row, H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, HID: tl.constexpr,
+         BD: tl.constexpr, BL: tl.constexpr, BH: tl.constexpr, BF: tl.constexpr, MLP: tl.constexpr,
+         LDT: tl.constexpr, EMU: tl.constexpr):
+    """:class:`nsa.layer.Compressor` over one raw block (rows ``row + t * H`` of RAW ``[.., D]``):
+    the block's mean, plus with MLP ``fc2(silu(fc1(x flattened t-major)))`` (W1 ``[HID, L * D]``,
+    W2 ``[D, HID]``). fp32 ``[BD]`` holding values of LDT: each op's output rounded to LDT."""
+    t = tl.arange(0, BL)
+    d = tl.arange(0, BD)
+    x = _phi_in(RAW, PE, row, t[:, None], d[None, :], (t[:, None] < L) & (d[None, :] < D), H, D, MLP, LDT, EMU)
+    tok = C.round_out(tl.sum(x, 0) * (1.0 / L), LDT, EMU).to(tl.float32)  # [BD]
+    if MLP:
+        j = tl.arange(0, BH)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for f0 in range(0, L * D, BF):  # fc1, BF inputs (index t * D + d) at a time
+            f = f0 + tl.arange(0, BF)
+            f_ok = f < L * D
+            xf = _phi_in(RAW, PE, row, f // D, f % D, f_ok, H, D, MLP, LDT, EMU)
+            w = tl.load(W1 + j[:, None] * (L * D) + f[None, :], mask=(j[:, None] < HID) & f_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xf[None, :], 1)
+        h1 = acc + tl.load(B1 + j, mask=j < HID, other=0.0).to(tl.float32)
+        h1 = C.round_out(h1, LDT, EMU).to(tl.float32)
+        a = C.round_out(h1 / (1.0 + tl.exp(-h1)), LDT, EMU).to(tl.float32)  # silu
+        w2 = tl.load(W2 + d[:, None] * HID + j[None, :], mask=(d[:, None] < D) & (j[None, :] < HID), other=0.0)
+        o2 = tl.sum(w2.to(tl.float32) * a[None, :], 1) + tl.load(B2 + d, mask=d < D, other=0.0).to(tl.float32)
+        tok = C.round_out(tok + C.round_out(o2, LDT, EMU).to(tl.float32), LDT, EMU).to(tl.float32)
+    return tok
+
+
+@triton.jit
+def _decode_compress_write(POS, RAWK, RAWV, PK, W1K, B1K, W2K, B2K, PV, W1V, B1V, W2V, B2V, KC, VC, BT, SLOT, TC,
+                           MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+                           D: tl.constexpr, HIDK: tl.constexpr, HIDV: tl.constexpr, BDK: tl.constexpr,
+                           BDV: tl.constexpr, BL: tl.constexpr, BHK: tl.constexpr, BHV: tl.constexpr,
+                           BF: tl.constexpr, MLP: tl.constexpr, LDT: tl.constexpr, EMU_L: tl.constexpr,
+                           EMU_C: tl.constexpr, PS: tl.constexpr):
+    """Program (b, h, kv): where the new position s of sequence b completes a block, phi of its
+    raw block ``[B, L, H, D]`` (:func:`_phi`, keys for kv = 0, values for 1) written to row
+    i = (s + 1 - L) / D of k_cmp / v_cmp (rows as :func:`_decode_write_cmp`); elsewhere nothing
+    (most steps: the program returns at once)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.load(POS + b).to(tl.int64)
+    if (s + 1 >= L) & ((s + 1 - L) % D == 0):
+        sl = tl.load(SLOT + b).to(tl.int64) if PS > 0 else b.to(tl.int64)
+        at = _rows(BT, sl, (s + 1 - L) // D, b * TC, MAXP, NPAGES, PS, PS // D if PS > 0 else 1, D) * H + h
+        row = b.to(tl.int64) * L * H + h
+        if tl.program_id(2) == 0:
+            tok = _phi(RAWK, PK, W1K, B1K, W2K, B2K, row, H, DK, L, HIDK, BDK, BL, BHK, BF, MLP, LDT, EMU_L)
+            c = tl.arange(0, BDK)
+            tl.store(KC + at * DK + c, C.round_out(tok, KC.dtype.element_ty, EMU_C), mask=c < DK)
+        else:
+            tok = _phi(RAWV, PV, W1V, B1V, W2V, B2V, row, H, DV, L, HIDV, BDV, BL, BHV, BF, MLP, LDT, EMU_L)
+            c = tl.arange(0, BDV)
+            tl.store(VC + at * DV + c, C.round_out(tok, VC.dtype.element_ty, EMU_C), mask=c < DV)
+
+
 def _paging(block_table, slots, seqlens, pool) -> tuple:
     """(BT, SLOT, MAXP, NPAGES, PS) of a launch: the table and the slots, or stand-ins."""
     if block_table is None:
@@ -196,6 +268,33 @@ def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int
     const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, BDK=C.next_pow2(Dk), BDV=C.next_pow2(Dv), PS=ps,
                  num_warps=1)
     _launch(_decode_write_cmp, (B, H), args, const)
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def compress_write_step_triton(seqlens, raw_k, raw_v, phi_k: tuple, phi_v: tuple, k_cmp, v_cmp, *, cmp_block: int,
+                               cmp_stride: int, dtype: torch.dtype, block_table=None, slots=None) -> None:
+    """Same contract as :func:`nsa.cache.compress_write_step_ref`: phi and the compressed
+    token's write in one launch."""
+    B, L, H, Dk = raw_k.shape
+    Dv = raw_v.shape[3]
+    mlp = phi_k is not None
+    if mlp != (phi_v is not None):
+        raise ValueError("phi_k and phi_v: both the MLP's parameters or both None (mean)")
+    pk = tuple(x.contiguous() for x in phi_k) if mlp else (raw_k,) * 5
+    pv = tuple(x.contiguous() for x in phi_v) if mlp else (raw_v,) * 5
+    bt, sl, maxp, npages, ps = _paging(block_table, slots, seqlens, k_cmp)
+    ps *= cmp_stride  # pools of page_size / d compressed rows
+    args = (seqlens, raw_k, raw_v, *pk, *pv, k_cmp, v_cmp, bt, sl, k_cmp.shape[1], maxp, npages)
+    hid_k, hid_v = (pk[1].shape[0], pv[1].shape[0]) if mlp else (1, 1)
+    emu = C.interpreting()  # its fp32 -> bf16 cast truncates: round to nearest even as GPUs do
+    const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, HIDK=hid_k, HIDV=hid_v, BDK=C.next_pow2(Dk),
+                 BDV=C.next_pow2(Dv), BL=C.next_pow2(cmp_block), BHK=C.next_pow2(hid_k), BHV=C.next_pow2(hid_v),
+                 BF=max(16, min(128, 8192 // max(C.next_pow2(hid_k), C.next_pow2(hid_v)))), MLP=mlp,
+                 LDT=_TL[dtype], EMU_L=emu and dtype == torch.bfloat16, EMU_C=emu and k_cmp.dtype == torch.bfloat16,
+                 PS=ps, num_warps=4)
+    _launch(_decode_compress_write, (B, H, 2), args, const)
 
 
 # the launches' compiled kernels, kept by the first launch of each signature (C.relaunch)
