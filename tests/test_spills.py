@@ -271,7 +271,8 @@ DECODE_TYPES = dict(LENS="*i32", BT="*i32", IDX="*i32", SCORE="*fp32", S="*fp32"
 def test_decode_kernels_compile_for_sm90(gpu_triton):
     """The decode kernels compile for sm_90 in every cache layout (contiguous, paged with a window
     ring, paged with the window in the pages), with the top-n in the slots or read from IDX, and
-    keep no stack frame; so do the scores, top-n and combine kernels. The CPU interpreter does
+    keep no stack frame; so do the scores, top-n and combine kernels and the cache's step
+    kernels (the append, the token's write, phi's MLP with the write). The CPU interpreter does
     not type-check: a paged attend kernel whose two branches gave the key rows different integer
     types ran there and failed to compile on GPUs."""
     # the paper geometry with its 4 kv heads (they enter the address arithmetic)
@@ -318,6 +319,15 @@ def test_decode_kernels_compile_for_sm90(gpu_triton):
         specs[f"write-cmp-pages{ps}"] = dict(module="nsa.triton.append", kernel="_decode_write_cmp",
                                             types=dict(paging, TC="i32"), num_warps=1, num_stages=1,
                                             constexprs=dict(H=4, DK=192, DV=128, L=32, D=16, BDK=256, BDV=128, PS=ps))
+    # phi (the compressor's MLP) and the compressed token's write, paged, at the paper's dims and
+    # the small preset's (hidden = head dim)
+    from nsa.triton.append import compress_chunk
+    for dk, dv in ((192, 128), (64, 64)):
+        specs[f"compress-write-d{dk}"] = dict(
+            module="nsa.triton.append", kernel="_decode_compress_write", types=dict(paging, TC="i32"), num_warps=4,
+            num_stages=1, constexprs=dict(H=4, DK=dk, DV=dv, L=32, D=16, HIDK=dk, HIDV=dv, BDK=C.next_pow2(dk),
+                                          BDV=dv, BL=32, BHK=C.next_pow2(dk), BHV=dv, BF=compress_chunk(dk, dv),
+                                          MLP=True, EMU_L=False, EMU_C=False, PS=64 * 16))
     with ThreadPoolExecutor(2) as pool:
         res = dict(zip(specs, pool.map(lambda s: compile_sm90(s, triton_path=gpu_triton), specs.values())))
     assert not {name: r for name, r in res.items() if r["stack"]}, res

@@ -199,16 +199,17 @@ def _phi(RAW, PE, W1, B1, W2, B2, row, H: tl.constexpr, D: tl.constexpr, L: tl.c
 
 
 @triton.jit
-def _decode_compress_write(POS, RAWK, RAWV, PK, W1K, B1K, W2K, B2K, PV, W1V, B1V, W2V, B2V, KC, VC, BT, SLOT, TC,
-                           MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+def _decode_compress_write(POS, RAWK, RAWV, PK, W1K, B1K, W2K, B2K, PV, W1V, B1V, W2V, B2V, LD, KC, VC, BT, SLOT,
+                           TC, MAXP, NPAGES, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
                            D: tl.constexpr, HIDK: tl.constexpr, HIDV: tl.constexpr, BDK: tl.constexpr,
                            BDV: tl.constexpr, BL: tl.constexpr, BHK: tl.constexpr, BHV: tl.constexpr,
-                           BF: tl.constexpr, MLP: tl.constexpr, LDT: tl.constexpr, EMU_L: tl.constexpr,
-                           EMU_C: tl.constexpr, PS: tl.constexpr):
+                           BF: tl.constexpr, MLP: tl.constexpr, EMU_L: tl.constexpr, EMU_C: tl.constexpr,
+                           PS: tl.constexpr):
     """Program (b, h, kv): where the new position s of sequence b completes a block, phi of its
-    raw block ``[B, L, H, D]`` (:func:`_phi`, keys for kv = 0, values for 1) written to row
-    i = (s + 1 - L) / D of k_cmp / v_cmp (rows as :func:`_decode_write_cmp`); elsewhere nothing
-    (most steps: the program returns at once)."""
+    raw block ``[B, L, H, D]`` (:func:`_phi`, keys for kv = 0, values for 1; in the dtype of LD,
+    the layer's, which is never read) written to row i = (s + 1 - L) / D of k_cmp / v_cmp (rows
+    as :func:`_decode_write_cmp`); elsewhere nothing (most steps: the program returns at once)."""
+    LDT: tl.constexpr = LD.dtype.element_ty
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.load(POS + b).to(tl.int64)
@@ -216,14 +217,14 @@ def _decode_compress_write(POS, RAWK, RAWV, PK, W1K, B1K, W2K, B2K, PV, W1V, B1V
         sl = tl.load(SLOT + b).to(tl.int64) if PS > 0 else b.to(tl.int64)
         at = _rows(BT, sl, (s + 1 - L) // D, b * TC, MAXP, NPAGES, PS, PS // D if PS > 0 else 1, D) * H + h
         row = b.to(tl.int64) * L * H + h
-        if tl.program_id(2) == 0:
-            tok = _phi(RAWK, PK, W1K, B1K, W2K, B2K, row, H, DK, L, HIDK, BDK, BL, BHK, BF, MLP, LDT, EMU_L)
-            c = tl.arange(0, BDK)
-            tl.store(KC + at * DK + c, C.round_out(tok, KC.dtype.element_ty, EMU_C), mask=c < DK)
+        if tl.program_id(2) == 0:  # (names of their own in each branch: their shapes differ)
+            tok_k = _phi(RAWK, PK, W1K, B1K, W2K, B2K, row, H, DK, L, HIDK, BDK, BL, BHK, BF, MLP, LDT, EMU_L)
+            ck = tl.arange(0, BDK)
+            tl.store(KC + at * DK + ck, C.round_out(tok_k, KC.dtype.element_ty, EMU_C), mask=ck < DK)
         else:
-            tok = _phi(RAWV, PV, W1V, B1V, W2V, B2V, row, H, DV, L, HIDV, BDV, BL, BHV, BF, MLP, LDT, EMU_L)
-            c = tl.arange(0, BDV)
-            tl.store(VC + at * DV + c, C.round_out(tok, VC.dtype.element_ty, EMU_C), mask=c < DV)
+            tok_v = _phi(RAWV, PV, W1V, B1V, W2V, B2V, row, H, DV, L, HIDV, BDV, BL, BHV, BF, MLP, LDT, EMU_L)
+            cv = tl.arange(0, BDV)
+            tl.store(VC + at * DV + cv, C.round_out(tok_v, VC.dtype.element_ty, EMU_C), mask=cv < DV)
 
 
 def _paging(block_table, slots, seqlens, pool) -> tuple:
@@ -270,7 +271,21 @@ def write_cmp_step_triton(seqlens, tok_k, tok_v, k_cmp, v_cmp, *, cmp_block: int
     _launch(_decode_write_cmp, (B, H), args, const)
 
 
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+_STAND_INS: dict = {}  # (dtype, device) -> a one-element tensor
+
+
+def _dtype_stand_in(dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor whose only use is its dtype (a kernel's constexpr dtype from a pointer), kept."""
+    key = (dtype, device)
+    if key not in _STAND_INS:
+        _STAND_INS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _STAND_INS[key]
+
+
+def compress_chunk(hid_k: int, hid_v: int) -> int:
+    """fc1's inputs a step of :func:`_phi` takes: tiles of 4096 weights (8192 spilled at hidden
+    64 on sm_90 in the paged kernel)."""
+    return max(16, min(128, 4096 // max(C.next_pow2(hid_k), C.next_pow2(hid_v))))
 
 
 def compress_write_step_triton(seqlens, raw_k, raw_v, phi_k: tuple, phi_v: tuple, k_cmp, v_cmp, *, cmp_block: int,
@@ -286,14 +301,15 @@ def compress_write_step_triton(seqlens, raw_k, raw_v, phi_k: tuple, phi_v: tuple
     pv = tuple(x.contiguous() for x in phi_v) if mlp else (raw_v,) * 5
     bt, sl, maxp, npages, ps = _paging(block_table, slots, seqlens, k_cmp)
     ps *= cmp_stride  # pools of page_size / d compressed rows
-    args = (seqlens, raw_k, raw_v, *pk, *pv, k_cmp, v_cmp, bt, sl, k_cmp.shape[1], maxp, npages)
+    ld = pk[1] if mlp else _dtype_stand_in(dtype, raw_k.device)
+    args = (seqlens, raw_k, raw_v, *pk, *pv, ld, k_cmp, v_cmp, bt, sl, k_cmp.shape[1], maxp, npages)
     hid_k, hid_v = (pk[1].shape[0], pv[1].shape[0]) if mlp else (1, 1)
     emu = C.interpreting()  # its fp32 -> bf16 cast truncates: round to nearest even as GPUs do
     const = dict(H=H, DK=Dk, DV=Dv, L=cmp_block, D=cmp_stride, HIDK=hid_k, HIDV=hid_v, BDK=C.next_pow2(Dk),
                  BDV=C.next_pow2(Dv), BL=C.next_pow2(cmp_block), BHK=C.next_pow2(hid_k), BHV=C.next_pow2(hid_v),
-                 BF=max(16, min(128, 8192 // max(C.next_pow2(hid_k), C.next_pow2(hid_v)))), MLP=mlp,
-                 LDT=_TL[dtype], EMU_L=emu and dtype == torch.bfloat16, EMU_C=emu and k_cmp.dtype == torch.bfloat16,
-                 PS=ps, num_warps=4)
+                 BF=compress_chunk(hid_k, hid_v), MLP=mlp,
+                 EMU_L=emu and dtype == torch.bfloat16, EMU_C=emu and k_cmp.dtype == torch.bfloat16, PS=ps,
+                 num_warps=4)
     _launch(_decode_compress_write, (B, H, 2), args, const)
 
 
