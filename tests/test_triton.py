@@ -452,8 +452,8 @@ def test_nsa_func(c, shared):
     _close(nsa.nsa_func(*args, backend="triton", **kw), R.nsa_ref(*args, **kw))
 
 
-@pytest.mark.parametrize("c", NSA_CASES[1:])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("c,dtype", [(NSA_CASES[1].values[0], torch.bfloat16), (NSA_CASES[2].values[0], torch.float32)],
+                         ids=["bf16-gqa16-192/128", "fp32-varlen"])
 def test_window_beside_equals_fused_epilogue(c, dtype, monkeypatch):
     """The window as a pass of its own, mixed by band.gate_mix (nsa.WIN_BESIDE; on a side stream
     on a GPU), gives the fused epilogue's output bit for bit, and for the backward the same o_win
