@@ -650,8 +650,8 @@ def test_compress_write_step_equals_reference(Dk, Dv, l, hidden, dtype, cache_dt
     B, H, d, ps = 3, 2, l // 2, 2 * l
     g = torch.Generator().manual_seed(Dk + l + hidden)
     mk = lambda *sh, dt=dtype, sc=1.0: (sc * torch.randn(*sh, generator=g)).to(dt).to(DEV)  # noqa: E731
-    params = [(mk(l, D, sc=0.3), mk(hidden, l * D, sc=(l * D) ** -0.5), mk(hidden, sc=0.1), mk(D, hidden, sc=hidden ** -0.5),
-               mk(D, sc=0.1)) if mlp else None for D in (Dk, Dv)]
+    params = [(mk(l, D, sc=0.3), mk(hidden, l * D, sc=(l * D) ** -0.5), mk(hidden, sc=0.1),
+               mk(D, hidden, sc=hidden ** -0.5), mk(D, sc=0.1)) if mlp else None for D in (Dk, Dv)]
     cap = 6 * l
     if paged:
         P = cap // ps
