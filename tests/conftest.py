@@ -11,6 +11,12 @@ import math
 import torch
 
 
+def pytest_collection_modifyitems(config, items):
+    """The sm_90 compile tests first (minutes in one file): with whole files to a worker
+    (``--dist loadfile``), that file scheduled last kept one worker busy after the other ran out."""
+    items.sort(key=lambda item: item.path.name != "test_spills.py")
+
+
 def num_cmp(T: int, l: int, d: int) -> int:
     return 0 if T < l else (T - l) // d + 1
 
