@@ -927,23 +927,25 @@ def band_backward(q, k, v, o, lse, do, *, mode: int, scale: float, seq, lens, q_
     do = gated["DOB"]  # the branch's do (written by the dq kernel when gated or TMA) for the dk/dv kernel
     if dq_mode == 2:
         dq = dq_out
-    used = (q, k, v, do, lse, delta, seq, dk, dv) + ((q_gm,) if tma else ())
+    # the key programs' table on this stream: cached tables outlive the call, and one made on the
+    # side stream would go back to that stream's memory when the cache drops it
+    ktbl = C.prog_table(lens.k_cmp if mode == 0 else lens.k_win, cfg_kv["BN"], q.device)
+    if not ktbl.shape[0]:
+        return dq, dk, dv
+    used = (q, k, v, do, lse, delta, seq, ktbl, dk, dv) + ((q_gm,) if tma else ())
     with C.on_side(dkdv_stream, *used):
-        _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, lens, mode, scale, q_offset, k_offset, q_chunk,
-                   const, cfg_kv)
+        _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, ktbl, lens, mode, scale, q_offset, k_offset,
+                   q_chunk, const, cfg_kv)
     return dq, dk, dv
 
 
-def _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, lens, mode, scale, q_offset, k_offset, q_chunk,
+def _band_dkdv(q, k, v, do, lse, delta, dk, dv, q_gm, seq, ktbl, lens, mode, scale, q_offset, k_offset, q_chunk,
                const, cfg_kv):
-    """The dk/dv launches of :func:`band_backward` (written into dk and dv)."""
+    """The dk/dv launches of :func:`band_backward` over the key programs of ``ktbl`` (written into
+    dk and dv)."""
     B, T, HQ, Dk = q.shape
     H, Dv = k.shape[2], v.shape[3]
     BK0, BK1 = const["BK0"], const["BK1"]
-    klens = lens.k_cmp if mode == 0 else lens.k_win  # keys of each sequence
-    ktbl = C.prog_table(klens, cfg_kv["BN"], q.device)
-    if not ktbl.shape[0]:
-        return
     qch = _q_chunk(q_chunk, ktbl.shape[0] * H, max(lens), cfg_kv["BT"], q.device) if mode == 0 else 0
     n_ch = C.cdiv(max(lens), qch) if qch else 1
     tma = cfg_kv.pop("TMA")
