@@ -92,7 +92,7 @@ def _compare(got, want, tol):
 
 # --------------------------------------------------------------------------- the registered ops
 def test_ops_are_registered():
-    for name in ("nsa_fwd", "nsa_bwd", "select_blocks", "nsa_decode"):
+    for name in ("nsa_fwd", "nsa_bwd", "select_blocks", "nsa_decode", "compress_write_step"):
         assert isinstance(getattr(torch.ops.nsa, name), torch._ops.OpOverloadPacket), name
 
 
@@ -113,8 +113,8 @@ GEO = dict(cmp_block=8, cmp_stride=4, sel_block=8, sel_count=3, window=8)
 
 
 @needs_triton
-@pytest.mark.parametrize("save_win", [True, False], ids=["saved-window", "recomputed-window"])
-@pytest.mark.parametrize("cu", [None, [0, 9, 9, 24]], ids=["dense", "varlen"])
+@pytest.mark.parametrize("cu,save_win", [(None, True), ([0, 9, 9, 24], True), ([0, 9, 9, 24], False)],
+                         ids=["dense-saved-window", "varlen-saved-window", "varlen-recomputed-window"])
 def test_opcheck_nsa_fwd_and_bwd(cu, save_win):
     x = _op_inputs(cu=cu)
     cpu = None if cu is None else nsa.varlen_tables(torch.tensor(cu, dtype=torch.int32, device=DEV),
@@ -163,6 +163,61 @@ def test_opcheck_nsa_decode_paged_several_tokens():
     torch.library.opcheck(torch.ops.nsa.nsa_decode.default,
                           (q[:, -3:], pages(kc, 2), pages(vc, 2), pages(k, 8), pages(v, 8), None, None,
                            gates[:, -3:], lens, table, 24, *GEO.values(), 0.25))
+
+
+@needs_triton
+@pytest.mark.parametrize("mlp", [True, False], ids=["mlp", "mean"])
+def test_opcheck_compress_write_step(mlp):
+    """The decode step's phi + compressed-token write: the op mutates k_cmp and v_cmp (declared),
+    its fake runs, and a traced call writes what the eager one does."""
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    l, H = 8, 2
+    phi = [[mk(l, D), mk(D, l * D), mk(D), mk(D, D), mk(D)] if mlp else [] for _ in range(2)]
+    raw = [mk(2, l, H, D), mk(2, l, H, D)]
+    cmp = [mk(2, 6, H, D), mk(2, 6, H, D)]
+    seqlens = torch.tensor([l - 1, l + 4 - 1], device=DEV)  # both complete a block
+    args = (seqlens, *raw, *phi, *cmp, None, None, l, 4, torch.float32)
+    torch.library.opcheck(torch.ops.nsa.compress_write_step.default, args)
+    want = [t.clone() for t in cmp]
+    torch.ops.nsa.compress_write_step(seqlens, *raw, *phi, *want, None, None, l, 4, torch.float32)
+    assert not any(torch.equal(a, b) for a, b in zip(want, cmp))
+    torch.compile(lambda *a: torch.ops.nsa.compress_write_step(*a), backend=COMPILER, fullgraph=True)(*args)
+    for a, b in zip(cmp, want):
+        _close(a, b, 0)
+
+
+@needs_triton
+def test_compiled_decode_step_runs_the_fused_compression(monkeypatch):
+    """The tiny model's decode step compiled (fullgraph) on the Triton backend takes phi and the
+    compressed token's write as the registered op (one call a layer and step) and gives eager's
+    logits and cache (the compression's last layer made non-zero, so that phi is not the mean)."""
+    from nsa.triton import append as A
+    torch.manual_seed(0)
+    model = NSAModel(ModelConfig.preset("tiny", backend="triton", n_layers=1)).to(DEV).eval()
+    for m in model.modules():
+        if isinstance(m, nsa.layer.Compressor):
+            torch.nn.init.normal_(m.fc2.weight, std=0.1)
+    B, T, steps = 2, 23, 2  # position 23 completes a compressed block (l = 16, d = 8)
+    prompt = torch.randint(0, 256, (B, T), device=DEV)
+    toks = torch.randint(0, 256, (steps, B, 1), device=DEV)
+
+    def decode(fn):
+        cache = model.new_cache(B, T + steps)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            seqlens = torch.full((B,), T, dtype=torch.int64, device=DEV)
+            return torch.stack([fn(toks[i], cache, seqlens) for i in range(steps)]), cache.layers[0]
+
+    want, c0 = decode(model.decode_step)
+    calls = []
+    real = A.compress_write_step_triton
+    monkeypatch.setattr(A, "compress_write_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, c1 = decode(torch.compile(model.decode_step, backend=COMPILER, fullgraph=True))
+    assert len(calls) == steps
+    _close(got, want, TOL)
+    for name in ("k_cmp", "v_cmp", "k_slc", "k_win"):
+        _close(getattr(c1, name), getattr(c0, name), TOL)
 
 
 @needs_triton

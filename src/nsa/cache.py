@@ -224,7 +224,8 @@ class NSACache:
             return CacheRead(k_cmp, v_cmp, k_s, v_s, ring_k, ring_v, None)
         return CacheRead(k_cmp, v_cmp, k_s, v_s, k_w, v_w, s - kept)
 
-    def append_step(self, seqlens: torch.Tensor, branches: Branches, *, phi_k: Phi, phi_v: Phi) -> CacheRead:
+    def append_step(self, seqlens: torch.Tensor, branches: Branches, *, phi_k: Phi, phi_v: Phi,
+                    backend: str = "torch") -> CacheRead:
         """Append one token per sequence at positions ``seqlens`` with fixed shapes and no host
         sync, so that the step can be captured in a CUDA graph and replayed.
 
@@ -235,6 +236,8 @@ class NSACache:
             branches: the tokens' (k, v) for the cmp, slc and win branches, ``[B, 1, H, Dk]``,
                 ``[B, 1, H, Dv]``, keys rotated; with shared k/v only the slc pair is read.
             phi_k, phi_v: as :meth:`append_chunk`.
+            backend: "triton" computes phi and writes the compressed token in one kernel (as
+                :meth:`append_step_projected` does; traced by torch.compile as its registered op).
 
         Returns the :class:`CacheRead` of the whole buffers (``max_seq_len`` rows, the ring):
         :func:`nsa.nsa_decode` with ``cache_seqlens = seqlens + 1`` reads what each sequence holds.
@@ -243,7 +246,8 @@ class NSACache:
         raw_k, raw_v = _append_rows(s, torch.arange(s.shape[0], device=s.device), s % self.window, branches,
                                     self.k_slc, self.v_slc, self.k_win, self.v_win, self.k_tail, self.v_tail,
                                     self.cmp_block)
-        _write_token(write_cmp_step_ref, self, s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype)
+        _write_token(write_cmp_step_ref, self, s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype,
+                     fused=backend == "triton")
         return self._step_read()
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,
@@ -271,21 +275,28 @@ class NSACache:
         return CacheRead(self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, ring_k, ring_v, None)
 
 
-def _write_token(write, cache, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, **paging) -> None:
+def _write_token(write, cache, s, raw_k, raw_v, phi_k: Phi, phi_v: Phi, dtype, fused: bool = False,
+                 **paging) -> None:
     """A step's compressed token: phi (in ``dtype``) of the raw block ending at the new positions
-    s, written into the cache's k_cmp / v_cmp only where the position completes a block.
-    ``write``: :func:`write_cmp_step_ref` or its kernel (phi computed here, every step), or
-    :func:`compress_write_step_ref` or its kernel (phi's parameters passed: phi and the write
-    in one launch, where phi is a :class:`nsa.layer.Compressor` whose parameters are in
-    ``dtype``); ``paging``: the block table and slots."""
+    s, written into the cache's k_cmp / v_cmp only where the position completes a block by
+    ``write`` (:func:`write_cmp_step_ref` or its kernel; ``paging``: the block table and slots),
+    phi computed here every step. Where ``write`` is the kernel or ``fused`` (the Triton backend
+    traced by torch.compile) and phi is a :class:`nsa.layer.Compressor` with its parameters in
+    ``dtype``, phi and the write run in one launch instead (:func:`compress_write_step_ref`'s
+    kernel; traced, its registered op ``torch.ops.nsa.compress_write_step``)."""
     if not cache.k_cmp.shape[1]:  # (a contiguous cache shorter than one block never compresses)
         return
     geo = dict(cmp_block=cache.cmp_block, cmp_stride=cache.cmp_stride, **paging)
     params = _phi_params(phi_k, dtype), _phi_params(phi_v, dtype)
-    if write is not write_cmp_step_ref and all(p is not False for p in params):
-        from .triton.append import compress_write_step_triton
+    if (fused or write is not write_cmp_step_ref) and all(p is not False for p in params):
+        if torch.compiler.is_compiling():
+            torch.ops.nsa.compress_write_step(s, raw_k, raw_v, *([] if p is None else list(p) for p in params),
+                                              cache.k_cmp, cache.v_cmp, paging.get("block_table"),
+                                              paging.get("slots"), cache.cmp_block, cache.cmp_stride, dtype)
+        else:
+            from .triton.append import compress_write_step_triton
 
-        compress_write_step_triton(s, raw_k, raw_v, *params, cache.k_cmp, cache.v_cmp, dtype=dtype, **geo)
+            compress_write_step_triton(s, raw_k, raw_v, *params, cache.k_cmp, cache.v_cmp, dtype=dtype, **geo)
         return
     tok_k, tok_v = _compress(phi_k, phi_v, raw_k[:, None], raw_v[:, None], dtype, cache.k_cmp.dtype)
     write(s, tok_k[:, 0], tok_v[:, 0], cache.k_cmp, cache.v_cmp, **geo)
@@ -689,7 +700,8 @@ class PagedBatch:
         for slot in self.slots:
             c.lengths[slot] += n
 
-    def append_step(self, seqlens: torch.Tensor, branches: Branches, *, phi_k: Phi, phi_v: Phi) -> PagedRead:
+    def append_step(self, seqlens: torch.Tensor, branches: Branches, *, phi_k: Phi, phi_v: Phi,
+                    backend: str = "torch") -> PagedRead:
         """One token per sequence at positions ``seqlens`` (device), fixed shapes, no host sync:
         the paged form of :meth:`NSACache.append_step`, for CUDA graphs.
 
@@ -699,6 +711,7 @@ class PagedBatch:
                 values would sync). The host lengths are neither read nor advanced
                 (:meth:`advance`).
             branches, phi_k, phi_v: as :meth:`append_chunk`, with C = 1.
+            backend: as :meth:`NSACache.append_step`'s.
 
         Returns the :class:`PagedRead` after the token (``seqlens`` + 1 as its lengths).
         """
@@ -709,7 +722,7 @@ class PagedBatch:
         raw_k, raw_v = _append_rows_paged(s, table, idx, ring, branches, c.k_slc, c.v_slc, c.k_win, c.v_win,
                                           c.k_tail, c.v_tail, c.cmp_block)
         _write_token(write_cmp_step_ref, c, s, raw_k, raw_v, phi_k, phi_v, branches[0][0].dtype,
-                     block_table=c.block_table, slots=idx)
+                     fused=backend == "triton", block_table=c.block_table, slots=idx)
         return self._step_read(table, s)
 
     def append_step_projected(self, seqlens: torch.Tensor, q_proj: torch.Tensor, kv_proj: torch.Tensor,

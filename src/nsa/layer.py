@@ -283,7 +283,8 @@ class NSAAttention(nn.Module):
             gates = torch.sigmoid(self.gate(x)).view(x.shape[0], 1, c.n_heads, 3)
         else:
             q, branches, gates = self._project(x, s[:, None], rope=rope)
-            kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v)
+            kv = cache.append_step(s, branches, phi_k=self.phi_k, phi_v=self.phi_v,
+                                   backend=ops.resolve_backend(c.backend, x.device))
         dt = kv.k_slc.dtype
         o = ops.nsa_decode(q.to(dt), kv.k_cmp, kv.v_cmp, kv.k_slc, kv.v_slc, kv.k_win, kv.v_win, gates.to(dt),
                            cache_seqlens=s + 1, max_seqlen=owner.max_seq_len,

@@ -237,9 +237,9 @@ class _Op:
     1,000 modules, sympy among them: 4 of the 5.9 s of a warm first forward on the H200) and
     whose every call goes through dynamo's frame hooks."""
 
-    def __init__(self, name: str, fn):
+    def __init__(self, name: str, fn, mutates_args=()):
         self.name = f"nsa::{name}"
-        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         functools.update_wrapper(self, fn)
 
@@ -251,8 +251,8 @@ class _Op:
         torch.library.register_autograd(self.name, backward, setup_context=setup_context, lib=_LIB)
 
 
-def _op(name: str):
-    return lambda fn: _Op(name, fn)
+def _op(name: str, mutates_args=()):
+    return lambda fn: _Op(name, fn, mutates_args)
 
 
 @_op("nsa_fwd")
@@ -399,6 +399,25 @@ def _decode_kernels(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cache_se
 @_nsa_decode.register_fake
 def _(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *rest):
     return q.new_empty(*q.shape[:3], v_cmp.shape[3])
+
+
+@_op("compress_write_step", mutates_args=("k_cmp", "v_cmp"))
+def _compress_write_step(seqlens: Tensor, raw_k: Tensor, raw_v: Tensor, phi_k: list[Tensor], phi_v: list[Tensor],
+                         k_cmp: Tensor, v_cmp: Tensor, block_table: Optional[Tensor], slots: Optional[Tensor],
+                         cmp_block: int, cmp_stride: int, dtype: torch.dtype) -> None:
+    """A decode step's compressed token through its Triton kernel, phi and the write in one launch
+    (:func:`nsa.triton.append.compress_write_step_triton`, whose contract this is; phi_k / phi_v
+    empty for the mean): what a compiled step traces (the eager step calls the kernel directly)."""
+    from .triton.append import compress_write_step_triton
+
+    compress_write_step_triton(seqlens, raw_k, raw_v, tuple(phi_k) or None, tuple(phi_v) or None, k_cmp, v_cmp,
+                               cmp_block=cmp_block, cmp_stride=cmp_stride, dtype=dtype, block_table=block_table,
+                               slots=slots)
+
+
+@_compress_write_step.register_fake
+def _(*args):
+    return None
 
 
 # --------------------------------------------------------------------------- public ops

@@ -292,6 +292,7 @@ def compress_write_step_triton(seqlens, raw_k, raw_v, phi_k: tuple, phi_v: tuple
                                cmp_stride: int, dtype: torch.dtype, block_table=None, slots=None) -> None:
     """Same contract as :func:`nsa.cache.compress_write_step_ref`: phi and the compressed
     token's write in one launch."""
+    raw_k, raw_v = raw_k.contiguous(), raw_v.contiguous()
     B, L, H, Dk = raw_k.shape
     Dv = raw_v.shape[3]
     mlp = phi_k is not None
