@@ -189,7 +189,6 @@ def test_selected_backward_split_launch(HQ, H, cu, off, with_lse, monkeypatch):
 
 
 @pytest.mark.parametrize("T,HQ,H,Dk,Dv,l,d,lp,n,cu,off,tma", [
-    pytest.param(100, 16, 1, 192, 128, 16, 8, 16, 5, None, 0, True, id="h16-paperdims"),
     pytest.param(100, 32, 2, 40, 24, 8, 4, 8, 4, [0, 7, 8, 61, 100], 0, True, id="h16-2groups-varlen-oddD"),
     pytest.param(90, 32, 1, 32, 48, 8, 4, 16, 3, None, 45, False, id="h32-offset-pointers"),
 ])
