@@ -198,26 +198,29 @@ def test_compiled_decode_step_runs_the_fused_compression(monkeypatch):
     for m in model.modules():
         if isinstance(m, nsa.layer.Compressor):
             torch.nn.init.normal_(m.fc2.weight, std=0.1)
-    B, T, steps = 2, 23, 2  # position 23 completes a compressed block (l = 16, d = 8)
-    prompt = torch.randint(0, 256, (B, T), device=DEV)
-    toks = torch.randint(0, 256, (steps, B, 1), device=DEV)
-
-    def decode(fn):
-        cache = model.new_cache(B, T + steps)
-        with torch.no_grad():
-            model(prompt, cache=cache)
-            seqlens = torch.full((B,), T, dtype=torch.int64, device=DEV)
-            return torch.stack([fn(toks[i], cache, seqlens) for i in range(steps)]), cache.layers[0]
-
-    want, c0 = decode(model.decode_step)
+    steps = 2
+    prompt = torch.randint(0, 256, (2, 23), device=DEV)  # position 23 completes a block (l = 16, d = 8)
+    toks = torch.randint(0, 256, (steps, 2, 1), device=DEV)
+    want, c0 = _decode_steps(model, model.decode_step, prompt, toks)
     calls = []
     real = A.compress_write_step_triton
     monkeypatch.setattr(A, "compress_write_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got, c1 = decode(torch.compile(model.decode_step, backend=COMPILER, fullgraph=True))
+    got, c1 = _decode_steps(model, torch.compile(model.decode_step, backend=COMPILER, fullgraph=True), prompt, toks)
     assert len(calls) == steps
     _close(got, want, TOL)
     for name in ("k_cmp", "v_cmp", "k_slc", "k_win"):
-        _close(getattr(c1, name), getattr(c0, name), TOL)
+        _close(getattr(c1.layers[0], name), getattr(c0.layers[0], name), TOL)
+
+
+def _decode_steps(model, fn, prompt, toks):
+    """(logits of decode steps fn(toks[i], cache, seqlens) after a prefill of prompt [B, T], the
+    cache): the lengths advanced in place by each step, as generate does."""
+    B, T = prompt.shape
+    cache = model.new_cache(B, T + toks.shape[0])
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        seqlens = torch.full((B,), T, dtype=torch.int64, device=DEV)
+        return torch.stack([fn(tok, cache, seqlens) for tok in toks]), cache
 
 
 @needs_triton
@@ -419,18 +422,9 @@ def test_gpu_compile_decode_step_triton():
     """model.decode_step compiled (fullgraph) gives eager's logits for several steps, the cache
     and lengths mutated in place as eager does."""
     model = _tiny("triton").eval()
-    B, T, steps = 2, 100, 4
-    prompt = torch.randint(0, 256, (B, T), device=DEV)
-    toks = torch.randint(0, 256, (steps, B, 1), device=DEV)
-
-    def decode(fn):
-        cache = model.new_cache(B, T + steps)
-        with torch.no_grad():
-            model(prompt, cache=cache)
-        seqlens = torch.full((B,), T, dtype=torch.int64, device=DEV)
-        return torch.stack([fn(toks[i], cache, seqlens) for i in range(steps)])
-
-    want = decode(model.decode_step)
+    prompt = torch.randint(0, 256, (2, 100), device=DEV)
+    toks = torch.randint(0, 256, (4, 2, 1), device=DEV)
+    want = _decode_steps(model, model.decode_step, prompt, toks)[0]
     step = torch.compile(model.decode_step, fullgraph=True)
-    got = decode(step)
+    got = _decode_steps(model, step, prompt, toks)[0]
     _close(got, want, 1e-4)
