@@ -989,12 +989,11 @@ def _edge_config(cfg_kv: dict, h: int, rows: int | None = None) -> dict:
     """The edges launch's tiles (``rows``, default :data:`EDGE_ROWS`) from the descriptor
     launch's ``cfg_kv``."""
     rows = EDGE_ROWS if rows is None else rows
-    if rows is None:
-        return dict(cfg_kv, num_stages=1)
-    HP, BT, _ = C.rows_for(h, rows)
-    if HP != cfg_kv["HP"] or cfg_kv["BT"] % BT:  # the two launches split one grid of tiles
-        return dict(cfg_kv, num_stages=1)
-    return dict(cfg_kv, BT=BT, num_warps=8, num_stages=3)
+    if rows is not None:
+        HP, BT, _ = C.rows_for(h, rows)
+        if HP == cfg_kv["HP"] and cfg_kv["BT"] % BT == 0:  # the two launches split one grid of tiles
+            return dict(cfg_kv, BT=BT, num_warps=8, num_stages=3)
+    return dict(cfg_kv, num_stages=1)
 
 
 BAND_DQ_TMA = True
